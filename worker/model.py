@@ -1,0 +1,156 @@
+"""The model behind a small contract: build, train, save/load a checkpoint, predict in batches.
+
+A checkpoint is a directory with `model.keras` (Keras v3 format, loaded in safe mode) and
+`metadata.json` (task, classes, feature spec, training summary, and the sha256 of model.keras,
+verified at load).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # silence TensorFlow's C++ start-up banner
+
+import numpy as np  # noqa: E402
+
+from worker.features import FeatureSpec  # noqa: E402
+from worker.labels import Task  # noqa: E402
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served: missing, tampered with, or built for other code."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    task: Task
+    classes: tuple[str, ...]
+    feature_spec: FeatureSpec
+    horizon_days: float | None
+    sha256: str
+    extra: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        """The version name under which this checkpoint serves."""
+        return f"src-{self.sha256[:12]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "task": self.task, "classes": list(self.classes),
+                "feature_spec": self.feature_spec.to_json(), "horizon_days": self.horizon_days,
+                "model_sha256": self.sha256, **self.extra}
+
+
+def _tf():
+    try:
+        import tensorflow as tf
+    except ImportError as error:  # the one place that needs TensorFlow installed
+        raise RuntimeError(
+            "TensorFlow is not installed: pip install 'streamadapt[cpu]' (or [gpu])"
+        ) from error
+    return tf
+
+
+def build_model(n_features: int, task: Task, n_classes: int, hidden_units: tuple[int, ...] = (128, 64), seed: int = 0):
+    """A feature MLP: `base_*` layers (normalisation and hidden layers) and a `head` layer.
+
+    The split matters for transfer: fine-tuning can freeze the base and train the head.
+    """
+    tf = _tf()
+    keras = tf.keras
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(n_features,), name="features", dtype="float32")
+    x = keras.layers.Normalization(name="base_norm")(inputs)
+    for i, units in enumerate(hidden_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"base_dense_{i}")(x)
+    if task == "repurchase":
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(x)
+    else:
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs, name=f"streamadapt_{task}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model, directory: Path, *, task: Task, classes: tuple[str, ...], feature_spec: FeatureSpec,
+                    horizon_days: float | None, extra: dict[str, Any]) -> ModelMeta:
+    directory.mkdir(parents=True, exist_ok=True)
+    model_path = directory / MODEL_FILE
+    model.save(model_path)
+    meta = ModelMeta(task=task, classes=classes, feature_spec=feature_spec, horizon_days=horizon_days,
+                     sha256=file_sha256(model_path), extra=extra)
+    (directory / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
+    """Load and verify a checkpoint. Raises CheckpointError with a readable reason."""
+    model_path, meta_path = directory / MODEL_FILE, directory / METADATA_FILE
+    if not model_path.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: it needs {MODEL_FILE} and {METADATA_FILE}")
+    try:
+        payload = json.loads(meta_path.read_text())
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{meta_path}: unknown checkpoint format {payload.get('format')!r}")
+        extra = {k: v for k, v in payload.items()
+                 if k not in {"format", "task", "classes", "feature_spec", "horizon_days", "model_sha256"}}
+        meta = ModelMeta(task=payload["task"], classes=tuple(payload["classes"]),
+                         feature_spec=FeatureSpec.from_json(payload["feature_spec"]),
+                         horizon_days=payload.get("horizon_days"), sha256=payload["model_sha256"], extra=extra)
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{meta_path}: unreadable metadata ({error})") from error
+    actual = file_sha256(model_path)
+    if actual != meta.sha256:
+        raise CheckpointError(f"{model_path}: sha256 {actual[:12]}… does not match the metadata's {meta.sha256[:12]}…")
+    keras = _tf().keras
+    model = keras.models.load_model(model_path, compile=False, safe_mode=True)
+    expected_outputs = 1 if meta.task == "repurchase" else len(meta.classes)
+    if model.input_shape[-1] != meta.feature_spec.n_features or model.output_shape[-1] != expected_outputs:
+        raise CheckpointError(f"{directory}: model shape {model.input_shape}->{model.output_shape} does not fit its metadata")
+    return model, meta
+
+
+class ServingModel:
+    """A loaded model wrapped in one compiled, fixed-signature inference function."""
+
+    def __init__(self, model, meta: ModelMeta):
+        tf = _tf()
+        self.meta = meta
+        self._model = model
+        signature = [tf.TensorSpec(shape=(None, meta.feature_spec.n_features), dtype=tf.float32)]
+        self._infer = tf.function(lambda x: model(x, training=False), input_signature=signature, reduce_retracing=True)
+        self.predict_many(np.zeros((1, meta.feature_spec.n_features), dtype=np.float32))  # trace once, now
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path) -> ServingModel:
+        return cls(*load_checkpoint(directory))
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
+
+    def predict_many(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch: shape (n, n_classes); binary tasks get columns (P(0), P(1))."""
+        if features.shape[0] == 0:
+            return np.zeros((0, len(self.meta.classes)), dtype=np.float32)
+        out = self._infer(np.asarray(features, dtype=np.float32)).numpy()
+        if self.meta.task == "repurchase":
+            p = out[:, 0]
+            return np.stack([1.0 - p, p], axis=1)
+        return out

@@ -1,0 +1,142 @@
+"""`streamadapt pretrain`: train the source checkpoint on an event file.
+
+Features come from worker.features and labels from worker.labels, exactly as the worker computes
+them on the stream. The split is by event time: the newest 10 % of examples is the validation set.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from schemas import PurchaseEvent
+from worker.features import FeatureSpec, UserState, advance, encode
+from worker.labels import BINARY_CLASSES, Task, repurchase_label
+from worker.model import ModelMeta, build_model, save_checkpoint
+from worker.parsing import Rejection, parse_event
+
+log = logging.getLogger(__name__)
+
+MAX_CATEGORIES = 64
+MIN_CATEGORY_SHARE = 0.001
+VALIDATION_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class Examples:
+    features: np.ndarray  # (n, n_features) float32
+    labels: np.ndarray  # (n,) int class indices
+    ts_s: np.ndarray  # (n,) event time of the example's purchase
+
+
+def read_events(path: Path, *, max_payload_bytes: int = 1 << 20) -> tuple[list[PurchaseEvent], int]:
+    """Valid events of a JSONL file, by the worker's own parser; also how many lines it refused."""
+    now = datetime.now(timezone.utc)
+    events, refused = [], 0
+    with path.open("rb") as lines:
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            parsed = parse_event(line, now=now, max_payload_bytes=max_payload_bytes, max_future_skew_s=3600)
+            if isinstance(parsed, Rejection):
+                refused += 1
+            else:
+                events.append(parsed)
+    return events, refused
+
+
+def category_spec(events: list[PurchaseEvent]) -> FeatureSpec:
+    """The categories worth a class of their own: frequent ones, most frequent first."""
+    counts = Counter(e.category for e in events)
+    floor = MIN_CATEGORY_SHARE * len(events)
+    return FeatureSpec(tuple(c for c, n in counts.most_common(MAX_CATEGORIES) if n >= floor))
+
+
+def classes_for(task: Task, spec: FeatureSpec) -> tuple[str, ...]:
+    return spec.vocabulary if task == "next_category" else BINARY_CLASSES
+
+
+def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, horizon_days: float) -> Examples:
+    """Labelled examples: each purchase, its features before it, and its label once resolved in the file."""
+    ordered = sorted(events, key=lambda e: e.ts)
+    by_user: dict[str, list[int]] = defaultdict(list)
+    for i, event in enumerate(ordered):
+        by_user[event.user_id].append(i)
+    watermark_s = ordered[-1].ts.timestamp() if ordered else 0.0
+    classes = classes_for(task, spec)
+    class_index = {c: i for i, c in enumerate(classes)}
+    features = np.zeros((len(ordered), spec.n_features), dtype=np.float32)
+    labels = np.full(len(ordered), -1, dtype=np.int64)
+    for positions in by_user.values():
+        state = UserState()
+        for k, i in enumerate(positions):
+            event = ordered[i]
+            encode(state, event, spec, out=features[i])
+            state = advance(state, event)
+            following = ordered[positions[k + 1]] if k + 1 < len(positions) else None
+            if task == "next_category":
+                label = spec.vocabulary[spec.index_of(following.category)] if following else None
+            else:
+                label = repurchase_label(event.ts.timestamp(), following.ts.timestamp() if following else None,
+                                         watermark_s, horizon_days)
+            if label is not None:
+                labels[i] = class_index[label]
+    keep = labels >= 0
+    ts_s = np.array([e.ts.timestamp() for e in ordered])
+    return Examples(features[keep], labels[keep], ts_s[keep])
+
+
+def evaluate(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and log-loss (natural log) of class probabilities (n, C) against class indices."""
+    eps = 1e-7
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], eps, 1.0)
+    return {"accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
+            "log_loss": float(-np.mean(np.log(picked))), "examples": float(len(labels))}
+
+
+def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, epochs: int = 12,
+             seed: int = 0) -> tuple[ModelMeta, dict[str, float]]:
+    """Train and save the source checkpoint; returns its metadata and validation metrics."""
+    import tensorflow as tf
+
+    events, refused = read_events(events_path)
+    if len(events) < 100:
+        raise ValueError(f"{events_path} has {len(events)} valid events; pretraining needs at least 100")
+    spec = category_spec(events)
+    classes = classes_for(task, spec)
+    examples = build_examples(events, spec, task, horizon_days)
+    split = int(len(examples.labels) * (1 - VALIDATION_SHARE))
+    train_x, train_y = examples.features[:split], examples.labels[:split]
+    val_x, val_y = examples.features[split:], examples.labels[split:]
+    log.info("pretraining %s on %d examples (%d held out) from %d events, %d refused lines",
+             task, split, len(val_y), len(events), refused)
+
+    tf.config.experimental.enable_op_determinism()
+    model = build_model(spec.n_features, task, len(classes), seed=seed)
+    model.get_layer("base_norm").adapt(train_x)
+    binary = task == "repurchase"
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
+                  loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
+    model.fit(train_x, train_y.astype("float32") if binary else train_y, batch_size=256, epochs=epochs,
+              validation_data=(val_x, val_y.astype("float32") if binary else val_y), shuffle=True, verbose=0,
+              callbacks=[tf.keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)])
+    raw = model.predict(val_x, batch_size=4096, verbose=0)
+    probabilities = np.concatenate([1 - raw, raw], axis=1) if binary else raw
+    metrics = evaluate(probabilities, val_y)
+    meta = save_checkpoint(model, out, task=task, classes=classes, feature_spec=spec,
+                           horizon_days=horizon_days if binary else None,
+                           extra={"trained_on": {"events_file": events_path.name, "events": len(events),
+                                                 "examples": int(split), "refused_lines": refused,
+                                                 "event_time_from": _iso(examples.ts_s[0]),
+                                                 "event_time_to": _iso(examples.ts_s[split - 1])},
+                                  "validation": metrics, "seed": seed})
+    return meta, metrics
+
+
+def _iso(ts_s: float) -> str:
+    return datetime.fromtimestamp(float(ts_s), tz=timezone.utc).isoformat()

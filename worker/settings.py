@@ -1,0 +1,163 @@
+"""The one settings object. Only this module reads the environment.
+
+Every field is a command-line flag and an environment variable with the same name:
+`kafka.bootstrap` is `--kafka-bootstrap` and `STREAMADAPT_KAFKA_BOOTSTRAP`; top-level `metrics_port`
+is `--metrics-port` and `STREAMADAPT_METRICS_PORT`. A flag beats the variable, the variable beats the
+default. An unknown `STREAMADAPT_*` variable or a bad value stops start-up with one readable line.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STREAMADAPT_"
+
+
+class SettingsError(ValueError):
+    """A configuration problem, worded for the operator in one line."""
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "KAFKA_", frozen=True, extra="forbid")
+
+    bootstrap: str = Field("127.0.0.1:9092", description="comma-separated host:port list of brokers")
+    input_topic: str = Field("purchases", min_length=1, description="topic the worker consumes")
+    predictions_topic: str = Field("predictions", min_length=1, description="topic predictions go to")
+    dlq_topic: str = Field("purchases.dlq", min_length=1, description="topic dead letters go to")
+    model_versions_topic: str = Field("model-versions", min_length=1, description="topic of model versions")
+    group_id: str = Field("streamadapt", min_length=1, description="consumer group of the workers")
+    topic_partitions: int = Field(6, ge=1, description="partitions for topics the worker creates")
+    max_poll_records: int = Field(2000, ge=1, description="records per poll, the batch size bound")
+    poll_timeout_ms: int = Field(200, ge=1, description="how long one poll waits for records")
+    client_id: str = Field("streamadapt", min_length=1, description="client id shown in broker logs")
+
+
+class RedisSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "REDIS_", frozen=True, extra="forbid")
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, may hold a password")
+    key_prefix: str = Field("streamadapt", min_length=1, description="prefix of every key the worker writes")
+    dedupe_ttl_s: int = Field(7 * 86400, ge=60, description="how long an event_id is remembered")
+    user_state_ttl_s: int = Field(90 * 86400, ge=60, description="idle time after which a user's state expires")
+
+    def masked_url(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+class MetricsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "METRICS_", frozen=True, extra="forbid")
+
+    host: str = Field("0.0.0.0", description="address the metrics/health server binds")
+    port: int = Field(9400, ge=0, le=65535, description="port of /metrics, /healthz, /readyz (0 = any free)")
+
+
+class Settings(BaseSettings):
+    """What `streamadapt run` needs, read once at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    role: Literal["all", "worker", "trainer"] = Field("all", description="which loops this process runs")
+    source_checkpoint: Path | None = Field(None, description="checkpoint directory written by `streamadapt pretrain`")
+    no_finetune: bool = Field(False, description="serve the source model unchanged (the static baseline)")
+    model_name: str = Field("purchases", min_length=1, description="name under which model versions are published")
+    max_payload_bytes: int = Field(64 * 1024, ge=256, description="larger input records are dead-lettered")
+    max_future_skew_s: int = Field(3600, ge=0, description="events further ahead of the clock are dead-lettered")
+    dlq_payload_max_chars: int = Field(64 * 1024, ge=64, description="dead letters carry at most this much payload")
+    progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    kafka: KafkaSettings
+    redis: RedisSettings
+    metrics: MetricsSettings
+
+    def describe(self) -> str:
+        """The effective configuration, secrets masked, for the start-up log."""
+        lines = [f"{env}={value}" for env, value in self._env_values()]
+        return "\n".join(lines)
+
+    def _env_values(self) -> Iterator[tuple[str, Any]]:
+        for option in OPTIONS:
+            value = option.read(self)
+            if option.env == ENV_PREFIX + "REDIS_URL":
+                value = self.redis.masked_url()
+            yield option.env, value
+
+
+PARTS: dict[str, type[BaseSettings]] = {"kafka": KafkaSettings, "redis": RedisSettings, "metrics": MetricsSettings}
+
+
+class Option(BaseModel):
+    """One setting as the CLI and the environment see it."""
+
+    part: str | None  # None for top-level fields
+    field: str
+    env: str
+    flag: str
+    description: str
+    annotation: Any
+
+    def read(self, settings: Settings) -> Any:
+        owner = getattr(settings, self.part) if self.part else settings
+        return getattr(owner, self.field)
+
+
+def _options() -> list[Option]:
+    options = []
+    for name, info in Settings.model_fields.items():
+        if name in PARTS:
+            for field, part_info in PARTS[name].model_fields.items():
+                options.append(Option(part=name, field=field, env=f"{ENV_PREFIX}{name}_{field}".upper(),
+                                      flag=f"--{name}-{field}".replace("_", "-"),
+                                      description=part_info.description or "", annotation=part_info.annotation))
+        else:
+            options.append(Option(part=None, field=name, env=f"{ENV_PREFIX}{name}".upper(),
+                                  flag=f"--{name}".replace("_", "-"),
+                                  description=info.description or "", annotation=info.annotation))
+    return options
+
+
+OPTIONS: list[Option] = _options()
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build the settings from defaults, the environment and `overrides` (by env name, e.g. from flags).
+
+    Raises SettingsError with one line naming the variable or flag at fault.
+    """
+    environ = os.environ
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    known = {option.env for option in OPTIONS}
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise SettingsError(f"unknown environment variable {unknown[0]}: `streamadapt run --help` lists the valid ones")
+    by_part: dict[str | None, dict[str, Any]] = {}
+    for option in OPTIONS:
+        if option.env in overrides:
+            by_part.setdefault(option.part, {})[option.field] = overrides[option.env]
+    try:
+        # Parts and top level read the environment themselves (pydantic-settings); init values win.
+        parts = {name: cls(_env_file=None, **by_part.get(name, {})) for name, cls in PARTS.items()}
+        return Settings(_env_file=None, **by_part.get(None, {}), **parts)
+    except ValidationError as error:
+        raise SettingsError(_one_line(error)) from error
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    part = error.title.lower().removesuffix("settings") if error.title != "Settings" else ""
+    field = ".".join(str(x) for x in first["loc"])
+    env = f"{ENV_PREFIX}{part + '_' if part else ''}{field}".upper()
+    value = first.get("input")
+    shown = "***" if "URL" in env else repr(value)
+    return f"invalid setting {env} (flag --{(part + '-' if part else '') + field.replace('_', '-')}) = {shown}: {first['msg']}"
