@@ -1,0 +1,132 @@
+"""The `streamadapt` command line. Every failure the operator can fix ends in one line on stderr."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from worker.settings import OPTIONS, SettingsError, load_settings
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line instead of usage + error
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, parts: set[str | None]) -> None:
+    """One flag per setting of the given parts (None = top level), named like its variable."""
+    group = parser.add_argument_group("settings (flag, or the environment variable named after it)")
+    for option in OPTIONS:
+        if option.part not in parts:
+            continue
+        help_text = f"{option.description} [{option.env}]"
+        if option.annotation is bool:
+            group.add_argument(option.flag, dest=option.env, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(option.flag, dest=option.env, default=None, metavar="VALUE", help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="streamadapt", description="Keep a deep model fresh on a live Kafka event stream.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = commands.add_parser("generate", help="write a synthetic purchase stream (JSONL), deterministic by seed")
+    gen.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    gen.add_argument("--events", type=int, required=True, help="number of events")
+    gen.add_argument("--users", type=int, default=None, help="number of users (default: events / 30, at least 50)")
+    gen.add_argument("--market", choices=("source", "target"), default="source")
+    gen.add_argument("--drift-at", type=int, default=None, help="event index from which the market drifts")
+    gen.add_argument("--seed", type=int, default=0)
+
+    pre = commands.add_parser("pretrain", help="train the source checkpoint on an event file")
+    pre.add_argument("--events", type=Path, required=True, help="JSONL event file")
+    pre.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    pre.add_argument("--task", choices=("next_category", "repurchase"), default="next_category")
+    pre.add_argument("--horizon-days", type=float, default=7.0, help="repurchase horizon in days")
+    pre.add_argument("--epochs", type=int, default=12, help="at most this many epochs (early stopping)")
+    pre.add_argument("--seed", type=int, default=0)
+
+    rep = commands.add_parser("replay", help="produce a JSONL event file to the input topic")
+    rep.add_argument("--events", type=Path, required=True, help="JSONL event file; lines are sent unchanged")
+    rep.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S", help="fixed send rate")
+    _add_settings_flags(rep, {"kafka"})
+
+    run = commands.add_parser(
+        "run", help="run the worker",
+        description="Consume, validate, dedupe, predict and publish. Fine-tuning is not implemented yet: "
+                    "every run serves the source checkpoint unchanged, as --no-finetune, and --role trainer "
+                    "is refused. Every flag can also be set by the environment variable shown with it.")
+    _add_settings_flags(run, {None, "kafka", "redis", "metrics"})
+
+    models = commands.add_parser("models", help="list, show or roll back model versions (needs fine-tuning)")
+    models.add_argument("action", choices=("list", "show", "rollback"))
+    models.add_argument("version", nargs="?")
+
+    watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
+    watch.add_argument("--metrics-url", default="http://127.0.0.1:9400/metrics")
+    watch.add_argument("--until-consumed", type=int, default=None, help="stop once this many records are consumed")
+    watch.add_argument("--timeout-s", type=float, default=600.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO level narrates every connection
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except (SettingsError, ValueError, OSError, RuntimeError) as error:
+        print(f"streamadapt {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, SettingsError) else 1
+
+
+def _settings_overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k.startswith("STREAMADAPT_")}
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        from worker.generate import write_events
+
+        count = write_events(args.out, events=args.events, users=args.users, market=args.market,
+                             drift_at=args.drift_at, seed=args.seed)
+        print(f"wrote {count} {args.market} events to {args.out}")
+    elif args.command == "pretrain":
+        from worker.pretrain import pretrain
+
+        meta, metrics = pretrain(args.events, args.out, task=args.task, horizon_days=args.horizon_days,
+                                 epochs=args.epochs, seed=args.seed)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "examples")
+        print(f"wrote {args.task} checkpoint {meta.version} to {args.out} (validation: {shown})")
+    elif args.command == "replay":
+        from worker.replay import replay
+
+        settings = load_settings(_settings_overrides(args))
+        sent, seconds = replay(args.events, settings.kafka, args.rate,
+                               on_progress=lambda n: print(f"  sent {n}", file=sys.stderr))
+        print(f"sent {sent} records to {settings.kafka.input_topic} in {seconds:.1f} s "
+              f"({sent / max(seconds, 1e-9):.0f} records/s)")
+    elif args.command == "run":
+        from worker.service import run
+
+        settings = load_settings(_settings_overrides(args))
+        logging.getLogger().setLevel(settings.log_level)
+        run(settings)
+    elif args.command == "models":
+        raise SettingsError("no model registry yet: model versions arrive with fine-tuning, which is not implemented")
+    elif args.command == "watch":
+        from worker.watch import watch
+
+        final = watch(args.metrics_url, args.until_consumed, args.timeout_s)
+        print("summary: " + ", ".join(f"{k}={v:.0f}" for k, v in final.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Kafka adapter: the consumer, the producer and topic creation, each configured in one place."""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from worker.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(settings: KafkaSettings, topics: list[str]) -> None:
+    """Create missing topics with settings.topic_partitions partitions and the broker's default replication."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=f"{settings.client_id}-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                admin.create_topics({t: {"num_partitions": settings.topic_partitions, "replication_factor": -1}
+                                     for t in missing}, wait_for_metadata=True)
+                log.info("created topics %s", ", ".join(missing))
+            except TopicAlreadyExistsError:
+                pass  # another replica created them first
+    finally:
+        admin.close()
+
+
+def open_consumer(settings: KafkaSettings) -> KafkaConsumer:
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        group_id=settings.group_id,
+        client_id=settings.client_id,
+        enable_auto_commit=False,  # offsets are committed by the pipeline, after outputs are acknowledged
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_poll_records,
+        max_partition_fetch_bytes=4 << 20,
+        fetch_max_bytes=32 << 20,
+    )
+    consumer.subscribe([settings.input_topic])
+    return consumer
+
+
+def open_producer(settings: KafkaSettings) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=settings.bootstrap,
+        client_id=settings.client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        batch_size=256 * 1024,
+        max_request_size=4 << 20,
+    )
+
+
+def wait_acknowledged(futures: list[Future], timeout_s: float) -> None:
+    """Raise the first send error among `futures` (call after producer.flush())."""
+    for future in futures:
+        future.get(timeout=timeout_s)
+
+
+def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> None:
+    """Commit `next_offsets` (the offset of the next record to read, per partition)."""
+    consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
+
+
+def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+    """Per assigned partition: log end offset minus the group's committed offset (or the position)."""
+    assignment = list(consumer.assignment())
+    if not assignment:
+        return {}
+    ends = consumer.end_offsets(assignment)
+    lag = {}
+    for tp in assignment:
+        committed = consumer.committed(tp)
+        base = committed if committed is not None else consumer.position(tp)
+        lag[tp] = max(0, ends.get(tp, 0) - (base or 0))
+    return lag

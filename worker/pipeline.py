@@ -1,0 +1,114 @@
+"""The pure core of the serving path: from parsed records to what must be written, predicted and sent.
+
+Nothing here does I/O; worker.serving wires it to Kafka, Redis and the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from schemas import ClassProbability, DeadLetter, Prediction, PurchaseEvent
+from worker.features import FeatureSpec, UserState, advance, encode
+from worker.model import ModelMeta
+from worker.parsing import Rejection
+from worker.state import EventClaim
+
+TOP_CLASSES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """The parts of a consumed Kafka record the pipeline uses."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+@dataclass
+class BatchPlan:
+    """What one batch of valid events amounts to, before inference."""
+
+    fresh: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)  # to predict, in order
+    features: np.ndarray | None = None  # one row per fresh event
+    replays: list[tuple[InputRecord, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
+    duplicates: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)
+    states: dict[str, UserState] = field(default_factory=dict)  # user states changed by this batch
+
+
+def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim],
+               states: dict[str, UserState], spec: FeatureSpec) -> BatchPlan:
+    """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
+
+    - replay: Redis says this very record (same topic/partition/offset) was already predicted, so its
+      stored prediction is re-emitted and the user's state is left alone (it already holds the event);
+    - duplicate: another record already carried this event_id (earlier in Redis or in this batch);
+    - fresh: features from the user's state before the event, then the state advances.
+    Events of one user are handled in arrival order, so the result does not depend on batch boundaries.
+    """
+    plan = BatchPlan()
+    features = np.zeros((len(valid), spec.n_features), dtype=np.float32)
+    claimed_here: set[str] = set()
+    for record, event in valid:
+        claim = claims.get(event.event_id)
+        if claim is not None and claim.record == record.ref and event.event_id not in claimed_here:
+            plan.replays.append((record, claim.prediction_json))
+            claimed_here.add(event.event_id)
+        elif claim is not None or event.event_id in claimed_here:
+            plan.duplicates.append((record, event))
+        else:
+            state = plan.states.get(event.user_id) or states.get(event.user_id) or UserState()
+            encode(state, event, spec, out=features[len(plan.fresh)])
+            plan.states[event.user_id] = advance(state, event)
+            plan.fresh.append((record, event))
+            claimed_here.add(event.event_id)
+    plan.features = features[: len(plan.fresh)]
+    return plan
+
+
+def make_predictions(fresh: list[tuple[InputRecord, PurchaseEvent]], probabilities: np.ndarray, meta: ModelMeta,
+                     model_version: str, predicted_at: datetime) -> list[Prediction]:
+    """One Prediction per fresh event from the model's class probabilities (rows aligned with `fresh`)."""
+    classes = meta.classes
+    best = np.argmax(probabilities, axis=1)
+    predictions = []
+    for (_, event), row, top in zip(fresh, probabilities, best):
+        if meta.task == "repurchase":
+            label, score, ranked = classes[int(top)], float(row[1]), None
+        else:
+            order = np.argsort(row)[::-1][:TOP_CLASSES]
+            label, score = classes[int(top)], float(row[top])
+            ranked = [ClassProbability(label=classes[int(i)], probability=float(row[i])) for i in order]
+        predictions.append(Prediction(
+            event_id=event.event_id, user_id=event.user_id, task=meta.task, model_version=model_version,
+            label=label, score=min(1.0, max(0.0, score)), probabilities=ranked, event_ts=event.ts,
+            predicted_at=predicted_at,
+        ))
+    return predictions
+
+
+def make_dead_letter(record: InputRecord, rejection: Rejection, failed_at: datetime, max_payload_chars: int) -> DeadLetter:
+    payload, encoding = DeadLetter.encode_payload(record.value, max_payload_chars)
+    return DeadLetter(
+        payload=payload, payload_encoding=encoding, payload_bytes=len(record.value or b""),
+        reason=rejection.reason, detail=rejection.detail, topic=record.topic, partition=record.partition,
+        offset=record.offset, failed_at=failed_at,
+    )
+
+
+def next_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition): the offset after the last record of the batch, i.e. what to commit."""
+    offsets: dict[tuple[str, int], int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        offsets[key] = max(offsets.get(key, 0), record.offset + 1)
+    return offsets
