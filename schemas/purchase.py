@@ -45,7 +45,8 @@ class PurchaseEvent(BaseModel):
     @field_validator("ts", mode="before")
     @classmethod
     def _ts_is_a_string(cls, value: Any) -> Any:
-        if not isinstance(value, str):
+        # JSON numbers would otherwise pass as Unix times; Python callers may hand in a datetime.
+        if not isinstance(value, (str, datetime)):
             raise PydanticCustomError("string_type", "ts must be an ISO 8601 string")
         return value
 

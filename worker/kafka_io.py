@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from worker.settings import KafkaSettings
@@ -30,7 +31,12 @@ def ensure_topics(settings: KafkaSettings, topics: list[str]) -> None:
         admin.close()
 
 
-def open_consumer(settings: KafkaSettings) -> KafkaConsumer:
+def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> KafkaConsumer:
+    """A consumer subscribed to the input topic, once the topic's partitions are visible to it.
+
+    Subscribing before a just-created topic shows up in metadata would join the group with nothing to
+    read until the next metadata refresh (minutes), so this waits for the partitions first.
+    """
     consumer = KafkaConsumer(
         bootstrap_servers=settings.bootstrap,
         group_id=settings.group_id,
@@ -40,7 +46,15 @@ def open_consumer(settings: KafkaSettings) -> KafkaConsumer:
         max_poll_records=settings.max_poll_records,
         max_partition_fetch_bytes=4 << 20,
         fetch_max_bytes=32 << 20,
+        metadata_max_age_ms=30_000,  # new partitions of the input topic are picked up within 30 s
     )
+    deadline = time.monotonic() + metadata_timeout_s
+    while not consumer.partitions_for_topic(settings.input_topic):
+        if time.monotonic() > deadline:
+            consumer.close()
+            raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after {metadata_timeout_s:.0f} s")
+        consumer.topics()  # forces a metadata refresh
+        time.sleep(0.2)
     consumer.subscribe([settings.input_topic])
     return consumer
 

@@ -1,0 +1,83 @@
+"""Shared fixtures. The real Kafka and Redis come from scripts/dev-stack, started once per test run."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STACK_SCRIPT = REPO / "scripts" / "dev-stack"
+
+
+@dataclass(frozen=True)
+class Stack:
+    kafka_bootstrap: str
+    redis_url: str
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    """Kafka and Redis via the project's own script; stopped at the end only if this run started them."""
+    was_running = subprocess.run([STACK_SCRIPT, "status"], capture_output=True).returncode == 0
+    result = subprocess.run([STACK_SCRIPT, "up"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"dev-stack up failed:\n{result.stderr}"
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, f"dev-stack up must print exactly two lines, printed: {lines!r}"
+    kafka = re.fullmatch(r"STREAMADAPT_KAFKA_BOOTSTRAP=(\S+)", lines[0])
+    redis_url = re.fullmatch(r"STREAMADAPT_REDIS_URL=(redis://\S+)", lines[1])
+    assert kafka and redis_url, f"unexpected dev-stack output: {lines!r}"
+    yield Stack(kafka.group(1), redis_url.group(1))
+    if not was_running and not os.environ.get("STREAMADAPT_TEST_KEEP_STACK"):
+        subprocess.run([STACK_SCRIPT, "down"], capture_output=True, timeout=120)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Fresh topics, group and Redis prefix for one test."""
+
+    input_topic: str
+    predictions_topic: str
+    dlq_topic: str
+    group_id: str
+    key_prefix: str
+
+    def env(self, stack: Stack) -> dict[str, str]:
+        return {
+            "STREAMADAPT_KAFKA_BOOTSTRAP": stack.kafka_bootstrap,
+            "STREAMADAPT_REDIS_URL": stack.redis_url,
+            "STREAMADAPT_KAFKA_INPUT_TOPIC": self.input_topic,
+            "STREAMADAPT_KAFKA_PREDICTIONS_TOPIC": self.predictions_topic,
+            "STREAMADAPT_KAFKA_DLQ_TOPIC": self.dlq_topic,
+            "STREAMADAPT_KAFKA_GROUP_ID": self.group_id,
+            "STREAMADAPT_REDIS_KEY_PREFIX": self.key_prefix,
+        }
+
+
+@pytest.fixture
+def names() -> Names:
+    run = uuid.uuid4().hex[:10]
+    return Names(f"purchases-{run}", f"predictions-{run}", f"purchases.dlq-{run}", f"group-{run}", f"test-{run}")
+
+
+@pytest.fixture(scope="session")
+def source_events(tmp_path_factory) -> Path:
+    from worker.generate import write_events
+
+    path = tmp_path_factory.mktemp("data") / "source.jsonl"
+    write_events(path, events=6000, market="source", seed=3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, source_events) -> Path:
+    """A small next_category source checkpoint, trained once per run."""
+    from worker.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("checkpoint") / "next_category"
+    pretrain(source_events, out, task="next_category", horizon_days=7, epochs=3, seed=0)
+    return out

@@ -1,0 +1,145 @@
+"""Helpers for tests that run the real worker process against the real Kafka and Redis."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from tests.conftest import Names, Stack
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    """`streamadapt run` as a child process, configured by environment variables like in production."""
+
+    def __init__(self, stack: Stack, names: Names, checkpoint: Path, log_path: Path, **extra_env: str):
+        self.port = free_port()
+        self.env = {**os.environ, **names.env(stack), "STREAMADAPT_METRICS_PORT": str(self.port),
+                    "STREAMADAPT_METRICS_HOST": "127.0.0.1", "STREAMADAPT_SOURCE_CHECKPOINT": str(checkpoint),
+                    "STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_PROGRESS_INTERVAL_S": "1", **extra_env}
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, ready_timeout_s: float = 90.0) -> WorkerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"worker exited early:\n{self.log_path.read_text()[-3000:]}"
+            if self.http_status("/readyz") == 200:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready in {ready_timeout_s} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def http_status(self, path: str) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+        except OSError:
+            return None
+
+    def metric(self, name: str) -> float:
+        """Sum of a sample over its labels, read from /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith(name) and (line[len(name)] in " {"))
+
+    def wait_metric(self, name: str, at_least: float, timeout_s: float = 60.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        value = 0.0
+        while time.monotonic() < deadline:
+            value = self.metric(name)
+            if value >= at_least:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"{name} reached {value}, not {at_least}, in {timeout_s} s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout_s)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def produce(stack: Stack, topic: str, values: list[bytes | None], keys: list[bytes | None] | None = None):
+    """Send values in order (one partition per key as Kafka chooses); returns their (partition, offset)."""
+    producer = KafkaProducer(bootstrap_servers=stack.kafka_bootstrap, acks="all", linger_ms=5)
+    keys = keys or [b"k"] * len(values)
+    futures = [producer.send(topic, key=k, value=v) for k, v in zip(keys, values)]
+    producer.flush()
+    coordinates = [(f.get(timeout=30).partition, f.get(timeout=30).offset) for f in futures]
+    producer.close()
+    return coordinates
+
+
+def read_topic(stack: Stack, topic: str, expect: int, timeout_s: float = 60.0, settle_s: float = 1.0) -> list:
+    """Every record of `topic` from the start: waits for `expect` records, then `settle_s` more for extras."""
+    consumer = KafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=500)
+    deadline = time.monotonic() + timeout_s
+    while not consumer.partitions_for_topic(topic):
+        assert time.monotonic() < deadline, f"topic {topic} never appeared"
+        time.sleep(0.2)
+        consumer.topics()
+    consumer.assign([TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)])
+    records: list = []
+    settle_deadline = None
+    while True:
+        batch = consumer.poll(timeout_ms=200)
+        for part in batch.values():
+            records.extend(part)
+        now = time.monotonic()
+        if len(records) >= expect and settle_deadline is None:
+            settle_deadline = now + settle_s
+        if (settle_deadline is not None and now >= settle_deadline) or now >= deadline:
+            break
+    consumer.close()
+    return records
+
+
+def committed_offsets(stack: Stack, group: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    partitions = consumer.partitions_for_topic(topic) or set()
+    offsets = {p: consumer.committed(TopicPartition(topic, p)) or 0 for p in partitions}
+    consumer.close()
+    return offsets
+
+
+def event(i: int, user: str | None = None, **changes) -> dict:
+    body = {"event_id": f"ev-{i}", "user_id": user or f"user-{i % 17}", "item_id": f"item-{i % 50}",
+            "category": ["groceries", "books", "toys", "garden"][i % 4], "price": 3.5 + i % 20, "quantity": 1 + i % 3,
+            "currency": "EUR", "ts": f"2025-08-01T{(i // 3600) % 24:02d}:{(i // 60) % 60:02d}:{i % 60:02d}Z"}
+    body.update(changes)
+    return body
+
+
+def dumps(body: dict) -> bytes:
+    return json.dumps(body).encode()

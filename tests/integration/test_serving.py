@@ -1,0 +1,124 @@
+"""The serving path end to end: real Kafka, real Redis, the worker as a real process."""
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter, defaultdict
+
+import pytest
+
+from schemas import DeadLetter, Prediction
+from tests.integration.conftest import (
+    WorkerProcess, committed_offsets, dumps, event, produce, read_topic,
+)
+
+pytestmark = pytest.mark.integration
+
+BREAKING = [  # (payload, reason) for every kind of contract-breaking input
+    (b"this is not json", "invalid_json"),
+    (b"\xff\xfe\xfa invalid utf-8", "invalid_json"),
+    (b"[" * 2000 + b"]" * 2000, "invalid_json"),
+    (b"[1, 2, 3]", "not_an_object"),
+    (b"", "empty_payload"),
+    (None, "empty_payload"),
+    (dumps({k: v for k, v in event(900001).items() if k != "price"}), "missing_field"),
+    (dumps(event(900002, price="12.50")), "wrong_type"),
+    (dumps(event(900003, quantity=0)), "invalid_value"),
+    (dumps(event(900004, currency="euros")), "invalid_value"),
+    (dumps(event(900005)).replace(b'"price": 8.5', b'"price": NaN'), "non_finite_number"),
+    (dumps(event(900006, ts="2025-08-01T10:00:00")), "invalid_timestamp"),
+    (dumps(event(900007, ts="2999-01-01T00:00:00Z")), "future_timestamp"),
+    (dumps(event(900008, schema_version=99)), "unsupported_schema_version"),
+    (dumps(event(900009, padding="x" * 70_000)), "payload_too_large"),
+]
+
+
+def test_bad_input_is_dead_lettered_duplicates_dropped_and_every_valid_event_predicted_once(stack, names, checkpoint, tmp_path):
+    assert b"NaN" in BREAKING[10][0]
+    valid = [event(i) for i in range(300)]
+    values, expected_reasons = [], {}
+    for i, body in enumerate(valid):
+        values.append(dumps(body))
+        if i % 20 == 0:
+            payload, reason = BREAKING[(i // 20) % len(BREAKING)]
+            expected_reasons[len(values)] = reason
+            values.append(payload)
+        if i % 50 == 7:
+            values.append(dumps(body))  # an exact repeat: must not be predicted twice
+    with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log") as worker:
+        coordinates = produce(stack, names.input_topic, values)
+        predictions = read_topic(stack, names.predictions_topic, expect=len(valid))
+        letters = read_topic(stack, names.dlq_topic, expect=len(expected_reasons))
+        worker.wait_metric("streamadapt_events_consumed_total", len(values))
+
+        by_event = Counter(json.loads(r.value)["event_id"] for r in predictions)
+        assert set(by_event) == {b["event_id"] for b in valid}
+        assert set(by_event.values()) == {1}, "every valid event gets exactly one prediction"
+        for record in predictions:
+            Prediction.model_validate_json(record.value)
+        assert worker.metric("streamadapt_events_duplicate_total") == sum(1 for i in range(300) if i % 50 == 7)
+
+        got = {(d.partition, d.offset): d for d in (DeadLetter.model_validate_json(r.value) for r in letters)}
+        assert len(got) == len(letters) == len(expected_reasons)
+        for position, reason in expected_reasons.items():
+            partition, offset = coordinates[position]
+            letter = got[(partition, offset)]
+            assert (letter.reason.value, letter.topic) == (reason, names.input_topic)
+            assert letter.detail
+        assert set(expected_reasons.values()) == {reason for _, reason in BREAKING}
+
+        # still up and serving
+        assert worker.http_status("/healthz") == 200 and worker.http_status("/readyz") == 200
+        produce(stack, names.input_topic, [dumps(event(5000))])
+        assert any(json.loads(r.value)["event_id"] == "ev-5000"
+                   for r in read_topic(stack, names.predictions_topic, expect=len(valid) + 1))
+        assert worker.stop() == 0
+
+
+def test_sigterm_in_the_middle_of_a_backlog_loses_nothing(stack, names, checkpoint, tmp_path):
+    bodies = [event(i, user=f"user-{i % 211}") for i in range(20_000)]
+    produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
+    worker = WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log",
+                           STREAMADAPT_KAFKA_MAX_POLL_RECORDS="500").start()
+    worker.wait_metric("streamadapt_events_consumed_total", 1000)
+    assert worker.stop(signal.SIGTERM) == 0, (tmp_path / "worker.log").read_text()[-2000:]
+
+    # Everything below a committed offset must already have its prediction (commit after outputs).
+    committed = committed_offsets(stack, names.group_id, names.input_topic)
+    partial = read_topic(stack, names.predictions_topic, expect=sum(committed.values()), timeout_s=30)
+    predicted_ids = {json.loads(r.value)["event_id"] for r in partial}
+    assert 0 < sum(committed.values()) < len(bodies), "the stop should land in the middle of the backlog"
+    assert len(predicted_ids) >= sum(committed.values())
+
+    with WorkerProcess(stack, names, checkpoint, tmp_path / "worker2.log") as second:
+        second.wait_metric("streamadapt_events_consumed_total", len(bodies) - sum(committed.values()), timeout_s=120)
+        records = read_topic(stack, names.predictions_topic, expect=len(bodies))
+        assert second.stop() == 0
+    per_event = defaultdict(set)
+    for record in records:
+        body = json.loads(record.value)
+        per_event[body["event_id"]].add(record.value)
+    assert set(per_event) == {b["event_id"] for b in bodies}, "no event may lack a prediction"
+    assert all(len(versions) == 1 for versions in per_event.values()), "a replay re-emits the same prediction"
+
+
+def test_same_stream_gives_same_predictions_twice(stack, names, checkpoint, tmp_path):
+    from tests.conftest import Names
+
+    bodies = [event(i, user=f"user-{i % 23}") for i in range(1500)]
+    runs = []
+    for run in ("a", "b"):
+        run_names = Names(*(f"{value}-{run}" for value in (names.input_topic, names.predictions_topic,
+                                                               names.dlq_topic, names.group_id, names.key_prefix)))
+        with WorkerProcess(stack, run_names, checkpoint, tmp_path / f"worker-{run}.log") as worker:
+            produce(stack, run_names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
+            records = read_topic(stack, run_names.predictions_topic, expect=len(bodies))
+            assert worker.stop() == 0
+        runs.append({p["event_id"]: p for p in (json.loads(r.value) for r in records)})
+    first, second = runs
+    assert set(first) == set(second) == {b["event_id"] for b in bodies}
+    for event_id, p in first.items():
+        q = second[event_id]
+        assert (p["label"], p["model_version"]) == (q["label"], q["model_version"])
+        assert p["score"] == pytest.approx(q["score"], abs=1e-6)
+        assert [c["label"] for c in p["probabilities"]] == [c["label"] for c in q["probabilities"]]

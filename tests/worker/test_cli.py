@@ -1,0 +1,52 @@
+"""The command line as an operator meets it: bad input ends in one readable line."""
+import subprocess
+import sys
+
+import pytest
+
+
+def streamadapt(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run"], "--source-checkpoint"),
+    (["run", "--role", "boss", "--source-checkpoint", "x"], "STREAMADAPT_ROLE"),
+    (["run", "--metrics-port", "notaport", "--source-checkpoint", "x"], "STREAMADAPT_METRICS_PORT"),
+    (["run", "--source-checkpoint", "/nonexistent/ckpt", "--metrics-port", "0"], "is not a checkpoint"),
+    (["generate", "--out", "/tmp/x.jsonl", "--events", "0"], "events must be >= 1"),
+])
+def test_bad_flags_and_values_stop_with_one_line(args, fragment):
+    result = streamadapt(*args)
+    assert result.returncode != 0
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
+
+
+def test_unknown_environment_variable_stops_start_up(monkeypatch):
+    import os
+
+    env = {**os.environ, "STREAMADAPT_KAFKA_BOOSTRAP": "x"}
+    result = streamadapt("run", env=env)
+    assert result.returncode == 2 and "unknown environment variable STREAMADAPT_KAFKA_BOOSTRAP" in result.stderr
+
+
+def test_run_help_lists_every_variable_and_says_fine_tuning_is_not_there_yet():
+    from worker.settings import OPTIONS
+
+    result = streamadapt("run", "--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert "Fine-tuning is not implemented yet" in text
+    for option in OPTIONS:
+        assert option.env in text, option.env
+
+
+def test_generate_is_deterministic_by_seed(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (a, b):
+        assert streamadapt("generate", "--out", str(path), "--events", "300", "--seed", "9").returncode == 0
+    assert a.read_bytes() == b.read_bytes() and len(a.read_text().splitlines()) == 300

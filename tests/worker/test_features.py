@@ -1,0 +1,89 @@
+import math
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas import PurchaseEvent
+from worker.features import MAX_TRACKED_CATEGORIES, NUMERIC_FEATURES, OTHER, FeatureSpec, UserState, advance, encode
+
+SPEC = FeatureSpec(("books", "music", "toys"))
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)  # a Monday
+
+
+def event(category="books", price=10.0, quantity=1, hours=0.0, event_id="e"):
+    return PurchaseEvent(event_id=event_id, user_id="u", item_id="i", category=category, price=price,
+                         quantity=quantity, ts=T0 + timedelta(hours=hours))
+
+
+def named(row):
+    return dict(zip(SPEC.feature_names(), row.tolist()))
+
+
+def test_spec_layout():
+    assert SPEC.vocabulary == ("books", "music", "toys", OTHER)
+    assert SPEC.n_features == 2 * 4 + len(NUMERIC_FEATURES) == len(SPEC.feature_names())
+    assert SPEC.index_of("garden") == SPEC.index_of(OTHER) == 3
+    assert FeatureSpec.from_json(SPEC.to_json()) == SPEC
+
+
+def test_first_purchase_features():
+    f = named(encode(UserState(), event("music", price=math.e - 1, quantity=3), SPEC))
+    assert f["category=music"] == 1.0 and f["category=books"] == 0.0
+    assert all(f[f"user_share={c}"] == 0.0 for c in SPEC.vocabulary)
+    assert f["is_first_purchase"] == 1.0 and f["log_purchases_before"] == 0.0
+    assert f["log_price"] == pytest.approx(1.0)
+    assert f["log_quantity"] == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize("history, expected_shares", [
+    (["books"], {"books": 1.0}),
+    (["books", "books"], {"books": 1.0}),
+    (["books", "music"], {"books": 0.85 / 1.85, "music": 1 / 1.85}),
+    (["garden"], {OTHER: 1.0}),
+])
+def test_user_category_shares_decay_with_age(history, expected_shares):
+    state = UserState()
+    for i, category in enumerate(history):
+        state = advance(state, event(category, hours=i))
+    f = named(encode(state, event(hours=len(history)), SPEC))
+    for category in SPEC.vocabulary:
+        assert f[f"user_share={category}"] == pytest.approx(expected_shares.get(category, 0.0))
+
+
+def test_gap_and_counts_come_from_event_time():
+    state = advance(UserState(), event(hours=0))
+    f = named(encode(state, event(hours=24), SPEC))
+    assert f["log_hours_since_last"] == pytest.approx(math.log1p(24))
+    assert f["is_first_purchase"] == 0.0 and f["log_purchases_before"] == pytest.approx(math.log(2))
+    late = named(encode(state, event(hours=-5), SPEC))  # an out-of-order event does not give a negative gap
+    assert late["log_hours_since_last"] == 0.0
+
+
+def test_encode_does_not_mutate_state_and_advance_returns_new_state():
+    state = advance(UserState(), event())
+    before = state.to_json()
+    encode(state, event("toys"), SPEC)
+    advanced = advance(state, event("toys"))
+    assert state.to_json() == before and advanced is not state
+
+
+def test_state_round_trips_through_json():
+    state = advance(advance(UserState(), event("books")), event("toys", hours=3))
+    assert UserState.from_json(state.to_json()) == state
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=6), st.floats(0.01, 1e9), st.integers(1, 2**31 - 1),
+                          st.floats(-1e4, 1e4)), min_size=1, max_size=60))
+def test_state_stays_bounded_and_features_finite(purchases):
+    state = UserState()
+    for category, price, quantity, hours in purchases:
+        e = event(category, price=price, quantity=quantity, hours=hours)
+        row = encode(state, e, SPEC)
+        assert row.dtype == np.float32 and np.all(np.isfinite(row))
+        state = advance(state, e)
+    assert len(state.category_weights) <= MAX_TRACKED_CATEGORIES
+    assert state.purchases == len(purchases)

@@ -1,0 +1,92 @@
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from schemas import PurchaseEvent, RejectReason
+from worker.features import FeatureSpec, UserState, advance, encode
+from worker.model import ModelMeta
+from worker.parsing import Rejection
+from worker.pipeline import InputRecord, make_dead_letter, make_predictions, next_offsets, plan_batch
+from worker.state import EventClaim
+
+SPEC = FeatureSpec(("books", "music"))
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+
+
+def rec(offset, partition=0, value=b"{}"):
+    return InputRecord("purchases", partition, offset, 1_000, b"u", value)
+
+
+def ev(event_id, user="u1", category="books", hours=0):
+    return PurchaseEvent(event_id=event_id, user_id=user, item_id="i", category=category, price=5.0, quantity=1,
+                         ts=T0 + timedelta(hours=hours))
+
+
+def test_fresh_events_chain_each_users_state_in_order():
+    valid = [(rec(0), ev("a", hours=0)), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="music", hours=2))]
+    plan = plan_batch(valid, {}, {}, SPEC)
+    assert [e.event_id for _, e in plan.fresh] == ["a", "b", "c"]
+    after_a = advance(UserState(), valid[0][1])
+    np.testing.assert_array_equal(plan.features[2], encode(after_a, valid[2][1], SPEC))
+    assert plan.states["u1"] == advance(after_a, valid[2][1]) and plan.states["u2"].purchases == 1
+
+
+def test_result_does_not_depend_on_batch_boundaries():
+    valid = [(rec(i), ev(f"e{i}", user=f"u{i % 3}", hours=i)) for i in range(12)]
+    whole = plan_batch(valid, {}, {}, SPEC)
+    first = plan_batch(valid[:5], {}, {}, SPEC)
+    second = plan_batch(valid[5:], {}, first.states, SPEC)
+    np.testing.assert_array_equal(whole.features, np.vstack([first.features, second.features]))
+    assert {**first.states, **second.states} == whole.states
+
+
+def test_duplicates_in_batch_and_in_redis_are_dropped():
+    claims = {"old": EventClaim("purchases/0/99", b"{}")}
+    valid = [(rec(0), ev("a")), (rec(1), ev("a")), (rec(2), ev("old"))]
+    plan = plan_batch(valid, claims, {}, SPEC)
+    assert [e.event_id for _, e in plan.fresh] == ["a"]
+    assert [(r.offset, e.event_id) for r, e in plan.duplicates] == [(1, "a"), (2, "old")]
+
+
+def test_replayed_record_re_emits_its_stored_prediction_without_touching_state():
+    stored = b'{"event_id":"a","stored":true}'
+    state = UserState(purchases=3)
+    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim("purchases/0/7", stored)}, {"u1": state}, SPEC)
+    assert plan.replays == [(rec(7), stored)] and plan.fresh == [] and plan.states == {}
+    assert plan.features.shape == (0, SPEC.n_features)
+
+
+META = ModelMeta(task="next_category", classes=("books", "music", "<other>"), feature_spec=SPEC,
+                 horizon_days=None, sha256="ab" * 32, extra={})
+
+
+def test_multiclass_predictions_carry_top_classes():
+    fresh = [(rec(0), ev("a")), (rec(1), ev("b"))]
+    probabilities = np.array([[0.2, 0.7, 0.1], [0.5, 0.2, 0.3]], dtype=np.float32)
+    p = make_predictions(fresh, probabilities, META, "v1", T0)
+    assert [(x.label, round(x.score, 3)) for x in p] == [("music", 0.7), ("books", 0.5)]
+    assert [c.label for c in p[1].probabilities] == ["books", "<other>", "music"]
+    assert p[0].event_ts == T0 and p[0].model_version == "v1" and p[0].task == "next_category"
+
+
+def test_binary_predictions_score_is_probability_of_positive():
+    meta = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7, sha256="0" * 64, extra={})
+    p = make_predictions([(rec(0), ev("a"))], np.array([[0.3, 0.7]]), meta, "v1", T0)[0]
+    assert (p.label, p.score, p.probabilities) == ("1", pytest.approx(0.7), None)
+
+
+@pytest.mark.parametrize("value, encoding, payload", [
+    (b'{"bad": 1}', "utf-8", '{"bad": 1}'),
+    (b"\xff\x00", "base64", "/wA="),
+    (None, "utf-8", None),
+])
+def test_dead_letter_keeps_payload_and_coordinates(value, encoding, payload):
+    letter = make_dead_letter(rec(41, partition=3, value=value), Rejection(RejectReason.INVALID_JSON, "why"), T0, 1000)
+    assert (letter.payload, letter.payload_encoding, letter.reason, letter.detail) == (payload, encoding, RejectReason.INVALID_JSON, "why")
+    assert (letter.topic, letter.partition, letter.offset) == ("purchases", 3, 41)
+
+
+def test_next_offsets_is_one_past_the_last_record_per_partition():
+    records = [rec(5, 0), rec(9, 1), rec(6, 0), rec(10, 1)]
+    assert next_offsets(records) == {("purchases", 0): 7, ("purchases", 1): 11}
