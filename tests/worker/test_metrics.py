@@ -1,0 +1,51 @@
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from worker.metrics import HealthServer, WorkerMetrics
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def exported_names(metrics: WorkerMetrics) -> set[str]:
+    return {line.split("{")[0].split(" ")[0] for line in metrics.render().decode().splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_every_metric_named_in_the_readme_is_exported():
+    exported = exported_names(WorkerMetrics())
+    documented = set(re.findall(r"`(streamadapt_[a-z_]+)", README))
+    assert documented, "the README lists the metrics"
+    missing = {name for name in documented if not any(e == name or e.startswith(name + "_") for e in exported)}
+    assert not missing
+
+
+def test_metric_names_follow_prometheus_conventions():
+    for name in exported_names(WorkerMetrics()):
+        if name.startswith("streamadapt_"):
+            assert re.fullmatch(r"streamadapt_[a-z_]+", name), name
+            assert not name.endswith("_total_total")
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+@pytest.mark.parametrize("ready, expected", [(True, 200), (False, 503)])
+def test_health_endpoints(ready, expected):
+    metrics = WorkerMetrics()
+    metrics.dead_letters.labels("invalid_json").inc(3)
+    with HealthServer(metrics, "127.0.0.1", 0, is_ready=lambda: ready) as server:
+        assert get(server.port, "/healthz")[0] == 200
+        assert get(server.port, "/readyz")[0] == expected
+        status, body = get(server.port, "/metrics")
+        assert status == 200
+        assert 'streamadapt_events_dead_lettered_total{reason="invalid_json"} 3.0' in body
+        assert get(server.port, "/nope")[0] == 404
