@@ -13,6 +13,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from schemas import RejectReason
+from worker.labels import TASKS
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -34,6 +35,8 @@ class WorkerMetrics:
         self.duplicates = Counter("streamadapt_events_duplicate", "Valid events dropped as duplicates of an earlier event_id.",
                                   registry=r)
         self.predictions = Counter("streamadapt_predictions", "Predictions published.", ["task"], registry=r)
+        for task in TASKS:
+            self.predictions.labels(task)
         self.replayed = Counter("streamadapt_predictions_replayed",
                                 "Predictions re-emitted unchanged for records seen before a restart.", registry=r)
         self.latency = Histogram("streamadapt_event_to_prediction_latency_seconds",

@@ -11,8 +11,11 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def exported_names(metrics: WorkerMetrics) -> set[str]:
-    return {line.split("{")[0].split(" ")[0] for line in metrics.render().decode().splitlines()
-            if line and not line.startswith("#")}
+    """Sample names, plus the declared families (a labelled metric has no sample before first use)."""
+    lines = metrics.render().decode().splitlines()
+    samples = {line.split("{")[0].split(" ")[0] for line in lines if line and not line.startswith("#")}
+    families = {line.split(" ")[2] for line in lines if line.startswith("# TYPE ")}
+    return samples | families
 
 
 def test_every_metric_named_in_the_readme_is_exported():
