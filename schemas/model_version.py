@@ -32,5 +32,7 @@ class ModelVersion(BaseModel):
         default_factory=dict, description="{'candidate': {...}, 'champion': {...}} on the same holdout"
     )
     promoted: bool
+    strategy: str | None = Field(default=None, description="fine-tune strategy; None for the source checkpoint")
+    decision: str | None = Field(default=None, description="why the gate promoted or rejected it")
     artifact_sha256: str
     artifact_ref: str = Field(description="where the artifact is stored, e.g. a Redis key")

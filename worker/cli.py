@@ -56,15 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(rep, {"kafka"})
 
     run = commands.add_parser(
-        "run", help="run the worker",
-        description="Consume, validate, dedupe, predict and publish. Fine-tuning is not implemented yet: "
-                    "every run serves the source checkpoint unchanged, as --no-finetune, and --role trainer "
-                    "is refused. Every flag can also be set by the environment variable shown with it.")
-    _add_settings_flags(run, {None, "kafka", "redis", "metrics"})
+        "run", help="run the worker and/or the trainer",
+        description="Consume, validate, dedupe, predict and publish; join labels and score served predictions; "
+                    "and (role all or trainer) fine-tune from the source checkpoint and promote through the gate. "
+                    "--role all runs the trainer in a child process whose metrics port is --metrics-port + 1. "
+                    "--no-finetune serves the source model unchanged: the static baseline. "
+                    "Every flag can also be set by the environment variable shown with it.")
+    _add_settings_flags(run, {None, "kafka", "redis", "metrics", "training"})
 
-    models = commands.add_parser("models", help="list, show or roll back model versions (needs fine-tuning)")
+    models = commands.add_parser("models", help="list, show or roll back model versions")
     models.add_argument("action", choices=("list", "show", "rollback"))
-    models.add_argument("version", nargs="?")
+    models.add_argument("version", nargs="?", help="the version to show or roll back to")
+    _add_settings_flags(models, {None, "kafka", "redis"})
 
     watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
     watch.add_argument("--metrics-url", default="http://127.0.0.1:9400/metrics")
@@ -119,7 +122,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(settings.log_level)
         run(settings)
     elif args.command == "models":
-        raise SettingsError("no model registry yet: model versions arrive with fine-tuning, which is not implemented")
+        from worker.operator import models_command
+
+        if args.action in ("show", "rollback") and not args.version:
+            raise SettingsError(f"models {args.action} needs a VERSION")
+        settings = load_settings(_settings_overrides(args))
+        print(models_command(settings, args.action, args.version))
     elif args.command == "watch":
         from worker.watch import watch
 

@@ -11,8 +11,9 @@ The generative story, so that a benchmark on it can be judged:
   user's last category (tilted by their taste), otherwise it comes from their taste alone. The gap to
   their next purchase is gamma-distributed around their rhythm.
 - `--drift-at K`: from the K-th event on the market changes regime: popularity rotates, the follow-up
-  structure of half the categories is rewired, rhythm speeds up and some prices rise. A model of the
-  old regime becomes wrong about which category comes next and about how soon people come back.
+  structure of half the categories is rewired, some prices rise, and fans of the newly popular
+  categories come back sooner while the others come back later. A model of the old regime becomes
+  wrong about which category comes next and about who comes back how soon.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ DORMANT_PROB = 0.08  # chance that a purchase is followed by a long pause
 DORMANT_FACTOR = 8.0
 
 _MARKETS = {  # market name -> (seed of its own draws, start of its timeline, mean gap in days, currency, country)
-    "source": (11, datetime(2025, 1, 1, tzinfo=timezone.utc), 4.0, "EUR", "DE"),
-    "target": (23, datetime(2025, 7, 1, tzinfo=timezone.utc), 3.0, "EUR", "FR"),
+    "source": (11, datetime(2025, 1, 1, tzinfo=timezone.utc), 7.0, "EUR", "DE"),
+    "target": (23, datetime(2025, 6, 1, tzinfo=timezone.utc), 5.0, "EUR", "FR"),
 }
 
 
@@ -50,7 +51,7 @@ class Regime:
     popularity: np.ndarray  # (C,) sums to 1
     transitions: np.ndarray  # (C, C) rows sum to 1
     price_multiplier: np.ndarray  # (C,)
-    gap_multiplier: float
+    booming: np.ndarray  # (C,) bool: categories whose fans come back sooner (after a drift)
 
 
 def _world() -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +72,7 @@ def _market_regime(market: Market, transitions: np.ndarray) -> Regime:
         popularity=rng.dirichlet(np.full(n, 0.7)),
         transitions=transitions,
         price_multiplier=np.exp(rng.normal(0.0, 0.25, n)),
-        gap_multiplier=1.0,
+        booming=np.zeros(n, dtype=bool),
     )
 
 
@@ -83,11 +84,12 @@ def _drifted(regime: Regime, market: Market) -> Regime:
         rewired[c] = regime.transitions[c][rng.permutation(n)]
     prices = regime.price_multiplier.copy()
     prices[rng.choice(n, n // 4, replace=False)] *= 1.4
+    popularity = np.roll(regime.popularity, n // 3)
     return Regime(
-        popularity=np.roll(regime.popularity, n // 3),
+        popularity=popularity,
         transitions=rewired,
         price_multiplier=prices,
-        gap_multiplier=0.6,
+        booming=popularity >= np.sort(popularity)[-n // 4],
     )
 
 
@@ -108,7 +110,7 @@ def generate_events(
 
     taste = rng.dirichlet(regime.popularity * 8.0 + 0.05, size=users)
     price_level = np.exp(rng.normal(0.0, 0.3, users))
-    rhythm_days = mean_gap_days * np.exp(rng.normal(0.0, 0.5, users))
+    rhythm_days = mean_gap_days * np.exp(rng.normal(0.0, 0.8, users))
     last_category = rng.choice(n, size=users, p=regime.popularity)
     # Every user's first purchase falls somewhere in their first gap.
     queue = [(float(rng.uniform(0, rhythm_days[u] * 86400)), u) for u in range(users)]
@@ -141,7 +143,9 @@ def generate_events(
             "country": country,
             "channel": "app" if rng.random() < 0.55 else "web",
         }
-        gap_days = rng.gamma(3.0, rhythm_days[u] * regime.gap_multiplier / 3.0)
+        # After a drift, a fan of a booming category (by their last purchase) comes back twice as fast.
+        speed = (0.5 if regime.booming[category] else 1.5) if regime.booming.any() else 1.0
+        gap_days = rng.gamma(3.0, rhythm_days[u] * speed / 3.0)
         if rng.random() < DORMANT_PROB:
             gap_days *= DORMANT_FACTOR
         heapq.heappush(queue, (offset_s + gap_days * 86400, u))

@@ -14,15 +14,17 @@ from worker.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 
-def ensure_topics(settings: KafkaSettings, topics: list[str]) -> None:
-    """Create missing topics with settings.topic_partitions partitions and the broker's default replication."""
+def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: tuple[str, ...] = ()) -> None:
+    """Create missing topics with settings.topic_partitions partitions (one for `single_partition` topics,
+    where order matters) and the broker's default replication."""
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=f"{settings.client_id}-admin")
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
             try:
-                admin.create_topics({t: {"num_partitions": settings.topic_partitions, "replication_factor": -1}
+                admin.create_topics({t: {"num_partitions": 1 if t in single_partition else settings.topic_partitions,
+                                         "replication_factor": -1}
                                      for t in missing}, wait_for_metadata=True)
                 log.info("created topics %s", ", ".join(missing))
             except TopicAlreadyExistsError:

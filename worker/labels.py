@@ -25,3 +25,21 @@ def repurchase_label(ts_s: float, next_ts_s: float | None, watermark_s: float, h
     if watermark_s > deadline_s:
         return "0"
     return None
+
+
+def resolve_on_purchase(task: Task, pending_ts_s: float, purchase_ts_s: float, purchase_class: int,
+                        horizon_days: float | None) -> int | None:
+    """Label index that a user's new purchase gives their pending prediction, or None if it gives none.
+
+    next_category: the new purchase's class. repurchase: 1 within the horizon; a purchase after the
+    deadline resolves it as 0 (the watermark may not have passed the deadline yet).
+    """
+    if task == "next_category":
+        return purchase_class
+    label = repurchase_label(pending_ts_s, purchase_ts_s, purchase_ts_s, horizon_days or 0.0)
+    return 1 if label == "1" else 0
+
+
+def watermark(max_event_ts_s: float, allowed_lateness_s: float) -> float:
+    """Event time up to which the stream is taken as complete: the newest event time seen, less the lateness."""
+    return max_event_ts_s - allowed_lateness_s

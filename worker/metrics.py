@@ -50,6 +50,25 @@ class WorkerMetrics:
                          ["topic", "partition"], registry=r)
         self.model_info = Info("streamadapt_serving_model", "The model version this process serves.", registry=r)
         self.model_swaps = Counter("streamadapt_model_swaps", "Times the serving model was replaced.", registry=r)
+        self.swaps_refused = Counter("streamadapt_model_swaps_refused",
+                                     "Model versions refused (checksum, missing artifact or shape); the old one kept serving.",
+                                     registry=r)
+        self.swap_duration = Histogram("streamadapt_model_swap_duration_seconds", "Time the serving loop spent swapping weights.",
+                                       buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25), registry=r)
+        self.labels_resolved = Counter("streamadapt_labels_resolved", "Served predictions whose label resolved.",
+                                       ["task"], registry=r)
+        self.live_quality = Gauge("streamadapt_live_quality",
+                                  "Prequential quality of served predictions over the rolling window, per serving version.",
+                                  ["model_version", "measure"], registry=r)
+        self.drift_alarms = Counter("streamadapt_drift_alarms", "Drift detector alarms on the live loss stream.", registry=r)
+        self.finetune_runs = Counter("streamadapt_finetune_runs", "Fine-tune runs by outcome.", ["outcome"], registry=r)
+        for outcome in ("promoted", "rejected", "failed", "skipped"):
+            self.finetune_runs.labels(outcome)
+        self.finetune_duration = Histogram("streamadapt_finetune_duration_seconds", "Duration of fine-tune runs.",
+                                           buckets=(1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640), registry=r)
+        self.trainer_leader = Gauge("streamadapt_trainer_leader", "1 while this process holds the trainer lease.", registry=r)
+        self.window_examples = Gauge("streamadapt_window_examples", "Labelled examples held in the Redis windows.", registry=r)
+        self.windows = Gauge("streamadapt_windows", "Event-time windows held in Redis.", registry=r)
         self.ready = Gauge("streamadapt_ready", "1 when connected to Kafka and Redis and serving a model.", registry=r)
 
     def total(self, sample_name: str) -> float:

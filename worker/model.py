@@ -59,16 +59,23 @@ def _tf():
     return tf
 
 
-def build_model(n_features: int, task: Task, n_classes: int, hidden_units: tuple[int, ...] = (128, 64), seed: int = 0):
+def build_model(feature_mean: np.ndarray, feature_variance: np.ndarray, task: Task, n_classes: int,
+                hidden_units: tuple[int, ...] = (128, 64), seed: int = 0):
     """A feature MLP: `base_*` layers (normalisation and hidden layers) and a `head` layer.
 
-    The split matters for transfer: fine-tuning can freeze the base and train the head.
+    The split matters for transfer: fine-tuning can freeze the base and train the head. The source's
+    feature statistics are constants of the normalisation layer's config, not weights: every clone and
+    every fine-tuned version normalises exactly as the source did (adapt() state would not survive
+    clone_model/set_weights).
     """
     tf = _tf()
     keras = tf.keras
     keras.utils.set_random_seed(seed)
+    n_features = len(feature_mean)
     inputs = keras.Input(shape=(n_features,), name="features", dtype="float32")
-    x = keras.layers.Normalization(name="base_norm")(inputs)
+    x = keras.layers.Normalization(mean=np.asarray(feature_mean, np.float32).tolist(),
+                                   variance=np.maximum(np.asarray(feature_variance, np.float32), 1e-6).tolist(),
+                                   name="base_norm")(inputs)
     for i, units in enumerate(hidden_units):
         x = keras.layers.Dense(units, activation="relu", name=f"base_dense_{i}")(x)
     if task == "repurchase":
@@ -132,7 +139,9 @@ class ServingModel:
     def __init__(self, model, meta: ModelMeta):
         tf = _tf()
         self.meta = meta
+        self.version = meta.version
         self._model = model
+        self._shapes = [tuple(w.shape) for w in model.get_weights()]
         signature = [tf.TensorSpec(shape=(None, meta.feature_spec.n_features), dtype=tf.float32)]
         self._infer = tf.function(lambda x: model(x, training=False), input_signature=signature, reduce_retracing=True)
         self.predict_many(np.zeros((1, meta.feature_spec.n_features), dtype=np.float32))  # trace once, now
@@ -142,8 +151,20 @@ class ServingModel:
         return cls(*load_checkpoint(directory))
 
     @property
-    def version(self) -> str:
-        return self.meta.version
+    def keras_model(self):
+        """The underlying Keras model (for the trainer, which clones it)."""
+        return self._model
+
+    @property
+    def weight_shapes(self) -> list[tuple[int, ...]]:
+        return list(self._shapes)
+
+    def swap(self, weights: list[np.ndarray], version: str) -> None:
+        """Serve `weights` from now on. Assigns into the built model, so the compiled function is kept."""
+        if [tuple(w.shape) for w in weights] != self._shapes:
+            raise ValueError(f"weights of {version} do not fit the serving model's architecture")
+        self._model.set_weights(weights)
+        self.version = version
 
     def predict_many(self, features: np.ndarray) -> np.ndarray:
         """Probabilities for a batch: shape (n, n_classes); binary tasks get columns (P(0), P(1))."""

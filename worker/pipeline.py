@@ -10,7 +10,9 @@ from datetime import datetime
 import numpy as np
 
 from schemas import ClassProbability, DeadLetter, Prediction, PurchaseEvent
+from worker.examples import Example
 from worker.features import FeatureSpec, UserState, advance, encode
+from worker.labels import resolve_on_purchase
 from worker.model import ModelMeta
 from worker.parsing import Rejection
 from worker.state import EventClaim
@@ -43,18 +45,24 @@ class BatchPlan:
     replays: list[tuple[InputRecord, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
     duplicates: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)
     states: dict[str, UserState] = field(default_factory=dict)  # user states changed by this batch
+    # label join: (a stored pending prediction, or the index of an earlier fresh event here, label index)
+    resolutions: list[tuple[Example | int, int]] = field(default_factory=list)
+    last_fresh_of_user: dict[str, int] = field(default_factory=dict)  # becomes the user's new pending
 
 
 def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim],
-               states: dict[str, UserState], spec: FeatureSpec) -> BatchPlan:
+               states: dict[str, UserState], spec: FeatureSpec, pendings: dict[str, Example] | None = None,
+               meta: ModelMeta | None = None) -> BatchPlan:
     """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
 
     - replay: Redis says this very record (same topic/partition/offset) was already predicted, so its
       stored prediction is re-emitted and the user's state is left alone (it already holds the event);
     - duplicate: another record already carried this event_id (earlier in Redis or in this batch);
-    - fresh: features from the user's state before the event, then the state advances.
+    - fresh: features from the user's state before the event, then the state advances; and the event
+      resolves the label of the user's previous prediction (stored in `pendings`, or earlier in this batch).
     Events of one user are handled in arrival order, so the result does not depend on batch boundaries.
     """
+    pendings = pendings or {}
     plan = BatchPlan()
     features = np.zeros((len(valid), spec.n_features), dtype=np.float32)
     claimed_here: set[str] = set()
@@ -66,13 +74,58 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
         elif claim is not None or event.event_id in claimed_here:
             plan.duplicates.append((record, event))
         else:
-            state = plan.states.get(event.user_id) or states.get(event.user_id) or UserState()
-            encode(state, event, spec, out=features[len(plan.fresh)])
-            plan.states[event.user_id] = advance(state, event)
+            user = event.user_id
+            state = plan.states.get(user) or states.get(user) or UserState()
+            index = len(plan.fresh)
+            encode(state, event, spec, out=features[index])
+            plan.states[user] = advance(state, event)
+            if meta is not None:
+                previous = plan.last_fresh_of_user.get(user)
+                source: Example | int | None = previous if previous is not None else pendings.get(user)
+                if source is not None:
+                    source_ts_s = plan.fresh[source][1].ts.timestamp() if isinstance(source, int) else source.ts_s
+                    label = resolve_on_purchase(meta.task, source_ts_s, event.ts.timestamp(),
+                                                spec.index_of(event.category), meta.horizon_days)
+                    plan.resolutions.append((source, label))
+                plan.last_fresh_of_user[user] = index
             plan.fresh.append((record, event))
             claimed_here.add(event.event_id)
     plan.features = features[: len(plan.fresh)]
     return plan
+
+
+def served_examples(plan: BatchPlan, probabilities: np.ndarray, model_version: str) -> list[Example]:
+    """One pending Example per fresh event: its features and the probabilities served for it."""
+    return [Example(event.event_id, event.ts.timestamp(), model_version, plan.features[i], probabilities[i])
+            for i, (_, event) in enumerate(plan.fresh)]
+
+
+def resolved_examples(plan: BatchPlan, served: list[Example]) -> list[Example]:
+    """The labelled examples this batch's purchases resolved."""
+    return [(served[source] if isinstance(source, int) else source).with_label(label)
+            for source, label in plan.resolutions]
+
+
+def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: float,
+                    replaced: set[str]) -> tuple[list[Example], list[str], dict[str, float]]:
+    """Repurchase negatives: pendings whose deadline the watermark passed with no purchase.
+
+    `due` are the pendings of users popped from the deadline index; users in `replaced` got a new
+    pending in this batch (their purchase resolved the old one). Returns (negative examples, users whose
+    pending to delete, deadlines to put back because the pending there is newer than the popped entry).
+    """
+    horizon_s = horizon_days * 86400.0
+    negatives, cleared, requeue = [], [], {}
+    for user, pending in due.items():
+        if user in replaced:
+            continue
+        deadline = pending.ts_s + horizon_s
+        if deadline < watermark_s:
+            negatives.append(pending.with_label(0))
+            cleared.append(user)
+        else:
+            requeue[user] = deadline
+    return negatives, cleared, requeue
 
 
 def make_predictions(fresh: list[tuple[InputRecord, PurchaseEvent]], probabilities: np.ndarray, meta: ModelMeta,

@@ -117,8 +117,7 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
              task, split, len(val_y), len(events), refused)
 
     tf.config.experimental.enable_op_determinism()
-    model = build_model(spec.n_features, task, len(classes), seed=seed)
-    model.get_layer("base_norm").adapt(train_x)
+    model = build_model(train_x.mean(axis=0), train_x.var(axis=0), task, len(classes), seed=seed)
     binary = task == "repurchase"
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
                   loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")

@@ -1,26 +1,37 @@
-"""`streamadapt run`: open every client in one ExitStack, serve until SIGTERM, close in reverse order."""
+"""`streamadapt run`: open every client in one ExitStack, serve until SIGTERM, close in reverse order.
+
+Roles: `worker` serves; `trainer` fine-tunes and promotes (one leads across the fleet); `all` serves and
+runs a trainer in a child process of its own, so training never stalls the serving loop. With
+`--no-finetune` only the serving path runs, on the source model, and model versions are not followed.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 
 import redis
 from kafka.errors import KafkaError
 
 from worker import kafka_io
+from worker.hotswap import ModelFollower
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.model import ServingModel
+from worker.registry import Registry
 from worker.serving import ServingLoop
 from worker.settings import Settings, SettingsError
-from worker.state import StateStore, connect
+from worker.state import StateStore, WindowPolicy, connect
 
 log = logging.getLogger(__name__)
 
 READY_POLL_AGE_S = 30.0  # a serving loop that has not polled for this long is not ready
+TRAINER_RESTART_S = 10.0
 
 
 class StartupError(RuntimeError):
@@ -28,61 +39,124 @@ class StartupError(RuntimeError):
 
 
 def run(settings: Settings, *, stop: threading.Event | None = None, handle_signals: bool = True) -> None:
-    """Serve until `stop` is set (SIGTERM and SIGINT set it when `handle_signals`).
-
-    The batch in flight when the signal arrives is finished and committed before the process exits.
-    """
-    if settings.role == "trainer":
-        raise SettingsError("--role trainer is not available yet: fine-tuning is not implemented in this version")
+    """Run the configured role until `stop` is set (SIGTERM and SIGINT set it when `handle_signals`)."""
     if settings.source_checkpoint is None:
         raise SettingsError("--source-checkpoint (STREAMADAPT_SOURCE_CHECKPOINT) is required: "
                             "create one with `streamadapt pretrain`")
-    if not settings.no_finetune:
-        log.warning("fine-tuning is not implemented yet: serving the source checkpoint unchanged (as --no-finetune)")
+    if settings.role == "trainer" and settings.no_finetune:
+        raise SettingsError("--role trainer with --no-finetune has nothing to do")
     stop = stop or threading.Event()
-    log.info("starting with\n%s", settings.describe())
-    holder: dict[str, ServingLoop] = {}
-
+    log.info("starting role %s with\n%s", settings.role, settings.describe())
     with ExitStack() as stack:
+        if handle_signals:
+            stack.enter_context(_stop_on_signals(stop))
         metrics = WorkerMetrics()
         redis_client = stack.enter_context(closing(connect(settings.redis)))
-        store = StateStore(redis_client, settings.redis)
-
-        def is_ready() -> bool:
-            loop = holder.get("loop")
-            if loop is None or loop.last_poll_ok_monotonic is None:
-                return False
-            if time.monotonic() - loop.last_poll_ok_monotonic > READY_POLL_AGE_S:
-                return False
-            try:
-                return store.ping()
-            except redis.RedisError:
-                return False
-
-        server = stack.enter_context(HealthServer(metrics, settings.metrics.host, settings.metrics.port, is_ready))
+        store = StateStore(redis_client, settings.redis,
+                           WindowPolicy(settings.training.window_s, settings.training.window_max_examples))
+        registry = Registry(redis_client, settings.redis.key_prefix, settings.model_name)
+        ready = _Readiness(store)
+        server = stack.enter_context(HealthServer(metrics, settings.metrics.host, settings.metrics.port, ready))
+        metrics.ready.set_function(lambda: 1.0 if ready() else 0.0)
         log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", settings.metrics.host, server.port)
         model = ServingModel.from_checkpoint(settings.source_checkpoint)
-        log.info("serving model %s (%s, %d classes)", model.version, model.meta.task, len(model.meta.classes))
-        try:
-            store.ping()
-        except redis.RedisError as error:
-            raise StartupError(f"cannot reach Redis at {settings.redis.masked_url()}: {error}") from error
+        log.info("source model %s (%s, %d classes)", model.version, model.meta.task, len(model.meta.classes))
+        _check_redis(store, settings)
         k = settings.kafka
         try:
-            kafka_io.ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic])
+            kafka_io.ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic],
+                                   single_partition=(k.model_versions_topic,))
             producer = kafka_io.open_producer(k)
             stack.callback(producer.close, timeout=30)
+            if settings.role == "trainer":
+                _run_trainer(settings, stack, store, registry, producer, model, metrics, ready, stop)
+                return
             consumer = kafka_io.open_consumer(k)
             stack.callback(consumer.close)
         except KafkaError as error:
             raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}") from error
-        if handle_signals:
-            stack.enter_context(_stop_on_signals(stop))
-        holder["loop"] = loop = ServingLoop(settings, consumer, producer, store, model, metrics)
-        metrics.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+        follower = None
+        if not settings.no_finetune:
+            follower = stack.enter_context(ModelFollower(k, registry, model.version, metrics,
+                                                         model.weight_shapes))
+            if settings.role == "all":
+                stack.enter_context(_trainer_child(settings, server.port, stop))
+        else:
+            log.info("--no-finetune: serving the source model unchanged and not following model versions")
+        loop = ServingLoop(settings, consumer, producer, store, model, metrics, follower)
+        ready.polled = lambda: loop.last_poll_ok_monotonic
         log.info("consuming %s as group %s", k.input_topic, k.group_id)
         loop.run(stop)
         log.info("stopping: last batch committed, closing clients")
+
+
+def _run_trainer(settings, stack, store, registry, producer, model, metrics, ready, stop) -> None:
+    from worker.trainer import LeaseKeeper, Trainer
+
+    lease = stack.enter_context(LeaseKeeper(registry, settings.training.lease_ttl_s, metrics))
+    trainer = Trainer(settings, store, registry, producer, model.keras_model, model.meta, metrics, lease)
+    ready.polled = time.monotonic  # the trainer reads no topic; it is ready once Redis answers
+    log.info("trainer running (strategy %s); one trainer leads across the fleet", settings.training.strategy)
+    trainer.run(stop)
+
+
+class _Readiness:
+    """Ready = model loaded, Redis answers and (for the serving role) Kafka was polled recently."""
+
+    def __init__(self, store: StateStore):
+        self._store = store
+        self.polled: Callable[[], float | None] = lambda: None
+
+    def __call__(self) -> bool:
+        last = self.polled()
+        if last is None or time.monotonic() - last > READY_POLL_AGE_S:
+            return False
+        try:
+            return self._store.ping()
+        except redis.RedisError:
+            return False
+
+
+def _check_redis(store: StateStore, settings: Settings) -> None:
+    try:
+        store.ping()
+    except redis.RedisError as error:
+        raise StartupError(f"cannot reach Redis at {settings.redis.masked_url()}: {error}") from error
+
+
+@contextmanager
+def _trainer_child(settings: Settings, metrics_port: int, stop: threading.Event) -> Iterator[None]:
+    """The trainer as a child process (`--role trainer`), restarted if it dies, stopped with us."""
+    env = {**os.environ, **settings.as_environment(), "STREAMADAPT_ROLE": "trainer",
+           "STREAMADAPT_METRICS_PORT": str(metrics_port + 1 if settings.metrics.port else 0)}
+    command = [sys.executable, "-m", "worker.cli", "run"]
+    holder: dict[str, subprocess.Popen] = {"process": subprocess.Popen(command, env=env)}
+    log.info("trainer child started (pid %d, metrics port %s)", holder["process"].pid, env["STREAMADAPT_METRICS_PORT"])
+    done = threading.Event()
+
+    def supervise() -> None:
+        while not done.wait(1.0):
+            if holder["process"].poll() is not None and not stop.is_set():
+                log.error("trainer child exited with %s; restarting in %.0f s", holder["process"].returncode,
+                          TRAINER_RESTART_S)
+                if done.wait(TRAINER_RESTART_S):
+                    return
+                holder["process"] = subprocess.Popen(command, env=env)
+
+    thread = threading.Thread(target=supervise, name="trainer-supervisor", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        process = holder["process"]
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 @contextmanager

@@ -11,13 +11,19 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError
 
 from worker import kafka_io
+from worker.examples import Example
+from worker.hotswap import ModelFollower
+from worker.labels import watermark
 from worker.metrics import WorkerMetrics
 from worker.model import ServingModel
 from worker.parsing import Rejection, parse_event
-from worker.pipeline import BatchPlan, InputRecord, make_dead_letter, make_predictions, next_offsets, plan_batch
+from worker.pipeline import (
+    InputRecord, expire_pendings, make_dead_letter, make_predictions, next_offsets, plan_batch, resolved_examples,
+    served_examples,
+)
+from worker.quality import QualityMonitor
 from worker.settings import Settings
-from worker.features import UserState
-from worker.state import EventClaim, StateStore
+from worker.state import EventClaim, StateStore, StateWrites
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +33,20 @@ LAG_REFRESH_S = 5.0
 
 @dataclass
 class Outbox:
-    """Records to produce for one batch: (topic, key, value, input record timestamp in ms or None)."""
+    """What one batch writes: Redis state, and records to produce as (topic, key, value, input timestamp ms)."""
 
     messages: list[tuple[str, bytes | None, bytes, int | None]]
-    claims: list[tuple[str, EventClaim]]
-    states: dict[str, UserState]
+    writes: StateWrites
 
 
 class ServingLoop:
     def __init__(self, settings: Settings, consumer: KafkaConsumer, producer: KafkaProducer, store: StateStore,
-                 model: ServingModel, metrics: WorkerMetrics, clock=lambda: datetime.now(timezone.utc)):
+                 model: ServingModel, metrics: WorkerMetrics, follower: ModelFollower | None = None,
+                 clock=lambda: datetime.now(timezone.utc)):
         self._settings = settings
+        self._follower = follower
+        self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
+        self._quality_series: set[tuple[str, str]] = set()
         self._consumer = consumer
         self._producer = producer
         self._store = store
@@ -57,6 +66,7 @@ class ServingLoop:
         next_lag_at = next_progress_at = time.monotonic()
         progress = _Progress(self._metrics)
         while not stop.is_set():
+            self._maybe_swap()
             polled = self._consumer.poll(timeout_ms=timeout_ms)
             self.last_poll_ok_monotonic = time.monotonic()
             records = [InputRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
@@ -98,21 +108,82 @@ class ServingLoop:
                 m.dead_letters.labels(parsed.reason.value).inc()
             else:
                 valid.append((record, parsed))
-        claims, states = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}))
-        model = self._model  # one model for the whole batch, even if a swap happens meanwhile
-        plan: BatchPlan = plan_batch(valid, claims, states, model.meta.feature_spec)
-        predictions = make_predictions(plan.fresh, model.predict_many(plan.features), model.meta, model.version, now)
-        new_claims = []
+        claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}))
+        model, meta = self._model, self._model.meta
+        plan = plan_batch(valid, claims, states, meta.feature_spec, pendings, meta)
+        probabilities = model.predict_many(plan.features)
+        predictions = make_predictions(plan.fresh, probabilities, meta, model.version, now)
+        writes = StateWrites(states=plan.states)
         for (record, event), prediction in zip(plan.fresh, predictions):
             body = prediction.model_dump_json().encode()
-            new_claims.append((event.event_id, EventClaim(record.ref, body)))
+            writes.claims.append((event.event_id, EventClaim(record.ref, body)))
             messages.append((s.kafka.predictions_topic, event.user_id.encode(), body, record.timestamp_ms))
         for record, body in plan.replays:
             messages.append((s.kafka.predictions_topic, record.key, body, record.timestamp_ms))
+        served = served_examples(plan, probabilities, model.version)
+        writes.examples = resolved_examples(plan, served)
+        writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
+        if plan.fresh:
+            writes.max_event_ts_s = max(event.ts.timestamp() for _, event in plan.fresh)
+        if meta.task == "repurchase":
+            self._resolve_negatives(writes, meta.horizon_days or 0.0)
+        self._score(writes)
         m.duplicates.inc(len(plan.duplicates))
         m.replayed.inc(len(plan.replays))
-        m.predictions.labels(model.meta.task).inc(len(predictions) + len(plan.replays))
-        return Outbox(messages, new_claims, plan.states)
+        m.predictions.labels(meta.task).inc(len(predictions) + len(plan.replays))
+        return Outbox(messages, writes)
+
+    def _resolve_negatives(self, writes: StateWrites, horizon_days: float) -> None:
+        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed."""
+        horizon_s = horizon_days * 86400.0
+        writes.deadlines = {user: pending.ts_s + horizon_s for user, pending in writes.pendings.items()}
+        newest = max(self._store.max_event_ts_s() or float("-inf"), writes.max_event_ts_s or float("-inf"))
+        if newest == float("-inf"):
+            return
+        now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
+        due = self._store.load_pendings(self._store.pop_due_deadlines(now_watermark))
+        negatives, cleared, requeue = expire_pendings(due, now_watermark, horizon_days, set(writes.pendings))
+        writes.examples.extend(negatives)
+        writes.cleared_pendings = cleared
+        writes.deadlines.update(requeue)
+
+    def _score(self, writes: StateWrites) -> None:
+        """Prequential quality: each resolved example scored with what was served for it."""
+        example: Example
+        for example in writes.examples:
+            if self._quality.observe(example.model_version, example.probabilities, example.label):
+                writes.drift_alarm = True
+        if not writes.examples:
+            return
+        self._metrics.labels_resolved.labels(self._model.meta.task).inc(len(writes.examples))
+        if writes.drift_alarm:
+            self._metrics.drift_alarms.inc()
+            log.warning("drift detector alarmed on the live loss stream")
+        exported = set()
+        for version, measures in self._quality.snapshot().items():
+            for measure, value in measures.items():
+                self._metrics.live_quality.labels(version, measure).set(value)
+                exported.add((version, measure))
+        for stale in self._quality_series - exported:
+            self._metrics.live_quality.remove(*stale)
+        self._quality_series = exported
+
+    def _maybe_swap(self) -> None:
+        ready = self._follower.take() if self._follower is not None else None
+        if ready is None:
+            return
+        version, weights = ready
+        started = time.perf_counter()
+        try:
+            self._model.swap(weights, version)
+        except ValueError as error:
+            self._metrics.swaps_refused.inc()
+            log.error("refusing model %s, the current model keeps serving: %s", version, error)
+            return
+        self._metrics.swap_duration.observe(time.perf_counter() - started)
+        self._metrics.model_swaps.inc()
+        self._metrics.model_info.info({"version": version, "task": self._model.meta.task})
+        log.info("now serving model %s (swap took %.2f ms)", version, (time.perf_counter() - started) * 1000)
 
     def _commit(self, records: list[InputRecord], outbox: Outbox) -> None:
         """The commit step, in this order:
@@ -121,7 +192,7 @@ class ServingLoop:
         3. Kafka: commit the offsets after the batch.
         A crash between steps replays the batch: claims make the replay emit the same predictions.
         """
-        self._store.save(outbox.claims, outbox.states)
+        self._store.save(outbox.writes)
         futures = [self._producer.send(topic, key=key, value=value) for topic, key, value, _ in outbox.messages]
         self._producer.flush(timeout=ACK_TIMEOUT_S)
         kafka_io.wait_acknowledged(futures, ACK_TIMEOUT_S)

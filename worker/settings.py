@@ -62,6 +62,31 @@ class MetricsSettings(BaseSettings):
     port: int = Field(9400, ge=0, le=65535, description="port of /metrics, /healthz, /readyz (0 = any free)")
 
 
+class TrainingSettings(BaseSettings):
+    """Label join, windows and the trainer."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "TRAINING_", frozen=True, extra="forbid")
+
+    strategy: Literal["head", "full", "l2sp"] = Field("l2sp", description="fine-tune strategy (see README)")
+    every_examples: int = Field(5000, ge=1, description="fine-tune after this many new resolved examples")
+    every_s: float = Field(600.0, gt=0, description="fine-tune at least this often (seconds, wall time)")
+    on_drift: bool = Field(True, description="fine-tune when the drift detector alarms")
+    min_examples: int = Field(1000, ge=10, description="no fine-tune with fewer examples in the windows")
+    max_examples: int = Field(20000, ge=10, description="fine-tune on at most the newest this many examples")
+    holdout_share: float = Field(0.2, gt=0, lt=0.9, description="newest share of examples held out for the gate")
+    promotion_margin: float = Field(0.01, ge=0, lt=1, description="relative log-loss gain a candidate needs")
+    epochs: int = Field(4, ge=1, description="fine-tune epochs")
+    learning_rate: float = Field(1e-3, gt=0, description="fine-tune learning rate (full uses a tenth)")
+    l2sp_weight: float = Field(1e-3, ge=0, description="pull toward the source weights (l2sp)")
+    recency_half_life_s: float = Field(14 * 86400.0, gt=0, description="event-time half-life of sample weights")
+    lease_ttl_s: float = Field(15.0, gt=1, description="trainer lease; another trainer takes over after it")
+    window_s: int = Field(86400, ge=60, description="event-time tumbling window length")
+    window_max_examples: int = Field(20000, ge=100, description="examples kept per window")
+    window_max_age_s: int = Field(30 * 86400, ge=60, description="windows older than this behind the watermark go")
+    allowed_lateness_s: float = Field(3600.0, ge=0, description="watermark = newest event time less this")
+    quality_window: int = Field(2000, ge=10, description="predictions in the rolling live-quality window")
+
+
 class Settings(BaseSettings):
     """What `streamadapt run` needs, read once at start-up."""
 
@@ -80,6 +105,16 @@ class Settings(BaseSettings):
     kafka: KafkaSettings
     redis: RedisSettings
     metrics: MetricsSettings
+    training: TrainingSettings
+
+    def as_environment(self) -> dict[str, str]:
+        """Every setting as its environment variable (for a child process; secrets in clear)."""
+        values = {}
+        for option in OPTIONS:
+            value = option.read(self)
+            if value is not None:
+                values[option.env] = str(value).lower() if isinstance(value, bool) else str(value)
+        return values
 
     def describe(self) -> str:
         """The effective configuration, secrets masked, for the start-up log."""
@@ -94,7 +129,9 @@ class Settings(BaseSettings):
             yield option.env, value
 
 
-PARTS: dict[str, type[BaseSettings]] = {"kafka": KafkaSettings, "redis": RedisSettings, "metrics": MetricsSettings}
+PARTS: dict[str, type[BaseSettings]] = {
+    "kafka": KafkaSettings, "redis": RedisSettings, "metrics": MetricsSettings, "training": TrainingSettings,
+}
 
 
 class Option(BaseModel):

@@ -1,21 +1,33 @@
-"""Redis adapter for the serving path: dedupe records and per-user state.
+"""Redis adapter for the worker's state: dedupe claims, user state, the label join and example windows.
 
 Keys (all under the configured prefix):
-  {prefix}:event:{event_id}  -> "{topic}/{partition}/{offset}\n{prediction JSON}"   (TTL dedupe_ttl_s)
-  {prefix}:user:{user_id}    -> JSON of worker.features.UserState                  (TTL user_state_ttl_s)
-The event record says which input record first claimed the event_id and what was predicted for it,
-so a replay of that same record re-emits the same prediction and a true duplicate is dropped.
+  {p}:event:{event_id}   "{topic}/{partition}/{offset}\\n{prediction JSON}"   TTL dedupe_ttl_s
+  {p}:user:{user_id}     JSON of worker.features.UserState                   TTL user_state_ttl_s
+  {p}:pending:{user_id}  the user's last served prediction (Example, label -1) TTL user_state_ttl_s
+  {p}:deadlines          zset user_id -> repurchase deadline (event time)
+  {p}:watermark          zset with one member scored by the newest event time seen (ZADD GT = atomic max)
+  {p}:window:{start_s}   list of labelled Examples of one event-time window;  {p}:windows  zset of starts
+  {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
+The event record says which input record first claimed the event_id and what was predicted for it, so a
+replay of that same record re-emits the same prediction and a true duplicate is dropped.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
+from worker.examples import Example, window_start
 from worker.features import UserState
 from worker.settings import RedisSettings
+
+_POP_DUE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,43 +46,127 @@ class EventClaim:
         return cls(record.decode(), prediction_json)
 
 
+@dataclass
+class StateWrites:
+    """Everything one batch writes to Redis, applied at once by StateStore.save()."""
+
+    claims: list[tuple[str, EventClaim]] = field(default_factory=list)
+    states: Mapping[str, UserState] = field(default_factory=dict)
+    pendings: dict[str, Example] = field(default_factory=dict)
+    deadlines: dict[str, float] = field(default_factory=dict)
+    cleared_pendings: list[str] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
+    max_event_ts_s: float | None = None
+    drift_alarm: bool = False
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    window_s: int
+    max_examples: int
+
+
 def connect(settings: RedisSettings) -> redis.Redis:
     return redis.Redis.from_url(settings.url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
 
 
 class StateStore:
-    def __init__(self, client: redis.Redis, settings: RedisSettings):
+    def __init__(self, client: redis.Redis, settings: RedisSettings, windows: WindowPolicy | None = None):
         self._client = client
-        self._prefix = settings.key_prefix
+        self._p = settings.key_prefix
         self._dedupe_ttl_s = settings.dedupe_ttl_s
         self._user_state_ttl_s = settings.user_state_ttl_s
-
-    def _event_key(self, event_id: str) -> str:
-        return f"{self._prefix}:event:{event_id}"
-
-    def _user_key(self, user_id: str) -> str:
-        return f"{self._prefix}:user:{user_id}"
+        self._windows = windows or WindowPolicy(window_s=86400, max_examples=20000)
+        self._pop_due = client.register_script(_POP_DUE)
 
     def ping(self) -> bool:
         return bool(self._client.ping())
 
-    def load(self, event_ids: list[str], user_ids: list[str]) -> tuple[dict[str, EventClaim], dict[str, UserState]]:
-        """Existing claims for these events and states of these users, in one round trip."""
+    def load(self, event_ids: list[str], user_ids: list[str]
+             ) -> tuple[dict[str, EventClaim], dict[str, UserState], dict[str, Example]]:
+        """Existing claims for these events, and states and pending predictions of these users: one round trip."""
         if not event_ids:
-            return {}, {}
+            return {}, {}, {}
         pipe = self._client.pipeline(transaction=False)
-        pipe.mget([self._event_key(e) for e in event_ids])
-        pipe.mget([self._user_key(u) for u in user_ids])
-        claims_raw, states_raw = pipe.execute()
+        pipe.mget([f"{self._p}:event:{e}" for e in event_ids])
+        pipe.mget([f"{self._p}:user:{u}" for u in user_ids])
+        pipe.mget([f"{self._p}:pending:{u}" for u in user_ids])
+        claims_raw, states_raw, pendings_raw = pipe.execute()
         claims = {e: EventClaim.decode(raw) for e, raw in zip(event_ids, claims_raw) if raw is not None}
         states = {u: UserState.from_json(json.loads(raw)) for u, raw in zip(user_ids, states_raw) if raw is not None}
-        return claims, states
+        pendings = {u: Example.decode(raw) for u, raw in zip(user_ids, pendings_raw) if raw is not None}
+        return claims, states, pendings
 
-    def save(self, claims: Iterable[tuple[str, EventClaim]], states: Mapping[str, UserState]) -> None:
-        """Write new claims and updated user states atomically (MULTI/EXEC), with their TTLs."""
-        pipe = self._client.pipeline(transaction=True)
-        for event_id, claim in claims:
-            pipe.set(self._event_key(event_id), claim.encode(), ex=self._dedupe_ttl_s)
-        for user_id, state in states.items():
-            pipe.set(self._user_key(user_id), json.dumps(state.to_json(), separators=(",", ":")), ex=self._user_state_ttl_s)
+    def load_pendings(self, user_ids: list[str]) -> dict[str, Example]:
+        if not user_ids:
+            return {}
+        raws = self._client.mget([f"{self._p}:pending:{u}" for u in user_ids])
+        return {u: Example.decode(raw) for u, raw in zip(user_ids, raws) if raw is not None}
+
+    def max_event_ts_s(self) -> float | None:
+        score = self._client.zscore(f"{self._p}:watermark", "max_event_ts")
+        return float(score) if score is not None else None
+
+    def pop_due_deadlines(self, watermark_s: float, limit: int = 5000) -> list[str]:
+        """Users whose repurchase deadline the watermark has passed; removed atomically, so one replica gets each."""
+        return [u.decode() for u in self._pop_due(keys=[f"{self._p}:deadlines"], args=[watermark_s, limit])]
+
+    def save(self, writes: StateWrites) -> None:
+        """Apply one batch's writes atomically (MULTI/EXEC), with their TTLs."""
+        p, pipe = self._p, self._client.pipeline(transaction=True)
+        for event_id, claim in writes.claims:
+            pipe.set(f"{p}:event:{event_id}", claim.encode(), ex=self._dedupe_ttl_s)
+        for user_id, state in writes.states.items():
+            pipe.set(f"{p}:user:{user_id}", json.dumps(state.to_json(), separators=(",", ":")), ex=self._user_state_ttl_s)
+        for user_id, pending in writes.pendings.items():
+            pipe.set(f"{p}:pending:{user_id}", pending.encode(), ex=self._user_state_ttl_s)
+        if writes.cleared_pendings:
+            pipe.delete(*[f"{p}:pending:{u}" for u in writes.cleared_pendings])
+        if writes.deadlines:
+            pipe.zadd(f"{p}:deadlines", writes.deadlines)
+        if writes.examples:
+            by_window: dict[int, list[bytes]] = {}
+            for example in writes.examples:
+                by_window.setdefault(window_start(example.ts_s, self._windows.window_s), []).append(example.encode())
+            for start, encoded in by_window.items():
+                pipe.rpush(f"{p}:window:{start}", *encoded)
+                pipe.ltrim(f"{p}:window:{start}", -self._windows.max_examples, -1)
+                pipe.zadd(f"{p}:windows", {str(start): start})
+            pipe.incrby(f"{p}:examples_total", len(writes.examples))
+        if writes.max_event_ts_s is not None:
+            pipe.zadd(f"{p}:watermark", {"max_event_ts": writes.max_event_ts_s}, gt=True)
+        if writes.drift_alarm:
+            pipe.set(f"{p}:drift", "1")
         pipe.execute()
+
+    # read by the trainer
+    def examples_total(self) -> int:
+        return int(self._client.get(f"{self._p}:examples_total") or 0)
+
+    def take_drift_alarm(self) -> bool:
+        return self._client.getdel(f"{self._p}:drift") is not None
+
+    def recent_examples(self, max_examples: int) -> list[Example]:
+        """The newest labelled examples across windows, oldest first."""
+        starts = [int(s) for s in self._client.zrevrange(f"{self._p}:windows", 0, -1)]
+        collected: list[Example] = []
+        for start in starts:
+            raws = self._client.lrange(f"{self._p}:window:{start}", 0, -1)
+            collected.extend(Example.decode(raw) for raw in raws)
+            if len(collected) >= max_examples:
+                break
+        collected.sort(key=lambda e: e.ts_s)
+        return collected[-max_examples:]
+
+    def window_sizes(self) -> dict[int, int]:
+        starts = [int(s) for s in self._client.zrange(f"{self._p}:windows", 0, -1)]
+        pipe = self._client.pipeline(transaction=False)
+        for start in starts:
+            pipe.llen(f"{self._p}:window:{start}")
+        return dict(zip(starts, pipe.execute()))
+
+    def drop_windows(self, starts: Iterable[int]) -> None:
+        starts = list(starts)
+        if starts:
+            self._client.delete(*[f"{self._p}:window:{s}" for s in starts])
+            self._client.zrem(f"{self._p}:windows", *[str(s) for s in starts])

@@ -34,13 +34,13 @@ def test_unknown_environment_variable_stops_start_up(monkeypatch):
     assert result.returncode == 2 and "unknown environment variable STREAMADAPT_KAFKA_BOOSTRAP" in result.stderr
 
 
-def test_run_help_lists_every_variable_and_says_fine_tuning_is_not_there_yet():
+def test_run_help_lists_every_variable_and_the_baseline():
     from worker.settings import OPTIONS
 
     result = streamadapt("run", "--help")
     text = " ".join(result.stdout.split())
     assert result.returncode == 0
-    assert "Fine-tuning is not implemented yet" in text
+    assert "--no-finetune serves the source model unchanged" in text
     for option in OPTIONS:
         assert option.env in text, option.env
 

@@ -44,3 +44,26 @@ def test_pretraining_recorded_what_it_trained_on(checkpoint):
     assert meta["trained_on"]["examples"] > 1000
     assert 0.0 < meta["validation"]["accuracy"] <= 1.0
     assert meta["feature_spec"]["categories"]
+
+
+def test_a_clone_with_the_same_weights_serves_the_same_predictions(checkpoint):
+    """Fine-tuning and scoring work on clones and swap weights in: normalisation must travel with the config."""
+    import tensorflow as tf
+
+    model, meta = load_checkpoint(checkpoint)
+    x = np.random.default_rng(1).normal(size=(32, meta.feature_spec.n_features)).astype(np.float32) * 3 + 1
+    clone = tf.keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    np.testing.assert_allclose(clone.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_swap_changes_predictions_and_refuses_other_shapes(checkpoint):
+    serving = ServingModel.from_checkpoint(checkpoint)
+    x = np.ones((4, serving.meta.feature_spec.n_features), dtype=np.float32)
+    before = serving.predict_many(x)
+    original = serving.keras_model.get_weights()
+    serving.swap([w * 0.5 for w in original], "v-test")
+    assert serving.version == "v-test" and not np.allclose(serving.predict_many(x), before)
+    with pytest.raises(ValueError, match="do not fit"):
+        serving.swap(original[:-1], "v-bad")
+    assert serving.version == "v-test"

@@ -1,0 +1,138 @@
+"""Prequential (test-then-train) quality of served predictions, and a drift detector. Pure.
+
+Each served prediction is scored when its label resolves, with the probabilities it was served with.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EPS = 1e-7
+
+
+def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood (natural log) of class probabilities (n, C) at class indices (n,)."""
+    if len(labels) == 0:
+        return float("nan")
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], EPS, 1.0)
+    return float(-np.mean(np.log(picked)))
+
+
+def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(probabilities, axis=1) == labels)) if len(labels) else float("nan")
+
+
+def brier(p_positive: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean((p_positive - labels) ** 2)) if len(labels) else float("nan")
+
+
+def auc(p_positive: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve by ranks (ties averaged); nan when only one class is present."""
+    labels = np.asarray(labels)
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(p_positive, kind="mergesort")
+    ranks = np.empty(len(labels), dtype=np.float64)
+    sorted_scores = np.asarray(p_positive)[order]
+    i = 0
+    while i < len(labels):  # average ranks over ties
+        j = i
+        while j + 1 < len(labels) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def scores(task: str, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The quality measures of a task: accuracy and log-loss; binary adds Brier and AUC."""
+    labels = np.asarray(labels, dtype=np.int64)
+    result = {"log_loss": log_loss(probabilities, labels), "accuracy": accuracy(probabilities, labels)}
+    if task == "repurchase":
+        result["brier"] = brier(probabilities[:, 1], labels)
+        result["auc"] = auc(probabilities[:, 1], labels)
+    return result
+
+
+@dataclass
+class RollingQuality:
+    """The last `size` scored predictions of one serving version."""
+
+    task: str
+    size: int = 2000
+    _probabilities: deque = field(default_factory=deque)
+    _labels: deque = field(default_factory=deque)
+
+    def add(self, probabilities: np.ndarray, label: int) -> None:
+        self._probabilities.append(probabilities)
+        self._labels.append(label)
+        if len(self._labels) > self.size:
+            self._probabilities.popleft()
+            self._labels.popleft()
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def current(self) -> dict[str, float]:
+        if not self._labels:
+            return {}
+        return scores(self.task, np.stack(self._probabilities), np.array(self._labels))
+
+
+@dataclass
+class PageHinkley:
+    """Page-Hinkley test for an upward shift in the mean of a stream (here: per-prediction log-loss).
+
+    Alarms when the cumulative deviation above the running mean, less `delta` per step, exceeds
+    `threshold` from its minimum. Resets after an alarm. Needs `min_samples` before it may alarm.
+    """
+
+    delta: float = 0.1  # per-sample log-loss has a std of ~1-1.5: smaller deltas alarm on noise
+    threshold: float = 200.0  # a +0.5 shift in mean log-loss alarms after ~500 predictions
+    min_samples: int = 1000
+    _count: int = 0
+    _mean: float = 0.0
+    _cumulative: float = 0.0
+    _minimum: float = 0.0
+
+    def update(self, value: float) -> bool:
+        """Add one value; True when drift is detected (the detector then starts afresh)."""
+        if not math.isfinite(value):
+            return False
+        self._count += 1
+        self._mean += (value - self._mean) / self._count
+        self._cumulative += value - self._mean - self.delta
+        self._minimum = min(self._minimum, self._cumulative)
+        if self._count >= self.min_samples and self._cumulative - self._minimum > self.threshold:
+            self._count, self._mean, self._cumulative, self._minimum = 0, 0.0, 0.0, 0.0
+            return True
+        return False
+
+
+class QualityMonitor:
+    """Rolling prequential quality per serving version, and drift detection on the log-loss stream."""
+
+    def __init__(self, task: str, window: int, max_versions: int = 4, detector: PageHinkley | None = None):
+        self._task = task
+        self._window = window
+        self._max_versions = max_versions
+        self._by_version: dict[str, RollingQuality] = {}
+        self._detector = detector or PageHinkley()
+
+    def observe(self, model_version: str, probabilities: np.ndarray, label: int) -> bool:
+        """Score one resolved prediction; True when the drift detector alarms."""
+        rolling = self._by_version.pop(model_version, None) or RollingQuality(self._task, self._window)
+        self._by_version[model_version] = rolling  # most recently scored version last
+        while len(self._by_version) > self._max_versions:
+            self._by_version.pop(next(iter(self._by_version)))
+        rolling.add(probabilities, label)
+        return self._detector.update(-math.log(max(float(probabilities[label]), EPS)))
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """version -> {measure: value} for the versions still tracked."""
+        return {version: rolling.current() for version, rolling in self._by_version.items()}

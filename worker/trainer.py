@@ -1,0 +1,219 @@
+"""The trainer role: one active across the fleet (Redis lease with fencing).
+
+Triggered by new resolved examples, by time and by drift alarms, each run fine-tunes a copy of the
+source checkpoint on the newest examples (time-ordered split: train on the older part, hold out the
+newest), scores candidate and champion on the same holdout, records the run as a model version, and
+promotes the candidate only when the gate says so and this trainer still holds the lease.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+from kafka import KafkaProducer
+
+from schemas import ModelVersion, TrainedOn
+from worker.examples import expired_windows, recency_weights
+from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
+from worker.labels import watermark
+from worker.metrics import WorkerMetrics
+from worker.model import ModelMeta
+from worker.promotion import decide
+from worker.quality import scores
+from worker.registry import Registry, encode_weights
+from worker.settings import Settings
+from worker.state import StateStore
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+
+
+class LeaseKeeper:
+    """Holds the trainer lease in the background: acquires when free, renews every third of its TTL."""
+
+    def __init__(self, registry: Registry, ttl_s: float, metrics: WorkerMetrics):
+        self._registry, self._ttl_s, self._metrics = registry, ttl_s, metrics
+        self.token: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainer-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.token is not None:
+            self._registry.release_lease(self.token)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.token is None:
+                    self.token = self._registry.acquire_lease(self._ttl_s)
+                    if self.token:
+                        log.info("trainer lease acquired (fence %s)", self.token.split(":")[0])
+                elif not self._registry.renew_lease(self.token, self._ttl_s):
+                    log.warning("trainer lease lost; another trainer leads now")
+                    self.token = None
+            except Exception as error:  # Redis unreachable: we cannot prove leadership, so give it up
+                log.warning("trainer lease: %s", error)
+                self.token = None
+            self._metrics.trainer_leader.set(1 if self.token else 0)
+            self._stop.wait(self._ttl_s / 3)
+
+
+class Trainer:
+    def __init__(self, settings: Settings, store: StateStore, registry: Registry, producer: KafkaProducer,
+                 source_model, meta: ModelMeta, metrics: WorkerMetrics, lease: LeaseKeeper):
+        self._settings = settings
+        self._t = settings.training
+        self._store, self._registry, self._producer = store, registry, producer
+        self._source, self._meta, self._metrics, self._lease = source_model, meta, metrics, lease
+        import tensorflow as tf
+
+        self._scratch = tf.keras.models.clone_model(source_model)  # scores the champion's weights
+        self._last_examples = store.examples_total()
+        self._last_run = time.monotonic()
+        self._source_registered = False
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            token = self._lease.token
+            if token is not None:
+                if not self._source_registered:
+                    self._register_source(token)
+                reason = self._due()
+                if reason:
+                    self.run_once(token, reason)
+            stop.wait(TICK_S)
+
+    def _register_source(self, token: str) -> None:
+        """The source checkpoint is version zero: in the registry, and champion when there is none."""
+        if self._registry.get(self._meta.version) is None:
+            artifact = encode_weights(self._source.get_weights())
+            record = self._record(self._meta.version, None, artifact, TrainedOn(examples=0), {}, True, None,
+                                  "source checkpoint")
+            self._registry.put(record, artifact)
+        if self._registry.champion() is None:
+            record = self._registry.get(self._meta.version)
+            if self._registry.promote_if_leader(token, record):
+                self._publish(record)
+        self._source_registered = True
+
+    def _due(self) -> str | None:
+        total = self._store.examples_total()
+        if self._t.on_drift and self._store.take_drift_alarm():
+            return "drift alarm"
+        if total - self._last_examples >= self._t.every_examples:
+            return f"{total - self._last_examples} new examples"
+        if time.monotonic() - self._last_run >= self._t.every_s and total > self._last_examples:
+            return f"{self._t.every_s:.0f} s elapsed"
+        return None
+
+    def run_once(self, token: str, reason: str) -> ModelVersion | None:
+        """One fine-tune run; returns its model version, or None when it was skipped or failed."""
+        started = time.monotonic()
+        self._last_run, self._last_examples = started, self._store.examples_total()
+        self._expire_windows()
+        examples = self._resolved_period(self._store.recent_examples(self._t.max_examples))
+        if len(examples) < self._t.min_examples:
+            log.info("fine-tune skipped (%s): %d examples < %d", reason, len(examples), self._t.min_examples)
+            self._metrics.finetune_runs.labels("skipped").inc()
+            return None
+        features = np.stack([e.features for e in examples])
+        labels = np.array([e.label for e in examples], dtype=np.int64)
+        ts_s = np.array([e.ts_s for e in examples])
+        holdout = max(1, int(len(examples) * self._t.holdout_share))
+        train = slice(0, len(examples) - holdout)
+        held = slice(len(examples) - holdout, None)
+        champion_version = self._registry.champion() or self._meta.version
+        champion_record = self._registry.get(champion_version)
+        champion_weights = self._registry.weights(champion_record) if champion_record else self._source.get_weights()
+        config = FineTuneConfig(strategy=self._t.strategy, epochs=self._t.epochs, learning_rate=self._t.learning_rate,
+                                l2sp_weight=self._t.l2sp_weight)
+        log.info("fine-tune (%s): %s on %d examples, holdout %d, champion %s", reason, config.strategy,
+                 len(examples) - holdout, holdout, champion_version)
+        try:
+            candidate_weights = fine_tune(self._source, features[train], labels[train],
+                                          recency_weights(ts_s[train], self._t.recency_half_life_s), self._meta.task, config)
+        except FineTuneError as error:
+            log.error("fine-tune failed: %s", error)
+            self._metrics.finetune_runs.labels("failed").inc()
+            return None
+        candidate_scores = self._score(candidate_weights, features[held], labels[held])
+        champion_scores = self._score(champion_weights, features[held], labels[held])
+        decision = decide(candidate_scores, champion_scores, self._t.promotion_margin)
+        artifact = encode_weights(candidate_weights)
+        version = f"v{self._registry.next_version_number()}"
+        trained_on = TrainedOn(examples=len(examples) - holdout, event_time_from=_utc(ts_s[0]),
+                               event_time_to=_utc(ts_s[train.stop - 1]))
+        record = self._record(version, champion_version, artifact, trained_on,
+                              {"candidate": candidate_scores, "champion": champion_scores}, False, config.strategy,
+                              decision.reason)
+        self._registry.put(record, artifact)
+        if decision.promote:
+            promoted = record.model_copy(update={"promoted": True})
+            if self._registry.promote_if_leader(token, promoted):
+                record = promoted
+            else:
+                log.warning("%s passed the gate but this trainer no longer holds the lease: not promoted", version)
+        self._publish(record)
+        outcome = "promoted" if record.promoted else "rejected"
+        self._metrics.finetune_runs.labels(outcome).inc()
+        self._metrics.finetune_duration.observe(time.monotonic() - started)
+        log.info("%s %s: %s", version, outcome, decision.reason)
+        return record
+
+    def _resolved_period(self, examples: list) -> list:
+        """Repurchase labels resolve late for negatives (at the deadline) and early for positives, so the
+        newest examples over-represent positives. Train and judge only on event time the watermark has
+        left fully resolved: older than watermark - horizon."""
+        if self._meta.task != "repurchase" or not examples:
+            return examples
+        newest = self._store.max_event_ts_s()
+        if newest is None:
+            return []
+        cutoff = watermark(newest, self._t.allowed_lateness_s) - (self._meta.horizon_days or 0.0) * 86400.0
+        return [e for e in examples if e.ts_s <= cutoff]
+
+    def _score(self, weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        self._scratch.set_weights(weights)
+        raw = self._scratch.predict(features, batch_size=4096, verbose=0)
+        probabilities = np.concatenate([1 - raw, raw], axis=1) if self._meta.task == "repurchase" else raw
+        return {k: float(v) for k, v in scores(self._meta.task, probabilities, labels).items() if np.isfinite(v)}
+
+    def _expire_windows(self) -> None:
+        newest = self._store.max_event_ts_s()
+        sizes = self._store.window_sizes()
+        if newest is not None:
+            old = expired_windows(list(sizes), watermark(newest, self._t.allowed_lateness_s), self._t.window_s,
+                                  self._t.window_max_age_s)
+            self._store.drop_windows(old)
+            sizes = {s: n for s, n in sizes.items() if s not in old}
+        self._metrics.windows.set(len(sizes))
+        self._metrics.window_examples.set(sum(sizes.values()))
+
+    def _record(self, version: str, parent: str | None, artifact: bytes, trained_on: TrainedOn,
+                metrics: dict, promoted: bool, strategy: str | None, decision: str) -> ModelVersion:
+        return ModelVersion(model=self._settings.model_name, version=version, parent_version=parent,
+                            task=self._meta.task, source_checkpoint_sha256=self._meta.sha256,
+                            created_at=datetime.now(timezone.utc), trained_on=trained_on, metrics=metrics,
+                            promoted=promoted, artifact_sha256=hashlib.sha256(artifact).hexdigest(),
+                            artifact_ref=self._registry.artifact_ref(version), strategy=strategy, decision=decision)
+
+    def _publish(self, record: ModelVersion) -> None:
+        future = self._producer.send(self._settings.kafka.model_versions_topic, key=record.model.encode(),
+                                     value=record.model_dump_json().encode())
+        self._producer.flush(timeout=30)
+        future.get(timeout=30)
+
+
+def _utc(ts_s: float) -> datetime:
+    return datetime.fromtimestamp(float(ts_s), tz=timezone.utc)
