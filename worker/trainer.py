@@ -22,7 +22,7 @@ from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
 from worker.model import ModelMeta
-from worker.promotion import decide
+from worker.promotion import decide, prior_probabilities
 from worker.quality import scores
 from worker.registry import Registry, encode_weights
 from worker.settings import Settings
@@ -149,13 +149,16 @@ class Trainer:
             return None
         candidate_scores = self._score(candidate_weights, features[held], labels[held])
         champion_scores = self._score(champion_weights, features[held], labels[held])
-        decision = decide(candidate_scores, champion_scores, self._t.promotion_margin)
+        prior = prior_probabilities(labels[train], len(self._meta.classes), holdout)
+        prior_scores = _finite(scores(self._meta.task, prior, labels[held]))
+        decision = decide(candidate_scores, champion_scores, prior_scores, self._t.promotion_margin)
         artifact = encode_weights(candidate_weights)
         version = f"v{self._registry.next_version_number()}"
         trained_on = TrainedOn(examples=len(examples) - holdout, event_time_from=_utc(ts_s[0]),
                                event_time_to=_utc(ts_s[train.stop - 1]))
         record = self._record(version, champion_version, artifact, trained_on,
-                              {"candidate": candidate_scores, "champion": champion_scores}, False, config.strategy,
+                              {"candidate": candidate_scores, "champion": champion_scores, "label_prior": prior_scores},
+                              False, config.strategy,
                               decision.reason)
         self._registry.put(record, artifact)
         if decision.promote:
@@ -187,7 +190,7 @@ class Trainer:
         self._scratch.set_weights(weights)
         raw = self._scratch.predict(features, batch_size=4096, verbose=0)
         probabilities = np.concatenate([1 - raw, raw], axis=1) if self._meta.task == "repurchase" else raw
-        return {k: float(v) for k, v in scores(self._meta.task, probabilities, labels).items() if np.isfinite(v)}
+        return _finite(scores(self._meta.task, probabilities, labels))
 
     def _expire_windows(self) -> None:
         newest = self._store.max_event_ts_s()
@@ -213,6 +216,11 @@ class Trainer:
                                      value=record.model_dump_json().encode())
         self._producer.flush(timeout=30)
         future.get(timeout=30)
+
+
+def _finite(measures: dict[str, float]) -> dict[str, float]:
+    """Drop measures that are undefined on this holdout (e.g. AUC with one class): JSON has no NaN."""
+    return {k: float(v) for k, v in measures.items() if np.isfinite(v)}
 
 
 def _utc(ts_s: float) -> datetime:

@@ -16,3 +16,20 @@ DAY = 86400.0
 ])
 def test_repurchase_label(next_ts, watermark, expected):
     assert repurchase_label(0.0, next_ts, watermark, horizon_days=7) == expected
+
+
+from worker.labels import resolve_on_purchase, watermark  # noqa: E402
+
+
+@pytest.mark.parametrize("task, gap_days, purchase_class, expected", [
+    ("next_category", 30.0, 4, 4),
+    ("repurchase", 2.0, 4, 1),
+    ("repurchase", 7.0, 4, 1),
+    ("repurchase", 7.5, 4, 0),   # the next purchase came after the deadline: a negative
+])
+def test_resolve_on_purchase(task, gap_days, purchase_class, expected):
+    assert resolve_on_purchase(task, 0.0, gap_days * DAY, purchase_class, 7.0) == expected
+
+
+def test_watermark_lags_the_newest_event_by_the_allowed_lateness():
+    assert watermark(1000.0, 60.0) == 940.0

@@ -7,7 +7,11 @@ from schemas import PurchaseEvent, RejectReason
 from worker.features import FeatureSpec, UserState, advance, encode
 from worker.model import ModelMeta
 from worker.parsing import Rejection
-from worker.pipeline import InputRecord, make_dead_letter, make_predictions, next_offsets, plan_batch
+from worker.examples import Example
+from worker.pipeline import (
+    InputRecord, expire_pendings, make_dead_letter, make_predictions, next_offsets, plan_batch, resolved_examples,
+    served_examples,
+)
 from worker.state import EventClaim
 
 SPEC = FeatureSpec(("books", "music"))
@@ -90,3 +94,42 @@ def test_dead_letter_keeps_payload_and_coordinates(value, encoding, payload):
 def test_next_offsets_is_one_past_the_last_record_per_partition():
     records = [rec(5, 0), rec(9, 1), rec(6, 0), rec(10, 1)]
     assert next_offsets(records) == {("purchases", 0): 7, ("purchases", 1): 11}
+
+
+REPURCHASE = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7.0, sha256="0" * 64, extra={})
+
+
+def test_each_purchase_resolves_the_users_previous_prediction():
+    stored = Example("old", T0.timestamp() - 3600, "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.5, 0.5, 0.0]))
+    valid = [(rec(0), ev("a", category="music")), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="books", hours=1))]
+    plan = plan_batch(valid, {}, {}, SPEC, {"u1": stored}, META)
+    probabilities = np.full((3, 3), 1 / 3, dtype=np.float32)
+    served = served_examples(plan, probabilities, "v1")
+    resolved = resolved_examples(plan, served)
+    # u1's stored prediction is resolved by "a" (music); "a" is resolved by "c" (books); u2 has nothing pending
+    assert [(e.event_id, e.label, e.model_version) for e in resolved] == [("old", 1, "v0"), ("a", 0, "v1")]
+    assert plan.last_fresh_of_user == {"u1": 2, "u2": 1}
+
+
+@pytest.mark.parametrize("gap_hours, label", [(24, 1), (24 * 8, 0)])
+def test_repurchase_resolution_on_purchase(gap_hours, label):
+    pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
+    plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, SPEC, {"u1": pending}, REPURCHASE)
+    assert plan.resolutions == [(pending, label)]
+
+
+def test_replays_and_duplicates_resolve_nothing():
+    pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
+    claims = {"a": EventClaim("purchases/0/0", b"{}"), "b": EventClaim("purchases/0/99", b"{}")}
+    plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, SPEC, {"u1": pending}, REPURCHASE)
+    assert plan.resolutions == [] and plan.last_fresh_of_user == {}
+
+
+def test_expire_pendings_by_watermark():
+    def pending(day):
+        return Example(f"p{day}", day * 86400.0, "v0", np.zeros(2, np.float32), np.array([0.5, 0.5]))
+
+    due = {"old": pending(0), "fresh": pending(9), "bought": pending(0)}
+    negatives, cleared, requeue = expire_pendings(due, watermark_s=10 * 86400.0, horizon_days=7.0, replaced={"bought"})
+    assert [(e.event_id, e.label) for e in negatives] == [("p0", 0)]
+    assert cleared == ["old"] and requeue == {"fresh": 16 * 86400.0}

@@ -1,0 +1,50 @@
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from worker.quality import PageHinkley, QualityMonitor, auc, brier, log_loss, scores
+
+
+def brute_force_auc(p, y):
+    pairs = [(a, b) for a, b in itertools.product(range(len(y)), repeat=2) if y[a] == 1 and y[b] == 0]
+    return sum(1.0 if p[a] > p[b] else 0.5 if p[a] == p[b] else 0.0 for a, b in pairs) / len(pairs)
+
+
+@given(st.lists(st.tuples(st.sampled_from([0.1, 0.3, 0.5, 0.7, 0.9]), st.integers(0, 1)), min_size=2, max_size=40))
+def test_auc_matches_pairwise_definition_with_ties(rows):
+    p, y = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    if y.min() == y.max():
+        assert np.isnan(auc(p, y))
+    else:
+        assert auc(p, y) == pytest.approx(brute_force_auc(p, y))
+
+
+def test_known_values():
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8]])
+    labels = np.array([0, 1])
+    assert log_loss(probabilities, labels) == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2)
+    assert brier(probabilities[:, 1], labels) == pytest.approx((0.01 + 0.04) / 2)
+    assert scores("repurchase", probabilities, labels)["auc"] == 1.0
+    assert set(scores("next_category", probabilities, labels)) == {"log_loss", "accuracy"}
+
+
+def test_page_hinkley_is_quiet_on_a_stationary_stream_and_alarms_on_a_shift():
+    rng = np.random.default_rng(7)
+    detector = PageHinkley()
+    assert not any(detector.update(v) for v in rng.exponential(1.0, 20_000))
+    alarms = [i for i, v in enumerate(rng.exponential(2.0, 3000)) if detector.update(v)]
+    assert alarms and alarms[0] < 1500
+    assert not detector.update(float("nan"))
+
+
+def test_quality_monitor_tracks_a_bounded_number_of_versions():
+    monitor = QualityMonitor("repurchase", window=3, max_versions=2)
+    for version in ("a", "b", "c"):
+        for label in (0, 1, 1, 1):
+            monitor.observe(version, np.array([0.3, 0.7]), label)
+    snapshot = monitor.snapshot()
+    assert set(snapshot) == {"b", "c"}
+    assert snapshot["c"]["accuracy"] == 1.0  # only the last 3 of 4 are kept

@@ -1,0 +1,76 @@
+"""Registry and lease against the real Redis of the dev stack."""
+import uuid
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import redis
+
+from schemas import ModelVersion, TrainedOn
+from worker.registry import ArtifactError, Registry, decode_weights, encode_weights
+
+
+@pytest.fixture
+def registry(stack):
+    client = redis.Redis.from_url(stack.redis_url)
+    yield Registry(client, f"test-{uuid.uuid4().hex[:8]}", "purchases")
+    client.close()
+
+
+def record(version: str, artifact: bytes, promoted=False) -> ModelVersion:
+    import hashlib
+
+    return ModelVersion(model="purchases", version=version, task="repurchase", source_checkpoint_sha256="s" * 64,
+                        created_at=datetime.now(timezone.utc), trained_on=TrainedOn(examples=1), promoted=promoted,
+                        artifact_sha256=hashlib.sha256(artifact).hexdigest(), artifact_ref=f"ref/{version}")
+
+
+def test_weights_round_trip_and_tampering_is_refused():
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros(3, np.float32)]
+    raw = encode_weights(weights)
+    import hashlib
+
+    back = decode_weights(raw, hashlib.sha256(raw).hexdigest())
+    assert all(np.array_equal(a, b) for a, b in zip(weights, back))
+    with pytest.raises(ArtifactError, match="sha256"):
+        decode_weights(raw[:10] + bytes([raw[10] ^ 0xFF]) + raw[11:], hashlib.sha256(raw).hexdigest())
+
+
+def test_put_get_and_champion(registry):
+    artifact = encode_weights([np.ones(2, np.float32)])
+    registry.put(record("v1", artifact), artifact)
+    assert registry.get("v1").version == "v1" and registry.get("nope") is None
+    assert [r.version for r in registry.all()] == ["v1"]
+    assert registry.champion() is None
+    registry.set_champion("v1")
+    assert registry.champion() == "v1"
+    with pytest.raises(KeyError):
+        registry.set_champion("v9")
+
+
+def test_a_stale_trainer_cannot_promote(registry):
+    artifact = encode_weights([np.ones(2, np.float32)])
+    registry.put(record("v1", artifact), artifact)
+    first = registry.acquire_lease(ttl_s=0.3)
+    assert first is not None and registry.acquire_lease(ttl_s=5) is None
+    assert registry.renew_lease(first, ttl_s=0.3)
+    import time
+
+    deadline = time.monotonic() + 5
+    second = None
+    while second is None and time.monotonic() < deadline:  # the first lease lapses unrenewed
+        second = registry.acquire_lease(ttl_s=10)
+    assert second is not None and int(second.split(":")[0]) > int(first.split(":")[0])
+    assert not registry.renew_lease(first, ttl_s=10)
+    assert not registry.promote_if_leader(first, record("v1", artifact, promoted=True))
+    assert registry.champion() is None
+    assert registry.promote_if_leader(second, record("v1", artifact, promoted=True))
+    assert registry.champion() == "v1" and registry.get("v1").promoted
+
+
+def test_missing_artifact_is_refused(registry, stack):
+    artifact = encode_weights([np.ones(2, np.float32)])
+    registry.put(record("v1", artifact), artifact)
+    redis.Redis.from_url(stack.redis_url).delete(registry.artifact_ref("v1"))
+    with pytest.raises(ArtifactError, match="missing"):
+        registry.weights(registry.get("v1"))
