@@ -45,6 +45,7 @@ class Names:
     dlq_topic: str
     group_id: str
     key_prefix: str
+    model_versions_topic: str = ""
 
     def env(self, stack: Stack) -> dict[str, str]:
         return {
@@ -55,6 +56,7 @@ class Names:
             "STREAMADAPT_KAFKA_DLQ_TOPIC": self.dlq_topic,
             "STREAMADAPT_KAFKA_GROUP_ID": self.group_id,
             "STREAMADAPT_REDIS_KEY_PREFIX": self.key_prefix,
+            "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": self.model_versions_topic or f"model-versions-{self.key_prefix}",
         }
 
 
@@ -69,7 +71,7 @@ def source_events(tmp_path_factory) -> Path:
     from worker.generate import write_events
 
     path = tmp_path_factory.mktemp("data") / "source.jsonl"
-    write_events(path, events=6000, market="source", seed=3)
+    write_events(path, events=12000, market="source", seed=3)
     return path
 
 
@@ -79,5 +81,5 @@ def checkpoint(tmp_path_factory, source_events) -> Path:
     from worker.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("checkpoint") / "next_category"
-    pretrain(source_events, out, task="next_category", horizon_days=7, epochs=3, seed=0)
+    pretrain(source_events, out, task="next_category", horizon_days=7, epochs=5, seed=0)
     return out

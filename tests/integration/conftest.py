@@ -28,8 +28,10 @@ def free_port() -> int:
 class WorkerProcess:
     """`streamadapt run` as a child process, configured by environment variables like in production."""
 
-    def __init__(self, stack: Stack, names: Names, checkpoint: Path, log_path: Path, **extra_env: str):
+    def __init__(self, stack: Stack, names: Names, checkpoint: Path, log_path: Path, wait_ready: bool = True,
+                 **extra_env: str):
         self.port = free_port()
+        self._wait_ready = wait_ready
         self.env = {**os.environ, **names.env(stack), "STREAMADAPT_METRICS_PORT": str(self.port),
                     "STREAMADAPT_METRICS_HOST": "127.0.0.1", "STREAMADAPT_SOURCE_CHECKPOINT": str(checkpoint),
                     "STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_PROGRESS_INTERVAL_S": "1", **extra_env}
@@ -43,7 +45,7 @@ class WorkerProcess:
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"worker exited early:\n{self.log_path.read_text()[-3000:]}"
-            if self.http_status("/readyz") == 200:
+            if self.http_status("/readyz" if self._wait_ready else "/healthz") == 200:
                 return self
             time.sleep(0.2)
         raise AssertionError(f"worker not ready in {ready_timeout_s} s:\n{self.log_path.read_text()[-3000:]}")
@@ -63,6 +65,21 @@ class WorkerProcess:
             lines = response.read().decode().splitlines()
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines
                    if line.startswith(name) and (line[len(name)] in " {"))
+
+    def serving_version(self) -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("streamadapt_serving_model_info{"):
+                    return line.split('version="', 1)[1].split('"', 1)[0]
+        return None
+
+    def wait_until(self, predicate, timeout_s: float = 60.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"{what} not reached in {timeout_s} s; log tail:\n{self.log_path.read_text()[-2000:]}")
 
     def wait_metric(self, name: str, at_least: float, timeout_s: float = 60.0) -> float:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,173 @@
+"""Adaptation end to end on the real stack: label join, trainer, gate, registry, hot-swap, rollback."""
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import redis
+from kafka import KafkaProducer
+
+from schemas import ModelVersion, Prediction, TrainedOn
+from tests.conftest import Names
+from tests.integration.conftest import WorkerProcess, dumps, event, produce, read_topic
+from worker.evaluation import stream_labels, score_predictions
+from worker.model import load_checkpoint
+from worker.pretrain import read_events
+from worker.registry import Registry, encode_weights
+from worker.replay import replay
+from worker.settings import KafkaSettings
+
+pytestmark = pytest.mark.integration
+
+ADAPTATION_MARGIN = 0.03  # accuracy points adapted serving must gain over static serving after the drift
+
+
+def fresh_names() -> Names:
+    run = uuid.uuid4().hex[:10]
+    return Names(f"purchases-{run}", f"predictions-{run}", f"dlq-{run}", f"group-{run}", f"test-{run}",
+                 f"model-versions-{run}")
+
+
+def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp_path):
+    from worker.generate import write_events
+
+    events_path, total, drift_at, settle = tmp_path / "target.jsonl", 24_000, 8_000, 5_000
+    write_events(events_path, events=total, market="target", drift_at=drift_at, seed=12)
+    events, _ = read_events(events_path)
+    labels = stream_labels(events, "next_category")
+    position = {e.event_id: i for i, e in enumerate(events)}
+    quality = {}
+    for mode in ("static", "adapted"):
+        names = fresh_names()
+        env = {"STREAMADAPT_NO_FINETUNE": "true"} if mode == "static" else {
+            "STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all",
+            "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "2000", "STREAMADAPT_TRAINING_MIN_EXAMPLES": "1000"}
+        with WorkerProcess(stack, names, checkpoint, tmp_path / f"{mode}.log", **env) as worker:
+            replay(events_path, KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic), 1500)
+            records = read_topic(stack, names.predictions_topic, expect=total, timeout_s=180)
+            swaps = worker.metric("streamadapt_model_swaps_total")
+            assert worker.stop() == 0
+        predictions = [Prediction.model_validate_json(r.value) for r in records]
+        after = [p for p in predictions if position[p.event_id] >= drift_at + settle]
+        quality[mode] = score_predictions(after, labels, "next_category")["accuracy"]
+        if mode == "adapted":
+            assert swaps >= 1, "the adapted run never swapped in a fine-tuned model"
+    print(f"accuracy after drift: static {quality['static']:.4f}, adapted {quality['adapted']:.4f}")
+    assert quality["adapted"] >= quality["static"] + ADAPTATION_MARGIN, quality
+
+
+def put_version(registry: Registry, version: str, weights, source_sha: str, promoted: bool,
+                artifact: bytes | None = None) -> ModelVersion:
+    artifact = encode_weights(weights) if artifact is None else artifact
+    record = ModelVersion(model="purchases", version=version, task="next_category", source_checkpoint_sha256=source_sha,
+                          created_at=datetime.now(timezone.utc), trained_on=TrainedOn(examples=0), promoted=promoted,
+                          artifact_sha256=hashlib.sha256(encode_weights(weights)).hexdigest(),
+                          artifact_ref=registry.artifact_ref(version))
+    registry.put(record, artifact)
+    return record
+
+
+def test_two_replicas_follow_promotions_refuse_a_tampered_artifact_and_roll_back(stack, checkpoint, tmp_path):
+    names = fresh_names()
+    model, meta = load_checkpoint(checkpoint)
+    client = redis.Redis.from_url(stack.redis_url)
+    registry = Registry(client, names.key_prefix, "purchases")
+    source = meta.version
+    put_version(registry, source, model.get_weights(), meta.sha256, promoted=True)
+    registry.set_champion(source)
+    env = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "worker"}
+    replicas = [WorkerProcess(stack, names, checkpoint, tmp_path / f"replica{i}.log", **env) for i in range(2)]
+    try:
+        for replica in replicas:
+            replica.start()
+        producer = KafkaProducer(bootstrap_servers=stack.kafka_bootstrap)
+
+        def announce(record: ModelVersion) -> None:
+            producer.send(names.model_versions_topic, key=b"purchases", value=record.model_dump_json().encode()).get(30)
+
+        # a promotion reaches both replicas
+        v1 = put_version(registry, "v1", [w * 0.9 for w in model.get_weights()], meta.sha256, promoted=True)
+        registry.set_champion("v1")
+        announce(v1)
+        for replica in replicas:
+            replica.wait_until(lambda r=replica: r.serving_version() == "v1", 30, "replica serving v1")
+        produce(stack, names.input_topic, [dumps(event(i)) for i in range(50)])
+        served = {json.loads(r.value)["model_version"] for r in read_topic(stack, names.predictions_topic, expect=50)}
+        assert served == {"v1"}
+
+        # a tampered artifact is refused and v1 keeps serving
+        good = encode_weights([w * 0.8 for w in model.get_weights()])
+        bad = good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]
+        v2 = put_version(registry, "v2", [w * 0.8 for w in model.get_weights()], meta.sha256, promoted=True, artifact=bad)
+        registry.set_champion("v2")
+        announce(v2)
+        for replica in replicas:
+            replica.wait_until(lambda r=replica: r.metric("streamadapt_model_swaps_refused_total") >= 1, 30, "refusal")
+            assert replica.serving_version() == "v1" and replica.http_status("/readyz") == 200
+
+        # the operator rolls back to the source; both replicas follow
+        result = subprocess.run([sys.executable, "-m", "worker.cli", "models", "rollback", source],
+                                env=replicas[0].env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert registry.champion() == source
+        for replica in replicas:
+            replica.wait_until(lambda r=replica: r.serving_version() == source, 30, "replica back on the source")
+        listing = subprocess.run([sys.executable, "-m", "worker.cli", "models", "list"], env=replicas[0].env,
+                                 capture_output=True, text=True, timeout=60)
+        assert listing.returncode == 0 and f"*{source}" in listing.stdout and "v2" in listing.stdout
+        for replica in replicas:
+            assert replica.stop() == 0
+        producer.close()
+    finally:
+        for replica in replicas:
+            replica.__exit__(None, None, None)
+        client.close()
+
+
+def test_a_killed_trainer_loses_the_lease_to_another(stack, checkpoint, tmp_path):
+    names = fresh_names()
+    env = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "trainer", "STREAMADAPT_TRAINING_LEASE_TTL_S": "2"}
+    trainers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"trainer{i}.log", **env).start() for i in range(2)]
+    try:
+        def leaders():
+            return [t for t in trainers if t.process.poll() is None and t.metric("streamadapt_trainer_leader") == 1]
+
+        trainers[0].wait_until(lambda: len(leaders()) == 1, 30, "one leader")
+        leader = leaders()[0]
+        follower = next(t for t in trainers if t is not leader)
+        assert follower.metric("streamadapt_trainer_leader") == 0
+        leader.process.send_signal(signal.SIGKILL)
+        leader.process.wait(timeout=10)
+        follower.wait_until(lambda: follower.metric("streamadapt_trainer_leader") == 1, 15, "the survivor leading")
+        registry = Registry(redis.Redis.from_url(stack.redis_url), names.key_prefix, "purchases")
+        assert registry.champion() is not None  # the source checkpoint was registered as version zero
+    finally:
+        for trainer in trainers:
+            trainer.__exit__(None, None, None)
+
+
+def test_label_join_survives_a_restart(stack, names, checkpoint, tmp_path):
+    users = 40
+    bodies = [event(i, user=f"user-{i % users}") for i in range(800)]
+    keys = [b["user_id"].encode() for b in bodies]
+    total_resolved = 0
+    for part, chunk in enumerate((slice(0, 400), slice(400, 800))):
+        with WorkerProcess(stack, names, checkpoint, tmp_path / f"worker{part}.log") as worker:
+            produce(stack, names.input_topic, [dumps(b) for b in bodies[chunk]], keys=keys[chunk])
+            worker.wait_metric("streamadapt_events_consumed_total", 400)
+            worker.wait_metric("streamadapt_predictions_total", 400)
+            total_resolved += worker.metric("streamadapt_labels_resolved_total")
+            assert worker.stop() == 0
+    # every purchase but each user's first resolves the user's previous prediction, across the restart too
+    assert total_resolved == len(bodies) - users
+    client = redis.Redis.from_url(stack.redis_url)
+    stored = sum(client.llen(key) for key in client.scan_iter(f"{names.key_prefix}:window:*"))
+    assert stored == len(bodies) - users
+    client.close()
