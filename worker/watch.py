@@ -12,6 +12,8 @@ SHOWN = {
     "predicted": "streamadapt_predictions_total",
     "dead_lettered": "streamadapt_events_dead_lettered_total",
     "duplicates": "streamadapt_events_duplicate_total",
+    "labels": "streamadapt_labels_resolved_total",
+    "swaps": "streamadapt_model_swaps_total",
 }
 
 
