@@ -130,7 +130,11 @@ def _trainer_child(settings: Settings, metrics_port: int, stop: threading.Event)
     env = {**os.environ, **settings.as_environment(), "STREAMADAPT_ROLE": "trainer",
            "STREAMADAPT_METRICS_PORT": str(metrics_port + 1 if settings.metrics.port else 0)}
     command = [sys.executable, "-m", "worker.cli", "run"]
-    holder: dict[str, subprocess.Popen] = {"process": subprocess.Popen(command, env=env)}
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(command, env=env, preexec_fn=_terminate_with_parent)
+
+    holder: dict[str, subprocess.Popen] = {"process": start()}
     log.info("trainer child started (pid %d, metrics port %s)", holder["process"].pid, env["STREAMADAPT_METRICS_PORT"])
     done = threading.Event()
 
@@ -141,7 +145,7 @@ def _trainer_child(settings: Settings, metrics_port: int, stop: threading.Event)
                           TRAINER_RESTART_S)
                 if done.wait(TRAINER_RESTART_S):
                     return
-                holder["process"] = subprocess.Popen(command, env=env)
+                holder["process"] = start()
 
     thread = threading.Thread(target=supervise, name="trainer-supervisor", daemon=True)
     thread.start()
@@ -157,6 +161,16 @@ def _trainer_child(settings: Settings, metrics_port: int, stop: threading.Event)
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the parent dies, even by SIGKILL, so no
+    trainer outlives its worker unsupervised. Elsewhere this is a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextmanager

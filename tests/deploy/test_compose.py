@@ -1,0 +1,85 @@
+"""docker compose cannot run here, so the file is checked against the code it deploys."""
+import re
+
+from tests.deploy.conftest import COMPOSE, REPO, compose
+from worker.settings import OPTIONS, load_settings
+
+REQUIRED = {"kafka", "redis", "worker", "trainer", "prometheus", "grafana"}
+
+
+def test_every_required_service_is_there_with_a_healthcheck():
+    services = compose()["services"]
+    assert REQUIRED <= set(services)
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_images_are_pinned_and_kafka_is_the_official_apache_image():
+    services = compose()["services"]
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert image and ":" in image and not image.endswith(":latest"), f"{name}: {image!r}"
+    assert services["kafka"]["image"].startswith("apache/kafka:4.")
+    assert "KAFKA_PROCESS_ROLES" in services["kafka"]["environment"]  # KRaft, no ZooKeeper
+
+
+def test_workers_scale_and_trainer_runs_its_role():
+    services = compose()["services"]
+    worker, trainer = services["worker"], services["trainer"]
+    assert "container_name" not in worker and "ports" not in worker, "--scale worker=N needs neither"
+    assert worker["command"] == ["run", "--role", "worker"]
+    assert trainer["command"] == ["run", "--role", "trainer"]
+    assert "/readyz" in " ".join(worker["healthcheck"]["test"])
+
+
+def test_every_streamadapt_variable_in_the_compose_file_is_a_setting_with_a_valid_value(monkeypatch):
+    known = {option.env for option in OPTIONS}
+    services = compose()["services"]
+    seen = set()
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        streamadapt = {k: str(v) for k, v in env.items() if k.startswith("STREAMADAPT_")}
+        assert set(streamadapt) <= known, f"{name}: {set(streamadapt) - known}"
+        for key, value in streamadapt.items():
+            monkeypatch.setenv(key, value)
+        if streamadapt:
+            load_settings()  # the values parse too
+            for key in streamadapt:
+                monkeypatch.delenv(key)
+        seen |= set(streamadapt)
+    assert {"STREAMADAPT_KAFKA_BOOTSTRAP", "STREAMADAPT_REDIS_URL", "STREAMADAPT_SOURCE_CHECKPOINT"} <= seen
+
+
+def test_mounted_files_exist_and_redis_persists():
+    services = compose()["services"]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name} mounts missing {source}"
+    assert "--appendonly" in services["redis"]["command"]
+
+
+def test_topics_created_match_the_default_topic_settings():
+    script = "\n".join(compose()["services"]["kafka-init"]["command"])
+    created = set(re.findall(r"--topic (\S+)", script))
+    k = load_settings().kafka
+    assert created == {k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic}
+    assert re.search(r"--topic model-versions --partitions 1\b", script), "model versions need one ordered partition"
+
+
+def test_dockerfile_is_multi_stage_non_root_and_runs_the_same_command():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", dockerfile, re.M)) >= 2
+    assert re.search(r"^FROM python:\d+\.\d+\.\d+-slim", dockerfile, re.M)
+    user = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    assert 'ENTRYPOINT ["streamadapt"]' in dockerfile
+    assert 'streamadapt = "worker.cli:main"' in (REPO / "pyproject.toml").read_text()
+    assert "streamadapt run" in (REPO / "scripts" / "demo").read_text()
+    assert (REPO / "requirements.lock").read_text().count("==") > 10
+
+
+def test_readme_says_how_to_run_the_containers():
+    readme = (REPO / "README.md").read_text()
+    assert "docker compose up" in readme and COMPOSE.name in readme

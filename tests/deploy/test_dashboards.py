@@ -1,0 +1,64 @@
+"""Dashboards and alert rules parse and read only metrics the worker really exports."""
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.deploy.conftest import (
+    ALERTS, DASHBOARDS, HISTOGRAM_SUFFIXES, REPO, SCRAPE_CONFIG, alert_rules, dashboard_queries, metric_names,
+)
+from worker.metrics import WorkerMetrics
+
+
+def exported_families() -> set[str]:
+    families = set()
+    for line in WorkerMetrics().render().decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            families.add(name)
+            if kind == "counter":
+                families.add(name + "_total")
+    return families | {"up"}
+
+
+def family_of(name: str) -> str:
+    for suffix in HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name.removesuffix("_info") if name.endswith("_model_info") else name
+
+
+@pytest.mark.parametrize("title, expr", dashboard_queries() + [(r["alert"], r["expr"]) for r in alert_rules()])
+def test_queries_read_only_exported_metrics(title, expr):
+    names = metric_names(expr)
+    assert names, f"{title}: reads no metric"
+    known = exported_families()
+    unknown = {n for n in names if family_of(n) not in known and n not in known}
+    assert not unknown, f"{title}: {unknown}"
+
+
+def test_dashboard_has_the_rows_users_look_for_and_uses_the_provisioned_datasource():
+    provisioned = (REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        rows = {p["title"] for p in dashboard["panels"] if p["type"] == "row"}
+        assert {"Throughput and lag", "Latency", "Dead letters and duplicates", "Live model", "Training", "Process"} <= rows
+        for panel in dashboard["panels"]:
+            if panel["type"] != "row":
+                assert f"uid: {panel['datasource']['uid']}" in provisioned
+
+
+def test_alerts_cover_what_operators_need():
+    names = {r["alert"] for r in alert_rules()}
+    assert {"StreamadaptWorkerDown", "StreamadaptConsumerLagGrowing", "StreamadaptDeadLetterRateHigh",
+            "StreamadaptNoPromotionForLong", "StreamadaptLiveQualityDropping", "StreamadaptFineTuneFailures"} <= names
+    assert all(r.get("annotations", {}).get("summary") for r in alert_rules())
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus (scripts/install)")
+def test_promtool_accepts_the_shipped_files():
+    rules = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    config = subprocess.run(["promtool", "check", "config", str(SCRAPE_CONFIG)], capture_output=True, text=True)
+    assert config.returncode == 0, config.stdout + config.stderr
