@@ -76,6 +76,16 @@ def source_events(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def repurchase_checkpoint(tmp_path_factory, source_events) -> Path:
+    """A small repurchase source checkpoint (7-day horizon), trained once per run."""
+    from worker.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("checkpoint") / "repurchase"
+    pretrain(source_events, out, task="repurchase", horizon_days=7, epochs=3, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, source_events) -> Path:
     """A small next_category source checkpoint, trained once per run."""
     from worker.pretrain import pretrain

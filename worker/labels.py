@@ -40,6 +40,14 @@ def resolve_on_purchase(task: Task, pending_ts_s: float, purchase_ts_s: float, p
     return 1 if label == "1" else 0
 
 
-def watermark(max_event_ts_s: float, allowed_lateness_s: float) -> float:
-    """Event time up to which the stream is taken as complete: the newest event time seen, less the lateness."""
-    return max_event_ts_s - allowed_lateness_s
+def watermark(newest_by_partition: dict[str, float], allowed_lateness_s: float) -> float | None:
+    """Event time up to which the stream is taken as complete, or None before any event.
+
+    Each input partition is in event-time order on its own, but partitions are read at different speeds:
+    one may be hours of event time ahead of another. So the watermark is the *slowest* partition's newest
+    event time, less the allowed lateness; a global maximum would expire deadlines of users whose
+    partition lags behind and label their purchases negative before they arrive.
+    """
+    if not newest_by_partition:
+        return None
+    return min(newest_by_partition.values()) - allowed_lateness_s

@@ -123,8 +123,10 @@ class ServingLoop:
         served = served_examples(plan, probabilities, model.version)
         writes.examples = resolved_examples(plan, served)
         writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
-        if plan.fresh:
-            writes.max_event_ts_s = max(event.ts.timestamp() for _, event in plan.fresh)
+        for record, event in plan.fresh:
+            partition = f"{record.topic}/{record.partition}"
+            writes.newest_by_partition[partition] = max(writes.newest_by_partition.get(partition, float("-inf")),
+                                                        event.ts.timestamp())
         if meta.task == "repurchase":
             self._resolve_negatives(writes, meta.horizon_days or 0.0)
         self._score(writes)
@@ -137,10 +139,12 @@ class ServingLoop:
         """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed."""
         horizon_s = horizon_days * 86400.0
         writes.deadlines = {user: pending.ts_s + horizon_s for user, pending in writes.pendings.items()}
-        newest = max(self._store.max_event_ts_s() or float("-inf"), writes.max_event_ts_s or float("-inf"))
-        if newest == float("-inf"):
-            return
+        newest = self._store.newest_by_partition()
+        for partition, ts_s in writes.newest_by_partition.items():
+            newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
         now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
+        if now_watermark is None:
+            return
         due = self._store.load_pendings(self._store.pop_due_deadlines(now_watermark))
         negatives, cleared, requeue = expire_pendings(due, now_watermark, horizon_days, set(writes.pendings))
         writes.examples.extend(negatives)

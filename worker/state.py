@@ -5,7 +5,7 @@ Keys (all under the configured prefix):
   {p}:user:{user_id}     JSON of worker.features.UserState                   TTL user_state_ttl_s
   {p}:pending:{user_id}  the user's last served prediction (Example, label -1) TTL user_state_ttl_s
   {p}:deadlines          zset user_id -> repurchase deadline (event time)
-  {p}:watermark          zset with one member scored by the newest event time seen (ZADD GT = atomic max)
+  {p}:event_time         zset "{topic}/{partition}" -> newest event time seen there (ZADD GT = atomic max)
   {p}:window:{start_s}   list of labelled Examples of one event-time window;  {p}:windows  zset of starts
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
 The event record says which input record first claimed the event_id and what was predicted for it, so a
@@ -56,7 +56,7 @@ class StateWrites:
     deadlines: dict[str, float] = field(default_factory=dict)
     cleared_pendings: list[str] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
-    max_event_ts_s: float | None = None
+    newest_by_partition: dict[str, float] = field(default_factory=dict)  # "{topic}/{partition}" -> event time
     drift_alarm: bool = False
 
 
@@ -103,9 +103,9 @@ class StateStore:
         raws = self._client.mget([f"{self._p}:pending:{u}" for u in user_ids])
         return {u: Example.decode(raw) for u, raw in zip(user_ids, raws) if raw is not None}
 
-    def max_event_ts_s(self) -> float | None:
-        score = self._client.zscore(f"{self._p}:watermark", "max_event_ts")
-        return float(score) if score is not None else None
+    def newest_by_partition(self) -> dict[str, float]:
+        """Newest event time seen on each input partition, across the fleet."""
+        return {member.decode(): score for member, score in self._client.zrange(f"{self._p}:event_time", 0, -1, withscores=True)}
 
     def pop_due_deadlines(self, watermark_s: float, limit: int = 5000) -> list[str]:
         """Users whose repurchase deadline the watermark has passed; removed atomically, so one replica gets each."""
@@ -133,8 +133,8 @@ class StateStore:
                 pipe.ltrim(f"{p}:window:{start}", -self._windows.max_examples, -1)
                 pipe.zadd(f"{p}:windows", {str(start): start})
             pipe.incrby(f"{p}:examples_total", len(writes.examples))
-        if writes.max_event_ts_s is not None:
-            pipe.zadd(f"{p}:watermark", {"max_event_ts": writes.max_event_ts_s}, gt=True)
+        if writes.newest_by_partition:
+            pipe.zadd(f"{p}:event_time", writes.newest_by_partition, gt=True)
         if writes.drift_alarm:
             pipe.set(f"{p}:drift", "1")
         pipe.execute()

@@ -180,10 +180,10 @@ class Trainer:
         left fully resolved: older than watermark - horizon."""
         if self._meta.task != "repurchase" or not examples:
             return examples
-        newest = self._store.max_event_ts_s()
-        if newest is None:
+        now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
+        if now_watermark is None:
             return []
-        cutoff = watermark(newest, self._t.allowed_lateness_s) - (self._meta.horizon_days or 0.0) * 86400.0
+        cutoff = now_watermark - (self._meta.horizon_days or 0.0) * 86400.0
         return [e for e in examples if e.ts_s <= cutoff]
 
     def _score(self, weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -193,11 +193,10 @@ class Trainer:
         return _finite(scores(self._meta.task, probabilities, labels))
 
     def _expire_windows(self) -> None:
-        newest = self._store.max_event_ts_s()
+        now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
         sizes = self._store.window_sizes()
-        if newest is not None:
-            old = expired_windows(list(sizes), watermark(newest, self._t.allowed_lateness_s), self._t.window_s,
-                                  self._t.window_max_age_s)
+        if now_watermark is not None:
+            old = expired_windows(list(sizes), now_watermark, self._t.window_s, self._t.window_max_age_s)
             self._store.drop_windows(old)
             sizes = {s: n for s, n in sizes.items() if s not in old}
         self._metrics.windows.set(len(sizes))

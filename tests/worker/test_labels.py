@@ -31,5 +31,10 @@ def test_resolve_on_purchase(task, gap_days, purchase_class, expected):
     assert resolve_on_purchase(task, 0.0, gap_days * DAY, purchase_class, 7.0) == expected
 
 
-def test_watermark_lags_the_newest_event_by_the_allowed_lateness():
-    assert watermark(1000.0, 60.0) == 940.0
+@pytest.mark.parametrize("newest, expected", [
+    ({}, None),
+    ({"t/0": 1000.0}, 940.0),
+    ({"t/0": 1000.0, "t/1": 400.0, "t/2": 5000.0}, 340.0),  # the slowest partition holds it back
+])
+def test_watermark_is_the_slowest_partition_less_the_lateness(newest, expected):
+    assert watermark(newest, 60.0) == expected

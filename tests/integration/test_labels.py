@@ -1,0 +1,41 @@
+"""The worker's label join, checked against the label rules applied offline to the same event file."""
+from collections import Counter
+
+import pytest
+import redis
+
+from tests.integration.conftest import WorkerProcess, read_topic
+from worker.evaluation import stream_labels
+from worker.examples import Example
+from worker.generate import write_events
+from worker.pretrain import read_events
+from worker.replay import replay
+from worker.settings import KafkaSettings
+
+pytestmark = pytest.mark.integration
+
+
+def test_repurchase_labels_from_the_stream_match_the_offline_rules(stack, names, repurchase_checkpoint, tmp_path):
+    path = tmp_path / "target.jsonl"
+    write_events(path, events=10_000, market="target", drift_at=5_000, seed=21)
+    events, _ = read_events(path)
+    truth = stream_labels(events, "repurchase", horizon_days=7)
+    # Six partitions read at different speeds: the watermark must follow the slowest one.
+    with WorkerProcess(stack, names, repurchase_checkpoint, tmp_path / "worker.log",
+                       STREAMADAPT_TRAINING_WINDOW_MAX_AGE_S=str(10**9)) as worker:
+        replay(path, KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic))
+        read_topic(stack, names.predictions_topic, expect=len(events), timeout_s=180)
+        assert worker.stop() == 0
+    client = redis.Redis.from_url(stack.redis_url)
+    labelled = {}
+    for key in client.scan_iter(f"{names.key_prefix}:window:*"):
+        for raw in client.lrange(key, 0, -1):
+            example = Example.decode(raw)
+            labelled[example.event_id] = str(example.label)
+    client.close()
+    wrong = Counter((labelled[i], truth[i]) for i in labelled if labelled[i] != truth.get(i))
+    assert not wrong, f"(worker, offline) label disagreements: {wrong}"
+    assert set(labelled) <= set(truth)
+    # Only negatives near the end of the stream may still wait for the watermark.
+    missing = Counter(truth[i] for i in set(truth) - set(labelled))
+    assert missing["1"] == 0 and missing["0"] <= 0.02 * len(truth), missing
