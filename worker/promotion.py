@@ -1,10 +1,12 @@
-"""The promotion gate. Pure: scores in, decision out."""
+"""The promotion gate. Pure: per-example losses in, decision out."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from worker.quality import EPS
 
 
 @dataclass(frozen=True)
@@ -13,29 +15,36 @@ class Decision:
     reason: str
 
 
+def example_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example log-loss of class probabilities (n, C) at class indices (n,)."""
+    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], EPS, 1.0))
+
+
 def prior_probabilities(train_labels: np.ndarray, n_classes: int, n_rows: int) -> np.ndarray:
     """The label-prior baseline: every row gets the training labels' class frequencies (add-one smoothed)."""
     counts = np.bincount(train_labels, minlength=n_classes).astype(np.float64) + 1.0
     return np.tile(counts / counts.sum(), (n_rows, 1))
 
 
-def decide(candidate: dict[str, float], champion: dict[str, float], prior: dict[str, float],
-           min_relative_gain: float) -> Decision:
-    """Promote only when, on the same holdout, the candidate's log-loss beats both the champion's and the
-    label-prior baseline's by `min_relative_gain`.
+def decide(candidate: np.ndarray, champion: np.ndarray, prior: np.ndarray, min_relative_gain: float,
+           z: float = 2.0) -> Decision:
+    """Promote only when, on the same holdout, the candidate beats both the champion and the label-prior
+    baseline: its mean log-loss must be lower by `min_relative_gain` of theirs, and the paired gain must
+    exceed `z` standard errors, so a holdout's noise cannot promote a candidate.
 
-    The prior test is what stops a candidate that learned nothing but the target's base rates (say, from
-    shuffled labels) from replacing a champion that is badly calibrated for the target.
+    The prior test keeps a candidate that learned only base rates (say, from shuffled labels) from
+    replacing a champion that is badly calibrated for the target.
     """
-    new = candidate.get("log_loss", math.nan)
-    if not math.isfinite(new):
+    if len(candidate) == 0 or not np.all(np.isfinite(candidate)):
         return Decision(False, "candidate log-loss is not finite")
-    for name, scores in (("label prior", prior), ("champion", champion)):
-        old = scores.get("log_loss", math.nan)
-        if not math.isfinite(old):
-            continue
-        bar = old * (1.0 - min_relative_gain)
-        if not new < bar:
-            return Decision(False, f"log-loss {new:.4f} does not beat the {name}'s {old:.4f} by {min_relative_gain:.1%}")
-    return Decision(True, f"log-loss {new:.4f} beats champion {champion.get('log_loss', math.nan):.4f} and "
-                          f"label prior {prior.get('log_loss', math.nan):.4f} by {min_relative_gain:.1%}")
+    reasons = []
+    for name, other in (("label prior", prior), ("champion", champion)):
+        gain = other - candidate
+        needed = min_relative_gain * float(np.mean(other))
+        standard_error = float(np.std(gain, ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else math.inf
+        mean_gain = float(np.mean(gain))
+        if not (mean_gain > needed and mean_gain > z * standard_error):
+            return Decision(False, f"log-loss gain over the {name} {mean_gain:+.4f} (needs > {needed:.4f} and "
+                                   f"> {z:g} x SE {standard_error:.4f}; candidate {np.mean(candidate):.4f})")
+        reasons.append(f"{name} by {mean_gain:.4f} (SE {standard_error:.4f})")
+    return Decision(True, f"log-loss {np.mean(candidate):.4f} beats the " + " and the ".join(reasons))

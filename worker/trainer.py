@@ -22,7 +22,7 @@ from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
 from worker.model import ModelMeta
-from worker.promotion import decide, prior_probabilities
+from worker.promotion import decide, example_losses, prior_probabilities
 from worker.quality import scores
 from worker.registry import Registry, encode_weights
 from worker.settings import Settings
@@ -147,11 +147,14 @@ class Trainer:
             log.error("fine-tune failed: %s", error)
             self._metrics.finetune_runs.labels("failed").inc()
             return None
-        candidate_scores = self._score(candidate_weights, features[held], labels[held])
-        champion_scores = self._score(champion_weights, features[held], labels[held])
-        prior = prior_probabilities(labels[train], len(self._meta.classes), holdout)
-        prior_scores = _finite(scores(self._meta.task, prior, labels[held]))
-        decision = decide(candidate_scores, champion_scores, prior_scores, self._t.promotion_margin)
+        held_x, held_y = features[held], labels[held]
+        candidate_p = self._probabilities(candidate_weights, held_x)
+        champion_p = self._probabilities(champion_weights, held_x)
+        prior_p = prior_probabilities(labels[train], len(self._meta.classes), holdout)
+        decision = decide(example_losses(candidate_p, held_y), example_losses(champion_p, held_y),
+                          example_losses(prior_p, held_y), self._t.promotion_margin)
+        candidate_scores, champion_scores, prior_scores = (
+            _finite(scores(self._meta.task, p, held_y)) for p in (candidate_p, champion_p, prior_p))
         artifact = encode_weights(candidate_weights)
         version = f"v{self._registry.next_version_number()}"
         trained_on = TrainedOn(examples=len(examples) - holdout, event_time_from=_utc(ts_s[0]),
@@ -186,11 +189,11 @@ class Trainer:
         cutoff = now_watermark - (self._meta.horizon_days or 0.0) * 86400.0
         return [e for e in examples if e.ts_s <= cutoff]
 
-    def _score(self, weights: list[np.ndarray], features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    def _probabilities(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
+        """Class probabilities (n, C) of a model with these weights (binary: columns P(0), P(1))."""
         self._scratch.set_weights(weights)
         raw = self._scratch.predict(features, batch_size=4096, verbose=0)
-        probabilities = np.concatenate([1 - raw, raw], axis=1) if self._meta.task == "repurchase" else raw
-        return _finite(scores(self._meta.task, probabilities, labels))
+        return np.concatenate([1 - raw, raw], axis=1) if self._meta.task == "repurchase" else raw
 
     def _expire_windows(self) -> None:
         now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)

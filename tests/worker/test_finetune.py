@@ -6,8 +6,7 @@ import pytest
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
 from worker.model import load_checkpoint
 from worker.pretrain import build_examples, category_spec, read_events
-from worker.promotion import decide, prior_probabilities
-from worker.quality import scores
+from worker.promotion import decide, example_losses, prior_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +76,9 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected_by_the_gate(setup):
 
     def score(weights):
         scratch.set_weights(weights)
-        return scores(meta.task, scratch.predict(held_x, verbose=0), held_y)
+        return example_losses(scratch.predict(held_x, verbose=0), held_y)
 
-    prior = scores(meta.task, prior_probabilities(shuffled, len(meta.classes), len(held_y)), held_y)
+    prior = example_losses(prior_probabilities(shuffled, len(meta.classes), len(held_y)), held_y)
     champion = run(model, examples.features[:split], examples.labels[:split])  # an adapted model serving now
     assert decide(score(champion), score(model.get_weights()), prior, 0.01).promote  # the gate is not merely closed
     assert not decide(score(candidate), score(champion), prior, 0.01).promote
