@@ -18,6 +18,7 @@ from worker.features import FeatureSpec, UserState, advance, encode
 from worker.labels import BINARY_CLASSES, Task, repurchase_label
 from worker.model import ModelMeta, build_model, save_checkpoint
 from worker.parsing import Rejection, parse_event
+from worker.quality import scores
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,6 @@ def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, h
     return Examples(features[keep], labels[keep], ts_s[keep])
 
 
-def evaluate(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and log-loss (natural log) of class probabilities (n, C) against class indices."""
-    eps = 1e-7
-    picked = np.clip(probabilities[np.arange(len(labels)), labels], eps, 1.0)
-    return {"accuracy": float(np.mean(np.argmax(probabilities, axis=1) == labels)),
-            "log_loss": float(-np.mean(np.log(picked))), "examples": float(len(labels))}
-
-
 def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, epochs: int = 12,
              seed: int = 0) -> tuple[ModelMeta, dict[str, float]]:
     """Train and save the source checkpoint; returns its metadata and validation metrics."""
@@ -126,7 +119,8 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
               callbacks=[tf.keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)])
     raw = model.predict(val_x, batch_size=4096, verbose=0)
     probabilities = np.concatenate([1 - raw, raw], axis=1) if binary else raw
-    metrics = evaluate(probabilities, val_y)
+    metrics = {k: v for k, v in scores(task, probabilities, val_y).items() if np.isfinite(v)}
+    metrics["examples"] = float(len(val_y))
     meta = save_checkpoint(model, out, task=task, classes=classes, feature_spec=spec,
                            horizon_days=horizon_days if binary else None,
                            extra={"trained_on": {"events_file": events_path.name, "events": len(events),

@@ -56,10 +56,6 @@ class ServingLoop:
         self.last_poll_ok_monotonic: float | None = None
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
-    @property
-    def model(self) -> ServingModel:
-        return self._model
-
     def run(self, stop: threading.Event) -> None:
         """Poll and handle batches until `stop` is set; each batch is committed before the next poll."""
         timeout_ms = self._settings.kafka.poll_timeout_ms
