@@ -55,8 +55,11 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
             swaps = worker.metric("streamadapt_model_swaps_total")
             assert worker.stop() == 0
         predictions = [Prediction.model_validate_json(r.value) for r in records]
+        before = [p for p in predictions if position[p.event_id] < drift_at]
         after = [p for p in predictions if position[p.event_id] >= drift_at + settle]
         quality[mode] = score_predictions(after, labels, "next_category")["accuracy"]
+        print(f"{mode}: accuracy before drift {score_predictions(before, labels, 'next_category')['accuracy']:.4f}, "
+              f"from {settle} events after drift {quality[mode]:.4f}")
         if mode == "adapted":
             assert swaps >= 1, "the adapted run never swapped in a fine-tuned model"
     print(f"accuracy after drift: static {quality['static']:.4f}, adapted {quality['adapted']:.4f}")
