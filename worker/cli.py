@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("version", nargs="?", help="the version to show or roll back to")
     _add_settings_flags(models, {None, "kafka", "redis"})
 
+    bench = commands.add_parser("bench", help="benchmarks (throughput: the worker's drain rate against bare kafka-python)")
+    bench.add_argument("which", choices=("throughput",))
+    bench.add_argument("--events", type=int, default=100_000, help="backlog size")
+    bench.add_argument("--source-checkpoint", type=Path, default=None, help="model to serve (default: pretrain a small one)")
+    bench.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    _add_settings_flags(bench, {"kafka", "redis"})
+
     watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
     watch.add_argument("--metrics-url", default="http://127.0.0.1:9400/metrics")
     watch.add_argument("--until-consumed", type=int, default=None, help="stop once this many records are consumed")
@@ -80,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO level narrates every connection
+    from kafka.errors import KafkaError
+    from redis import RedisError
+
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -87,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ValueError, OSError, RuntimeError) as error:
         print(f"streamadapt {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, SettingsError) else 1
+    except KafkaError as error:
+        print(f"streamadapt {args.command}: error: Kafka: {error} (is STREAMADAPT_KAFKA_BOOTSTRAP right?)", file=sys.stderr)
+        return 1
+    except RedisError as error:
+        print(f"streamadapt {args.command}: error: Redis: {error} (is STREAMADAPT_REDIS_URL right?)", file=sys.stderr)
+        return 1
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict:
@@ -128,6 +144,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise SettingsError(f"models {args.action} needs a VERSION")
         settings = load_settings(_settings_overrides(args))
         print(models_command(settings, args.action, args.version))
+    elif args.command == "bench":
+        from worker.bench_throughput import run_throughput_bench
+
+        if args.events < 100:
+            raise SettingsError("--events must be at least 100")
+        settings = load_settings(_settings_overrides(args))
+        run_throughput_bench(settings, args.events, args.source_checkpoint, args.out)
     elif args.command == "watch":
         from worker.watch import watch
 

@@ -26,6 +26,18 @@ def test_bad_flags_and_values_stop_with_one_line(args, fragment):
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
 
 
+def test_unreachable_broker_is_one_line(tmp_path):
+    import os
+
+    events = tmp_path / "e.jsonl"
+    events.write_text('{"event_id": "e"}\n')
+    env = {**os.environ, "STREAMADAPT_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    result = subprocess.run([sys.executable, "-m", "worker.cli", "replay", "--events", str(events)], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: Kafka:" in result.stderr and "STREAMADAPT_KAFKA_BOOTSTRAP" in result.stderr
+
+
 def test_unknown_environment_variable_stops_start_up(monkeypatch):
     import os
 

@@ -1,0 +1,24 @@
+"""The throughput benchmark runs end to end and reports what it measured (no speed is asserted here)."""
+import json
+
+import pytest
+
+from worker.bench_throughput import run_throughput_bench
+from worker.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMADAPT_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
+    monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
+    out = tmp_path / "bench.json"
+    lines = []
+    result = run_throughput_bench(load_settings(), 2000, checkpoint, out, timeout_s=180, echo=lines.append)
+    assert result["bare"]["events"] == result["worker"]["events"] == 2000
+    assert result["bare"]["events_per_s"] > 0 and result["worker"]["events_per_s"] > 0
+    assert result["ratio_worker_to_bare"] == pytest.approx(
+        result["worker"]["events_per_s"] / result["bare"]["events_per_s"])
+    assert result["worker_peak_rss_mib"] > 50
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert any(line.startswith("ratio worker / bare:") for line in lines)
