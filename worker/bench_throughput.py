@@ -89,7 +89,26 @@ def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events:
     finally:
         process.terminate()
         process.wait(timeout=60)
+        _drop_redis_keys(settings, f"bench-{run}")
     return DrainResult("streamadapt worker (--no-finetune)", int(consumed), elapsed), peak_rss_mib
+
+
+def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
+    """The benchmark's own Redis state goes when it is done (its topics expire with the broker's retention)."""
+    from worker.state import connect
+
+    client = connect(settings.redis)
+    try:
+        batch = []
+        for key in client.scan_iter(f"{key_prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
 
 
 def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | None, out: Path | None,
