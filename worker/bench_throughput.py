@@ -112,36 +112,49 @@ def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
 
 
 def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | None, out: Path | None,
-                         timeout_s: float = 900.0, echo=print) -> dict:
+                         repeat: int = 3, timeout_s: float = 900.0, echo=print) -> dict:
+    """Drain `events` with each contender, `repeat` times alternating, and report the medians."""
+    bare_runs, worker_runs, rss = [], [], []
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch:
         scratch_dir = Path(scratch)
         stream = scratch_dir / "events.jsonl"
         write_events(stream, events=events, market="target", seed=99)
         if checkpoint is None:
             checkpoint = _quick_checkpoint(scratch_dir, echo)
-        run = uuid.uuid4().hex[:8]
-        topics = {"bare": f"bench-bare-{run}", "worker": f"bench-worker-{run}"}
-        for topic in topics.values():
-            echo(f"producing a backlog of {events} events to {topic}")
-            replay(stream, settings.kafka.model_copy(update={"input_topic": topic}))
-        echo("draining with the bare kafka-python loop")
-        bare = drain_bare(settings.kafka, topics["bare"], f"{topics['bare']}.out", events, timeout_s)
-        echo("draining with the streamadapt worker")
-        worker, peak_rss_mib = drain_worker(settings, checkpoint, topics["worker"], events, timeout_s,
-                                            scratch_dir / "worker.log")
+        for attempt in range(1, repeat + 1):
+            run = uuid.uuid4().hex[:8]
+            topics = {"bare": f"bench-bare-{run}", "worker": f"bench-worker-{run}"}
+            for topic in topics.values():
+                replay(stream, settings.kafka.model_copy(update={"input_topic": topic}))
+            echo(f"run {attempt}/{repeat}: backlog of {events} events produced; draining with the bare loop")
+            bare_runs.append(drain_bare(settings.kafka, topics["bare"], f"{topics['bare']}.out", events, timeout_s))
+            echo(f"run {attempt}/{repeat}: draining with the worker")
+            worker_run, peak_rss_mib = drain_worker(settings, checkpoint, topics["worker"], events, timeout_s,
+                                                    scratch_dir / "worker.log")
+            worker_runs.append(worker_run)
+            rss.append(peak_rss_mib)
+    bare, worker = _median(bare_runs), _median(worker_runs)
     ratio = worker.events_per_s / bare.events_per_s
-    result = {"events": events, "bare": {**asdict(bare), "events_per_s": bare.events_per_s},
-              "worker": {**asdict(worker), "events_per_s": worker.events_per_s},
-              "ratio_worker_to_bare": ratio, "worker_peak_rss_mib": peak_rss_mib,
+    result = {"events": events, "repeat": repeat,
+              "bare": {**asdict(bare), "events_per_s": bare.events_per_s,
+                       "runs_events_per_s": [r.events_per_s for r in bare_runs]},
+              "worker": {**asdict(worker), "events_per_s": worker.events_per_s,
+                         "runs_events_per_s": [r.events_per_s for r in worker_runs]},
+              "ratio_worker_to_bare": ratio, "worker_peak_rss_mib": max(rss),
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
-    echo(f"{'':38}{'events':>8}{'seconds':>10}{'events/s':>11}")
-    for r in (bare, worker):
-        echo(f"{r.name:38}{r.events:>8}{r.seconds:>10.2f}{r.events_per_s:>11.0f}")
-    echo(f"ratio worker / bare: {ratio:.3f}    worker peak RSS: {peak_rss_mib:.0f} MiB")
+    echo(f"{'median of ' + str(repeat) + ' runs':38}{'events':>8}{'seconds':>10}{'events/s':>11}   runs (events/s)")
+    for r, runs in ((bare, bare_runs), (worker, worker_runs)):
+        shown = " ".join(f"{x.events_per_s:.0f}" for x in runs)
+        echo(f"{r.name:38}{r.events:>8}{r.seconds:>10.2f}{r.events_per_s:>11.0f}   {shown}")
+    echo(f"ratio worker / bare: {ratio:.3f}    worker peak RSS: {max(rss):.0f} MiB")
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         echo(f"wrote {out}")
     return result
+
+
+def _median(runs: list[DrainResult]) -> DrainResult:
+    return sorted(runs, key=lambda r: r.events_per_s)[len(runs) // 2]
 
 
 def _quick_checkpoint(scratch_dir: Path, echo) -> Path:

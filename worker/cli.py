@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=("throughput",))
     bench.add_argument("--events", type=int, default=100_000, help="backlog size")
     bench.add_argument("--source-checkpoint", type=Path, default=None, help="model to serve (default: pretrain a small one)")
+    bench.add_argument("--repeat", type=int, default=3, help="runs per contender; the medians are reported")
     bench.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     _add_settings_flags(bench, {"kafka", "redis"})
 
@@ -147,10 +148,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         from worker.bench_throughput import run_throughput_bench
 
-        if args.events < 100:
-            raise SettingsError("--events must be at least 100")
+        if args.events < 100 or args.repeat < 1:
+            raise SettingsError("--events must be at least 100 and --repeat at least 1")
         settings = load_settings(_settings_overrides(args))
-        run_throughput_bench(settings, args.events, args.source_checkpoint, args.out)
+        run_throughput_bench(settings, args.events, args.source_checkpoint, args.out, repeat=args.repeat)
     elif args.command == "watch":
         from worker.watch import watch
 
