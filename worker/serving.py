@@ -28,7 +28,7 @@ from worker.state import EventClaim, StateStore, StateWrites
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 60.0
-LAG_REFRESH_S = 5.0
+GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ServingLoop:
     def run(self, stop: threading.Event) -> None:
         """Poll and handle batches until `stop` is set; each batch is committed before the next poll."""
         timeout_ms = self._settings.kafka.poll_timeout_ms
-        next_lag_at = next_progress_at = time.monotonic()
+        next_gauges_at = next_progress_at = time.monotonic()
         progress = _Progress(self._metrics)
         while not stop.is_set():
             self._maybe_swap()
@@ -70,9 +70,10 @@ class ServingLoop:
             if records:
                 self.handle(records)
             now = time.monotonic()
-            if now >= next_lag_at:
+            if now >= next_gauges_at:
                 self._refresh_lag()
-                next_lag_at = now + LAG_REFRESH_S
+                self._refresh_quality()
+                next_gauges_at = now + GAUGE_REFRESH_S
             if now >= next_progress_at:
                 progress.log(now)
                 next_progress_at = now + self._settings.progress_interval_s
@@ -159,6 +160,9 @@ class ServingLoop:
         if writes.drift_alarm:
             self._metrics.drift_alarms.inc()
             log.warning("drift detector alarmed on the live loss stream")
+
+    def _refresh_quality(self) -> None:
+        """Export rolling quality per tracked version; drop the series of versions no longer tracked."""
         exported = set()
         for version, measures in self._quality.snapshot().items():
             for measure, value in measures.items():
