@@ -133,6 +133,14 @@ def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
     return model, meta
 
 
+def class_probabilities(raw: np.ndarray, task: Task) -> np.ndarray:
+    """A model's output as class probabilities (n, n_classes): binary tasks get columns (P(0), P(1))."""
+    if task == "repurchase":
+        p = raw[:, 0]
+        return np.stack([1.0 - p, p], axis=1)
+    return raw
+
+
 class ServingModel:
     """A loaded model wrapped in one compiled, fixed-signature inference function."""
 
@@ -170,8 +178,4 @@ class ServingModel:
         """Probabilities for a batch: shape (n, n_classes); binary tasks get columns (P(0), P(1))."""
         if features.shape[0] == 0:
             return np.zeros((0, len(self.meta.classes)), dtype=np.float32)
-        out = self._infer(np.asarray(features, dtype=np.float32)).numpy()
-        if self.meta.task == "repurchase":
-            p = out[:, 0]
-            return np.stack([1.0 - p, p], axis=1)
-        return out
+        return class_probabilities(self._infer(np.asarray(features, dtype=np.float32)).numpy(), self.meta.task)

@@ -16,7 +16,7 @@ import numpy as np
 from schemas import PurchaseEvent
 from worker.features import FeatureSpec, UserState, advance, encode
 from worker.labels import BINARY_CLASSES, Task, repurchase_label
-from worker.model import ModelMeta, build_model, save_checkpoint
+from worker.model import ModelMeta, build_model, class_probabilities, save_checkpoint
 from worker.parsing import Rejection, parse_event
 from worker.quality import scores
 
@@ -117,8 +117,7 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
     model.fit(train_x, train_y.astype("float32") if binary else train_y, batch_size=256, epochs=epochs,
               validation_data=(val_x, val_y.astype("float32") if binary else val_y), shuffle=True, verbose=0,
               callbacks=[tf.keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)])
-    raw = model.predict(val_x, batch_size=4096, verbose=0)
-    probabilities = np.concatenate([1 - raw, raw], axis=1) if binary else raw
+    probabilities = class_probabilities(model.predict(val_x, batch_size=4096, verbose=0), task)
     metrics = {k: v for k, v in scores(task, probabilities, val_y).items() if np.isfinite(v)}
     metrics["examples"] = float(len(val_y))
     meta = save_checkpoint(model, out, task=task, classes=classes, feature_spec=spec,

@@ -21,7 +21,7 @@ from worker.examples import expired_windows, recency_weights
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
-from worker.model import ModelMeta
+from worker.model import ModelMeta, class_probabilities
 from worker.promotion import decide, example_losses, prior_probabilities
 from worker.quality import scores
 from worker.registry import Registry, encode_weights
@@ -192,8 +192,7 @@ class Trainer:
     def _probabilities(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
         """Class probabilities (n, C) of a model with these weights (binary: columns P(0), P(1))."""
         self._scratch.set_weights(weights)
-        raw = self._scratch.predict(features, batch_size=4096, verbose=0)
-        return np.concatenate([1 - raw, raw], axis=1) if self._meta.task == "repurchase" else raw
+        return class_probabilities(self._scratch.predict(features, batch_size=4096, verbose=0), self._meta.task)
 
     def _expire_windows(self) -> None:
         now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
