@@ -2,8 +2,9 @@
 
 A background thread listens on the model-versions topic (every replica reads every message) and also
 checks the registry's champion pointer every few seconds, so a missed message or a rollback is caught
-up. It fetches and verifies the artifact off the serving thread; the serving loop only calls take()
-between batches and assigns the weights (set_weights into the built model: no retrace).
+up. It fetches the artifact and verifies its sha256 off the serving thread; the serving loop calls take()
+between batches and swaps the weights in (ServingModel.swap refuses other shapes; set_weights into the
+built model: no retrace).
 """
 from __future__ import annotations
 
@@ -23,13 +24,11 @@ CHAMPION_CHECK_S = 5.0
 
 
 class ModelFollower:
-    def __init__(self, kafka: KafkaSettings, registry: Registry, current_version: str, metrics: WorkerMetrics,
-                 weight_shapes: list[tuple[int, ...]]):
+    def __init__(self, kafka: KafkaSettings, registry: Registry, current_version: str, metrics: WorkerMetrics):
         self._kafka = kafka
         self._registry = registry
         self._target = current_version
         self._metrics = metrics
-        self._shapes = weight_shapes
         self._refused: set[str] = set()
         self._ready: tuple[str, list] | None = None
         self._lock = threading.Lock()
@@ -89,9 +88,7 @@ class ModelFollower:
         try:
             if record is None:
                 raise ArtifactError(f"champion {champion} has no registry record")
-            weights = self._registry.weights(record)
-            if [tuple(w.shape) for w in weights] != self._shapes:
-                raise ArtifactError(f"{champion} does not fit the serving architecture")
+            weights = self._registry.weights(record)  # checks the sha256; ServingModel.swap checks the shapes
         except ArtifactError as error:
             self._refused.add(champion)
             self._metrics.swaps_refused.inc()

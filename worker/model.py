@@ -163,10 +163,6 @@ class ServingModel:
         """The underlying Keras model (for the trainer, which clones it)."""
         return self._model
 
-    @property
-    def weight_shapes(self) -> list[tuple[int, ...]]:
-        return list(self._shapes)
-
     def swap(self, weights: list[np.ndarray], version: str) -> None:
         """Serve `weights` from now on. Assigns into the built model, so the compiled function is kept."""
         if [tuple(w.shape) for w in weights] != self._shapes:

@@ -77,8 +77,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}") from error
         follower = None
         if not settings.no_finetune:
-            follower = stack.enter_context(ModelFollower(k, registry, model.version, metrics,
-                                                         model.weight_shapes))
+            follower = stack.enter_context(ModelFollower(k, registry, model.version, metrics))
             if settings.role == "all":
                 stack.enter_context(_trainer_child(settings, server.port, stop))
         else:
