@@ -6,7 +6,10 @@ import time
 from concurrent.futures import Future
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError, IllegalGenerationError, KafkaTimeoutError, RebalanceInProgressError, TopicAlreadyExistsError,
+    UnknownMemberIdError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from worker.settings import KafkaSettings
@@ -79,9 +82,22 @@ def wait_acknowledged(futures: list[Future], timeout_s: float) -> None:
         future.get(timeout=timeout_s)
 
 
-def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> None:
-    """Commit `next_offsets` (the offset of the next record to read, per partition)."""
-    consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
+# The group changed under the consumer (a replica joined or left): the commit is refused, not failed.
+GROUP_CHANGED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
+
+
+def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> bool:
+    """Commit `next_offsets` (the offset of the next record to read, per partition).
+
+    Returns False when the group rebalanced under us: the partitions' new owner then reads these records
+    again, and since outputs are idempotent by event_id it re-emits the same ones. Other errors raise.
+    """
+    try:
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
+    except GROUP_CHANGED as error:
+        log.warning("offset commit refused during a rebalance, the records will be replayed: %s", error)
+        return False
+    return True
 
 
 def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:

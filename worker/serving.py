@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError
 
 from worker import kafka_io
 from worker.examples import Example
@@ -205,11 +204,7 @@ class ServingLoop:
             if source_ms is not None and source_ms >= 0:
                 self._metrics.latency.observe(max(0.0, acked_ms - source_ms) / 1000.0)
         offsets = {TopicPartition(topic, partition): offset for (topic, partition), offset in next_offsets(records).items()}
-        try:
-            kafka_io.commit(self._consumer, offsets)
-        except CommitFailedError as error:
-            # The group rebalanced under us; the new owner replays these records and re-emits the same outputs.
-            log.warning("offset commit refused after a rebalance, records will be replayed: %s", error)
+        kafka_io.commit(self._consumer, offsets)
 
     def _refresh_lag(self) -> None:
         try:
