@@ -121,8 +121,9 @@ class Trainer:
         """One fine-tune run; returns its model version, or None when it was skipped or failed."""
         started = time.monotonic()
         self._last_run, self._last_examples = started, self._store.examples_total()
-        self._expire_windows()
-        examples = self._resolved_period(self._store.recent_examples(self._t.max_examples))
+        now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
+        self._expire_windows(now_watermark)
+        examples = self._resolved_period(self._store.recent_examples(self._t.max_examples), now_watermark)
         if len(examples) < self._t.min_examples:
             log.info("fine-tune skipped (%s): %d examples < %d", reason, len(examples), self._t.min_examples)
             self._metrics.finetune_runs.labels("skipped").inc()
@@ -177,13 +178,12 @@ class Trainer:
         log.info("%s %s: %s", version, outcome, decision.reason)
         return record
 
-    def _resolved_period(self, examples: list) -> list:
+    def _resolved_period(self, examples: list, now_watermark: float | None) -> list:
         """Repurchase labels resolve late for negatives (at the deadline) and early for positives, so the
         newest examples over-represent positives. Train and judge only on event time the watermark has
         left fully resolved: older than watermark - horizon."""
         if self._meta.task != "repurchase" or not examples:
             return examples
-        now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
         if now_watermark is None:
             return []
         cutoff = now_watermark - (self._meta.horizon_days or 0.0) * 86400.0
@@ -194,8 +194,7 @@ class Trainer:
         self._scratch.set_weights(weights)
         return class_probabilities(self._scratch.predict(features, batch_size=4096, verbose=0), self._meta.task)
 
-    def _expire_windows(self) -> None:
-        now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
+    def _expire_windows(self, now_watermark: float | None) -> None:
         sizes = self._store.window_sizes()
         if now_watermark is not None:
             old = expired_windows(list(sizes), now_watermark, self._t.window_s, self._t.window_max_age_s)
