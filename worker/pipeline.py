@@ -11,7 +11,7 @@ import numpy as np
 
 from schemas import ClassProbability, DeadLetter, Prediction, PurchaseEvent
 from worker.examples import Example
-from worker.features import FeatureSpec, UserState, advance, encode
+from worker.features import UserState, advance, encode
 from worker.labels import resolve_on_purchase
 from worker.model import ModelMeta
 from worker.parsing import Rejection
@@ -51,8 +51,7 @@ class BatchPlan:
 
 
 def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim],
-               states: dict[str, UserState], spec: FeatureSpec, pendings: dict[str, Example] | None = None,
-               meta: ModelMeta | None = None) -> BatchPlan:
+               states: dict[str, UserState], pendings: dict[str, Example], meta: ModelMeta) -> BatchPlan:
     """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
 
     - replay: Redis says this very record (same topic/partition/offset) was already predicted, so its
@@ -62,7 +61,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
       resolves the label of the user's previous prediction (stored in `pendings`, or earlier in this batch).
     Events of one user are handled in arrival order, so the result does not depend on batch boundaries.
     """
-    pendings = pendings or {}
+    spec = meta.feature_spec
     plan = BatchPlan()
     features = np.zeros((len(valid), spec.n_features), dtype=np.float32)
     claimed_here: set[str] = set()
@@ -79,15 +78,14 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
             index = len(plan.fresh)
             encode(state, event, spec, out=features[index])
             plan.states[user] = advance(state, event)
-            if meta is not None:
-                previous = plan.last_fresh_of_user.get(user)
-                source: Example | int | None = previous if previous is not None else pendings.get(user)
-                if source is not None:
-                    source_ts_s = plan.fresh[source][1].ts.timestamp() if isinstance(source, int) else source.ts_s
-                    label = resolve_on_purchase(meta.task, source_ts_s, event.ts.timestamp(),
-                                                spec.index_of(event.category), meta.horizon_days)
-                    plan.resolutions.append((source, label))
-                plan.last_fresh_of_user[user] = index
+            previous = plan.last_fresh_of_user.get(user)
+            source: Example | int | None = previous if previous is not None else pendings.get(user)
+            if source is not None:
+                source_ts_s = plan.fresh[source][1].ts.timestamp() if isinstance(source, int) else source.ts_s
+                label = resolve_on_purchase(meta.task, source_ts_s, event.ts.timestamp(),
+                                            spec.index_of(event.category), meta.horizon_days)
+                plan.resolutions.append((source, label))
+            plan.last_fresh_of_user[user] = index
             plan.fresh.append((record, event))
             claimed_here.add(event.event_id)
     plan.features = features[: len(plan.fresh)]

@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from worker import kafka_io
-from worker.examples import Example
 from worker.hotswap import ModelFollower
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
@@ -106,7 +105,7 @@ class ServingLoop:
                 valid.append((record, parsed))
         claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}))
         model, meta = self._model, self._model.meta
-        plan = plan_batch(valid, claims, states, meta.feature_spec, pendings, meta)
+        plan = plan_batch(valid, claims, states, pendings, meta)
         probabilities = model.predict_many(plan.features)
         predictions = make_predictions(plan.fresh, probabilities, meta, model.version, now)
         writes = StateWrites(states=plan.states)
@@ -149,7 +148,6 @@ class ServingLoop:
 
     def _score(self, writes: StateWrites) -> None:
         """Prequential quality: each resolved example scored with what was served for it."""
-        example: Example
         for example in writes.examples:
             if self._quality.observe(example.model_version, example.probabilities, example.label):
                 writes.drift_alarm = True
@@ -190,7 +188,8 @@ class ServingLoop:
 
     def _commit(self, records: list[InputRecord], outbox: Outbox) -> None:
         """The commit step, in this order:
-        1. Redis: new event claims and user states in one MULTI/EXEC;
+        1. Redis: everything the batch changed (event claims, user states, pending predictions, labelled
+           examples, deadlines, event-time progress) in one MULTI/EXEC;
         2. Kafka: produce predictions and dead letters, flush, and check every acknowledgement;
         3. Kafka: commit the offsets after the batch.
         A crash between steps replays the batch: claims make the replay emit the same predictions.

@@ -16,6 +16,8 @@ from worker.state import EventClaim
 
 SPEC = FeatureSpec(("books", "music"))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+META = ModelMeta(task="next_category", classes=("books", "music", "<other>"), feature_spec=SPEC,
+                 horizon_days=None, sha256="ab" * 32, extra={})
 
 
 def rec(offset, partition=0, value=b"{}"):
@@ -29,7 +31,7 @@ def ev(event_id, user="u1", category="books", hours=0):
 
 def test_fresh_events_chain_each_users_state_in_order():
     valid = [(rec(0), ev("a", hours=0)), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="music", hours=2))]
-    plan = plan_batch(valid, {}, {}, SPEC)
+    plan = plan_batch(valid, {}, {}, {}, META)
     assert [e.event_id for _, e in plan.fresh] == ["a", "b", "c"]
     after_a = advance(UserState(), valid[0][1])
     np.testing.assert_array_equal(plan.features[2], encode(after_a, valid[2][1], SPEC))
@@ -38,9 +40,9 @@ def test_fresh_events_chain_each_users_state_in_order():
 
 def test_result_does_not_depend_on_batch_boundaries():
     valid = [(rec(i), ev(f"e{i}", user=f"u{i % 3}", hours=i)) for i in range(12)]
-    whole = plan_batch(valid, {}, {}, SPEC)
-    first = plan_batch(valid[:5], {}, {}, SPEC)
-    second = plan_batch(valid[5:], {}, first.states, SPEC)
+    whole = plan_batch(valid, {}, {}, {}, META)
+    first = plan_batch(valid[:5], {}, {}, {}, META)
+    second = plan_batch(valid[5:], {}, first.states, {}, META)
     np.testing.assert_array_equal(whole.features, np.vstack([first.features, second.features]))
     assert {**first.states, **second.states} == whole.states
 
@@ -48,7 +50,7 @@ def test_result_does_not_depend_on_batch_boundaries():
 def test_duplicates_in_batch_and_in_redis_are_dropped():
     claims = {"old": EventClaim("purchases/0/99", b"{}")}
     valid = [(rec(0), ev("a")), (rec(1), ev("a")), (rec(2), ev("old"))]
-    plan = plan_batch(valid, claims, {}, SPEC)
+    plan = plan_batch(valid, claims, {}, {}, META)
     assert [e.event_id for _, e in plan.fresh] == ["a"]
     assert [(r.offset, e.event_id) for r, e in plan.duplicates] == [(1, "a"), (2, "old")]
 
@@ -56,13 +58,11 @@ def test_duplicates_in_batch_and_in_redis_are_dropped():
 def test_replayed_record_re_emits_its_stored_prediction_without_touching_state():
     stored = b'{"event_id":"a","stored":true}'
     state = UserState(purchases=3)
-    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim("purchases/0/7", stored)}, {"u1": state}, SPEC)
+    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim("purchases/0/7", stored)}, {"u1": state}, {}, META)
     assert plan.replays == [(rec(7), stored)] and plan.fresh == [] and plan.states == {}
     assert plan.features.shape == (0, SPEC.n_features)
 
 
-META = ModelMeta(task="next_category", classes=("books", "music", "<other>"), feature_spec=SPEC,
-                 horizon_days=None, sha256="ab" * 32, extra={})
 
 
 def test_multiclass_predictions_carry_top_classes():
@@ -102,7 +102,7 @@ REPURCHASE = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC,
 def test_each_purchase_resolves_the_users_previous_prediction():
     stored = Example("old", T0.timestamp() - 3600, "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.5, 0.5, 0.0]))
     valid = [(rec(0), ev("a", category="music")), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="books", hours=1))]
-    plan = plan_batch(valid, {}, {}, SPEC, {"u1": stored}, META)
+    plan = plan_batch(valid, {}, {}, {"u1": stored}, META)
     probabilities = np.full((3, 3), 1 / 3, dtype=np.float32)
     served = served_examples(plan, probabilities, "v1")
     resolved = resolved_examples(plan, served)
@@ -114,14 +114,14 @@ def test_each_purchase_resolves_the_users_previous_prediction():
 @pytest.mark.parametrize("gap_hours, label", [(24, 1), (24 * 8, 0)])
 def test_repurchase_resolution_on_purchase(gap_hours, label):
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
-    plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, SPEC, {"u1": pending}, REPURCHASE)
+    plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, {"u1": pending}, REPURCHASE)
     assert plan.resolutions == [(pending, label)]
 
 
 def test_replays_and_duplicates_resolve_nothing():
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
     claims = {"a": EventClaim("purchases/0/0", b"{}"), "b": EventClaim("purchases/0/99", b"{}")}
-    plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, SPEC, {"u1": pending}, REPURCHASE)
+    plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, {"u1": pending}, REPURCHASE)
     assert plan.resolutions == [] and plan.last_fresh_of_user == {}
 
 
