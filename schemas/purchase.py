@@ -1,10 +1,10 @@
 """The input event on the `purchases` topic (see DESIGN.md, "Input event")."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
@@ -13,14 +13,27 @@ MAX_QUANTITY = 2**31 - 1  # keeps every derived float finite; no real basket com
 Identifier = Annotated[str, Field(strict=True, min_length=1, max_length=128)]
 
 
-class PurchaseEvent(BaseModel):
-    """One purchase. Validate with `PurchaseEvent.model_validate_json(raw, context=ValidationContext)`.
+class _EpochSeconds:
+    """`event.ts_s`: the event time in epoch seconds, computed once per `ts` object and then remembered.
 
-    The validation context may carry `now` (aware datetime) and `max_future_skew_s`; an event whose `ts`
-    lies further than that ahead of `now` is rejected as `future_timestamp`.
+    The memo is keyed by the `ts` object itself, so a copy made with a new `ts` never reads a stale
+    value. (functools.cached_property would do, but on Python 3.11 it takes a lock on every first read.)
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    def __get__(self, event: PurchaseEvent | None, owner: type | None = None) -> float:
+        if event is None:
+            return self  # type: ignore[return-value]
+        memo = event.__dict__.get("_ts_s_memo")
+        if memo is None or memo[0] is not event.ts:
+            memo = event.__dict__["_ts_s_memo"] = (event.ts, event.ts.timestamp())
+        return memo[1]
+
+
+class PurchaseEvent(BaseModel):
+    """One purchase. The worker validates with `worker.parsing.parse_event`, which also refuses events
+    too far ahead of its clock (a rule about the worker's clock, not about the payload alone)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, ignored_types=(_EpochSeconds,))
 
     event_id: Identifier
     user_id: Identifier
@@ -34,6 +47,8 @@ class PurchaseEvent(BaseModel):
     channel: Annotated[str, Field(strict=True)] | None = None
     session_id: Annotated[str, Field(strict=True)] | None = None
     schema_version: Annotated[int, Field(strict=True)] = 1
+
+    ts_s = _EpochSeconds()  # ts in epoch seconds, read several times per event by the serving path
 
     @field_validator("category", "currency", mode="before")
     @classmethod
@@ -60,17 +75,3 @@ class PurchaseEvent(BaseModel):
                 {"version": value, "supported": sorted(SUPPORTED_SCHEMA_VERSIONS)},
             )
         return value
-
-    @model_validator(mode="after")
-    def _not_from_the_future(self, info: ValidationInfo) -> PurchaseEvent:
-        context = info.context or {}
-        now: datetime | None = context.get("now")
-        if now is not None:
-            skew = timedelta(seconds=context.get("max_future_skew_s", 3600))
-            if self.ts > now + skew:
-                raise PydanticCustomError(
-                    "future_timestamp",
-                    "ts {ts} is more than {skew_s} s ahead of the worker's clock",
-                    {"ts": self.ts.isoformat(), "skew_s": int(skew.total_seconds())},
-                )
-        return self

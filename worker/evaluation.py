@@ -18,7 +18,7 @@ from worker.quality import scores
 def stream_labels(events: Iterable[PurchaseEvent], task: Task, horizon_days: float = 7.0) -> dict[str, str]:
     """event_id -> label (category name, or "0"/"1"), for events whose label resolves within the file."""
     ordered = sorted(events, key=lambda e: e.ts)
-    watermark_s = ordered[-1].ts.timestamp() if ordered else 0.0
+    watermark_s = ordered[-1].ts_s if ordered else 0.0
     by_user: dict[str, list[PurchaseEvent]] = defaultdict(list)
     for event in ordered:
         by_user[event.user_id].append(event)
@@ -29,7 +29,7 @@ def stream_labels(events: Iterable[PurchaseEvent], task: Task, horizon_days: flo
                 if following is not None:
                     labels[event.event_id] = following.category
             else:
-                label = repurchase_label(event.ts.timestamp(), following.ts.timestamp() if following else None,
+                label = repurchase_label(event.ts_s, following.ts_s if following else None,
                                          watermark_s, horizon_days)
                 if label is not None:
                     labels[event.event_id] = label

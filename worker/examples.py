@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from json.encoder import encode_basestring as _json_string  # the C encoder when available
 from typing import NamedTuple
 
 import numpy as np
@@ -28,13 +29,13 @@ class Example(NamedTuple):
     label: int = -1
 
     def with_label(self, label: int) -> Example:
-        return self._replace(label=label)
+        return Example(self.event_id, self.ts_s, self.model_version, self.features, self.probabilities, label)
 
     def encode(self) -> bytes:
         """A JSON header line (ids, time, label, sizes) then the float32 features and probabilities."""
-        header = json.dumps([self.event_id, self.ts_s, self.model_version, self.label,
-                             len(self.features), len(self.probabilities)], separators=(",", ":")).encode()
-        return b"".join((header, b"\n", np.asarray(self.features, np.float32).tobytes(),
+        header = (f"[{_json_string(self.event_id)},{self.ts_s!r},{_json_string(self.model_version)},{self.label},"
+                  f"{len(self.features)},{len(self.probabilities)}]\n").encode()
+        return b"".join((header, np.asarray(self.features, np.float32).tobytes(),
                          np.asarray(self.probabilities, np.float32).tobytes()))
 
     @classmethod

@@ -1,13 +1,16 @@
 """Per-user state and the feature vector: one code path for pretraining and serving.
 
-A user's state is a small, bounded summary of their past purchases. `encode(state, event, spec)`
-gives the features of `event` as seen *before* it is folded into the state; `advance(state, event)`
-folds it in. Both are pure.
+A user's state is a small, bounded summary of their past purchases. `encode([(state, event), ...], spec)`
+gives the features of each event as seen *before* it is folded into its user's state; `advance(state,
+event)` folds it in. Both are pure.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 from datetime import datetime
 
 import numpy as np
@@ -20,6 +23,7 @@ MAX_TRACKED_CATEGORIES = 24  # a user's category memory is bounded whatever cate
 OTHER = "<other>"
 _SECONDS_PER_HOUR = 3600.0
 _SECONDS_PER_DAY = 86400.0
+_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
 NUMERIC_FEATURES = (
     "log_price", "log_quantity", "log_price_vs_user_mean", "log_hours_since_last", "is_first_purchase",
@@ -62,60 +66,80 @@ class FeatureSpec:
         return cls(categories=tuple(payload["categories"]))
 
 
-@dataclass(frozen=True, slots=True)
-class UserState:
-    """What the worker remembers of one user. Bounded: at most MAX_TRACKED_CATEGORIES categories."""
+class UserState(NamedTuple):
+    """What the worker remembers of one user. Bounded: at most MAX_TRACKED_CATEGORIES categories.
+
+    A NamedTuple: immutable and cheap to build, one per event on the serving path. `category_weights`
+    is never mutated once the state is built (advance makes a new dict).
+    """
 
     purchases: int = 0
     last_ts_s: float | None = None
     last_category: str | None = None
-    category_weights: dict[str, float] = field(default_factory=dict)
+    category_weights: Mapping[str, float] = MappingProxyType({})
     mean_log_price: float = 0.0
     mean_log_gap_hours: float = 0.0
 
     def to_json(self) -> list:
-        return [self.purchases, self.last_ts_s, self.last_category, self.category_weights,
+        return [self.purchases, self.last_ts_s, self.last_category, dict(self.category_weights),
                 self.mean_log_price, self.mean_log_gap_hours]
 
     @classmethod
     def from_json(cls, payload: list) -> UserState:
         purchases, last_ts_s, last_category, weights, mean_log_price, mean_log_gap_hours = payload
-        return cls(purchases, last_ts_s, last_category, dict(weights), mean_log_price, mean_log_gap_hours)
+        return cls(purchases, last_ts_s, last_category, weights, mean_log_price, mean_log_gap_hours)
 
 
-def encode(state: UserState, event: PurchaseEvent, spec: FeatureSpec, out: np.ndarray | None = None) -> np.ndarray:
-    """Features of `event` given the user's state before it. Writes into `out` (float32, n_features) if given."""
-    size = len(spec.vocabulary)
-    row = np.zeros(spec.n_features, dtype=np.float32) if out is None else out
-    if out is not None:
-        row[:] = 0.0
-    row[spec.index_of(event.category)] = 1.0
-    total = sum(state.category_weights.values())
-    if total > 0:
-        for category, weight in state.category_weights.items():
-            row[size + spec.index_of(category)] += weight / total
-    ts_s = event.ts.timestamp()
-    log_price = math.log(event.price)
-    gap_hours = 0.0 if state.last_ts_s is None else max(0.0, ts_s - state.last_ts_s) / _SECONDS_PER_HOUR
+def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec) -> np.ndarray:
+    """Features of each event given its user's state before it: float32 (len(pairs), n_features).
+
+    Vectorised over the batch; the per-event Python is limited to reading attributes.
+    """
+    n, size = len(pairs), len(spec.vocabulary)
+    out = np.zeros((n, spec.n_features), dtype=np.float32)
+    if n == 0:
+        return out
+    columns, other, width = spec._index, len(spec.categories), spec.n_features  # inlined index_of: hot loop
+    out[np.arange(n), [columns.get(event.category, other) for _, event in pairs]] = 1.0
+    cells, shares = [], []  # flat (row * width + column) positions of the user shares, and their values
+    for i, (state, _) in enumerate(pairs):
+        weights = state.category_weights
+        if weights:
+            base, scale = i * width + size, 1.0 / sum(weights.values())
+            for category, weight in weights.items():
+                cells.append(base + columns.get(category, other))
+                shares.append(weight * scale)
+    # bincount sums the shares of categories that land in one column (all unknown ones land in OTHER)
+    out += np.bincount(cells, weights=shares, minlength=out.size).reshape(out.shape).astype(np.float32)
+
+    ts_s = np.array([event.ts_s for _, event in pairs])
+    local_s = ts_s + np.array([_utc_offset_s(event.ts) for _, event in pairs])
+    price = np.array([event.price for _, event in pairs])
+    quantity = np.array([event.quantity for _, event in pairs], dtype=np.float64)
+    purchases = np.array([state.purchases for state, _ in pairs], dtype=np.float64)
+    last_ts_s = np.array([ts if (ts := state.last_ts_s) is not None else np.nan for state, _ in pairs])
+    mean_log_price = np.array([state.mean_log_price for state, _ in pairs])
+    mean_log_gap_hours = np.array([state.mean_log_gap_hours for state, _ in pairs])
+    first = purchases == 0
+    gap_hours = np.where(np.isnan(last_ts_s), 0.0, np.maximum(0.0, ts_s - np.nan_to_num(last_ts_s)) / _SECONDS_PER_HOUR)
     hour = (ts_s % _SECONDS_PER_DAY) / _SECONDS_PER_DAY * 2 * math.pi
-    weekday = _weekday_fraction(event.ts) * 2 * math.pi
-    numeric = (
-        math.log1p(event.price),
-        math.log1p(event.quantity),
-        log_price - state.mean_log_price if state.purchases else 0.0,
-        math.log1p(gap_hours),
-        1.0 if state.purchases == 0 else 0.0,
-        math.log1p(state.purchases),
-        state.mean_log_gap_hours,
-        math.sin(hour), math.cos(hour), math.sin(weekday), math.cos(weekday),
-    )
-    row[2 * size:] = numeric
-    return row
+    weekday = ((local_s / _SECONDS_PER_DAY + _EPOCH_WEEKDAY) % 7.0) / 7.0 * 2 * math.pi
+    out[:, 2 * size:] = np.stack([
+        np.log1p(price),
+        np.log1p(quantity),
+        np.where(first, 0.0, np.log(price) - mean_log_price),
+        np.log1p(gap_hours),
+        first.astype(np.float64),
+        np.log1p(purchases),
+        mean_log_gap_hours,
+        np.sin(hour), np.cos(hour), np.sin(weekday), np.cos(weekday),
+    ], axis=1)
+    return out
 
 
 def advance(state: UserState, event: PurchaseEvent) -> UserState:
     """The user's state after `event`."""
-    ts_s = event.ts.timestamp()
+    ts_s = event.ts_s
     weights = {c: w * CATEGORY_DECAY for c, w in state.category_weights.items()}
     weights[event.category] = weights.get(event.category, 0.0) + 1.0
     if len(weights) > MAX_TRACKED_CATEGORIES:
@@ -137,5 +161,6 @@ def advance(state: UserState, event: PurchaseEvent) -> UserState:
     )
 
 
-def _weekday_fraction(ts: datetime) -> float:
-    return (ts.weekday() + (ts.hour * 3600 + ts.minute * 60 + ts.second) / _SECONDS_PER_DAY) / 7.0
+def _utc_offset_s(ts: datetime) -> float:
+    offset = ts.utcoffset()
+    return offset.total_seconds() if offset else 0.0

@@ -68,27 +68,28 @@ def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, h
     by_user: dict[str, list[int]] = defaultdict(list)
     for i, event in enumerate(ordered):
         by_user[event.user_id].append(i)
-    watermark_s = ordered[-1].ts.timestamp() if ordered else 0.0
+    watermark_s = ordered[-1].ts_s if ordered else 0.0
     classes = classes_for(task, spec)
     class_index = {c: i for i, c in enumerate(classes)}
-    features = np.zeros((len(ordered), spec.n_features), dtype=np.float32)
+    before: list[tuple[UserState, PurchaseEvent] | None] = [None] * len(ordered)
     labels = np.full(len(ordered), -1, dtype=np.int64)
     for positions in by_user.values():
         state = UserState()
         for k, i in enumerate(positions):
             event = ordered[i]
-            encode(state, event, spec, out=features[i])
+            before[i] = (state, event)
             state = advance(state, event)
             following = ordered[positions[k + 1]] if k + 1 < len(positions) else None
             if task == "next_category":
                 label = spec.vocabulary[spec.index_of(following.category)] if following else None
             else:
-                label = repurchase_label(event.ts.timestamp(), following.ts.timestamp() if following else None,
+                label = repurchase_label(event.ts_s, following.ts_s if following else None,
                                          watermark_s, horizon_days)
             if label is not None:
                 labels[i] = class_index[label]
+    features = encode(before, spec)
     keep = labels >= 0
-    ts_s = np.array([e.ts.timestamp() for e in ordered])
+    ts_s = np.array([e.ts_s for e in ordered])
     return Examples(features[keep], labels[keep], ts_s[keep])
 
 

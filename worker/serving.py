@@ -109,8 +109,7 @@ class ServingLoop:
         probabilities = model.predict_many(plan.features)
         predictions = make_predictions(plan.fresh, probabilities, meta, model.version, now)
         writes = StateWrites(states=plan.states)
-        for (record, event), prediction in zip(plan.fresh, predictions):
-            body = prediction.model_dump_json().encode()
+        for (record, event), body in zip(plan.fresh, predictions):
             writes.claims.append((event.event_id, EventClaim(record.ref, body)))
             messages.append((s.kafka.predictions_topic, event.user_id.encode(), body, record.timestamp_ms))
         for record, body in plan.replays:
@@ -121,7 +120,7 @@ class ServingLoop:
         for record, event in plan.fresh:
             partition = f"{record.topic}/{record.partition}"
             writes.newest_by_partition[partition] = max(writes.newest_by_partition.get(partition, float("-inf")),
-                                                        event.ts.timestamp())
+                                                        event.ts_s)
         if meta.task == "repurchase":
             self._resolve_negatives(writes, meta.horizon_days or 0.0)
         self._score(writes)

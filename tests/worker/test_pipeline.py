@@ -3,7 +3,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from schemas import PurchaseEvent, RejectReason
+from schemas import Prediction, PurchaseEvent, RejectReason
 from worker.features import FeatureSpec, UserState, advance, encode
 from worker.model import ModelMeta
 from worker.parsing import Rejection
@@ -34,7 +34,7 @@ def test_fresh_events_chain_each_users_state_in_order():
     plan = plan_batch(valid, {}, {}, {}, META)
     assert [e.event_id for _, e in plan.fresh] == ["a", "b", "c"]
     after_a = advance(UserState(), valid[0][1])
-    np.testing.assert_array_equal(plan.features[2], encode(after_a, valid[2][1], SPEC))
+    np.testing.assert_array_equal(plan.features[2], encode([(after_a, valid[2][1])], SPEC)[0])
     assert plan.states["u1"] == advance(after_a, valid[2][1]) and plan.states["u2"].purchases == 1
 
 
@@ -68,7 +68,7 @@ def test_replayed_record_re_emits_its_stored_prediction_without_touching_state()
 def test_multiclass_predictions_carry_top_classes():
     fresh = [(rec(0), ev("a")), (rec(1), ev("b"))]
     probabilities = np.array([[0.2, 0.7, 0.1], [0.5, 0.2, 0.3]], dtype=np.float32)
-    p = make_predictions(fresh, probabilities, META, "v1", T0)
+    p = [Prediction.model_validate_json(m) for m in make_predictions(fresh, probabilities, META, "v1", T0)]
     assert [(x.label, round(x.score, 3)) for x in p] == [("music", 0.7), ("books", 0.5)]
     assert [c.label for c in p[1].probabilities] == ["books", "<other>", "music"]
     assert p[0].event_ts == T0 and p[0].model_version == "v1" and p[0].task == "next_category"
@@ -76,8 +76,14 @@ def test_multiclass_predictions_carry_top_classes():
 
 def test_binary_predictions_score_is_probability_of_positive():
     meta = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7, sha256="0" * 64, extra={})
-    p = make_predictions([(rec(0), ev("a"))], np.array([[0.3, 0.7]]), meta, "v1", T0)[0]
+    p = Prediction.model_validate_json(make_predictions([(rec(0), ev("a"))], np.array([[0.3, 0.7]]), meta, "v1", T0)[0])
     assert (p.label, p.score, p.probabilities) == ("1", pytest.approx(0.7), None)
+
+
+def test_predictions_stay_valid_when_the_model_outputs_nan_or_rounding_overshoots():
+    probabilities = np.array([[np.nan, 1.0000001, 0.0]], dtype=np.float32)
+    p = Prediction.model_validate_json(make_predictions([(rec(0), ev("a"))], probabilities, META, "v1", T0)[0])
+    assert (p.label, p.score) == ("music", 1.0)
 
 
 @pytest.mark.parametrize("value, encoding, payload", [
