@@ -6,6 +6,7 @@ runs a trainer in a child process of its own, so training never stalls the servi
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -84,6 +85,10 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
         loop = ServingLoop(settings, consumer, producer, store, model, metrics, follower)
         ready.polled = lambda: loop.last_poll_ok_monotonic
+        # TensorFlow leaves ~350k tracked objects that live as long as the process; each full collection
+        # walked them all (a third of the serving loop's time in `bench throughput`). Frozen, they are
+        # never walked again; objects created from here on are collected as usual.
+        gc.freeze()
         log.info("consuming %s as group %s", k.input_topic, k.group_id)
         loop.run(stop)
         log.info("stopping: last batch committed, closing clients")
