@@ -47,6 +47,7 @@ class ServingLoop:
         self._quality_series: set[tuple[str, str]] = set()
         self._consumer = consumer
         self._producer = producer
+        self._partition_of = kafka_io.KeyPartitioner(producer)
         self._store = store
         self._model = model
         self._metrics = metrics
@@ -194,7 +195,10 @@ class ServingLoop:
         A crash between steps replays the batch: claims make the replay emit the same predictions.
         """
         self._store.save(outbox.writes)
-        futures = [self._producer.send(topic, key=key, value=value) for topic, key, value, _ in outbox.messages]
+        self._partition_of.new_batch()
+        send, partition_of = self._producer.send, self._partition_of
+        futures = [send(topic, key=key, value=value, partition=partition_of(topic, key))
+                   for topic, key, value, _ in outbox.messages]
         self._producer.flush(timeout=ACK_TIMEOUT_S)
         kafka_io.wait_acknowledged(futures, ACK_TIMEOUT_S)
         acked_ms = time.time() * 1000.0
