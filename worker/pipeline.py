@@ -109,9 +109,9 @@ def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: f
                     replaced: set[str]) -> tuple[list[Example], list[str], dict[str, float]]:
     """Repurchase negatives: pendings whose deadline the watermark passed with no purchase.
 
-    `due` are the pendings of users popped from the deadline index; users in `replaced` got a new
+    `due` are the pendings of users due in the deadline index; users in `replaced` got a new
     pending in this batch (their purchase resolved the old one). Returns (negative examples, users whose
-    pending to delete, deadlines to put back because the pending there is newer than the popped entry).
+    pending to delete, deadlines to put back because the pending there is newer than the due entry).
     """
     horizon_s = horizon_days * 86400.0
     negatives, cleared, requeue = [], [], {}

@@ -123,28 +123,35 @@ class ServingLoop:
             writes.newest_by_partition[partition] = max(writes.newest_by_partition.get(partition, float("-inf")),
                                                         event.ts_s)
         if meta.task == "repurchase":
-            self._resolve_negatives(writes, meta.horizon_days or 0.0)
+            partition_of_user = {user: f"{plan.fresh[i][0].topic}/{plan.fresh[i][0].partition}"
+                                 for user, i in plan.last_fresh_of_user.items()}
+            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
         self._score(writes)
         m.duplicates.inc(len(plan.duplicates))
         m.replayed.inc(len(plan.replays))
         m.predictions.labels(meta.task).inc(len(predictions) + len(plan.replays))
         return Outbox(messages, writes)
 
-    def _resolve_negatives(self, writes: StateWrites, horizon_days: float) -> None:
-        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed."""
+    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
+        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
+        on the input partitions of this batch."""
         horizon_s = horizon_days * 86400.0
-        writes.deadlines = {user: pending.ts_s + horizon_s for user, pending in writes.pendings.items()}
+        for user, pending in writes.pendings.items():
+            writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
         newest = self._store.newest_by_partition()
         for partition, ts_s in writes.newest_by_partition.items():
             newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
         now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
         if now_watermark is None:
             return
-        due = self._store.load_pendings(self._store.pop_due_deadlines(now_watermark))
-        negatives, cleared, requeue = expire_pendings(due, now_watermark, horizon_days, set(writes.pendings))
-        writes.examples.extend(negatives)
-        writes.cleared_pendings = cleared
-        writes.deadlines.update(requeue)
+        replaced = set(writes.pendings)
+        for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
+            negatives, cleared, requeue = expire_pendings(self._store.load_pendings(users), now_watermark, horizon_days,
+                                                          replaced)
+            writes.examples.extend(negatives)
+            writes.cleared_pendings.extend(cleared)
+            writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
+            writes.deadlines.setdefault(partition, {}).update(requeue)
 
     def _score(self, writes: StateWrites) -> None:
         """Prequential quality: each resolved example scored with what was served for it."""

@@ -4,7 +4,8 @@ Keys (all under the configured prefix):
   {p}:event:{event_id}   "{topic}/{partition}/{offset}\\n{prediction JSON}"   TTL dedupe_ttl_s
   {p}:user:{user_id}     JSON of worker.features.UserState                   TTL user_state_ttl_s
   {p}:pending:{user_id}  the user's last served prediction (Example, label -1) TTL user_state_ttl_s
-  {p}:deadlines          zset user_id -> repurchase deadline (event time)
+  {p}:deadlines:{topic}/{partition}   zset user_id -> repurchase deadline (event time), by the input
+                         partition of the user's pending prediction: its consumer owns them
   {p}:event_time         zset "{topic}/{partition}" -> newest event time seen there (ZADD GT = atomic max)
   {p}:window:{start_s}   list of labelled Examples of one event-time window;  {p}:windows  zset of starts
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
@@ -22,12 +23,6 @@ import redis
 from worker.examples import Example, window_start
 from worker.features import UserState
 from worker.settings import RedisSettings
-
-_POP_DUE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
-return due
-"""
 
 # SET with a TTL for many keys in one command: KEYS are the keys, ARGV[1] the TTL in seconds and
 # ARGV[i + 1] the value of KEYS[i]. One command instead of one per key is what makes the batch write cheap.
@@ -60,7 +55,8 @@ class StateWrites:
     claims: list[tuple[str, EventClaim]] = field(default_factory=list)
     states: Mapping[str, UserState] = field(default_factory=dict)
     pendings: dict[str, Example] = field(default_factory=dict)
-    deadlines: dict[str, float] = field(default_factory=dict)
+    deadlines: dict[str, dict[str, float]] = field(default_factory=dict)  # "{topic}/{partition}" -> user -> time
+    settled_deadlines: dict[str, list[str]] = field(default_factory=dict)  # "{topic}/{partition}" -> users
     cleared_pendings: list[str] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
     newest_by_partition: dict[str, float] = field(default_factory=dict)  # "{topic}/{partition}" -> event time
@@ -84,7 +80,6 @@ class StateStore:
         self._dedupe_ttl_s = settings.dedupe_ttl_s
         self._user_state_ttl_s = settings.user_state_ttl_s
         self._windows = windows or WindowPolicy(window_s=86400, max_examples=20000)
-        self._pop_due = client.register_script(_POP_DUE)
         self._set_many = client.register_script(_SET_MANY)
 
     def ping(self) -> bool:
@@ -115,9 +110,18 @@ class StateStore:
         """Newest event time seen on each input partition, across the fleet."""
         return {member.decode(): score for member, score in self._client.zrange(f"{self._p}:event_time", 0, -1, withscores=True)}
 
-    def pop_due_deadlines(self, watermark_s: float, limit: int = 5000) -> list[str]:
-        """Users whose repurchase deadline the watermark has passed; removed atomically, so one replica gets each."""
-        return [u.decode() for u in self._pop_due(keys=[f"{self._p}:deadlines"], args=[watermark_s, limit])]
+    def due_deadlines(self, partitions: Iterable[str], watermark_s: float, limit: int = 5000) -> dict[str, list[str]]:
+        """Per input partition: users whose repurchase deadline the watermark has passed.
+
+        They stay in the index until the batch that settles them removes them in its transaction
+        (StateWrites.settled_deadlines), so a crash in between loses none. Only the consumer that owns
+        a partition reads its deadlines, so no two replicas settle the same user.
+        """
+        partitions = list(partitions)
+        pipe = self._client.pipeline(transaction=False)
+        for partition in partitions:
+            pipe.zrangebyscore(f"{self._p}:deadlines:{partition}", "-inf", watermark_s, start=0, num=limit)
+        return {partition: [u.decode() for u in users] for partition, users in zip(partitions, pipe.execute()) if users}
 
     def save(self, writes: StateWrites) -> None:
         """Apply one batch's writes atomically (MULTI/EXEC), with their TTLs."""
@@ -132,8 +136,10 @@ class StateStore:
                            client=pipe)
         if writes.cleared_pendings:
             pipe.delete(*[f"{p}:pending:{u}" for u in writes.cleared_pendings])
-        if writes.deadlines:
-            pipe.zadd(f"{p}:deadlines", writes.deadlines)
+        for partition, users in writes.settled_deadlines.items():  # before the ZADDs: a user may be settled and re-added
+            pipe.zrem(f"{p}:deadlines:{partition}", *users)
+        for partition, deadlines in writes.deadlines.items():
+            pipe.zadd(f"{p}:deadlines:{partition}", deadlines)
         if writes.examples:
             by_window: dict[int, list[bytes]] = {}
             for example in writes.examples:

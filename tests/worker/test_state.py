@@ -1,0 +1,43 @@
+"""StateStore against the real Redis of the dev stack."""
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from worker.examples import Example
+from worker.settings import RedisSettings
+from worker.state import StateStore, StateWrites
+
+
+@pytest.fixture
+def store(stack):
+    settings = RedisSettings(url=stack.redis_url, key_prefix=f"test-state-{uuid.uuid4().hex[:8]}")
+    client = redis.Redis.from_url(stack.redis_url)
+    yield StateStore(client, settings)
+    keys = list(client.scan_iter(f"{settings.key_prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def pending(user, ts_s):
+    return Example(f"e-{user}", ts_s, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32))
+
+
+def test_due_deadlines_stay_until_the_batch_that_settles_them_is_saved(store):
+    store.save(StateWrites(pendings={"a": pending("a", 10.0), "b": pending("b", 20.0), "c": pending("c", 90.0)},
+                           deadlines={"in/0": {"a": 15.0, "b": 25.0}, "in/1": {"c": 95.0}}))
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {"in/0": ["a", "b"]}
+    # A worker that dies before saving its batch settles nothing: the next owner finds the same users due.
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {"in/0": ["a", "b"]}
+    # Settled: a became a negative, b bought again and got a new deadline in the same transaction.
+    store.save(StateWrites(cleared_pendings=["a"], settled_deadlines={"in/0": ["a", "b"]},
+                           pendings={"b": pending("b", 28.0)}, deadlines={"in/0": {"b": 33.0}}))
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {}
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=100.0) == {"in/0": ["b"], "in/1": ["c"]}
+    assert set(store.load_pendings(["a", "b", "c"])) == {"b", "c"}
+
+
+def test_only_the_partitions_asked_for_are_read(store):
+    store.save(StateWrites(deadlines={"in/0": {"a": 1.0}, "in/1": {"b": 1.0}}))
+    assert store.due_deadlines(["in/1"], watermark_s=5.0) == {"in/1": ["b"]}
