@@ -16,11 +16,16 @@ import sys
 import tempfile
 import time
 import urllib.request
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from kafka import KafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
 
 from worker import kafka_io
 from worker.generate import write_events
@@ -63,34 +68,183 @@ def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events
     return DrainResult("bare kafka-python consume+produce", consumed, elapsed)
 
 
-def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events: int, timeout_s: float,
-                 log_path: Path) -> tuple[DrainResult, float]:
-    """Drain time of a real worker process, and its peak resident memory in MiB."""
+@contextmanager
+def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_path: Path,
+                   extra_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A real `streamadapt run` process on its own topics, group and Redis prefix: (process, metrics port).
+    Its Redis keys are deleted when it stops."""
     run = uuid.uuid4().hex[:8]
     port = _free_port()
     env = {**os.environ, **settings.as_environment(), "STREAMADAPT_KAFKA_INPUT_TOPIC": input_topic,
            "STREAMADAPT_KAFKA_PREDICTIONS_TOPIC": f"{input_topic}.predictions", "STREAMADAPT_KAFKA_DLQ_TOPIC": f"{input_topic}.dlq",
+           "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": f"{input_topic}.model-versions",
            "STREAMADAPT_KAFKA_GROUP_ID": f"bench-worker-{run}", "STREAMADAPT_REDIS_KEY_PREFIX": f"bench-{run}",
            "STREAMADAPT_METRICS_HOST": "127.0.0.1", "STREAMADAPT_METRICS_PORT": str(port),
-           "STREAMADAPT_SOURCE_CHECKPOINT": str(checkpoint), "STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_ROLE": "worker"}
-    with log_path.open("wb") as log:
+           "STREAMADAPT_SOURCE_CHECKPOINT": str(checkpoint), "STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_ROLE": "worker",
+           **(extra_env or {})}
+    with log_path.open("ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        started, consumed, deadline = None, 0.0, time.monotonic() + timeout_s
-        while consumed < events and time.monotonic() < deadline:
+        yield process, port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        _drop_redis_keys(settings, f"bench-{run}")
+
+
+def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events: int, timeout_s: float,
+                 log_path: Path) -> tuple[DrainResult, float]:
+    """Drain time of a real worker process, and its peak resident memory in MiB."""
+    with worker_process(settings, checkpoint, input_topic, log_path) as (process, port):
+        started, handled, deadline = None, 0.0, time.monotonic() + timeout_s
+        while handled < events and time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"the worker exited with {process.returncode}; see {log_path}")
-            consumed = _consumed(port)
-            if consumed > 0 and started is None:
+            metrics = _scrape(port)
+            if metrics.get("streamadapt_events_consumed_total", 0.0) > 0 and started is None:
                 started = time.perf_counter()
+            handled = (metrics.get("streamadapt_predictions_total", 0.0)
+                       + metrics.get("streamadapt_events_dead_lettered_total", 0.0))
             time.sleep(0.05)
         elapsed = time.perf_counter() - (started or time.perf_counter())
         peak_rss_mib = _peak_rss_mib(process.pid)
+    return DrainResult("streamadapt worker (--no-finetune)", int(handled), elapsed), peak_rss_mib
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Event-to-prediction latency at one offered load, seen by a client of the topics."""
+
+    name: str
+    offered_events_per_s: float
+    events: int
+    received: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    while_training: dict | None = None  # the same percentiles over events sent while a fine-tune ran
+    swaps: dict | None = None  # hot-swaps the worker made: count, mean and max bucket bound in ms
+
+
+def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str, bytes]], rate: float,
+                    log_path: Path, *, finetune: bool = False, warmup_s: float = 2.0) -> LatencyResult:
+    """Send `values` (event_id, JSON) at `rate` events/s to a fresh worker and time each prediction from
+    the moment its event was sent to the moment a consumer of the predictions topic received it.
+
+    With `finetune`, the worker runs with its trainer (`--role all`), fine-tuning every 1,000 new labels;
+    latencies of events sent while the trainer's `streamadapt_finetune_running` gauge was 1 are also
+    reported apart. Events of the first `warmup_s` are left out (connections and the first trace)."""
+    input_topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
+    extra = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "1000",
+             "STREAMADAPT_TRAINING_MIN_EXAMPLES": "500"} if finetune else {}
+    kafka_io.ensure_topics(settings.kafka, [input_topic, f"{input_topic}.predictions", f"{input_topic}.dlq"])
+    with worker_process(settings, checkpoint, input_topic, log_path, extra) as (process, port):
+        _wait_ready(process, port, log_path)
+        received: dict[str, float] = {}
+        stop = threading.Event()
+        reader = threading.Thread(target=_read_predictions, args=(settings.kafka, f"{input_topic}.predictions", received, stop),
+                                  daemon=True)
+        reader.start()
+        training: list[tuple[float, float]] = []  # wall-clock intervals with a fine-tune running
+        watcher = threading.Thread(target=_watch_training, args=(port + 1, training, stop), daemon=True) if finetune else None
+        if watcher:
+            watcher.start()
+        time.sleep(1.0)  # the reader has joined its group before the first event
+        sent = _send_paced(settings.kafka, input_topic, values, rate)
+        deadline = time.monotonic() + 60
+        while len(received) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        reader.join(timeout=10)
+        swaps = _swaps(_scrape(port)) if finetune else None
+    first = min(sent.values())
+    kept = {e: t for e, t in sent.items() if t >= first + warmup_s}
+    latencies = [received[e] - t for e, t in kept.items() if e in received]
+    during = [received[e] - t for e, t in kept.items() if e in received and any(a <= t <= b for a, b in training)]
+    return LatencyResult("worker with its trainer" if finetune else "worker (--no-finetune)", rate, len(kept),
+                         len(latencies), *_percentiles_ms(latencies),
+                         while_training=dict(zip(("events", "p50_ms", "p99_ms", "p999_ms"),
+                                                 (len(during), *_percentiles_ms(during)))) if finetune else None,
+                         swaps=swaps)
+
+
+def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
+    if not latencies_s:
+        return float("nan"), float("nan"), float("nan")
+    p50, p99, p999 = np.percentile(np.array(latencies_s) * 1000.0, [50, 99, 99.9])
+    return float(p50), float(p99), float(p999)
+
+
+def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, bytes]], rate: float) -> dict[str, float]:
+    """Produce at a steady `rate`; returns event_id -> wall-clock send time."""
+    producer = kafka_io.open_producer(kafka)
+    sent: dict[str, float] = {}
+    try:
+        started = time.perf_counter()
+        for i, (event_id, value) in enumerate(values):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            sent[event_id] = time.time()
+            producer.send(topic, value=value, key=event_id.encode())
+        producer.flush(timeout=60)
     finally:
-        process.terminate()
-        process.wait(timeout=60)
-        _drop_redis_keys(settings, f"bench-{run}")
-    return DrainResult("streamadapt worker (--no-finetune)", int(consumed), elapsed), peak_rss_mib
+        producer.close(timeout=10)
+    return sent
+
+
+def _read_predictions(kafka: KafkaSettings, topic: str, received: dict[str, float], stop: threading.Event) -> None:
+    consumer = KafkaConsumer(topic, bootstrap_servers=kafka.bootstrap, group_id=f"bench-reader-{uuid.uuid4().hex[:8]}",
+                             auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=5)
+    try:
+        while not stop.is_set():
+            for batch in consumer.poll(timeout_ms=100).values():
+                now = time.time()
+                for record in batch:
+                    received.setdefault(json.loads(record.value)["event_id"], now)
+    finally:
+        consumer.close()
+
+
+def _watch_training(trainer_port: int, intervals: list[tuple[float, float]], stop: threading.Event) -> None:
+    """Record the wall-clock intervals in which the trainer's fine-tune gauge reads 1 (sampled at 20 Hz)."""
+    began = None
+    while not stop.is_set():
+        running = _scrape(trainer_port).get("streamadapt_finetune_running", 0.0) > 0
+        now = time.time()
+        if running and began is None:
+            began = now
+        elif not running and began is not None:
+            intervals.append((began, now))
+            began = None
+        time.sleep(0.05)
+    if began is not None:
+        intervals.append((began, time.time()))
+
+
+def _swaps(metrics: dict[str, float]) -> dict:
+    count = metrics.get("streamadapt_model_swap_duration_seconds_count", 0.0)
+    total = metrics.get("streamadapt_model_swap_duration_seconds_sum", 0.0)
+    return {"count": int(count), "mean_ms": total / count * 1000.0 if count else float("nan"),
+            "max_bucket_ms": _max_bucket_ms(metrics)}
+
+
+def _wait_ready(process: subprocess.Popen, port: int, log_path: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker exited with {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the worker was not ready after {timeout_s:.0f} s; see {log_path}")
 
 
 def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
@@ -111,9 +265,13 @@ def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
         client.close()
 
 
+LOAD_SHARES = (0.25, 0.5, 0.75)
+
+
 def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | None, out: Path | None,
-                         repeat: int = 3, timeout_s: float = 900.0, echo=print) -> dict:
-    """Drain `events` with each contender, `repeat` times alternating, and report the medians."""
+                         repeat: int = 3, timeout_s: float = 900.0, latency_s: float = 20.0, echo=print) -> dict:
+    """Drain `events` with each contender, `repeat` times alternating, and report the medians; then, unless
+    `latency_s` is 0, latency at 25/50/75 % of the worker's drain rate, and at 50 % with a trainer."""
     bare_runs, worker_runs, rss = [], [], []
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch:
         scratch_dir = Path(scratch)
@@ -133,7 +291,19 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                                                     scratch_dir / "worker.log")
             worker_runs.append(worker_run)
             rss.append(peak_rss_mib)
-    bare, worker = _median(bare_runs), _median(worker_runs)
+        bare, worker = _median(bare_runs), _median(worker_runs)
+        latencies = []
+        if latency_s > 0:
+            latency_stream = scratch_dir / "latency.jsonl"
+            write_events(latency_stream, events=int(worker.events_per_s * max(LOAD_SHARES) * latency_s) + 1,
+                         market="target", seed=97)
+            lines = latency_stream.read_bytes().splitlines()
+            values = [(json.loads(line)["event_id"], line) for line in lines]
+            for share, finetune in [(share, False) for share in LOAD_SHARES] + [(0.5, True)]:
+                rate = worker.events_per_s * share
+                echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")
+                latencies.append(measure_latency(settings, checkpoint, values[: int(rate * latency_s)], rate,
+                                                 scratch_dir / "latency.log", finetune=finetune))
     ratio = worker.events_per_s / bare.events_per_s
     result = {"events": events, "repeat": repeat,
               "bare": {**asdict(bare), "events_per_s": bare.events_per_s,
@@ -141,12 +311,23 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
               "worker": {**asdict(worker), "events_per_s": worker.events_per_s,
                          "runs_events_per_s": [r.events_per_s for r in worker_runs]},
               "ratio_worker_to_bare": ratio, "worker_peak_rss_mib": max(rss),
+              "latency": [asdict(r) for r in latencies],
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     echo(f"{'median of ' + str(repeat) + ' runs':38}{'events':>8}{'seconds':>10}{'events/s':>11}   runs (events/s)")
     for r, runs in ((bare, bare_runs), (worker, worker_runs)):
         shown = " ".join(f"{x.events_per_s:.0f}" for x in runs)
         echo(f"{r.name:38}{r.events:>8}{r.seconds:>10.2f}{r.events_per_s:>11.0f}   {shown}")
     echo(f"ratio worker / bare: {ratio:.3f}    worker peak RSS: {max(rss):.0f} MiB")
+    if latencies:
+        echo(f"{'event to prediction latency':38}{'events/s':>9}{'received':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
+        for r in latencies:
+            echo(f"{r.name:38}{r.offered_events_per_s:>9.0f}{r.received:>10}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.p999_ms:>10.1f}")
+            if r.while_training is not None:
+                t = r.while_training
+                echo(f"{'  of which sent during a fine-tune':38}{'':>9}{t['events']:>10}{t['p50_ms']:>9.1f}{t['p99_ms']:>9.1f}"
+                     f"{t['p999_ms']:>10.1f}")
+            if r.swaps is not None:
+                echo(f"  hot-swaps: {r.swaps['count']}, mean {r.swaps['mean_ms']:.2f} ms, slowest <= {r.swaps['max_bucket_ms']:g} ms")
     if out is not None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         echo(f"wrote {out}")
@@ -167,15 +348,32 @@ def _quick_checkpoint(scratch_dir: Path, echo) -> Path:
     return scratch_dir / "checkpoint"
 
 
-def _consumed(port: int) -> float:
+def _scrape(port: int) -> dict[str, float]:
+    """Unlabelled samples of a worker's /metrics (label sets summed), plus swap-duration buckets under
+    their `le` bound; empty when the port does not answer."""
+    samples: dict[str, float] = {}
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("streamadapt_events_consumed_total "):
-                    return float(line.split()[1])
+            text = response.read().decode()
     except OSError:
-        pass
-    return 0.0
+        return samples
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "streamadapt_model_swap_duration_seconds_bucket":
+                samples[f"swap_le_{sample.labels['le']}"] = sample.value
+            elif not sample.name.endswith("_created"):
+                samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+    return samples
+
+
+def _max_bucket_ms(metrics: dict[str, float]) -> float:
+    """The upper bound of the swap-duration bucket holding the slowest swap."""
+    buckets = sorted((float(key[len("swap_le_"):]), count) for key, count in metrics.items() if key.startswith("swap_le_"))
+    total = buckets[-1][1] if buckets else 0.0
+    for bound, count in buckets:
+        if count >= total and total > 0:
+            return bound * 1000.0
+    return float("nan")
 
 
 def _peak_rss_mib(pid: int) -> float:

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--source-checkpoint", type=Path, default=None, help="model to serve (default: pretrain a small one)")
     bench.add_argument("--repeat", type=int, default=3, help="runs per contender; the medians are reported")
     bench.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    bench.add_argument("--latency-seconds", type=float, default=20.0,
+                       help="length of each latency run at 25/50/75%% load (0 skips them)")
     _add_settings_flags(bench, {"kafka", "redis"})
 
     watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
@@ -148,10 +150,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "bench":
         from worker.bench_throughput import run_throughput_bench
 
-        if args.events < 100 or args.repeat < 1:
-            raise SettingsError("--events must be at least 100 and --repeat at least 1")
+        if args.events < 100 or args.repeat < 1 or args.latency_seconds < 0:
+            raise SettingsError("--events must be at least 100, --repeat at least 1 and --latency-seconds not negative")
         settings = load_settings(_settings_overrides(args))
-        run_throughput_bench(settings, args.events, args.source_checkpoint, args.out, repeat=args.repeat)
+        run_throughput_bench(settings, args.events, args.source_checkpoint, args.out, repeat=args.repeat,
+                             latency_s=args.latency_seconds)
     elif args.command == "watch":
         from worker.watch import watch
 

@@ -66,6 +66,7 @@ class WorkerMetrics:
             self.finetune_runs.labels(outcome)
         self.finetune_duration = Histogram("streamadapt_finetune_duration_seconds", "Duration of fine-tune runs.",
                                            buckets=(1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640), registry=r)
+        self.finetune_running = Gauge("streamadapt_finetune_running", "1 while this process runs a fine-tune.", registry=r)
         self.trainer_leader = Gauge("streamadapt_trainer_leader", "1 while this process holds the trainer lease.", registry=r)
         self.window_examples = Gauge("streamadapt_window_examples", "Labelled examples held in the Redis windows.", registry=r)
         self.windows = Gauge("streamadapt_windows", "Event-time windows held in Redis.", registry=r)

@@ -119,6 +119,10 @@ class Trainer:
 
     def run_once(self, token: str, reason: str) -> ModelVersion | None:
         """One fine-tune run; returns its model version, or None when it was skipped or failed."""
+        with self._metrics.finetune_running.track_inprogress():
+            return self._run_once(token, reason)
+
+    def _run_once(self, token: str, reason: str) -> ModelVersion | None:
         started = time.monotonic()
         self._last_run, self._last_examples = started, self._store.examples_total()
         now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)

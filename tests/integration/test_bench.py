@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from worker.bench_throughput import run_throughput_bench
+from worker.bench_throughput import measure_latency, run_throughput_bench
+from worker.generate import write_events
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
@@ -14,7 +15,8 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
     out = tmp_path / "bench.json"
     lines = []
-    result = run_throughput_bench(load_settings(), 2000, checkpoint, out, repeat=1, timeout_s=180, echo=lines.append)
+    result = run_throughput_bench(load_settings(), 2000, checkpoint, out, repeat=1, timeout_s=180, latency_s=0,
+                                  echo=lines.append)
     assert result["bare"]["events"] == result["worker"]["events"] == 2000
     assert result["bare"]["events_per_s"] > 0 and result["worker"]["events_per_s"] > 0
     assert result["ratio_worker_to_bare"] == pytest.approx(
@@ -23,3 +25,15 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     assert result["worker"]["runs_events_per_s"] == [result["worker"]["events_per_s"]]
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert any(line.startswith("ratio worker / bare:") for line in lines)
+
+
+def test_latency_run_times_every_event_it_sends(stack, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMADAPT_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
+    monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
+    stream = tmp_path / "events.jsonl"
+    write_events(stream, events=600, market="target", seed=5)
+    values = [(json.loads(line)["event_id"], line) for line in stream.read_bytes().splitlines()]
+    result = measure_latency(load_settings(), checkpoint, values, rate=200.0, log_path=tmp_path / "worker.log",
+                             warmup_s=1.0)
+    assert result.received == result.events > 300  # every event after the warm-up came back as a prediction
+    assert 0 < result.p50_ms <= result.p99_ms <= result.p999_ms < 30_000
