@@ -15,7 +15,7 @@ COPY worker ./worker
 RUN pip install --no-deps .
 
 FROM python:3.11.11-slim-bookworm AS runtime
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 OPENBLAS_NUM_THREADS=1
 RUN groupadd --system --gid 10001 streamadapt \
  && useradd --system --uid 10001 --gid streamadapt --home-dir /home/streamadapt --create-home streamadapt
 COPY --from=build /opt/venv /opt/venv

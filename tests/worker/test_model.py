@@ -67,3 +67,24 @@ def test_swap_changes_predictions_and_refuses_other_shapes(checkpoint):
     with pytest.raises(ValueError, match="do not fit"):
         serving.swap(original[:-1], "v-bad")
     assert serving.version == "v-test"
+
+
+def test_numpy_serving_agrees_with_keras_also_after_a_swap(checkpoint):
+    serving = ServingModel.from_checkpoint(checkpoint)
+    keras_model = serving.keras_model
+    x = np.random.default_rng(2).normal(size=(257, serving.meta.feature_spec.n_features)).astype(np.float32) * 4
+    # Keras computes in float32 and NumPy serving in float64: on these wide inputs they differ below 2e-4
+    np.testing.assert_allclose(serving.predict_many(x), keras_model.predict(x, verbose=0), atol=2e-4)
+    rng = np.random.default_rng(3)
+    moved = [w + rng.normal(scale=0.05, size=w.shape).astype(np.float32) for w in keras_model.get_weights()]
+    serving.swap(moved, "v-moved")
+    keras_model.set_weights(moved)
+    np.testing.assert_allclose(serving.predict_many(x), keras_model.predict(x, verbose=0), atol=2e-4)
+
+
+def test_a_binary_model_is_served_as_two_class_probabilities(repurchase_checkpoint):
+    serving = ServingModel.from_checkpoint(repurchase_checkpoint)
+    x = np.random.default_rng(4).normal(size=(50, serving.meta.feature_spec.n_features)).astype(np.float32)
+    p = serving.predict_many(x)
+    np.testing.assert_allclose(p[:, 1], serving.keras_model.predict(x, verbose=0)[:, 0], atol=1e-5)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
