@@ -101,17 +101,31 @@ def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> 
     return True
 
 
+def commit_async(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> None:
+    """Commit `next_offsets` without waiting for the coordinator: a round trip less per batch.
+
+    Safe for at-least-once because it is only called once the batch's outputs are acknowledged; a
+    commit lost in a crash or a rebalance makes the partition's next owner replay that batch, whose
+    outputs are then the same. Shutdown commits synchronously (`commit`)."""
+
+    def done(offsets, response) -> None:
+        if isinstance(response, Exception):
+            log.warning("an offset commit was refused, those records will be replayed if this worker stops "
+                        "before its next commit: %s", response)
+
+    consumer.commit_async({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()}, callback=done)
+
+
 def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
-    """Per assigned partition: log end offset minus the group's committed offset (or the position)."""
-    assignment = list(consumer.assignment())
-    if not assignment:
-        return {}
-    ends = consumer.end_offsets(assignment)
+    """Per assigned partition: the high-water mark of the last fetch response minus the position.
+
+    Both are known locally, so reading the lag costs no round trip to the broker (it used to take one
+    per partition every few seconds, which showed up as latency spikes)."""
     lag = {}
-    for tp in assignment:
-        committed = consumer.committed(tp)
-        base = committed if committed is not None else consumer.position(tp)
-        lag[tp] = max(0, ends.get(tp, 0) - (base or 0))
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            lag[tp] = max(0, highwater - consumer.position(tp))
     return lag
 
 

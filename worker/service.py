@@ -23,7 +23,7 @@ from kafka.errors import KafkaError
 from worker import kafka_io
 from worker.hotswap import ModelFollower
 from worker.metrics import HealthServer, WorkerMetrics
-from worker.model import ServingModel
+from worker.model import ServingModel, limit_cpu_threads
 from worker.registry import Registry
 from worker.serving import ServingLoop
 from worker.settings import Settings, SettingsError
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 READY_POLL_AGE_S = 30.0  # a serving loop that has not polled for this long is not ready
 TRAINER_RESTART_S = 10.0
+TRAINER_NICENESS = 10  # added to the trainer process's niceness
 
 
 class StartupError(RuntimeError):
@@ -60,6 +61,10 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         server = stack.enter_context(HealthServer(metrics, settings.metrics.host, settings.metrics.port, ready))
         metrics.ready.set_function(lambda: 1.0 if ready() else 0.0)
         log.info("metrics and health on http://%s:%d (/metrics /healthz /readyz)", settings.metrics.host, server.port)
+        if settings.role == "trainer":
+            # Fine-tuning yields the CPU to serving on a shared host: fewer threads, and a lower priority.
+            limit_cpu_threads(settings.training.threads)
+            os.nice(TRAINER_NICENESS)
         model = ServingModel.from_checkpoint(settings.source_checkpoint)
         log.info("source model %s (%s, %d classes)", model.version, model.meta.task, len(model.meta.classes))
         _check_redis(store, settings)

@@ -53,6 +53,7 @@ class ServingLoop:
         self._metrics = metrics
         self._clock = clock
         self.last_poll_ok_monotonic: float | None = None
+        self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
     def run(self, stop: threading.Event) -> None:
@@ -76,6 +77,10 @@ class ServingLoop:
             if now >= next_progress_at:
                 progress.log(now)
                 next_progress_at = now + self._settings.progress_interval_s
+        owned = self._consumer.assignment()
+        final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
+        if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
+            kafka_io.commit(self._consumer, final)
         progress.log(time.monotonic())
 
     def handle(self, records: list[InputRecord]) -> None:
@@ -198,7 +203,8 @@ class ServingLoop:
         1. Redis: everything the batch changed (event claims, user states, pending predictions, labelled
            examples, deadlines, event-time progress) in one MULTI/EXEC;
         2. Kafka: produce predictions and dead letters, flush, and check every acknowledgement;
-        3. Kafka: commit the offsets after the batch.
+        3. Kafka: commit the offsets after the batch (asynchronously; the last ones again, synchronously, on
+           a clean stop).
         A crash between steps replays the batch: claims make the replay emit the same predictions.
         """
         self._store.save(outbox.writes)
@@ -213,7 +219,8 @@ class ServingLoop:
             if source_ms is not None and source_ms >= 0:
                 self._metrics.latency.observe(max(0.0, acked_ms - source_ms) / 1000.0)
         offsets = {TopicPartition(topic, partition): offset for (topic, partition), offset in next_offsets(records).items()}
-        kafka_io.commit(self._consumer, offsets)
+        kafka_io.commit_async(self._consumer, offsets)
+        self._latest_offsets.update(offsets)
 
     def _refresh_lag(self) -> None:
         try:

@@ -85,6 +85,7 @@ class TrainingSettings(BaseSettings):
     window_max_age_s: int = Field(30 * 86400, ge=60, description="windows older than this behind the watermark go")
     allowed_lateness_s: float = Field(3600.0, ge=0, description="watermark = newest event time less this")
     quality_window: int = Field(2000, ge=10, description="predictions in the rolling live-quality window")
+    threads: int = Field(1, ge=0, description="CPU threads a fine-tune may use (0 = all; the trainer also runs niced)")
 
 
 class Settings(BaseSettings):

@@ -26,6 +26,8 @@ from worker.settings import RedisSettings
 
 # SET with a TTL for many keys in one command: KEYS are the keys, ARGV[1] the TTL in seconds and
 # ARGV[i + 1] the value of KEYS[i]. One command instead of one per key is what makes the batch write cheap.
+# Sent with EVAL, not EVALSHA: a pipeline of registered scripts costs a SCRIPT EXISTS round trip per batch,
+# and EVAL keeps working after a Redis restart empties the script cache.
 _SET_MANY = """
 for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end
 return #KEYS
@@ -80,7 +82,6 @@ class StateStore:
         self._dedupe_ttl_s = settings.dedupe_ttl_s
         self._user_state_ttl_s = settings.user_state_ttl_s
         self._windows = windows or WindowPolicy(window_s=86400, max_examples=20000)
-        self._set_many = client.register_script(_SET_MANY)
 
     def ping(self) -> bool:
         return bool(self._client.ping())
@@ -127,13 +128,12 @@ class StateStore:
         """Apply one batch's writes atomically (MULTI/EXEC), with their TTLs."""
         p, pipe = self._p, self._client.pipeline(transaction=True)
         if writes.claims:
-            self._set_many(keys=[f"{p}:event:{event_id}" for event_id, _ in writes.claims],
-                           args=[self._dedupe_ttl_s, *(claim.encode() for _, claim in writes.claims)], client=pipe)
+            pipe.eval(_SET_MANY, len(writes.claims), *(f"{p}:event:{event_id}" for event_id, _ in writes.claims),
+                      self._dedupe_ttl_s, *(claim.encode() for _, claim in writes.claims))
         if writes.states or writes.pendings:
             users = [(f"{p}:user:{u}", json.dumps(state.to_json(), separators=(",", ":"))) for u, state in writes.states.items()]
             users += [(f"{p}:pending:{u}", pending.encode()) for u, pending in writes.pendings.items()]
-            self._set_many(keys=[key for key, _ in users], args=[self._user_state_ttl_s, *(v for _, v in users)],
-                           client=pipe)
+            pipe.eval(_SET_MANY, len(users), *(key for key, _ in users), self._user_state_ttl_s, *(v for _, v in users))
         if writes.cleared_pendings:
             pipe.delete(*[f"{p}:pending:{u}" for u in writes.cleared_pendings])
         for partition, users in writes.settled_deadlines.items():  # before the ZADDs: a user may be settled and re-added
