@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from schemas import DeadLetter, PurchaseEvent
-from schemas.prediction import iso_datetime, prediction_json
+from schemas.prediction import PredictionWriter
 from worker.examples import Example
 from worker.features import UserState, advance, encode
 from worker.labels import resolve_on_purchase
@@ -131,21 +131,17 @@ def make_predictions(fresh: list[tuple[InputRecord, PurchaseEvent]], probabiliti
                      model_version: str, predicted_at: datetime) -> list[bytes]:
     """The prediction message (JSON) of each fresh event, from the model's class probabilities (rows
     aligned with `fresh`). Probabilities are made finite and clipped to [0, 1] first, as the schema asks."""
-    classes, task = meta.classes, meta.task
+    write = PredictionWriter(task=meta.task, model_version=model_version, classes=meta.classes,
+                             predicted_at=predicted_at)
     rows = np.clip(np.nan_to_num(probabilities, nan=0.0), 0.0, 1.0)
-    at = iso_datetime(predicted_at)
-    if task == "repurchase":
-        return [prediction_json(event_id=event.event_id, user_id=event.user_id, task=task, model_version=model_version,
-                                label=classes[int(p1 > p0)], score=p1, probabilities=None,
-                                event_ts=iso_datetime(event.ts), predicted_at=at)
+    if meta.task == "repurchase":
+        return [write(event.event_id, event.user_id, event.ts, int(p1 > p0), p1)
                 for (_, event), (p0, p1) in zip(fresh, rows.tolist())]
     top_k = np.argsort(-rows, axis=1)[:, :TOP_CLASSES].tolist()
     messages = []
     for (_, event), row, order in zip(fresh, rows.tolist(), top_k):
-        ranked = [(classes[j], row[j]) for j in order]
-        messages.append(prediction_json(event_id=event.event_id, user_id=event.user_id, task=task,
-                                        model_version=model_version, label=ranked[0][0], score=ranked[0][1],
-                                        probabilities=ranked, event_ts=iso_datetime(event.ts), predicted_at=at))
+        ranked = [(j, row[j]) for j in order]
+        messages.append(write(event.event_id, event.user_id, event.ts, order[0], row[order[0]], ranked))
     return messages
 
 

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import given, strategies as st
 
 from schemas import ClassProbability, Prediction
-from schemas.prediction import iso_datetime, prediction_json
+from schemas.prediction import PredictionWriter, iso_datetime
 
 text = st.text(min_size=1, max_size=40)  # any unicode, quotes, backslashes and control characters included
 probability = st.floats(min_value=0.0, max_value=1.0)
@@ -13,19 +13,20 @@ moments = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2100, 
                                                   timezone(timedelta(hours=-8))]))
 
 
-@given(event_id=text, user_id=text, model_version=text, label=text, score=probability,
-       ranked=st.none() | st.lists(st.tuples(text, probability), min_size=1, max_size=3),
-       task=st.sampled_from(["next_category", "repurchase"]), event_ts=moments, predicted_at=moments)
-def test_hand_written_json_equals_the_models_meaning(event_id, user_id, model_version, label, score, ranked, task,
-                                                     event_ts, predicted_at):
-    expected = Prediction(event_id=event_id, user_id=user_id, task=task, model_version=model_version, label=label,
-                          score=score, event_ts=event_ts, predicted_at=predicted_at,
-                          probabilities=None if ranked is None else [ClassProbability(label=n, probability=p)
-                                                                     for n, p in ranked])
-    written = prediction_json(event_id=event_id, user_id=user_id, task=task, model_version=model_version, label=label,
-                              score=score, probabilities=ranked, event_ts=iso_datetime(event_ts),
-                              predicted_at=iso_datetime(predicted_at))
-    assert Prediction.model_validate_json(written) == expected
+@given(event_id=text, user_id=text, model_version=text, classes=st.lists(text, min_size=2, max_size=6, unique=True),
+       data=st.data(), task=st.sampled_from(["next_category", "repurchase"]), event_ts=moments, predicted_at=moments)
+def test_hand_written_json_equals_the_models_meaning(event_id, user_id, model_version, classes, data, task, event_ts,
+                                                     predicted_at):
+    label = data.draw(st.integers(0, len(classes) - 1))
+    score = data.draw(probability)
+    ranked = data.draw(st.none() | st.lists(st.tuples(st.integers(0, len(classes) - 1), probability),
+                                            min_size=1, max_size=3))
+    expected = Prediction(event_id=event_id, user_id=user_id, task=task, model_version=model_version,
+                          label=classes[label], score=score, event_ts=event_ts, predicted_at=predicted_at,
+                          probabilities=None if ranked is None else [ClassProbability(label=classes[j], probability=p)
+                                                                     for j, p in ranked])
+    write = PredictionWriter(task=task, model_version=model_version, classes=tuple(classes), predicted_at=predicted_at)
+    assert Prediction.model_validate_json(write(event_id, user_id, event_ts, label, score, ranked)) == expected
 
 
 def test_utc_is_written_as_z_like_pydantic_writes_it():
