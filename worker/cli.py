@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO level narrates every connection
+    # kafka-python 3's network thread warns whenever it waited >100 ms for the interpreter lock, which the
+    # serving thread holds for a whole batch by design: noise, not a fault
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     from kafka.errors import KafkaError
     from redis import RedisError
 

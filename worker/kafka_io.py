@@ -7,8 +7,8 @@ from concurrent.futures import Future
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
-    CommitFailedError, IllegalGenerationError, KafkaTimeoutError, RebalanceInProgressError, TopicAlreadyExistsError,
-    UnknownMemberIdError,
+    CommitFailedError, IllegalGenerationError, KafkaError, KafkaTimeoutError, RebalanceInProgressError,
+    TopicAlreadyExistsError, UnknownMemberIdError,
 )
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
@@ -77,10 +77,20 @@ def open_producer(settings: KafkaSettings) -> KafkaProducer:
     )
 
 
+class NotAcknowledged(KafkaError):
+    """A produced record was not acknowledged by a retriable error (the broker or partition leader is away)."""
+
+
 def wait_acknowledged(futures: list[Future], timeout_s: float) -> None:
-    """Raise the first send error among `futures` (call after producer.flush())."""
+    """Raise the first send error among `futures` (call after producer.flush()). Retriable errors come
+    back as NotAcknowledged, so the caller can tell an outage from a bug."""
     for future in futures:
-        future.get(timeout=timeout_s)
+        try:
+            future.get(timeout=timeout_s)
+        except KafkaError as error:
+            if getattr(error, "retriable", False) or isinstance(error, KafkaTimeoutError):
+                raise NotAcknowledged(f"{type(error).__name__}: {error}") from error
+            raise
 
 
 # The group changed under the consumer (a replica joined or left): the commit is refused, not failed.

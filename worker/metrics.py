@@ -70,6 +70,11 @@ class WorkerMetrics:
         self.trainer_leader = Gauge("streamadapt_trainer_leader", "1 while this process holds the trainer lease.", registry=r)
         self.window_examples = Gauge("streamadapt_window_examples", "Labelled examples held in the Redis windows.", registry=r)
         self.windows = Gauge("streamadapt_windows", "Event-time windows held in Redis.", registry=r)
+        self.paused = Gauge("streamadapt_consumption_paused",
+                            "1 while consumption is paused because Redis or Kafka refuses a batch's outputs.", registry=r)
+        self.dependency_errors = Counter("streamadapt_dependency_errors",
+                                         "Batches refused by an unavailable dependency, by dependency.", ["dependency"],
+                                         registry=r)
         self.ready = Gauge("streamadapt_ready", "1 when connected to Kafka and Redis and serving a model.", registry=r)
 
     def total(self, sample_name: str) -> float:

@@ -90,6 +90,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
         loop = ServingLoop(settings, consumer, producer, store, model, metrics, follower)
         ready.polled = lambda: loop.last_poll_ok_monotonic
+        ready.paused = lambda: loop.paused
         # TensorFlow leaves ~350k tracked objects that live as long as the process; each full collection
         # walked them all (a third of the serving loop's time in `bench throughput`). Frozen, they are
         # never walked again; objects created from here on are collected as usual. The serving loop's
@@ -113,15 +114,17 @@ def _run_trainer(settings, stack, store, registry, producer, model, metrics, rea
 
 
 class _Readiness:
-    """Ready = model loaded, Redis answers and (for the serving role) Kafka was polled recently."""
+    """Ready = model loaded, Redis answers and (for the serving role) Kafka was polled recently and the
+    loop is not paused by an outage of Redis or Kafka."""
 
     def __init__(self, store: StateStore):
         self._store = store
         self.polled: Callable[[], float | None] = lambda: None
+        self.paused: Callable[[], bool] = lambda: False
 
     def __call__(self) -> bool:
         last = self.polled()
-        if last is None or time.monotonic() - last > READY_POLL_AGE_S:
+        if last is None or time.monotonic() - last > READY_POLL_AGE_S or self.paused():
             return False
         try:
             return self._store.ping()

@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
 
 from worker import kafka_io
 from worker.hotswap import ModelFollower
@@ -25,16 +27,28 @@ from worker.state import EventClaim, StateStore, StateWrites
 
 log = logging.getLogger(__name__)
 
-ACK_TIMEOUT_S = 60.0
+ACK_TIMEOUT_S = 30.0
+OUTAGE_FIRST_RETRY_S = 0.5
+OUTAGE_MAX_RETRY_S = 30.0
+# Errors of an unavailable dependency: the batch is retried, not dropped, and the worker does not exit.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+                 redis.exceptions.ReadOnlyError, KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError,
+                 kafka_io.NotAcknowledged)
 GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
 
 
 @dataclass
 class Outbox:
-    """What one batch writes: Redis state, and records to produce as (topic, key, value, input timestamp ms)."""
+    """What one batch writes: Redis state, and records to produce as (topic, key, value, input timestamp ms);
+    and what it amounts to, counted in the metrics only once the batch is committed (a batch retried after
+    an outage is counted once)."""
 
     messages: list[tuple[str, bytes | None, bytes, int | None]]
     writes: StateWrites
+    dead_letter_reasons: list[str]
+    duplicates: int = 0
+    replayed: int = 0
+    predicted: int = 0
 
 
 class ServingLoop:
@@ -53,6 +67,7 @@ class ServingLoop:
         self._metrics = metrics
         self._clock = clock
         self.last_poll_ok_monotonic: float | None = None
+        self._outage_since: float | None = None  # monotonic time the current outage began
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
@@ -68,7 +83,7 @@ class ServingLoop:
             records = [InputRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
                        for batch in polled.values() for r in batch]
             if records:
-                self.handle(records)
+                self.handle(records, stop)
             now = time.monotonic()
             if now >= next_gauges_at:
                 self._refresh_lag()
@@ -83,30 +98,91 @@ class ServingLoop:
             kafka_io.commit(self._consumer, final)
         progress.log(time.monotonic())
 
-    def handle(self, records: list[InputRecord]) -> None:
+    @property
+    def paused(self) -> bool:
+        """True while consumption is paused because Redis or Kafka refuses the batch's outputs."""
+        return self._outage_since is not None
+
+    def handle(self, records: list[InputRecord], stop: threading.Event | None = None) -> None:
+        """Build and commit one batch. While Redis or Kafka is unavailable the same batch is retried with
+        backoff and consumption is paused (memory stays at one batch; the group membership is kept), until
+        it goes through or `stop` is set. Any other error is a bug and propagates."""
         started = time.perf_counter()
-        try:
-            outbox = self._build_outbox(records)
-            self._commit(records, outbox)
-        except Exception:
-            first, last = records[0], records[-1]
-            log.exception("batch of %d records failed (from %s to %s)", len(records), first.ref, last.ref)
-            raise
+        retry_in_s = OUTAGE_FIRST_RETRY_S
+        while True:
+            try:
+                outbox = self._build_outbox(records)
+                self._commit(records, outbox)
+                break
+            except OUTAGE_ERRORS as error:
+                if stop is not None and stop.is_set():
+                    raise  # stopping: the uncommitted batch is replayed by the next owner
+                self._wait_out(error, retry_in_s)
+                retry_in_s = min(2 * retry_in_s, OUTAGE_MAX_RETRY_S)
+            except Exception:
+                first, last = records[0], records[-1]
+                log.exception("batch of %d records failed (from %s to %s)", len(records), first.ref, last.ref)
+                raise
+        if self._outage_since is not None:
+            log.warning("outputs accepted again after %.1f s: resuming consumption", time.monotonic() - self._outage_since)
+            self._outage_since = None
+            self._metrics.paused.set(0)
+            self._consumer.resume(*self._consumer.paused())
+        self._account(outbox)
         self._metrics.batch_duration.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(records))
+
+    def _wait_out(self, error: Exception, delay_s: float) -> None:
+        """Pause every assigned partition and wait `delay_s` while polling, which keeps the consumer in its
+        group. Records a poll still returns (partitions assigned during the wait) are sought back to."""
+        dependency = "redis" if isinstance(error, redis.RedisError) else "kafka"
+        self._metrics.dependency_errors.labels(dependency).inc()
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self._metrics.paused.set(1)
+            log.error("%s refused the batch's outputs (%s: %s): consumption paused, retrying", dependency,
+                      type(error).__name__, error)
+        else:
+            log.warning("still failing after %.0f s (%s: %s); next try in %.1f s",
+                        time.monotonic() - self._outage_since, type(error).__name__, error, delay_s)
+        self._consumer.pause(*self._consumer.assignment())
+        for tp, polled in self._consumer.poll(timeout_ms=int(delay_s * 1000)).items():
+            self._consumer.seek(tp, polled[0].offset)
+        self._consumer.pause(*self._consumer.assignment())
+        self.last_poll_ok_monotonic = time.monotonic()
+
+    def _account(self, outbox: Outbox) -> None:
+        """Metrics and prequential quality of a committed batch."""
+        m, task = self._metrics, self._model.meta.task
+        for reason in outbox.dead_letter_reasons:
+            m.dead_letters.labels(reason).inc()
+        m.duplicates.inc(outbox.duplicates)
+        m.replayed.inc(outbox.replayed)
+        m.predictions.labels(task).inc(outbox.predicted)
+        examples = outbox.writes.examples
+        if not examples:
+            return
+        m.labels_resolved.labels(task).inc(len(examples))
+        alarmed = False
+        for example in examples:
+            alarmed |= self._quality.observe(example.model_version, example.probabilities, example.label)
+        if alarmed:
+            m.drift_alarms.inc()
+            self._store.raise_drift_alarm()
+            log.warning("drift detector alarmed on the live loss stream")
 
     def _build_outbox(self, records: list[InputRecord]) -> Outbox:
         s, m = self._settings, self._metrics
         now = self._clock()
         m.events_consumed.inc(len(records))
-        valid, messages = [], []
+        valid, messages, reasons = [], [], []
         for record in records:
             parsed = parse_event(record.value, now=now, max_payload_bytes=s.max_payload_bytes,
                                  max_future_skew_s=s.max_future_skew_s)
             if isinstance(parsed, Rejection):
                 letter = make_dead_letter(record, parsed, now, s.dlq_payload_max_chars)
                 messages.append((s.kafka.dlq_topic, record.key, letter.model_dump_json().encode(), None))
-                m.dead_letters.labels(parsed.reason.value).inc()
+                reasons.append(parsed.reason.value)
             else:
                 valid.append((record, parsed))
         claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}))
@@ -131,11 +207,8 @@ class ServingLoop:
             partition_of_user = {user: f"{plan.fresh[i][0].topic}/{plan.fresh[i][0].partition}"
                                  for user, i in plan.last_fresh_of_user.items()}
             self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
-        self._score(writes)
-        m.duplicates.inc(len(plan.duplicates))
-        m.replayed.inc(len(plan.replays))
-        m.predictions.labels(meta.task).inc(len(predictions) + len(plan.replays))
-        return Outbox(messages, writes)
+        return Outbox(messages, writes, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
+                      predicted=len(predictions) + len(plan.replays))
 
     def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
         """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
@@ -157,18 +230,6 @@ class ServingLoop:
             writes.cleared_pendings.extend(cleared)
             writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
             writes.deadlines.setdefault(partition, {}).update(requeue)
-
-    def _score(self, writes: StateWrites) -> None:
-        """Prequential quality: each resolved example scored with what was served for it."""
-        for example in writes.examples:
-            if self._quality.observe(example.model_version, example.probabilities, example.label):
-                writes.drift_alarm = True
-        if not writes.examples:
-            return
-        self._metrics.labels_resolved.labels(self._model.meta.task).inc(len(writes.examples))
-        if writes.drift_alarm:
-            self._metrics.drift_alarms.inc()
-            log.warning("drift detector alarmed on the live loss stream")
 
     def _refresh_quality(self) -> None:
         """Export rolling quality per tracked version; drop the series of versions no longer tracked."""

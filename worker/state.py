@@ -62,7 +62,6 @@ class StateWrites:
     cleared_pendings: list[str] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
     newest_by_partition: dict[str, float] = field(default_factory=dict)  # "{topic}/{partition}" -> event time
-    drift_alarm: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,13 +150,15 @@ class StateStore:
             pipe.incrby(f"{p}:examples_total", len(writes.examples))
         if writes.newest_by_partition:
             pipe.zadd(f"{p}:event_time", writes.newest_by_partition, gt=True)
-        if writes.drift_alarm:
-            pipe.set(f"{p}:drift", "1")
         pipe.execute()
 
     # read by the trainer
     def examples_total(self) -> int:
         return int(self._client.get(f"{self._p}:examples_total") or 0)
+
+    def raise_drift_alarm(self) -> None:
+        """Ask the trainer for a fine-tune (it takes the alarm with take_drift_alarm)."""
+        self._client.set(f"{self._p}:drift", "1")
 
     def take_drift_alarm(self) -> bool:
         return self._client.getdel(f"{self._p}:drift") is not None

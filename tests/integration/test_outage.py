@@ -1,0 +1,68 @@
+"""Redis goes away in mid-stream: the worker pauses, says it is not ready, keeps memory to one batch, and
+resumes by itself when Redis is back; every event still gets its prediction.
+
+The test runs its own redis-server (AOF, fsync on every write) so that it can kill and restart it."""
+import json
+import shutil
+import signal
+import subprocess
+import time
+from collections import defaultdict
+
+import pytest
+import redis
+
+from tests.integration.conftest import WorkerProcess, dumps, event, free_port, produce, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def start_redis(port: int, directory) -> subprocess.Popen:
+    process = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "always",
+                                "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if client.ping():
+                return process
+        except redis.RedisError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
+def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, checkpoint, tmp_path):
+    port = free_port()
+    redis_process = start_redis(port, tmp_path)
+    bodies = [event(i, user=f"user-{i % 301}") for i in range(6000)]
+    env = {"STREAMADAPT_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMADAPT_KAFKA_MAX_POLL_RECORDS": "200",
+           "STREAMADAPT_ROLE": "worker"}
+    try:
+        with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", **env) as worker:
+            produce(stack, names.input_topic, [dumps(b) for b in bodies[:3000]], keys=[b["user_id"].encode() for b in bodies[:3000]])
+            worker.wait_metric("streamadapt_predictions_total", 3000, timeout_s=120)
+            redis_process.send_signal(signal.SIGKILL)
+            redis_process.wait(timeout=10)
+            produce(stack, names.input_topic, [dumps(b) for b in bodies[3000:]], keys=[b["user_id"].encode() for b in bodies[3000:]])
+            worker.wait_metric("streamadapt_consumption_paused", 1, timeout_s=60)
+            worker.wait_until(lambda: worker.http_status("/readyz") == 503, timeout_s=30, what="/readyz saying 503")
+            paused_at = worker.metric("streamadapt_events_consumed_total")
+            time.sleep(3)  # while paused, nothing more is taken from Kafka (the batch in hand is retried)
+            assert worker.metric("streamadapt_events_consumed_total") - paused_at <= 3 * 200
+            assert worker.process.poll() is None, "the worker exited during the outage"
+            redis_process = start_redis(port, tmp_path)  # the same AOF: claims and user state come back
+            records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=180, settle_s=2)
+            worker.wait_until(lambda: worker.http_status("/readyz") == 200, timeout_s=30, what="ready again")
+            assert worker.metric("streamadapt_consumption_paused") == 0
+            assert worker.metric("streamadapt_dependency_errors_total") >= 1
+            assert worker.stop() == 0
+    finally:
+        redis_process.kill()
+    per_event = defaultdict(set)
+    for record in records:
+        per_event[json.loads(record.value)["event_id"]].add(record.value)
+    missing = {b["event_id"] for b in bodies} - set(per_event)
+    assert not missing, f"{len(missing)} events lack a prediction"
+    assert all(len(copies) == 1 for copies in per_event.values()), "a retried batch changed a prediction"
