@@ -69,15 +69,32 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("version", nargs="?", help="the version to show or roll back to")
     _add_settings_flags(models, {None, "kafka", "redis"})
 
-    bench = commands.add_parser("bench", help="benchmarks (throughput: the worker's drain rate against bare kafka-python)")
-    bench.add_argument("which", choices=("throughput",))
-    bench.add_argument("--events", type=int, default=100_000, help="backlog size")
-    bench.add_argument("--source-checkpoint", type=Path, default=None, help="model to serve (default: pretrain a small one)")
-    bench.add_argument("--repeat", type=int, default=3, help="runs per contender; the medians are reported")
-    bench.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    bench.add_argument("--latency-seconds", type=float, default=20.0,
-                       help="length of each latency run at 25/50/75%% load (0 skips them)")
-    _add_settings_flags(bench, {"kafka", "redis"})
+    bench = commands.add_parser("bench", help="benchmarks: throughput (drain rate, latency) and adaptation (BENCHMARKS.md)")
+    benches = bench.add_subparsers(dest="which", required=True, parser_class=_Parser)
+    throughput = benches.add_parser("throughput", help="the worker's drain rate against bare kafka-python, and latency")
+    throughput.add_argument("--events", type=int, default=100_000, help="backlog size")
+    throughput.add_argument("--source-checkpoint", type=Path, default=None,
+                            help="model to serve (default: pretrain a small one)")
+    throughput.add_argument("--repeat", type=int, default=3, help="runs per contender; the medians are reported")
+    throughput.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    throughput.add_argument("--latency-seconds", type=float, default=20.0,
+                            help="length of each latency run at 25/50/75%% load (0 skips them)")
+    _add_settings_flags(throughput, {"kafka", "redis"})
+    adaptation = benches.add_parser("adaptation", help="prequential accuracy on a drifting stream against static, "
+                                                      "scratch, River and an oracle (offline; next_category)")
+    adaptation.add_argument("--events", type=Path, default=None,
+                            help="JSONL events to replay (default: generate a drifting target stream)")
+    adaptation.add_argument("--generate", type=int, default=30_000, help="events to generate when --events is not given")
+    adaptation.add_argument("--drift-at", type=int, default=None,
+                            help="event index where the regime changes (default: 12,000 of a generated stream, "
+                                 "else the middle)")
+    adaptation.add_argument("--source-checkpoint", type=Path, default=None,
+                            help="next_category checkpoint (default: pretrain one on 60k generated source events)")
+    adaptation.add_argument("--strategies", default="l2sp,head,full", help="fine-tune strategies to replay")
+    adaptation.add_argument("--no-river", action="store_true", help="skip River's learners (the slowest contenders)")
+    adaptation.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    adaptation.add_argument("--plot", type=Path, default=None, help="write the rolling-accuracy plot here (PNG)")
+    _add_settings_flags(adaptation, {"training"})
 
     watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
     watch.add_argument("--metrics-url", default="http://127.0.0.1:9400/metrics")
@@ -109,6 +126,44 @@ def main(argv: list[str] | None = None) -> int:
     except RedisError as error:
         print(f"streamadapt {args.command}: error: Redis: {error} (is STREAMADAPT_REDIS_URL right?)", file=sys.stderr)
         return 1
+
+
+def _bench_adaptation(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from worker.bench_adaptation import run_adaptation_bench
+    from worker.finetune import STRATEGIES
+    from worker.generate import generate_events, write_events
+    from worker.pretrain import pretrain, read_events
+
+    strategies = tuple(s for s in args.strategies.split(",") if s)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise SettingsError(f"--strategies takes some of {', '.join(STRATEGIES)}, not {args.strategies!r}")
+    training = load_settings(_settings_overrides(args)).training
+    if args.events is not None:
+        events, refused = read_events(args.events)
+        if refused:
+            print(f"{refused} lines of {args.events} are not valid events and are left out")
+        drift_at = args.drift_at
+    else:
+        if args.generate < 1000:
+            raise SettingsError("--generate must be at least 1000")
+        from schemas import PurchaseEvent
+
+        drift_at = args.drift_at if args.drift_at is not None else min(12_000, args.generate // 2)
+        events = [PurchaseEvent.model_validate(e) for e in
+                  generate_events(events=args.generate, market="target", drift_at=drift_at, seed=7)]
+    with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch:
+        checkpoint = args.source_checkpoint
+        if checkpoint is None:
+            print("no --source-checkpoint: pretraining one on 60,000 generated source events")
+            source = Path(scratch) / "source.jsonl"
+            write_events(source, events=60_000, market="source", seed=98)
+            pretrain(source, Path(scratch) / "checkpoint", task="next_category", horizon_days=7)
+            checkpoint = Path(scratch) / "checkpoint"
+        run_adaptation_bench(events, checkpoint, drift_at, training, out=args.out, plot_path=args.plot,
+                             strategies=strategies, with_river=not args.no_river)
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict:
@@ -150,7 +205,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise SettingsError(f"models {args.action} needs a VERSION")
         settings = load_settings(_settings_overrides(args))
         print(models_command(settings, args.action, args.version))
-    elif args.command == "bench":
+    elif args.command == "bench" and args.which == "throughput":
         from worker.bench_throughput import run_throughput_bench
 
         if args.events < 100 or args.repeat < 1 or args.latency_seconds < 0:
@@ -158,6 +213,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = load_settings(_settings_overrides(args))
         run_throughput_bench(settings, args.events, args.source_checkpoint, args.out, repeat=args.repeat,
                              latency_s=args.latency_seconds)
+    elif args.command == "bench":
+        _bench_adaptation(args)
     elif args.command == "watch":
         from worker.watch import watch
 

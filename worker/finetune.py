@@ -29,6 +29,7 @@ class FineTuneConfig:
     learning_rate: float = 1e-3  # head and l2sp; `full` uses a tenth of it
     l2sp_weight: float = 1e-3
     seed: int = 0
+    from_scratch: bool = False  # start from fresh random weights (same architecture): the no-transfer baseline
 
 
 def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray,
@@ -41,13 +42,14 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
     if len(labels) == 0:
         raise FineTuneError("no training examples")
     tf.keras.utils.set_random_seed(config.seed)
-    model = tf.keras.models.clone_model(source_model)
-    model.set_weights(source_model.get_weights())
+    model = tf.keras.models.clone_model(source_model)  # a clone has freshly initialised weights
+    if not config.from_scratch:
+        model.set_weights(source_model.get_weights())
     for layer in model.layers:
         layer.trainable = config.strategy != "head" or layer.name == "head"
     base_pairs = [(w, tf.constant(w.numpy())) for layer in model.layers if layer.name.startswith("base_dense")
-                  for w in layer.trainable_weights] if config.strategy == "l2sp" else []
-    learning_rate = config.learning_rate / 10 if config.strategy == "full" else config.learning_rate
+                  for w in layer.trainable_weights] if config.strategy == "l2sp" and not config.from_scratch else []
+    learning_rate = config.learning_rate / 10 if config.strategy == "full" and not config.from_scratch else config.learning_rate
     optimizer = tf.keras.optimizers.Adam(learning_rate)
     binary = task == "repurchase"
     loss_fn = (tf.keras.losses.BinaryCrossentropy(reduction="none") if binary

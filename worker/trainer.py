@@ -13,17 +13,15 @@ import threading
 import time
 from datetime import datetime, timezone
 
-import numpy as np
 from kafka import KafkaProducer
 
 from schemas import ModelVersion, TrainedOn
-from worker.examples import expired_windows, recency_weights
-from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
+from worker.candidate import Scorer, fine_tune_round
+from worker.examples import expired_windows
+from worker.finetune import FineTuneError
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
-from worker.model import ModelMeta, class_probabilities
-from worker.promotion import decide, example_losses, prior_probabilities
-from worker.quality import scores
+from worker.model import ModelMeta
 from worker.registry import Registry, encode_weights
 from worker.settings import Settings
 from worker.state import StateStore
@@ -76,9 +74,7 @@ class Trainer:
         self._t = settings.training
         self._store, self._registry, self._producer = store, registry, producer
         self._source, self._meta, self._metrics, self._lease = source_model, meta, metrics, lease
-        import tensorflow as tf
-
-        self._scratch = tf.keras.models.clone_model(source_model)  # scores the champion's weights
+        self._scorer = Scorer(source_model, meta.task)
         self._last_examples = store.examples_total()
         self._last_run = time.monotonic()
         self._source_registered = False
@@ -132,41 +128,24 @@ class Trainer:
             log.info("fine-tune skipped (%s): %d examples < %d", reason, len(examples), self._t.min_examples)
             self._metrics.finetune_runs.labels("skipped").inc()
             return None
-        features = np.stack([e.features for e in examples])
-        labels = np.array([e.label for e in examples], dtype=np.int64)
-        ts_s = np.array([e.ts_s for e in examples])
-        holdout = max(1, int(len(examples) * self._t.holdout_share))
-        train = slice(0, len(examples) - holdout)
-        held = slice(len(examples) - holdout, None)
         champion_version = self._registry.champion() or self._meta.version
         champion_record = self._registry.get(champion_version)
         champion_weights = self._registry.weights(champion_record) if champion_record else self._source.get_weights()
-        config = FineTuneConfig(strategy=self._t.strategy, epochs=self._t.epochs, learning_rate=self._t.learning_rate,
-                                l2sp_weight=self._t.l2sp_weight)
-        log.info("fine-tune (%s): %s on %d examples, holdout %d, champion %s", reason, config.strategy,
-                 len(examples) - holdout, holdout, champion_version)
+        log.info("fine-tune (%s): %s on %d examples, champion %s", reason, self._t.strategy, len(examples),
+                 champion_version)
         try:
-            candidate_weights = fine_tune(self._source, features[train], labels[train],
-                                          recency_weights(ts_s[train], self._t.recency_half_life_s), self._meta.task, config)
+            round_ = fine_tune_round(self._source, champion_weights, examples, self._meta.task, len(self._meta.classes),
+                                     self._t, self._scorer)
         except FineTuneError as error:
             log.error("fine-tune failed: %s", error)
             self._metrics.finetune_runs.labels("failed").inc()
             return None
-        held_x, held_y = features[held], labels[held]
-        candidate_p = self._probabilities(candidate_weights, held_x)
-        champion_p = self._probabilities(champion_weights, held_x)
-        prior_p = prior_probabilities(labels[train], len(self._meta.classes), holdout)
-        decision = decide(example_losses(candidate_p, held_y), example_losses(champion_p, held_y),
-                          example_losses(prior_p, held_y), self._t.promotion_margin)
-        candidate_scores, champion_scores, prior_scores = (
-            _finite(scores(self._meta.task, p, held_y)) for p in (candidate_p, champion_p, prior_p))
-        artifact = encode_weights(candidate_weights)
+        decision = round_.decision
+        artifact = encode_weights(round_.weights)
         version = f"v{self._registry.next_version_number()}"
-        trained_on = TrainedOn(examples=len(examples) - holdout, event_time_from=_utc(ts_s[0]),
-                               event_time_to=_utc(ts_s[train.stop - 1]))
-        record = self._record(version, champion_version, artifact, trained_on,
-                              {"candidate": candidate_scores, "champion": champion_scores, "label_prior": prior_scores},
-                              False, config.strategy,
+        trained_on = TrainedOn(examples=round_.trained_examples, event_time_from=_utc(round_.trained_ts_s[0]),
+                               event_time_to=_utc(round_.trained_ts_s[1]))
+        record = self._record(version, champion_version, artifact, trained_on, round_.scores, False, self._t.strategy,
                               decision.reason)
         self._registry.put(record, artifact)
         if decision.promote:
@@ -193,11 +172,6 @@ class Trainer:
         cutoff = now_watermark - (self._meta.horizon_days or 0.0) * 86400.0
         return [e for e in examples if e.ts_s <= cutoff]
 
-    def _probabilities(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
-        """Class probabilities (n, C) of a model with these weights (binary: columns P(0), P(1))."""
-        self._scratch.set_weights(weights)
-        return class_probabilities(self._scratch.predict(features, batch_size=4096, verbose=0), self._meta.task)
-
     def _expire_windows(self, now_watermark: float | None) -> None:
         sizes = self._store.window_sizes()
         if now_watermark is not None:
@@ -220,11 +194,6 @@ class Trainer:
                                      value=record.model_dump_json().encode())
         self._producer.flush(timeout=30)
         future.get(timeout=30)
-
-
-def _finite(measures: dict[str, float]) -> dict[str, float]:
-    """Drop measures that are undefined on this holdout (e.g. AUC with one class): JSON has no NaN."""
-    return {k: float(v) for k, v in measures.items() if np.isfinite(v)}
 
 
 def _utc(ts_s: float) -> datetime:

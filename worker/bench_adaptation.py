@@ -1,0 +1,310 @@
+"""`streamadapt bench adaptation`: prequential quality on a drifting stream, against static, scratch,
+River's online learners and an oracle.
+
+Offline and deterministic: the stream is replayed in event-time order through the worker's own feature
+code, label rule (next_category: a purchase's label is the user's next purchase, known only then) and
+fine-tune rounds (worker.candidate, as the trainer runs them). Every contender predicts each event
+before its label exists, and learns a label only when the user's next purchase reveals it.
+
+Contenders:
+- static: the source model, unchanged;
+- adapted-<strategy>: the trainer's loop: every `every_examples` new labels, a round on the newest
+  `max_examples`, promoted only through the gate;
+- scratch: the same loop and gate, each round from random weights (no transfer);
+- River: adaptive random forest, Hoeffding adaptive tree, softmax regression, learning label by label
+  (when River is installed: pip install 'streamadapt[bench]');
+- oracle: a model trained offline on every labelled event after the drift (it has seen the answers),
+  the ceiling the others are measured against.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from schemas import PurchaseEvent
+from worker.candidate import Scorer, fine_tune_round
+from worker.examples import Example
+from worker.features import UserState, advance, encode
+from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
+from worker.model import ServingModel, load_checkpoint
+from worker.quality import QualityMonitor
+from worker.settings import TrainingSettings
+
+ROLLING_LABELS = 1000  # labelled events in the rolling accuracy of the plot
+AFTER_DRIFT_LABELS = 5000  # the goal: within 2 points of the oracle within this many labels after a drift
+CURVE_SIZES = (250, 500, 1000, 2000, 5000)
+
+
+@dataclass
+class Stream:
+    """A stream turned into what every contender sees: features before each event, its label's class
+    index (-1 if never revealed) and the index of the event that reveals it (-1 if none)."""
+
+    events: list[PurchaseEvent]
+    features: np.ndarray
+    labels: np.ndarray
+    revealed_by: np.ndarray
+    drift_at: int
+
+    @property
+    def ts_s(self) -> np.ndarray:
+        return np.array([e.ts_s for e in self.events])
+
+
+def build_stream(events: list[PurchaseEvent], spec, drift_at: int | None) -> Stream:
+    ordered = sorted(events, key=lambda e: e.ts_s)
+    states: dict[str, UserState] = {}
+    last_index: dict[str, int] = {}
+    pairs = []
+    labels = np.full(len(ordered), -1, dtype=np.int64)
+    revealed_by = np.full(len(ordered), -1, dtype=np.int64)
+    for i, event in enumerate(ordered):
+        state = states.get(event.user_id, UserState())
+        pairs.append((state, event))
+        states[event.user_id] = advance(state, event)
+        previous = last_index.get(event.user_id)
+        if previous is not None:
+            labels[previous] = spec.index_of(event.category)
+            revealed_by[previous] = i
+        last_index[event.user_id] = i
+    return Stream(ordered, encode(pairs, spec), labels, revealed_by,
+                  drift_at if drift_at is not None else len(ordered) // 2)
+
+
+@dataclass
+class Outcome:
+    name: str
+    probabilities: np.ndarray  # (n, C) what was served for each event
+    promotions: list[int] = field(default_factory=list)  # event indices at which a new version took over
+    seconds: float = 0.0
+
+
+def run_static(name: str, model: ServingModel, stream: Stream) -> Outcome:
+    started = time.perf_counter()
+    return Outcome(name, model.predict_many(stream.features), seconds=time.perf_counter() - started)
+
+
+def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: TrainingSettings,
+                   from_scratch: bool = False, progress=None) -> Outcome:
+    """The trainer's loop, replayed: serve, collect revealed labels, and run a round every `every_examples`
+    labels or when the drift detector alarms on the served predictions' log-loss (the `every_s` trigger
+    has no meaning offline)."""
+    started = time.perf_counter()
+    serving = ServingModel(source_model, meta)
+    scorer = Scorer(source_model, meta.task)
+    champion = [w.copy() for w in source_model.get_weights()]
+    window: deque[Example] = deque(maxlen=training.max_examples)
+    reveals = _reveals(stream)
+    served = np.zeros((len(stream.events), len(meta.classes)), dtype=np.float32)
+    monitor = QualityMonitor(meta.task, training.quality_window)
+    promotions, since_round, alarmed = [], 0, False
+    for i in range(len(stream.events)):
+        for j in reveals.get(i, ()):
+            window.append(Example(stream.events[j].event_id, stream.events[j].ts_s, "", stream.features[j],
+                                  served[j], int(stream.labels[j])))
+            since_round += 1
+            alarmed |= training.on_drift and monitor.observe(serving.version, served[j], int(stream.labels[j]))
+        if (since_round >= training.every_examples or alarmed) and len(window) >= training.min_examples:
+            since_round, alarmed = 0, False
+            try:
+                round_ = fine_tune_round(source_model, champion, list(window), meta.task, len(meta.classes),
+                                         training, scorer, from_scratch=from_scratch)
+            except FineTuneError:
+                round_ = None
+            if round_ is not None and round_.decision.promote:
+                champion = round_.weights
+                serving.swap(champion, f"{name}-{len(promotions) + 1}")
+                promotions.append(i)
+            if progress:
+                progress(f"{name}: round at event {i:,}/{len(stream.events):,}, "
+                         f"{'promoted' if round_ is not None and round_.decision.promote else 'kept the champion'}")
+        served[i] = serving.predict_many(stream.features[i:i + 1])[0]
+    return Outcome(name, served, promotions, time.perf_counter() - started)
+
+
+def run_river(name: str, model, stream: Stream, n_classes: int, feature_names: list[str]) -> Outcome:
+    """A River classifier, label by label: predict each event, learn each label when it is revealed."""
+    started = time.perf_counter()
+    reveals = _reveals(stream)
+    rows = [dict(zip(feature_names, row)) for row in stream.features.astype(float).tolist()]
+    served = np.full((len(rows), n_classes), 1.0 / n_classes, dtype=np.float32)
+    for i, x in enumerate(rows):
+        for j in reveals.get(i, ()):
+            model.learn_one(rows[j], int(stream.labels[j]))
+        for label, p in model.predict_proba_one(x).items():
+            served[i, int(label)] = p
+    return Outcome(name, served, seconds=time.perf_counter() - started)
+
+
+def train_oracle(source_model, meta, stream: Stream, epochs: int = 12) -> ServingModel:
+    """A model of the same architecture trained on every labelled event after the drift (the answers)."""
+    after = np.flatnonzero((np.arange(len(stream.events)) >= stream.drift_at) & (stream.labels >= 0))
+    config = FineTuneConfig(strategy="full", epochs=epochs, from_scratch=True)
+    weights = fine_tune(source_model, stream.features[after], stream.labels[after], np.ones(len(after), np.float32),
+                        meta.task, config)
+    oracle = ServingModel(source_model, meta)
+    oracle.swap(weights, "oracle")
+    return oracle
+
+
+def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=(0, 1, 2)) -> list[dict]:
+    """Accuracy on a fixed later holdout of the target regime after fine-tuning on the first N labelled
+    events after the drift: from the source (l2sp) against from random weights (the same fine-tuning)."""
+    after = np.flatnonzero((np.arange(len(stream.events)) >= stream.drift_at) & (stream.labels >= 0))
+    holdout = after[int(len(after) * 0.7):]
+    train_pool = after[: int(len(after) * 0.7)]
+    scorer = Scorer(source_model, meta.task)
+    rows = []
+    for size in sizes:
+        if size > len(train_pool):
+            break
+        chosen = train_pool[:size]
+        accuracies = {"transfer": [], "scratch": []}
+        for seed in seeds:
+            for name, config in (("transfer", FineTuneConfig(strategy="l2sp", seed=seed)),
+                                 ("scratch", FineTuneConfig(strategy="full", seed=seed, from_scratch=True))):
+                weights = fine_tune(source_model, stream.features[chosen], stream.labels[chosen],
+                                    np.ones(size, np.float32), meta.task, config)
+                p = scorer(weights, stream.features[holdout])
+                accuracies[name].append(float(np.mean(np.argmax(p, axis=1) == stream.labels[holdout])))
+        rows.append({"examples": size, "transfer_accuracy": float(np.mean(accuracies["transfer"])),
+                     "scratch_accuracy": float(np.mean(accuracies["scratch"])),
+                     "transfer_minus_scratch": float(np.mean(accuracies["transfer"]) - np.mean(accuracies["scratch"])),
+                     "seeds": len(seeds), "holdout": int(len(holdout))})
+    return rows
+
+
+def summarise(outcome: Outcome, stream: Stream) -> dict:
+    """Prequential accuracy before the drift, in the first AFTER_DRIFT_LABELS labels after it, and after that."""
+    labelled = stream.labels >= 0
+    index = np.arange(len(stream.events))
+    correct = np.argmax(outcome.probabilities, axis=1) == stream.labels
+    after = np.flatnonzero(labelled & (index >= stream.drift_at))
+    spans = {"before_drift": np.flatnonzero(labelled & (index < stream.drift_at)),
+             "first_5k_after_drift": after[:AFTER_DRIFT_LABELS], "later_after_drift": after[AFTER_DRIFT_LABELS:]}
+    result = {"name": outcome.name, "promotions": len(outcome.promotions), "seconds": round(outcome.seconds, 1)}
+    for span, rows in spans.items():
+        result[span] = float(np.mean(correct[rows])) if len(rows) else float("nan")
+    return result
+
+
+def rolling_accuracy(outcome: Outcome, stream: Stream, window: int = ROLLING_LABELS) -> tuple[np.ndarray, np.ndarray]:
+    """(event time, accuracy over the `window` labelled events up to it), from the first full window on."""
+    labelled = np.flatnonzero(stream.labels >= 0)
+    correct = (np.argmax(outcome.probabilities[labelled], axis=1) == stream.labels[labelled]).astype(float)
+    cumulative = np.concatenate([[0.0], np.cumsum(correct)])
+    ends = np.arange(window, len(correct) + 1)  # full windows only
+    return stream.ts_s[labelled][ends - 1], (cumulative[ends] - cumulative[ends - window]) / window
+
+
+def plot(outcomes: list[Outcome], stream: Stream, path: Path) -> bool:
+    """Rolling accuracy over event time, with the drift and the adapted model's promotions marked.
+    Returns False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from datetime import datetime, timezone
+
+    def when(ts_s):
+        return [datetime.fromtimestamp(t, tz=timezone.utc) for t in ts_s]
+
+    figure, axes = plt.subplots(figsize=(11, 5.5))
+    for outcome in outcomes:
+        ts_s, rolling = rolling_accuracy(outcome, stream)
+        style = {"linewidth": 2.2} if outcome.name.startswith("adapted-l2sp") else {"linewidth": 1.2}
+        axes.plot(when(ts_s), rolling, label=outcome.name, **style)
+        if outcome.name.startswith("adapted-l2sp") and outcome.promotions:
+            marks = [stream.ts_s[i] for i in outcome.promotions]
+            axes.scatter(when(marks), [axes.get_ylim()[0]] * len(marks), marker="^", s=40, color="black",
+                         label="promotion (adapted-l2sp)", zorder=5)
+    axes.axvline(when([stream.ts_s[stream.drift_at]])[0], color="red", linestyle="--", label="drift")
+    axes.set_xlabel("event time")
+    axes.set_ylabel(f"prequential accuracy (last {ROLLING_LABELS} labels)")
+    axes.set_title("next_category on the generated drifting stream")
+    axes.legend(loc="lower left", fontsize=8, ncol=2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def river_contenders(seed: int = 0) -> list[tuple[str, object]]:
+    """River's online learners, or none when River is not installed."""
+    try:
+        from river import forest, linear_model, preprocessing, tree
+    except ImportError:
+        return []
+    return [("river-adaptive-random-forest", forest.ARFClassifier(n_models=10, seed=seed)),
+            ("river-hoeffding-adaptive-tree", tree.HoeffdingAdaptiveTreeClassifier(seed=seed)),
+            ("river-softmax-regression", preprocessing.StandardScaler() | linear_model.SoftmaxRegression())]
+
+
+def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at: int | None, training: TrainingSettings,
+                         out: Path | None = None, plot_path: Path | None = None, strategies=("l2sp", "head", "full"),
+                         with_river: bool = True, curve_sizes=CURVE_SIZES, curve_seeds=(0, 1, 2), echo=print) -> dict:
+    source_model, meta = load_checkpoint(checkpoint)
+    if meta.task != "next_category":
+        raise ValueError("bench adaptation judges the next_category task; this checkpoint is for " + meta.task)
+    stream = build_stream(events, meta.feature_spec, drift_at)
+    labelled = int((stream.labels >= 0).sum())
+    echo(f"{len(stream.events):,} events, {labelled:,} labelled, drift at event {stream.drift_at:,}")
+    outcomes = [run_static("static", ServingModel(source_model, meta), stream)]
+    for strategy in strategies:
+        echo(f"replaying the trainer with strategy {strategy}")
+        outcomes.append(run_fine_tuned(f"adapted-{strategy}", source_model, meta, stream,
+                                       training.model_copy(update={"strategy": strategy}), progress=echo))
+    echo("replaying the trainer from random weights (scratch)")
+    outcomes.append(run_fine_tuned("scratch", source_model, meta, stream, training.model_copy(update={"strategy": "full"}),
+                                   from_scratch=True, progress=echo))
+    river = river_contenders() if with_river else []
+    if with_river and not river:
+        echo("River is not installed (pip install 'streamadapt[bench]'): its contenders are skipped")
+    for name, model in river:
+        echo(f"replaying {name}")
+        outcomes.append(run_river(name, model, stream, len(meta.classes), meta.feature_spec.feature_names()))
+    echo("training the oracle on the labelled events after the drift")
+    outcomes.append(run_static("oracle", train_oracle(source_model, meta, stream), stream))
+    echo("transfer against scratch over window sizes")
+    curve = transfer_curve(source_model, meta, stream, curve_sizes, curve_seeds)
+    table = [summarise(o, stream) for o in outcomes]
+    result = {"events": len(stream.events), "labelled": labelled, "drift_at": stream.drift_at,
+              "source_checkpoint_sha256": meta.sha256, "contenders": table, "transfer_curve": curve,
+              "training": training.model_dump()}
+    echo(f"{'prequential accuracy':32}{'before drift':>14}{'first 5k after':>16}{'later after':>13}{'promotions':>12}")
+    for row in table:
+        echo(f"{row['name']:32}{row['before_drift']:>14.3f}{row['first_5k_after_drift']:>16.3f}"
+             f"{row['later_after_drift']:>13.3f}{row['promotions']:>12}")
+    echo(f"{'examples after the drift':26}{'transfer':>10}{'scratch':>10}{'difference':>12}")
+    for row in curve:
+        echo(f"{row['examples']:>26,}{row['transfer_accuracy']:>10.3f}{row['scratch_accuracy']:>10.3f}"
+             f"{row['transfer_minus_scratch']:>+12.3f}")
+    if plot_path is not None:
+        shown = [o for o in outcomes if o.name in {"static", "adapted-l2sp", "scratch", "oracle"} or o.name.startswith("river")]
+        if plot(shown, stream, plot_path):
+            result["plot"] = str(plot_path)
+            echo(f"wrote {plot_path}")
+        else:
+            echo("matplotlib is not installed (pip install 'streamadapt[bench]'): no plot")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        echo(f"wrote {out}")
+    return result
+
+
+def _reveals(stream: Stream) -> dict[int, list[int]]:
+    """event index -> indices of earlier events whose label it reveals."""
+    reveals: dict[int, list[int]] = {}
+    for j, i in enumerate(stream.revealed_by.tolist()):
+        if i >= 0:
+            reveals.setdefault(i, []).append(j)
+    return reveals

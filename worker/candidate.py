@@ -1,0 +1,72 @@
+"""One fine-tune round on a window of labelled examples, and the gate's decision on it.
+
+Shared by the trainer (which adds Redis, the registry and Kafka around it) and by the adaptation
+benchmark (which replays a stream offline), so both judge candidates the same way:
+- the examples are split in event-time order: the newest `holdout_share` is held out;
+- the candidate is fine-tuned from the source weights on the rest, with recency weights;
+- candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.examples import Example, recency_weights
+from worker.finetune import FineTuneConfig, fine_tune
+from worker.model import class_probabilities
+from worker.promotion import Decision, decide, example_losses, prior_probabilities
+from worker.quality import scores
+from worker.settings import TrainingSettings
+
+
+@dataclass(frozen=True)
+class Round:
+    weights: list[np.ndarray]
+    decision: Decision
+    scores: dict[str, dict[str, float]]  # "candidate", "champion", "label_prior" -> measures on the holdout
+    trained_examples: int
+    trained_ts_s: tuple[float, float]  # event-time range of the training part
+    holdout_examples: int
+
+
+class Scorer:
+    """Class probabilities of any weights of one architecture, on a private copy of the model."""
+
+    def __init__(self, model, task: str):
+        import tensorflow as tf
+
+        self._copy = tf.keras.models.clone_model(model)
+        self._task = task
+
+    def __call__(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
+        self._copy.set_weights(weights)
+        return class_probabilities(self._copy.predict(features, batch_size=4096, verbose=0), self._task)
+
+
+def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: list[Example], task: str,
+                    n_classes: int, training: TrainingSettings, scorer: Scorer, from_scratch: bool = False) -> Round:
+    """Fine-tune on `examples` (oldest first) and decide on the candidate. Raises FineTuneError."""
+    features = np.stack([e.features for e in examples])
+    labels = np.array([e.label for e in examples], dtype=np.int64)
+    ts_s = np.array([e.ts_s for e in examples])
+    holdout = max(1, int(len(examples) * training.holdout_share))
+    train, held = slice(0, len(examples) - holdout), slice(len(examples) - holdout, None)
+    config = FineTuneConfig(strategy=training.strategy, epochs=training.epochs, learning_rate=training.learning_rate,
+                            l2sp_weight=training.l2sp_weight, from_scratch=from_scratch)
+    weights = fine_tune(source_model, features[train], labels[train],
+                        recency_weights(ts_s[train], training.recency_half_life_s), task, config)
+    held_x, held_y = features[held], labels[held]
+    candidate_p, champion_p = scorer(weights, held_x), scorer(champion_weights, held_x)
+    prior_p = prior_probabilities(labels[train], n_classes, holdout)
+    decision = decide(example_losses(candidate_p, held_y), example_losses(champion_p, held_y),
+                      example_losses(prior_p, held_y), training.promotion_margin)
+    measured = {name: _finite(scores(task, p, held_y))
+                for name, p in (("candidate", candidate_p), ("champion", champion_p), ("label_prior", prior_p))}
+    return Round(weights, decision, measured, len(examples) - holdout, (float(ts_s[0]), float(ts_s[train.stop - 1])),
+                 holdout)
+
+
+def _finite(measures: dict[str, float]) -> dict[str, float]:
+    """Drop measures that are undefined on this holdout (e.g. AUC with one class): JSON has no NaN."""
+    return {k: float(v) for k, v in measures.items() if np.isfinite(v)}
