@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker import kafka_io
 from worker.generate import write_events
+from worker.model import ServingModel
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
 
@@ -187,6 +188,7 @@ def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
 def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, bytes]], rate: float) -> dict[str, float]:
     """Produce at a steady `rate`; returns event_id -> wall-clock send time."""
     producer = kafka_io.open_producer(kafka)
+    partition_of = kafka_io.KeyPartitioner(producer)  # the load generator takes as little CPU as it can
     sent: dict[str, float] = {}
     try:
         started = time.perf_counter()
@@ -195,7 +197,8 @@ def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, bytes]
             if delay > 0:
                 time.sleep(delay)
             sent[event_id] = time.time()
-            producer.send(topic, value=value, key=event_id.encode())
+            key = event_id.encode()
+            producer.send(topic, value=value, key=key, partition=partition_of(topic, key))
         producer.flush(timeout=60)
     finally:
         producer.close(timeout=10)
@@ -210,9 +213,32 @@ def _read_predictions(kafka: KafkaSettings, topic: str, received: dict[str, floa
             for batch in consumer.poll(timeout_ms=100).values():
                 now = time.time()
                 for record in batch:
-                    received.setdefault(json.loads(record.value)["event_id"], now)
+                    received.setdefault(_event_id(record.value), now)
     finally:
         consumer.close()
+
+
+def _event_id(prediction_json: bytes) -> str:
+    """The event_id of a prediction, cut out of the JSON the worker writes (its second field, see
+    schemas.prediction.PredictionWriter) instead of parsing all of it: the reader shares the CPU with the
+    worker it measures."""
+    start = prediction_json.index(b'"event_id":') + len(b'"event_id":')
+    return json.loads(prediction_json[start:prediction_json.index(b',"user_id":', start)])
+
+
+def measure_swap(checkpoint: Path, swaps: int = 200) -> dict:
+    """What a hot-swap costs the serving thread: ServingModel.swap of another version's weights (the
+    follower thread fetches and verifies them beforehand, off the serving path)."""
+    model = ServingModel.from_checkpoint(checkpoint)
+    versions = [[w * (1.0 + 0.01 * i) for w in model.keras_model.get_weights()] for i in range(2)]
+    durations = []
+    for i in range(swaps):
+        started = time.perf_counter()
+        model.swap(versions[i % 2], f"bench-{i}")
+        durations.append(time.perf_counter() - started)
+    ms = np.array(durations) * 1000.0
+    return {"swaps": swaps, "median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max())}
 
 
 def _watch_training(trainer_port: int, intervals: list[tuple[float, float]], stop: threading.Event) -> None:
@@ -298,6 +324,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             worker_runs.append(worker_run)
             rss.append(peak_rss_mib)
         bare, worker = _median(bare_runs), _median(worker_runs)
+        swap = measure_swap(checkpoint)
         latencies = []
         if latency_s > 0:
             latency_stream = scratch_dir / "latency.jsonl"
@@ -317,13 +344,18 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
               "worker": {**asdict(worker), "events_per_s": worker.events_per_s,
                          "runs_events_per_s": [r.events_per_s for r in worker_runs]},
               "ratio_worker_to_bare": ratio, "worker_peak_rss_mib": max(rss),
+              "ratio_per_run": [w.events_per_s / b.events_per_s for w, b in zip(worker_runs, bare_runs)],
+              "hot_swap": swap,
               "latency": [asdict(r) for r in latencies],
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     echo(f"{'median of ' + str(repeat) + ' runs':38}{'events':>8}{'seconds':>10}{'events/s':>11}   runs (events/s)")
     for r, runs in ((bare, bare_runs), (worker, worker_runs)):
         shown = " ".join(f"{x.events_per_s:.0f}" for x in runs)
         echo(f"{r.name:38}{r.events:>8}{r.seconds:>10.2f}{r.events_per_s:>11.0f}   {shown}")
-    echo(f"ratio worker / bare: {ratio:.3f}    worker peak RSS: {max(rss):.0f} MiB")
+    echo(f"ratio worker / bare: {ratio:.3f} (per run: {' '.join(f'{r:.3f}' for r in result['ratio_per_run'])})"
+         f"    worker peak RSS: {max(rss):.0f} MiB")
+    echo(f"hot-swap on the serving thread: median {swap['median_ms']:.3f} ms, p99 {swap['p99_ms']:.3f} ms, "
+         f"max {swap['max_ms']:.3f} ms over {swap['swaps']} swaps")
     if latencies:
         echo(f"{'event to prediction latency':38}{'events/s':>9}{'received':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
         for r in latencies:

@@ -23,6 +23,8 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
         result["worker"]["events_per_s"] / result["bare"]["events_per_s"])
     assert result["worker_peak_rss_mib"] > 50
     assert result["worker"]["runs_events_per_s"] == [result["worker"]["events_per_s"]]
+    assert result["ratio_per_run"] == [pytest.approx(result["ratio_worker_to_bare"])]
+    assert result["hot_swap"]["swaps"] == 200 and 0 < result["hot_swap"]["median_ms"] <= result["hot_swap"]["max_ms"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert any(line.startswith("ratio worker / bare:") for line in lines)
 
