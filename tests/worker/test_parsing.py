@@ -118,3 +118,9 @@ def test_every_valid_event_parses_back_to_its_values(price, quantity, minutes_ag
                               "event_id": event_id}).encode())
     assert isinstance(event, PurchaseEvent), event
     assert (event.price, event.quantity, event.ts, event.event_id) == (price, quantity, ts, event_id)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 5_000 + b"1" + b"}" * 5_000])
+def test_deeply_nested_json_is_refused_without_recursing(raw):
+    rejection = parse_event(raw, now=NOW, max_payload_bytes=len(raw), max_future_skew_s=3600)
+    assert isinstance(rejection, Rejection) and rejection.reason is RejectReason.INVALID_JSON
