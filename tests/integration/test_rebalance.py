@@ -2,6 +2,8 @@
 SIGTERM, one by kill -9): every event still gets a prediction, and a re-emitted one is identical."""
 import json
 import signal
+import threading
+import time
 from collections import defaultdict
 
 import pytest
@@ -14,24 +16,35 @@ pytestmark = pytest.mark.integration
 BATCH = 300
 
 
+def feed(stack, topic, bodies, per_second):
+    """Produce `bodies` in one-second slices of `per_second` events, keyed by user."""
+    step = int(per_second)
+    for start in range(0, len(bodies), step):
+        began = time.monotonic()
+        chunk = bodies[start:start + step]
+        produce(stack, topic, [dumps(b) for b in chunk], keys=[b["user_id"].encode() for b in chunk])
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
+
+
 def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp_path):
     admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
     admin.create_topics([NewTopic(names.input_topic, 6, 1), NewTopic(names.predictions_topic, 6, 1)])
     admin.close()
     bodies = [event(i, user=f"user-{i % 1009}") for i in range(24_000)]
-    produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
     env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker"}
     workers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"worker{i}.log", **env) for i in range(3)]
+    feeding = threading.Thread(target=feed, args=(stack, names.input_topic, bodies, 600.0), daemon=True)
     try:
         workers[0].start()
-        workers[0].wait_metric("streamadapt_events_consumed_total", 2000, timeout_s=120)
+        feeding.start()  # 40 s of events at 600 a second, while the group changes under them
         workers[1].start()  # joins: the group rebalances under a consuming worker
-        workers[1].wait_metric("streamadapt_events_consumed_total", 1000, timeout_s=120)
         workers[2].start()
-        workers[2].wait_metric("streamadapt_events_consumed_total", 1000, timeout_s=120)
+        workers[2].wait_metric("streamadapt_events_consumed_total", 1, timeout_s=60)
         assert workers[0].stop(signal.SIGTERM) == 0  # leaves cleanly
+        workers[1].wait_metric("streamadapt_events_consumed_total", 1, timeout_s=60)
         workers[1].process.send_signal(signal.SIGKILL)  # leaves without a word: its partitions move after the session timeout
         workers[1].process.wait(timeout=30)
+        feeding.join(timeout=120)
         records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=300, settle_s=3)
         assert workers[2].stop() == 0
     finally:
