@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,19 @@ def read_topic(stack: Stack, topic: str, expect: int, timeout_s: float = 60.0, s
             break
     consumer.close()
     return records
+
+
+def check_every_event_predicted(bodies: list[dict], records: list) -> int:
+    """Assert that every event of `bodies` has a prediction among `records` and that any prediction
+    emitted more than once is byte-identical; returns how many were re-emitted."""
+    per_event: dict[str, set[bytes]] = defaultdict(set)
+    for record in records:
+        per_event[json.loads(record.value)["event_id"]].add(record.value)
+    missing = {b["event_id"] for b in bodies} - set(per_event)
+    assert not missing, f"{len(missing)} events lack a prediction"
+    changed = [event_id for event_id, copies in per_event.items() if len(copies) > 1]
+    assert not changed, f"{len(changed)} re-emitted predictions differ from the first, e.g. {changed[0]}"
+    return len(records) - len(per_event)
 
 
 def committed_offsets(stack: Stack, group: str, topic: str) -> dict[int, int]:

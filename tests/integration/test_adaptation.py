@@ -9,7 +9,6 @@ import sys
 import uuid
 from datetime import datetime, timezone
 
-import numpy as np
 import pytest
 import redis
 from kafka import KafkaProducer

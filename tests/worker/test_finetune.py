@@ -5,7 +5,7 @@ import pytest
 
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
 from worker.model import load_checkpoint
-from worker.pretrain import build_examples, category_spec, read_events
+from worker.pretrain import build_examples, read_events
 from worker.promotion import decide, example_losses, prior_probabilities
 
 
