@@ -51,6 +51,8 @@ def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> 
         auto_offset_reset="earliest",
         max_poll_records=settings.max_poll_records,
         max_partition_fetch_bytes=4 << 20,
+        fetch_min_bytes=settings.fetch_min_bytes,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         fetch_max_bytes=32 << 20,
         metadata_max_age_ms=30_000,  # new partitions of the input topic are picked up within 30 s
     )
