@@ -194,7 +194,7 @@ def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, bytes]
     events/s, so "50 % load" left the worker far less than half the machine."""
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": kafka.bootstrap, "acks": "all", "linger.ms": 1})
+    producer = Producer({"bootstrap.servers": kafka.bootstrap, "acks": "all", "linger.ms": 5})  # as open_producer
     sent: dict[str, float] = {}
     started = time.perf_counter()
     for i, (event_id, value) in enumerate(values):
@@ -217,7 +217,7 @@ def _read_predictions(kafka: KafkaSettings, topic: str, received: dict[str, floa
     consumer.subscribe([topic])
     try:
         while not stop.is_set():
-            messages = consumer.consume(num_messages=1000, timeout=0.1)
+            messages = consumer.consume(num_messages=1000, timeout=0.002)  # waits for 1,000 or 2 ms
             now = time.time()
             for message in messages:
                 if message.error() is None:
