@@ -108,6 +108,7 @@ class ServingLoop:
         backoff and consumption is paused (memory stays at one batch; the group membership is kept), until
         it goes through or `stop` is set. Any other error is a bug and propagates."""
         started = time.perf_counter()
+        self._metrics.events_consumed.inc(len(records))
         retry_in_s = OUTAGE_FIRST_RETRY_S
         while True:
             try:
@@ -117,7 +118,7 @@ class ServingLoop:
             except OUTAGE_ERRORS as error:
                 if stop is not None and stop.is_set():
                     raise  # stopping: the uncommitted batch is replayed by the next owner
-                self._wait_out(error, retry_in_s)
+                self._wait_out(error, retry_in_s, stop)
                 retry_in_s = min(2 * retry_in_s, OUTAGE_MAX_RETRY_S)
             except Exception:
                 first, last = records[0], records[-1]
@@ -132,9 +133,10 @@ class ServingLoop:
         self._metrics.batch_duration.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(records))
 
-    def _wait_out(self, error: Exception, delay_s: float) -> None:
-        """Pause every assigned partition and wait `delay_s` while polling, which keeps the consumer in its
-        group. Records a poll still returns (partitions assigned during the wait) are sought back to."""
+    def _wait_out(self, error: Exception, delay_s: float, stop: threading.Event | None) -> None:
+        """Pause every assigned partition and wait `delay_s` (less if `stop` is set) while polling, which
+        keeps the consumer in its group. Records a poll still returns (partitions assigned during the
+        wait) are sought back to."""
         dependency = "redis" if isinstance(error, redis.RedisError) else "kafka"
         self._metrics.dependency_errors.labels(dependency).inc()
         if self._outage_since is None:
@@ -145,11 +147,14 @@ class ServingLoop:
         else:
             log.warning("still failing after %.0f s (%s: %s); next try in %.1f s",
                         time.monotonic() - self._outage_since, type(error).__name__, error, delay_s)
+        until = time.monotonic() + delay_s
+        while time.monotonic() < until and not (stop is not None and stop.is_set()):
+            self._consumer.pause(*self._consumer.assignment())
+            slice_ms = max(1, int(min(1.0, until - time.monotonic()) * 1000))
+            for tp, polled in self._consumer.poll(timeout_ms=slice_ms).items():
+                self._consumer.seek(tp, polled[0].offset)
+            self.last_poll_ok_monotonic = time.monotonic()
         self._consumer.pause(*self._consumer.assignment())
-        for tp, polled in self._consumer.poll(timeout_ms=int(delay_s * 1000)).items():
-            self._consumer.seek(tp, polled[0].offset)
-        self._consumer.pause(*self._consumer.assignment())
-        self.last_poll_ok_monotonic = time.monotonic()
 
     def _account(self, outbox: Outbox) -> None:
         """Metrics and prequential quality of a committed batch."""
@@ -168,13 +173,15 @@ class ServingLoop:
             alarmed |= self._quality.observe(example.model_version, example.probabilities, example.label)
         if alarmed:
             m.drift_alarms.inc()
-            self._store.raise_drift_alarm()
             log.warning("drift detector alarmed on the live loss stream")
+            try:
+                self._store.raise_drift_alarm()
+            except redis.RedisError as error:  # the batch is committed; a lost alarm only delays a fine-tune
+                log.warning("could not pass the drift alarm to the trainer: %s", error)
 
     def _build_outbox(self, records: list[InputRecord]) -> Outbox:
-        s, m = self._settings, self._metrics
+        s = self._settings
         now = self._clock()
-        m.events_consumed.inc(len(records))
         valid, messages, reasons = [], [], []
         for record in records:
             parsed = parse_event(record.value, now=now, max_payload_bytes=s.max_payload_bytes,
