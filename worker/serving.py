@@ -236,7 +236,8 @@ class ServingLoop:
             writes.examples.extend(negatives)
             writes.cleared_pendings.extend(cleared)
             writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
-            writes.deadlines.setdefault(partition, {}).update(requeue)
+            if requeue:
+                writes.deadlines.setdefault(partition, {}).update(requeue)
 
     def _refresh_quality(self) -> None:
         """Export rolling quality per tracked version; drop the series of versions no longer tracked."""

@@ -138,7 +138,8 @@ class StateStore:
         for partition, users in writes.settled_deadlines.items():  # before the ZADDs: a user may be settled and re-added
             pipe.zrem(f"{p}:deadlines:{partition}", *users)
         for partition, deadlines in writes.deadlines.items():
-            pipe.zadd(f"{p}:deadlines:{partition}", deadlines)
+            if deadlines:
+                pipe.zadd(f"{p}:deadlines:{partition}", deadlines)
         if writes.examples:
             by_window: dict[int, list[bytes]] = {}
             for example in writes.examples:

@@ -38,6 +38,12 @@ def test_due_deadlines_stay_until_the_batch_that_settles_them_is_saved(store):
     assert set(store.load_pendings(["a", "b", "c"])) == {"b", "c"}
 
 
+def test_a_batch_that_requeues_nothing_still_saves(store):
+    store.save(StateWrites(deadlines={"in/0": {"a": 1.0}}))
+    store.save(StateWrites(settled_deadlines={"in/0": ["a"]}, deadlines={"in/0": {}}))
+    assert store.due_deadlines(["in/0"], watermark_s=5.0) == {}
+
+
 def test_only_the_partitions_asked_for_are_read(store):
     store.save(StateWrites(deadlines={"in/0": {"a": 1.0}, "in/1": {"b": 1.0}}))
     assert store.due_deadlines(["in/1"], watermark_s=5.0) == {"in/1": ["b"]}
