@@ -29,8 +29,9 @@ import numpy as np
 from schemas import PurchaseEvent
 from worker.candidate import Scorer, fine_tune_round
 from worker.examples import Example
-from worker.features import UserState, advance, encode
+from worker.features import encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
+from worker.labels import file_labels, next_of_same_user
 from worker.model import ServingModel, load_checkpoint
 from worker.quality import QualityMonitor
 from worker.settings import TrainingSettings
@@ -58,21 +59,10 @@ class Stream:
 
 def build_stream(events: list[PurchaseEvent], spec, drift_at: int | None) -> Stream:
     ordered = sorted(events, key=lambda e: e.ts_s)
-    states: dict[str, UserState] = {}
-    last_index: dict[str, int] = {}
-    pairs = []
-    labels = np.full(len(ordered), -1, dtype=np.int64)
-    revealed_by = np.full(len(ordered), -1, dtype=np.int64)
-    for i, event in enumerate(ordered):
-        state = states.get(event.user_id, UserState())
-        pairs.append((state, event))
-        states[event.user_id] = advance(state, event)
-        previous = last_index.get(event.user_id)
-        if previous is not None:
-            labels[previous] = spec.index_of(event.category)
-            revealed_by[previous] = i
-        last_index[event.user_id] = i
-    return Stream(ordered, encode(pairs, spec), labels, revealed_by,
+    revealed_by = np.array(next_of_same_user([e.user_id for e in ordered]), dtype=np.int64)
+    labels = np.array([spec.index_of(label) if label is not None else -1
+                       for label in file_labels(ordered, "next_category", 0.0)], dtype=np.int64)
+    return Stream(ordered, encode_stream(ordered, spec), labels, revealed_by,
                   drift_at if drift_at is not None else len(ordered) // 2)
 
 

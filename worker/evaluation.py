@@ -5,35 +5,19 @@ static and adapted runs are judged the same way, from outside the worker.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
 
 from schemas import Prediction, PurchaseEvent
-from worker.labels import Task, repurchase_label
+from worker.labels import Task, file_labels
 from worker.quality import scores
 
 
 def stream_labels(events: Iterable[PurchaseEvent], task: Task, horizon_days: float = 7.0) -> dict[str, str]:
     """event_id -> label (category name, or "0"/"1"), for events whose label resolves within the file."""
     ordered = sorted(events, key=lambda e: e.ts)
-    watermark_s = ordered[-1].ts_s if ordered else 0.0
-    by_user: dict[str, list[PurchaseEvent]] = defaultdict(list)
-    for event in ordered:
-        by_user[event.user_id].append(event)
-    labels = {}
-    for history in by_user.values():
-        for event, following in zip(history, [*history[1:], None]):
-            if task == "next_category":
-                if following is not None:
-                    labels[event.event_id] = following.category
-            else:
-                label = repurchase_label(event.ts_s, following.ts_s if following else None,
-                                         watermark_s, horizon_days)
-                if label is not None:
-                    labels[event.event_id] = label
-    return labels
+    return {e.event_id: label for e, label in zip(ordered, file_labels(ordered, task, horizon_days)) if label is not None}
 
 
 def score_predictions(predictions: Iterable[Prediction], labels: dict[str, str], task: Task) -> dict[str, float]:

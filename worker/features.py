@@ -137,6 +137,18 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec) 
     return out
 
 
+def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec) -> np.ndarray:
+    """Features of every event of a stream in event-time order, each from its user's state before it,
+    as the worker computes them event by event."""
+    states: dict[str, UserState] = {}
+    pairs = []
+    for event in ordered:
+        state = states.get(event.user_id, UserState())
+        pairs.append((state, event))
+        states[event.user_id] = advance(state, event)
+    return encode(pairs, spec)
+
+
 def advance(state: UserState, event: PurchaseEvent) -> UserState:
     """The user's state after `event`."""
     ts_s = event.ts_s

@@ -6,7 +6,11 @@
 """
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from schemas import PurchaseEvent
 
 Task = Literal["next_category", "repurchase"]
 TASKS: tuple[Task, ...] = ("next_category", "repurchase")
@@ -25,6 +29,34 @@ def repurchase_label(ts_s: float, next_ts_s: float | None, watermark_s: float, h
     if watermark_s > deadline_s:
         return "0"
     return None
+
+
+def next_of_same_user(user_ids: Sequence[str]) -> list[int]:
+    """For a stream in event-time order (given as its user ids): the index of each event's user's next
+    event, or -1 when the user buys nothing more in it."""
+    following = [-1] * len(user_ids)
+    last: dict[str, int] = {}
+    for i, user in enumerate(user_ids):
+        previous = last.get(user)
+        if previous is not None:
+            following[previous] = i
+        last[user] = i
+    return following
+
+
+def file_labels(ordered: Sequence[PurchaseEvent], task: Task, horizon_days: float) -> list[str | None]:
+    """The label of each event of a file in event-time order, by the rules above, with the file's last
+    event time as the watermark; None where the file leaves it unresolved."""
+    watermark_s = ordered[-1].ts_s if ordered else 0.0
+    labels: list[str | None] = []
+    for event, j in zip(ordered, next_of_same_user([e.user_id for e in ordered])):
+        following = ordered[j] if j >= 0 else None
+        if task == "next_category":
+            labels.append(following.category if following is not None else None)
+        else:
+            labels.append(repurchase_label(event.ts_s, following.ts_s if following is not None else None,
+                                           watermark_s, horizon_days))
+    return labels
 
 
 def resolve_on_purchase(task: Task, pending_ts_s: float, purchase_ts_s: float, purchase_class: int,

@@ -6,7 +6,7 @@ them on the stream. The split is by event time: the newest 10 % of examples is t
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from schemas import PurchaseEvent
-from worker.features import FeatureSpec, UserState, advance, encode
-from worker.labels import BINARY_CLASSES, Task, repurchase_label
+from worker.features import FeatureSpec, encode_stream
+from worker.labels import BINARY_CLASSES, Task, file_labels
 from worker.model import ModelMeta, build_model, class_probabilities, save_checkpoint
 from worker.parsing import Rejection, parse_event
 from worker.quality import scores
@@ -65,32 +65,13 @@ def classes_for(task: Task, spec: FeatureSpec) -> tuple[str, ...]:
 def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, horizon_days: float) -> Examples:
     """Labelled examples: each purchase, its features before it, and its label once resolved in the file."""
     ordered = sorted(events, key=lambda e: e.ts)
-    by_user: dict[str, list[int]] = defaultdict(list)
-    for i, event in enumerate(ordered):
-        by_user[event.user_id].append(i)
-    watermark_s = ordered[-1].ts_s if ordered else 0.0
-    classes = classes_for(task, spec)
-    class_index = {c: i for i, c in enumerate(classes)}
-    before: list[tuple[UserState, PurchaseEvent] | None] = [None] * len(ordered)
-    labels = np.full(len(ordered), -1, dtype=np.int64)
-    for positions in by_user.values():
-        state = UserState()
-        for k, i in enumerate(positions):
-            event = ordered[i]
-            before[i] = (state, event)
-            state = advance(state, event)
-            following = ordered[positions[k + 1]] if k + 1 < len(positions) else None
-            if task == "next_category":
-                label = spec.vocabulary[spec.index_of(following.category)] if following else None
-            else:
-                label = repurchase_label(event.ts_s, following.ts_s if following else None,
-                                         watermark_s, horizon_days)
-            if label is not None:
-                labels[i] = class_index[label]
-    features = encode(before, spec)
+    binary_index = {c: i for i, c in enumerate(BINARY_CLASSES)}
+    class_of = spec.index_of if task == "next_category" else binary_index.__getitem__  # unknown categories: OTHER
+    labels = np.array([class_of(label) if label is not None else -1
+                       for label in file_labels(ordered, task, horizon_days)], dtype=np.int64)
     keep = labels >= 0
     ts_s = np.array([e.ts_s for e in ordered])
-    return Examples(features[keep], labels[keep], ts_s[keep])
+    return Examples(encode_stream(ordered, spec)[keep], labels[keep], ts_s[keep])
 
 
 def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, epochs: int = 12,

@@ -1,6 +1,6 @@
 import pytest
 
-from worker.labels import repurchase_label
+from worker.labels import next_of_same_user, repurchase_label
 
 DAY = 86400.0
 
@@ -18,7 +18,7 @@ def test_repurchase_label(next_ts, watermark, expected):
     assert repurchase_label(0.0, next_ts, watermark, horizon_days=7) == expected
 
 
-from worker.labels import resolve_on_purchase, watermark  # noqa: E402
+from worker.labels import resolve_on_purchase, watermark  # noqa: E402, next_of_same_user
 
 
 @pytest.mark.parametrize("task, gap_days, purchase_class, expected", [
@@ -38,3 +38,8 @@ def test_resolve_on_purchase(task, gap_days, purchase_class, expected):
 ])
 def test_watermark_is_the_slowest_partition_less_the_lateness(newest, expected):
     assert watermark(newest, 60.0) == expected
+
+
+def test_next_of_same_user_points_at_each_users_following_event():
+    assert next_of_same_user(["a", "b", "a", "c", "b", "a"]) == [2, 4, 5, -1, -1, -1]
+    assert next_of_same_user([]) == []
