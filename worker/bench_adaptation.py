@@ -86,7 +86,7 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
     has no meaning offline)."""
     started = time.perf_counter()
     serving = ServingModel(source_model, meta)
-    scorer = Scorer(source_model, meta.task)
+    scorer = Scorer(source_model, meta)
     champion = [w.copy() for w in source_model.get_weights()]
     window: deque[Example] = deque(maxlen=training.max_examples)
     reveals = _reveals(stream)
@@ -148,7 +148,7 @@ def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=
     after = np.flatnonzero((np.arange(len(stream.events)) >= stream.drift_at) & (stream.labels >= 0))
     holdout = after[int(len(after) * 0.7):]
     train_pool = after[: int(len(after) * 0.7)]
-    scorer = Scorer(source_model, meta.task)
+    scorer = Scorer(source_model, meta)
     rows = []
     for size in sizes:
         if size > len(train_pool):

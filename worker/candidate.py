@@ -14,7 +14,7 @@ import numpy as np
 
 from worker.examples import Example, recency_weights
 from worker.finetune import FineTuneConfig, fine_tune
-from worker.model import class_probabilities
+from worker.model import ModelMeta, ServingModel
 from worker.promotion import Decision, decide, example_losses, prior_probabilities
 from worker.quality import scores
 from worker.settings import TrainingSettings
@@ -27,21 +27,18 @@ class Round:
     scores: dict[str, dict[str, float]]  # "candidate", "champion", "label_prior" -> measures on the holdout
     trained_examples: int
     trained_ts_s: tuple[float, float]  # event-time range of the training part
-    holdout_examples: int
 
 
 class Scorer:
-    """Class probabilities of any weights of one architecture, on a private copy of the model."""
+    """Class probabilities of any weights of one architecture, by the forward pass that serves them
+    (a private ServingModel), so the gate judges exactly what replicas would serve."""
 
-    def __init__(self, model, task: str):
-        import tensorflow as tf
-
-        self._copy = tf.keras.models.clone_model(model)
-        self._task = task
+    def __init__(self, model, meta: ModelMeta):
+        self._serving = ServingModel(model, meta)
 
     def __call__(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
-        self._copy.set_weights(weights)
-        return class_probabilities(self._copy.predict(features, batch_size=4096, verbose=0), self._task)
+        self._serving.swap(weights, "scored")
+        return self._serving.predict_many(features)
 
 
 def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: list[Example], task: str,
@@ -63,8 +60,7 @@ def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: 
                       example_losses(prior_p, held_y), training.promotion_margin)
     measured = {name: _finite(scores(task, p, held_y))
                 for name, p in (("candidate", candidate_p), ("champion", champion_p), ("label_prior", prior_p))}
-    return Round(weights, decision, measured, len(examples) - holdout, (float(ts_s[0]), float(ts_s[train.stop - 1])),
-                 holdout)
+    return Round(weights, decision, measured, len(examples) - holdout, (float(ts_s[0]), float(ts_s[train.stop - 1])))
 
 
 def _finite(measures: dict[str, float]) -> dict[str, float]:

@@ -3,8 +3,8 @@
 A background thread listens on the model-versions topic (every replica reads every message) and also
 checks the registry's champion pointer every few seconds, so a missed message or a rollback is caught
 up. It fetches the artifact and verifies its sha256 off the serving thread; the serving loop calls take()
-between batches and swaps the weights in (ServingModel.swap refuses other shapes; set_weights into the
-built model: no retrace).
+between batches and swaps the weights in (ServingModel.swap refuses other shapes and replaces the weight
+list its NumPy forward pass reads).
 """
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ class Trainer:
         self._t = settings.training
         self._store, self._registry, self._producer = store, registry, producer
         self._source, self._meta, self._metrics, self._lease = source_model, meta, metrics, lease
-        self._scorer = Scorer(source_model, meta.task)
+        self._scorer = Scorer(source_model, meta)
         self._last_examples = store.examples_total()
         self._last_run = time.monotonic()
         self._source_registered = False
