@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 from kafka import KafkaConsumer
-from prometheus_client.parser import text_string_to_metric_families
 
 from worker import kafka_io
 from worker.generate import write_events
 from worker.model import ServingModel
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
+from worker.watch import metric_totals
 
 
 @dataclass(frozen=True)
@@ -400,27 +400,21 @@ def _has_confluent_kafka() -> bool:
     return importlib.util.find_spec("confluent_kafka") is not None
 
 
+_SWAP_BUCKET = "streamadapt_model_swap_duration_seconds_bucket{"
+
+
 def _scrape(port: int) -> dict[str, float]:
-    """Unlabelled samples of a worker's /metrics (label sets summed), plus swap-duration buckets under
-    their `le` bound; empty when the port does not answer."""
-    samples: dict[str, float] = {}
+    """A worker's metric totals (worker.watch.metric_totals); empty when its port does not answer."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
+        return metric_totals(f"http://127.0.0.1:{port}/metrics", timeout_s=2.0)
     except OSError:
-        return samples
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "streamadapt_model_swap_duration_seconds_bucket":
-                samples[f"swap_le_{sample.labels['le']}"] = sample.value
-            elif not sample.name.endswith("_created"):
-                samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
-    return samples
+        return {}
 
 
 def _max_bucket_ms(metrics: dict[str, float]) -> float:
     """The upper bound of the swap-duration bucket holding the slowest swap."""
-    buckets = sorted((float(key[len("swap_le_"):]), count) for key, count in metrics.items() if key.startswith("swap_le_"))
+    buckets = sorted((float(key[len(_SWAP_BUCKET):-1]), count) for key, count in metrics.items()
+                     if key.startswith(_SWAP_BUCKET))
     total = buckets[-1][1] if buckets else 0.0
     for bound, count in buckets:
         if count >= total and total > 0:

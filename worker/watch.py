@@ -17,17 +17,26 @@ SHOWN = {
 }
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Totals of the SHOWN counters (summed over labels) from one scrape of `url`."""
-    with urllib.request.urlopen(url, timeout=5) as response:
+def metric_totals(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """One scrape of a /metrics `url`: each sample's value summed over its label sets, except histogram
+    buckets, kept apart per bound as `name{le}` (e.g. `..._bucket{0.005}`). Raises OSError when the
+    URL does not answer."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
         text = response.read().decode()
-    totals = dict.fromkeys(SHOWN, 0.0)
-    wanted = {sample: name for name, sample in SHOWN.items()}
+    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in wanted:
-                totals[wanted[sample.name]] += sample.value
+            if sample.name.endswith("_created"):
+                continue
+            name = f"{sample.name}{{{sample.labels['le']}}}" if sample.name.endswith("_bucket") else sample.name
+            totals[name] = totals.get(name, 0.0) + sample.value
     return totals
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Totals of the SHOWN counters (summed over labels) from one scrape of `url`."""
+    totals = metric_totals(url)
+    return {name: totals.get(sample, 0.0) for name, sample in SHOWN.items()}
 
 
 def watch(url: str, until_consumed: int | None, timeout_s: float, interval_s: float = 1.0, out=print) -> dict[str, float]:
