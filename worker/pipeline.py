@@ -36,6 +36,11 @@ class InputRecord(NamedTuple):
     def ref(self) -> str:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
+    @property
+    def partition_ref(self) -> str:
+        """"{topic}/{partition}": how Redis keys the input partition (event-time progress, deadlines)."""
+        return f"{self.topic}/{self.partition}"
+
 
 @dataclass
 class BatchPlan:

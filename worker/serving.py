@@ -207,12 +207,11 @@ class ServingLoop:
         writes.examples = resolved_examples(plan, served)
         writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
         for record, event in plan.fresh:
-            partition = f"{record.topic}/{record.partition}"
+            partition = record.partition_ref
             writes.newest_by_partition[partition] = max(writes.newest_by_partition.get(partition, float("-inf")),
                                                         event.ts_s)
         if meta.task == "repurchase":
-            partition_of_user = {user: f"{plan.fresh[i][0].topic}/{plan.fresh[i][0].partition}"
-                                 for user, i in plan.last_fresh_of_user.items()}
+            partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
             self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
         return Outbox(messages, writes, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
                       predicted=len(predictions) + len(plan.replays))
