@@ -6,15 +6,16 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime, timezone
 
 import pytest
 import redis
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from schemas import ModelVersion, Prediction, TrainedOn
-from tests.conftest import Names
+from tests.conftest import Names, Stack
 from tests.integration.conftest import WorkerProcess, dumps, event, produce, read_topic
 from worker.evaluation import stream_labels, score_predictions
 from worker.model import load_checkpoint
@@ -34,7 +35,38 @@ def fresh_names() -> Names:
                  f"model-versions-{run}")
 
 
+def wait_for_promotion_trained_after(stack: Stack, names: Names, worker: WorkerProcess, event_time: datetime,
+                                     timeout_s: float = 300.0) -> ModelVersion:
+    """Wait until a promoted version whose training window reaches past `event_time` is what `worker` serves."""
+    consumer = KafkaConsumer(names.model_versions_topic, bootstrap_servers=stack.kafka_bootstrap,
+                             enable_auto_commit=False, auto_offset_reset="earliest")
+    deadline = time.monotonic() + timeout_s
+    adapted: list[ModelVersion] = []
+    try:
+        while time.monotonic() < deadline:
+            for part in consumer.poll(timeout_ms=500).values():
+                for record in part:
+                    version = ModelVersion.model_validate_json(record.value)
+                    if version.promoted and version.trained_on.event_time_to and \
+                            version.trained_on.event_time_to > event_time:
+                        adapted.append(version)
+            serving = worker.serving_version()
+            for version in adapted:
+                if version.version == serving:
+                    return version
+    finally:
+        consumer.close()
+    raise AssertionError(f"no version trained past {event_time} served in {timeout_s} s; log tail:\n"
+                         f"{worker.log_path.read_text()[-3000:]}")
+
+
 def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp_path):
+    """Once the trainer has promoted a model fitted on post-drift labels, served accuracy beats the source's.
+
+    The stream is replayed in two parts with a wait between them, so the check does not depend on how fast
+    this machine trains compared with how fast the test produces events: in production a drift unfolds over
+    hours, not over the 20 seconds a replay at full speed takes.
+    """
     from worker.generate import write_events
 
     events_path, total, drift_at, settle = tmp_path / "target.jsonl", 24_000, 8_000, 5_000
@@ -42,16 +74,26 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
     events, _ = read_events(events_path)
     labels = stream_labels(events, "next_category")
     position = {e.event_id: i for i, e in enumerate(events)}
+    lines = events_path.read_bytes().splitlines(keepends=True)
+    first_part, second_part = tmp_path / "until-settled.jsonl", tmp_path / "after-settled.jsonl"
+    first_part.write_bytes(b"".join(lines[:drift_at + settle]))
+    second_part.write_bytes(b"".join(lines[drift_at + settle:]))
+    post_drift = datetime.fromisoformat(json.loads(lines[drift_at + settle // 2])["ts"])
     quality = {}
     for mode in ("static", "adapted"):
         names = fresh_names()
         env = {"STREAMADAPT_NO_FINETUNE": "true"} if mode == "static" else {
             "STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all",
             "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "2000", "STREAMADAPT_TRAINING_MIN_EXAMPLES": "1000"}
+        kafka = KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic)
         with WorkerProcess(stack, names, checkpoint, tmp_path / f"{mode}.log", **env) as worker:
-            replay(events_path, KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic), 1500)
+            replay(first_part, kafka, 1500)
+            if mode == "adapted":
+                adapted = wait_for_promotion_trained_after(stack, names, worker, post_drift)
+                print(f"serving {adapted.version}, trained on {adapted.trained_on.examples} examples "
+                      f"up to {adapted.trained_on.event_time_to}")
+            replay(second_part, kafka, 1500)
             records = read_topic(stack, names.predictions_topic, expect=total, timeout_s=180)
-            swaps = worker.metric("streamadapt_model_swaps_total")
             assert worker.stop() == 0
         predictions = [Prediction.model_validate_json(r.value) for r in records]
         before = [p for p in predictions if position[p.event_id] < drift_at]
@@ -59,8 +101,6 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
         quality[mode] = score_predictions(after, labels, "next_category")["accuracy"]
         print(f"{mode}: accuracy before drift {score_predictions(before, labels, 'next_category')['accuracy']:.4f}, "
               f"from {settle} events after drift {quality[mode]:.4f}")
-        if mode == "adapted":
-            assert swaps >= 1, "the adapted run never swapped in a fine-tuned model"
     print(f"accuracy after drift: static {quality['static']:.4f}, adapted {quality['adapted']:.4f}")
     assert quality["adapted"] >= quality["static"] + ADAPTATION_MARGIN, quality
 
