@@ -47,9 +47,9 @@ class DrainResult:
 
 
 def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events: int, timeout_s: float) -> DrainResult:
-    consumer = KafkaConsumer(input_topic, bootstrap_servers=kafka.bootstrap, group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
-                             enable_auto_commit=False, auto_offset_reset="earliest",
-                             max_poll_records=kafka.max_poll_records)
+    consumer = KafkaConsumer(input_topic, **kafka_io.client_options(kafka, "bare"),
+                             group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
+                             auto_offset_reset="earliest", max_poll_records=kafka.max_poll_records)
     producer = kafka_io.open_producer(kafka)
     consumed, started, deadline = 0, None, time.monotonic() + timeout_s
     try:

@@ -14,6 +14,7 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
+from worker import kafka_io
 from worker.metrics import WorkerMetrics
 from worker.registry import ArtifactError, Registry
 from worker.settings import KafkaSettings
@@ -69,8 +70,8 @@ class ModelFollower:
             consumer.close()
 
     def _open_consumer(self) -> KafkaConsumer | None:
-        consumer = KafkaConsumer(bootstrap_servers=self._kafka.bootstrap, client_id=f"{self._kafka.client_id}-follower",
-                                 enable_auto_commit=False, group_id=None)
+        consumer = KafkaConsumer(**kafka_io.client_options(self._kafka, "follower"), enable_auto_commit=False,
+                                 group_id=None)
         partitions = consumer.partitions_for_topic(self._kafka.model_versions_topic)
         if not partitions:
             consumer.close()

@@ -18,10 +18,29 @@ from worker.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 
+def client_options(settings: KafkaSettings, role: str = "") -> dict:
+    """What every Kafka client of the worker shares: where the brokers are, who we are, and how we
+    authenticate (TLS and SASL). `role` is appended to the client id, as broker logs show it."""
+    options = {"bootstrap_servers": settings.bootstrap,
+               "client_id": f"{settings.client_id}-{role}" if role else settings.client_id,
+               "security_protocol": settings.security_protocol}
+    if settings.security_protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
+                       sasl_plain_password=settings.sasl_password)
+    if settings.security_protocol.endswith("SSL"):
+        options.update(ssl_cafile=_path(settings.ssl_cafile), ssl_certfile=_path(settings.ssl_certfile),
+                       ssl_keyfile=_path(settings.ssl_keyfile))
+    return options
+
+
+def _path(path) -> str | None:
+    return None if path is None else str(path)
+
+
 def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: tuple[str, ...] = ()) -> None:
     """Create missing topics with settings.topic_partitions partitions (one for `single_partition` topics,
     where order matters) and the broker's default replication."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id=f"{settings.client_id}-admin")
+    admin = KafkaAdminClient(**client_options(settings, "admin"))
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -44,9 +63,8 @@ def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> 
     read until the next metadata refresh (minutes), so this waits for the partitions first.
     """
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
+        **client_options(settings),
         group_id=settings.group_id,
-        client_id=settings.client_id,
         enable_auto_commit=False,  # offsets are committed by the pipeline, after outputs are acknowledged
         auto_offset_reset="earliest",
         max_poll_records=settings.max_poll_records,
@@ -55,6 +73,8 @@ def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> 
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         fetch_max_bytes=32 << 20,
         metadata_max_age_ms=30_000,  # new partitions of the input topic are picked up within 30 s
+        # Exactly-once: only committed input (records of aborted upstream transactions are skipped).
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
     )
     deadline = time.monotonic() + metadata_timeout_s
     while not consumer.partitions_for_topic(settings.input_topic):
@@ -67,16 +87,26 @@ def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> 
     return consumer
 
 
-def open_producer(settings: KafkaSettings) -> KafkaProducer:
-    return KafkaProducer(
-        bootstrap_servers=settings.bootstrap,
-        client_id=settings.client_id,
+def open_producer(settings: KafkaSettings, transactional_id: str | None = None) -> KafkaProducer:
+    """An idempotent producer; a transactional one (initialised, ready for `begin_transaction`) when
+    `transactional_id` is given. Initialising aborts whatever transaction a crashed predecessor with the
+    same id left open, so read_committed readers are not held up until it times out."""
+    producer = KafkaProducer(
+        **client_options(settings),
         acks="all",
         enable_idempotence=True,
         linger_ms=5,
         batch_size=256 * 1024,
         max_request_size=4 << 20,
+        transactional_id=transactional_id,
     )
+    if transactional_id is not None:
+        try:
+            producer.init_transactions()
+        except Exception:
+            producer.close(timeout=5)
+            raise
+    return producer
 
 
 class NotAcknowledged(KafkaError):

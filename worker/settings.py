@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "STREAMADAPT_"
@@ -38,6 +38,44 @@ class KafkaSettings(BaseSettings):
     fetch_min_bytes: int = Field(1, ge=1, description="a fetch waits for this much data (or fetch-max-wait-ms)")
     fetch_max_wait_ms: int = Field(500, ge=0, description="longest a fetch waits for fetch-min-bytes")
     client_id: str = Field("streamadapt", min_length=1, description="client id shown in broker logs")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers: TLS (SSL), SASL, both, or neither")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism (with a SASL_* security protocol)")
+    sasl_username: str = Field("", description="SASL user name (with a SASL_* security protocol)")
+    sasl_password: str = Field("", description="SASL password (masked when settings are printed)")
+    ssl_cafile: Path | None = Field(None, description="PEM file of the CA that signed the brokers' certificates")
+    ssl_certfile: Path | None = Field(None, description="PEM client certificate, for brokers that require one")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of --kafka-ssl-certfile")
+    exactly_once: bool = Field(False, description="produce each batch and commit its offsets in one Kafka "
+                                                  "transaction (read with isolation.level=read_committed)")
+    transactional_id: str = Field("", description="stable transactional id of this replica with --kafka-exactly-once "
+                                                  "(default: <group-id>-<hostname>); unique per replica")
+
+    @model_validator(mode="after")
+    def _coherent_security(self) -> "KafkaSettings":
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"security protocol {self.security_protocol} needs STREAMADAPT_KAFKA_SASL_USERNAME "
+                             "and STREAMADAPT_KAFKA_SASL_PASSWORD")
+        if not sasl and (self.sasl_username or self.sasl_password):
+            raise ValueError("a SASL user name or password is set but STREAMADAPT_KAFKA_SECURITY_PROTOCOL is "
+                             f"{self.security_protocol}, which does not use SASL")
+        tls_files = {"SSL_CAFILE": self.ssl_cafile, "SSL_CERTFILE": self.ssl_certfile, "SSL_KEYFILE": self.ssl_keyfile}
+        for name, path in tls_files.items():
+            if path is None:
+                continue
+            if not self.security_protocol.endswith("SSL"):
+                raise ValueError(f"STREAMADAPT_KAFKA_{name} is set but the security protocol "
+                                 f"{self.security_protocol} does not use TLS")
+            if not path.is_file():
+                raise ValueError(f"STREAMADAPT_KAFKA_{name} {path} is not a readable file")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("STREAMADAPT_KAFKA_SSL_CERTFILE and STREAMADAPT_KAFKA_SSL_KEYFILE go together")
+        return self
+
+    def effective_transactional_id(self, hostname: str) -> str:
+        return self.transactional_id or f"{self.group_id}-{hostname}"
 
 
 class RedisSettings(BaseSettings):
@@ -47,6 +85,27 @@ class RedisSettings(BaseSettings):
     key_prefix: str = Field("streamadapt", min_length=1, description="prefix of every key the worker writes")
     dedupe_ttl_s: int = Field(7 * 86400, ge=60, description="how long an event_id is remembered")
     user_state_ttl_s: int = Field(90 * 86400, ge=60, description="idle time after which a user's state expires")
+    tls_ca_file: Path | None = Field(None, description="PEM CA that signed the server's certificate, for rediss:// "
+                                                       "(default: the system's trusted CAs)")
+    tls_certfile: Path | None = Field(None, description="PEM client certificate, for servers with tls-auth-clients")
+    tls_keyfile: Path | None = Field(None, description="PEM private key of --redis-tls-certfile")
+
+    @model_validator(mode="after")
+    def _coherent_tls(self) -> "RedisSettings":
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"STREAMADAPT_REDIS_URL must start with redis://, rediss:// (TLS) or unix://, not {scheme}://")
+        for name, path in {"TLS_CA_FILE": self.tls_ca_file, "TLS_CERTFILE": self.tls_certfile,
+                           "TLS_KEYFILE": self.tls_keyfile}.items():
+            if path is None:
+                continue
+            if scheme != "rediss":
+                raise ValueError(f"STREAMADAPT_REDIS_{name} is set but STREAMADAPT_REDIS_URL is not a rediss:// (TLS) URL")
+            if not path.is_file():
+                raise ValueError(f"STREAMADAPT_REDIS_{name} {path} is not a readable file")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("STREAMADAPT_REDIS_TLS_CERTFILE and STREAMADAPT_REDIS_TLS_KEYFILE go together")
+        return self
 
     def masked_url(self) -> str:
         parts = urlsplit(self.url)
@@ -129,8 +188,13 @@ class Settings(BaseSettings):
             value = option.read(self)
             if option.env == ENV_PREFIX + "REDIS_URL":
                 value = self.redis.masked_url()
+            elif option.env in SECRETS and value:
+                value = "***"
             yield option.env, value
 
+
+# Settings printed as *** (the Redis URL shows everything but its password).
+SECRETS = frozenset({ENV_PREFIX + "KAFKA_SASL_PASSWORD"})
 
 PARTS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings, "redis": RedisSettings, "metrics": MetricsSettings, "training": TrainingSettings,
@@ -195,9 +259,11 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
+    if not first["loc"]:  # a check across fields: its message names them
+        return f"invalid settings: {first['msg'].removeprefix('Value error, ')}"
     part = error.title.lower().removesuffix("settings") if error.title != "Settings" else ""
     field = ".".join(str(x) for x in first["loc"])
     env = f"{ENV_PREFIX}{part + '_' if part else ''}{field}".upper()
     value = first.get("input")
-    shown = "***" if "URL" in env else repr(value)
+    shown = "***" if "URL" in env or env in SECRETS else repr(value)
     return f"invalid setting {env} (flag --{(part + '-' if part else '') + field.replace('_', '-')}) = {shown}: {first['msg']}"

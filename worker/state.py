@@ -71,7 +71,13 @@ class WindowPolicy:
 
 
 def connect(settings: RedisSettings) -> redis.Redis:
-    return redis.Redis.from_url(settings.url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+    tls = {}
+    if settings.url.startswith("rediss://"):
+        tls = {"ssl_ca_certs": settings.tls_ca_file and str(settings.tls_ca_file),
+               "ssl_certfile": settings.tls_certfile and str(settings.tls_certfile),
+               "ssl_keyfile": settings.tls_keyfile and str(settings.tls_keyfile)}
+    return redis.Redis.from_url(settings.url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
+                                **tls)
 
 
 class StateStore:

@@ -1,4 +1,5 @@
 """The command line as an operator meets it: bad input ends in one readable line."""
+import os
 import subprocess
 import sys
 
@@ -62,3 +63,24 @@ def test_generate_is_deterministic_by_seed(tmp_path):
     for path in (a, b):
         assert streamadapt("generate", "--out", str(path), "--events", "300", "--seed", "9").returncode == 0
     assert a.read_bytes() == b.read_bytes() and len(a.read_text().splitlines()) == 300
+
+
+def test_tls_and_sasl_settings_are_checked_before_anything_connects(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMADAPT_")}
+    cases = [
+        ({"STREAMADAPT_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "needs STREAMADAPT_KAFKA_SASL_USERNAME"),
+        ({"STREAMADAPT_KAFKA_SECURITY_PROTOCOL": "SSL", "STREAMADAPT_KAFKA_SSL_CAFILE": str(tmp_path / "none.pem")},
+         "is not a readable file"),
+        ({"STREAMADAPT_KAFKA_SASL_PASSWORD": "s3cret-value"}, "does not use SASL"),
+        ({"STREAMADAPT_REDIS_TLS_CA_FILE": "/etc/hostname"}, "is not a rediss:// (TLS) URL"),
+        ({"STREAMADAPT_REDIS_URL": "rediss://127.0.0.1:1/0", "STREAMADAPT_REDIS_TLS_CERTFILE": "/etc/hostname"},
+         "go together"),
+        ({"STREAMADAPT_REDIS_URL": "http://127.0.0.1:1/0"}, "must start with redis://"),
+    ]
+    for extra, fragment in cases:
+        result = subprocess.run([sys.executable, "-m", "worker.cli", "run", "--source-checkpoint", str(tmp_path)],
+                                env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (extra, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], (extra, result.stderr)
+        assert "s3cret-value" not in result.stderr

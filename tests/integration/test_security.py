@@ -1,0 +1,140 @@
+"""Security settings against the real servers: Kafka SASL/PLAIN on the dev stack's SASL listener, a Redis
+server that wants a password, and a Redis server that speaks only TLS, with a CA made by the test.
+
+A worker with the right credentials serves; one with wrong credentials stops at start-up with one readable
+line, no traceback, and never prints the secret."""
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from tests.integration.conftest import WorkerProcess, check_every_event_predicted, dumps, event, free_port, produce, read_topic
+
+pytestmark = pytest.mark.integration
+
+DEV_SASL_USER, DEV_SASL_PASSWORD = "streamadapt", "streamadapt-dev-secret"  # scripts/dev-stack's SASL listener
+REDIS_PASSWORD = "redis-test-secret-4f1c"
+needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+
+def sasl_bootstrap(bootstrap: str) -> str:
+    host, port = bootstrap.rsplit(":", 1)
+    return f"{host}:{int(port) + 2}"
+
+
+def run_expecting_failure(env: dict[str, str], timeout_s: float = 120) -> str:
+    """`streamadapt run` that must stop at start-up; returns its stderr after checking it is one clean line."""
+    result = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, capture_output=True, text=True,
+                            timeout=timeout_s)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("streamadapt run: error:")]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    return result.stderr
+
+
+def serve_a_few(stack, names, checkpoint, log_path, **env) -> None:
+    bodies = [event(i) for i in range(200)]
+    with WorkerProcess(stack, names, checkpoint, log_path, STREAMADAPT_ROLE="worker", **env) as worker:
+        produce(stack, names.input_topic, [dumps(b) for b in bodies])
+        records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=60)
+        assert worker.stop() == 0
+    check_every_event_predicted(bodies, records)
+
+
+def test_worker_serves_through_kafka_sasl_and_refuses_a_wrong_password(stack, names, checkpoint, tmp_path):
+    sasl = {"STREAMADAPT_KAFKA_BOOTSTRAP": sasl_bootstrap(stack.kafka_bootstrap),
+            "STREAMADAPT_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "STREAMADAPT_KAFKA_SASL_MECHANISM": "PLAIN",
+            "STREAMADAPT_KAFKA_SASL_USERNAME": DEV_SASL_USER, "STREAMADAPT_KAFKA_SASL_PASSWORD": DEV_SASL_PASSWORD}
+    serve_a_few(stack, names, checkpoint, tmp_path / "sasl.log", **sasl)  # the test's own clients use PLAINTEXT
+    log = (tmp_path / "sasl.log").read_text()
+    assert "STREAMADAPT_KAFKA_SASL_PASSWORD=***" in log and DEV_SASL_PASSWORD not in log
+
+    wrong = WorkerProcess(stack, names, checkpoint, tmp_path / "unused.log", **sasl).env
+    wrong["STREAMADAPT_KAFKA_SASL_PASSWORD"] = "not-the-password"
+    stderr = run_expecting_failure(wrong)
+    assert "Authentication failed" in stderr or "SaslAuthenticationFailed" in stderr, stderr[-2000:]
+    assert "not-the-password" not in stderr
+
+
+def start_redis(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server of the test's own on a free port; "{port}" in `args` is replaced by that port."""
+    port = free_port()
+    process = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "",
+                                "--appendonly", "no", *(a.replace("{port}", str(port)) for a in args)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, port
+
+
+def wait_for(client: redis.Redis, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert process.poll() is None, "redis-server exited at start-up"
+        try:
+            client.ping()
+            return
+        except redis.AuthenticationError:
+            return  # it answers, and wants a password
+        except redis.RedisError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+
+
+@needs_redis_server
+def test_worker_uses_a_redis_password_and_refuses_a_wrong_one(stack, names, checkpoint, tmp_path):
+    process, port = start_redis(tmp_path, "--port", "{port}", "--requirepass", REDIS_PASSWORD)
+    try:
+        wait_for(redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD), process)
+        serve_a_few(stack, names, checkpoint, tmp_path / "auth.log",
+                    STREAMADAPT_REDIS_URL=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0")
+        log = (tmp_path / "auth.log").read_text()
+        assert f"STREAMADAPT_REDIS_URL=redis://:***@127.0.0.1:{port}/0" in log and REDIS_PASSWORD not in log
+        assert redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD).dbsize() > 0, "the worker wrote nothing to this Redis"
+
+        env = WorkerProcess(stack, names, checkpoint, tmp_path / "unused.log").env
+        for url in (f"redis://:wrong-password@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
+            stderr = run_expecting_failure({**env, "STREAMADAPT_REDIS_URL": url})
+            assert "cannot reach Redis" in stderr and "wrong-password" not in stderr, stderr[-2000:]
+    finally:
+        process.kill()
+
+
+def make_tls_files(directory) -> dict[str, str]:
+    """A CA, and a server certificate for 127.0.0.1 signed by it (openssl, 1 day)."""
+    files = {name: str(directory / f"{name}.pem") for name in ("ca", "ca-key", "server", "server-key")}
+    openssl = shutil.which("openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=streamadapt-test-ca",
+                    "-keyout", files["ca-key"], "-out", files["ca"]], check=True, capture_output=True)
+    csr = str(directory / "server.csr")
+    subprocess.run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                    "-keyout", files["server-key"], "-out", csr], check=True, capture_output=True)
+    extensions = directory / "san.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run([openssl, "x509", "-req", "-in", csr, "-CA", files["ca"], "-CAkey", files["ca-key"], "-CAcreateserial",
+                    "-days", "1", "-extfile", str(extensions), "-out", files["server"]], check=True, capture_output=True)
+    return files
+
+
+@needs_redis_server
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+def test_worker_talks_tls_to_redis_with_its_ca_and_refuses_an_unknown_server(stack, names, checkpoint, tmp_path):
+    tls = make_tls_files(tmp_path)
+    process, port = start_redis(tmp_path, "--port", "0", "--tls-port", "{port}", "--tls-cert-file", tls["server"],
+                                "--tls-key-file", tls["server-key"], "--tls-ca-cert-file", tls["ca"],
+                                "--tls-auth-clients", "no")
+    try:
+        wait_for(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=tls["ca"]), process)
+        url = f"rediss://127.0.0.1:{port}/0"
+        serve_a_few(stack, names, checkpoint, tmp_path / "tls.log", STREAMADAPT_REDIS_URL=url,
+                    STREAMADAPT_REDIS_TLS_CA_FILE=tls["ca"])
+
+        env = {**WorkerProcess(stack, names, checkpoint, tmp_path / "unused.log").env, "STREAMADAPT_REDIS_URL": url}
+        stderr = run_expecting_failure(env)  # the system's CAs do not know the test's CA
+        assert "cannot reach Redis" in stderr and "certificate verify failed" in stderr, stderr[-2000:]
+        plain = {**env, "STREAMADAPT_REDIS_URL": f"redis://127.0.0.1:{port}/0"}  # TLS server, plain client
+        assert "cannot reach Redis" in run_expecting_failure(plain)
+    finally:
+        process.kill()
