@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -72,11 +73,16 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         try:
             kafka_io.ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic],
                                    single_partition=(k.model_versions_topic,))
-            producer = kafka_io.open_producer(k)
-            stack.callback(producer.close, timeout=30)
-            if settings.role == "trainer":
+            if settings.role == "trainer":  # publishes model versions only: never transactional
+                producer = kafka_io.open_producer(k)
+                stack.callback(producer.close, timeout=30)
                 _run_trainer(settings, stack, store, registry, producer, model, metrics, ready, stop)
                 return
+            transactional_id = k.effective_transactional_id(socket.gethostname()) if k.exactly_once else None
+            producer = kafka_io.open_producer(k, transactional_id)
+            stack.callback(producer.close, timeout=30)
+            if transactional_id is not None:
+                log.info("exactly-once: each batch is one transaction of transactional id %s", transactional_id)
             consumer = kafka_io.open_consumer(k)
             stack.callback(consumer.close)
         except KafkaError as error:

@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
+from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaError, KafkaTimeoutError, ProducerFencedError
+from kafka.structs import OffsetAndMetadata
 
 from worker import kafka_io
 from worker.hotswap import ModelFollower
@@ -34,6 +35,11 @@ OUTAGE_MAX_RETRY_S = 30.0
 OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
                  redis.exceptions.ReadOnlyError, KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError,
                  kafka_io.NotAcknowledged)
+class BatchAborted(Exception):
+    """Exactly-once mode: the batch's transaction was aborted and its partitions rewound to its start; the
+    batch is read again by whoever owns them (this worker, or a new owner after a rebalance)."""
+
+
 GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
 
 
@@ -62,6 +68,7 @@ class ServingLoop:
         self._consumer = consumer
         self._producer = producer
         self._partition_of = kafka_io.KeyPartitioner(producer)
+        self._transactional = settings.kafka.exactly_once
         self._store = store
         self._model = model
         self._metrics = metrics
@@ -115,6 +122,10 @@ class ServingLoop:
                 outbox = self._build_outbox(records)
                 self._commit(records, outbox)
                 break
+            except BatchAborted as aborted:
+                log.warning("%s", aborted)
+                outbox = None
+                break
             except OUTAGE_ERRORS as error:
                 if stop is not None and stop.is_set():
                     raise  # stopping: the uncommitted batch is replayed by the next owner
@@ -129,7 +140,8 @@ class ServingLoop:
             self._outage_since = None
             self._metrics.paused.set(0)
             self._consumer.resume(*self._consumer.paused())
-        self._account(outbox)
+        if outbox is not None:
+            self._account(outbox)
         self._metrics.batch_duration.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(records))
 
@@ -274,21 +286,55 @@ class ServingLoop:
         3. Kafka: commit the offsets after the batch (asynchronously; the last ones again, synchronously, on
            a clean stop).
         A crash between steps replays the batch: claims make the replay emit the same predictions.
+        In exactly-once mode steps 2 and 3 are one Kafka transaction, so a read_committed reader sees the
+        batch's outputs once, whatever happens.
         """
         self._store.save(outbox.writes)
         self._partition_of.new_batch()
+        offsets = {TopicPartition(topic, partition): offset for (topic, partition), offset in next_offsets(records).items()}
+        if self._transactional:
+            self._produce_in_transaction(records, outbox, offsets)
+        else:
+            self._produce(outbox)
+            kafka_io.commit_async(self._consumer, offsets)
+            self._latest_offsets.update(offsets)
+        acked_ms = time.time() * 1000.0
+        for _, _, _, source_ms in outbox.messages:
+            if source_ms is not None and source_ms >= 0:
+                self._metrics.latency.observe(max(0.0, acked_ms - source_ms) / 1000.0)
+
+    def _produce(self, outbox: Outbox) -> list:
         send, partition_of = self._producer.send, self._partition_of
         futures = [send(topic, key=key, value=value, partition=partition_of(topic, key))
                    for topic, key, value, _ in outbox.messages]
         self._producer.flush(timeout=ACK_TIMEOUT_S)
         kafka_io.wait_acknowledged(futures, ACK_TIMEOUT_S)
-        acked_ms = time.time() * 1000.0
-        for _, _, _, source_ms in outbox.messages:
-            if source_ms is not None and source_ms >= 0:
-                self._metrics.latency.observe(max(0.0, acked_ms - source_ms) / 1000.0)
-        offsets = {TopicPartition(topic, partition): offset for (topic, partition), offset in next_offsets(records).items()}
-        kafka_io.commit_async(self._consumer, offsets)
-        self._latest_offsets.update(offsets)
+        return futures
+
+    def _produce_in_transaction(self, records: list[InputRecord], outbox: Outbox,
+                                offsets: dict[TopicPartition, int]) -> None:
+        """Outputs and offsets in one transaction. Another replica with our transactional id (fenced) is
+        fatal. Any other failure aborts the transaction and rewinds the batch's partitions, so it is read
+        again; the consumer group metadata passed with the offsets makes the broker refuse the commit of a
+        worker that lost its partitions in a rebalance (KIP-447)."""
+        producer = self._producer
+        producer.begin_transaction()
+        try:
+            self._produce(outbox)
+            producer.send_offsets_to_transaction({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+                                                 self._consumer.group_metadata())
+            producer.commit_transaction()
+        except ProducerFencedError as error:
+            raise RuntimeError("another producer took over this worker's transactional id: give each replica its "
+                               "own --kafka-transactional-id (the default is <group-id>-<hostname>)") from error
+        except KafkaError as error:
+            producer.abort_transaction()
+            owned = self._consumer.assignment()
+            for tp, first in _first_offsets(records).items():
+                if tp in owned:
+                    self._consumer.seek(tp, first)
+            raise BatchAborted(f"transaction of {len(records)} records aborted ({type(error).__name__}: {error}); "
+                               "they will be read again") from error
 
     def _refresh_lag(self) -> None:
         try:
@@ -296,6 +342,15 @@ class ServingLoop:
                 self._metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
         except Exception as error:  # lag is an observation; a failed look-up must not stop serving
             log.warning("could not read consumer lag: %s", error)
+
+
+def _first_offsets(records: list[InputRecord]) -> dict[TopicPartition, int]:
+    first: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        if tp not in first or record.offset < first[tp]:
+            first[tp] = record.offset
+    return first
 
 
 class _Progress:

@@ -118,10 +118,13 @@ def produce(stack: Stack, topic: str, values: list[bytes | None], keys: list[byt
     return coordinates
 
 
-def read_topic(stack: Stack, topic: str, expect: int, timeout_s: float = 60.0, settle_s: float = 1.0) -> list:
-    """Every record of `topic` from the start: waits for `expect` records, then `settle_s` more for extras."""
+def read_topic(stack: Stack, topic: str, expect: int, timeout_s: float = 60.0, settle_s: float = 1.0,
+               committed_only: bool = False) -> list:
+    """Every record of `topic` from the start: waits for `expect` records, then `settle_s` more for extras.
+    `committed_only` reads as a read_committed consumer (records of aborted transactions are skipped)."""
     consumer = KafkaConsumer(bootstrap_servers=stack.kafka_bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest", consumer_timeout_ms=500)
+                             auto_offset_reset="earliest", consumer_timeout_ms=500,
+                             isolation_level="read_committed" if committed_only else "read_uncommitted")
     deadline = time.monotonic() + timeout_s
     while not consumer.partitions_for_topic(topic):
         assert time.monotonic() < deadline, f"topic {topic} never appeared"
