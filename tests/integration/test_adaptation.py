@@ -173,23 +173,44 @@ def test_two_replicas_follow_promotions_refuse_a_tampered_artifact_and_roll_back
         client.close()
 
 
-def test_a_killed_trainer_loses_the_lease_to_another(stack, checkpoint, tmp_path):
+def test_a_trainer_killed_mid_fine_tune_hands_over_and_nothing_half_written_is_served(stack, checkpoint, tmp_path):
     names = fresh_names()
-    env = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "trainer", "STREAMADAPT_TRAINING_LEASE_TTL_S": "2"}
-    trainers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"trainer{i}.log", **env).start() for i in range(2)]
+    env = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "trainer", "STREAMADAPT_TRAINING_LEASE_TTL_S": "2",
+           "STREAMADAPT_TRAINING_MIN_EXAMPLES": "2500", "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "500",
+           "STREAMADAPT_TRAINING_EPOCHS": "100"}  # a fine-tune of several seconds, long enough to be killed in
+    trainers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"trainer{i}.log", **env) for i in range(2)]
+    bodies = [event(i, user=f"user-{i % 100}") for i in range(3000)]
     try:
-        def leaders():
-            return [t for t in trainers if t.process.poll() is None and t.metric("streamadapt_trainer_leader") == 1]
+        for trainer in trainers:  # both up before there is anything to train on
+            trainer.start()
+        with WorkerProcess(stack, names, checkpoint, tmp_path / "labeller.log", STREAMADAPT_ROLE="worker") as labeller:
+            produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
+            labeller.wait_metric("streamadapt_labels_resolved_total", len(bodies) - 100, timeout_s=120)
+            assert labeller.stop() == 0
 
-        trainers[0].wait_until(lambda: len(leaders()) == 1, 30, "one leader")
-        leader = leaders()[0]
-        follower = next(t for t in trainers if t is not leader)
-        assert follower.metric("streamadapt_trainer_leader") == 0
+        def running():
+            return [t for t in trainers if t.process.poll() is None and t.metric("streamadapt_finetune_running") == 1]
+
+        trainers[0].wait_until(lambda: len(running()) == 1, 120, "a fine-tune in progress")
+        leader = running()[0]
+        survivor = next(t for t in trainers if t is not leader)
+        assert leader.metric("streamadapt_trainer_leader") == 1 and survivor.metric("streamadapt_trainer_leader") == 0
         leader.process.send_signal(signal.SIGKILL)
         leader.process.wait(timeout=10)
-        follower.wait_until(lambda: follower.metric("streamadapt_trainer_leader") == 1, 15, "the survivor leading")
+        survivor.wait_until(lambda: survivor.metric("streamadapt_trainer_leader") == 1, 15, "the survivor leading")
+        survivor.wait_until(lambda: survivor.metric("streamadapt_finetune_runs_total") >= 1, 180, "the survivor's fine-tune")
+        assert survivor.stop() == 0
+
+        # every version on record, and the champion, has its whole artifact: loading checks its sha256
         registry = Registry(redis.Redis.from_url(stack.redis_url), names.key_prefix, "purchases")
-        assert registry.champion() is not None  # the source checkpoint was registered as version zero
+        records = registry.all()
+        assert registry.champion() in {r.version for r in records}
+        for record in records:
+            assert len(registry.weights(record)) > 0
+        announced = [ModelVersion.model_validate_json(r.value)
+                     for r in read_topic(stack, names.model_versions_topic, expect=1, timeout_s=30)]
+        assert announced and {a.version for a in announced} <= {r.version for r in records}
+        print(f"versions on record: {[(r.version, r.promoted) for r in records]}; champion {registry.champion()}")
     finally:
         for trainer in trainers:
             trainer.__exit__(None, None, None)

@@ -1,0 +1,60 @@
+"""The Kafka broker stops and starts again while events flow in: the worker rides it out (its batch is
+retried, consumption pauses) and every event still gets its prediction.
+
+This restarts the shared broker of scripts/dev-stack, so it waits for it to be back before it ends."""
+import subprocess
+import threading
+import time
+
+import pytest
+from kafka import KafkaProducer
+
+from tests.conftest import STACK_SCRIPT
+from tests.integration.conftest import WorkerProcess, check_every_event_predicted, dumps, event, read_topic
+
+pytestmark = pytest.mark.integration
+
+RATE_PER_S = 500
+
+
+def produce_paced(bootstrap: str, topic: str, bodies: list[dict], failures: list) -> None:
+    """Send at RATE_PER_S; the client buffers and retries through the restart (delivery timeout 5 min)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, delivery_timeout_ms=300_000,
+                             request_timeout_ms=30_000, reconnect_backoff_max_ms=2000)
+    started = time.monotonic()
+    futures = []
+    for i, body in enumerate(bodies):
+        delay = started + i / RATE_PER_S - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(producer.send(topic, key=body["user_id"].encode(), value=dumps(body)))
+    producer.flush(timeout=300)
+    for future in futures:
+        try:
+            future.get(timeout=1)
+        except Exception as error:  # reported by the test, which then fails
+            failures.append(error)
+    producer.close(timeout=30)
+
+
+def test_a_broker_restart_mid_stream_loses_no_event(stack, names, checkpoint, tmp_path):
+    bodies = [event(i, user=f"user-{i % 501}") for i in range(15_000)]
+    env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": "500", "STREAMADAPT_ROLE": "worker"}
+    failures: list = []
+    with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", **env) as worker:
+        producer = threading.Thread(target=produce_paced, args=(stack.kafka_bootstrap, names.input_topic, bodies, failures))
+        producer.start()
+        worker.wait_metric("streamadapt_predictions_total", 3000, timeout_s=120)
+        restarted_at = time.monotonic()
+        result = subprocess.run([str(STACK_SCRIPT), "restart-kafka"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        print(f"broker down and back in {time.monotonic() - restarted_at:.1f} s")
+        producer.join(timeout=600)
+        assert not failures, f"{len(failures)} test events were not accepted by the broker, e.g. {failures[0]!r}"
+        records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=240, settle_s=3)
+        assert worker.process.poll() is None, "the worker exited during the broker restart"
+        errors = worker.metric("streamadapt_dependency_errors_total")
+        assert worker.stop() == 0
+    duplicates = check_every_event_predicted(bodies, records)
+    print(f"predictions {len(records)} for {len(bodies)} events, {duplicates} re-emitted; "
+          f"{errors:.0f} batch attempts refused by Kafka")
