@@ -45,7 +45,7 @@ class Names:
     dlq_topic: str
     group_id: str
     key_prefix: str
-    model_versions_topic: str = ""
+    model_versions_topic: str
 
     def env(self, stack: Stack) -> dict[str, str]:
         return {
@@ -56,14 +56,15 @@ class Names:
             "STREAMADAPT_KAFKA_DLQ_TOPIC": self.dlq_topic,
             "STREAMADAPT_KAFKA_GROUP_ID": self.group_id,
             "STREAMADAPT_REDIS_KEY_PREFIX": self.key_prefix,
-            "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": self.model_versions_topic or f"model-versions-{self.key_prefix}",
+            "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": self.model_versions_topic,
         }
 
 
 @pytest.fixture
 def names() -> Names:
     run = uuid.uuid4().hex[:10]
-    return Names(f"purchases-{run}", f"predictions-{run}", f"purchases.dlq-{run}", f"group-{run}", f"test-{run}")
+    return Names(f"purchases-{run}", f"predictions-{run}", f"purchases.dlq-{run}", f"group-{run}", f"test-{run}",
+                 f"model-versions-{run}")
 
 
 @pytest.fixture(scope="session")

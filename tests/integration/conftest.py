@@ -1,6 +1,7 @@
 """Helpers for tests that run the real worker process against the real Kafka and Redis."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -10,12 +11,15 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from schemas import ModelVersion, TrainedOn
 from tests.conftest import Names, Stack
+from worker.registry import Registry, encode_weights
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +181,14 @@ def event(i: int, user: str | None = None, **changes) -> dict:
 
 def dumps(body: dict) -> bytes:
     return json.dumps(body).encode()
+
+
+def put_version(registry: Registry, version: str, weights, source_sha: str, promoted: bool,
+                artifact: bytes | None = None) -> ModelVersion:
+    artifact = encode_weights(weights) if artifact is None else artifact
+    record = ModelVersion(model="purchases", version=version, task="next_category", source_checkpoint_sha256=source_sha,
+                          created_at=datetime.now(timezone.utc), trained_on=TrainedOn(examples=0), promoted=promoted,
+                          artifact_sha256=hashlib.sha256(encode_weights(weights)).hexdigest(),
+                          artifact_ref=registry.artifact_ref(version))
+    registry.put(record, artifact)
+    return record

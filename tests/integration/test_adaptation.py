@@ -1,22 +1,21 @@
 """Adaptation end to end on the real stack: label join, trainer, gate, registry, hot-swap, rollback."""
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from schemas import ModelVersion, Prediction, TrainedOn
+from schemas import ModelVersion, Prediction
 from tests.conftest import Names, Stack
-from tests.integration.conftest import WorkerProcess, dumps, event, produce, read_topic
+from tests.integration.conftest import WorkerProcess, dumps, event, produce, put_version, read_topic
 from worker.evaluation import stream_labels, score_predictions
 from worker.model import load_checkpoint
 from worker.pretrain import read_events
@@ -103,17 +102,6 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
               f"from {settle} events after drift {quality[mode]:.4f}")
     print(f"accuracy after drift: static {quality['static']:.4f}, adapted {quality['adapted']:.4f}")
     assert quality["adapted"] >= quality["static"] + ADAPTATION_MARGIN, quality
-
-
-def put_version(registry: Registry, version: str, weights, source_sha: str, promoted: bool,
-                artifact: bytes | None = None) -> ModelVersion:
-    artifact = encode_weights(weights) if artifact is None else artifact
-    record = ModelVersion(model="purchases", version=version, task="next_category", source_checkpoint_sha256=source_sha,
-                          created_at=datetime.now(timezone.utc), trained_on=TrainedOn(examples=0), promoted=promoted,
-                          artifact_sha256=hashlib.sha256(encode_weights(weights)).hexdigest(),
-                          artifact_ref=registry.artifact_ref(version))
-    registry.put(record, artifact)
-    return record
 
 
 def test_two_replicas_follow_promotions_refuse_a_tampered_artifact_and_roll_back(stack, checkpoint, tmp_path):

@@ -1,17 +1,27 @@
 """Three workers join and leave one consumer group on a six-partition topic in mid-stream (one stopped by
-SIGTERM, one by kill -9): every event still gets a prediction, and a re-emitted one is identical."""
+SIGTERM, one by kill -9): every event still gets a prediction, and a re-emitted one is identical. A version
+promoted while all three serve reaches each of them within PROMOTION_BOUND_S of its announcement."""
 import signal
 import threading
 import time
 
 import pytest
+import redis
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from tests.integration.conftest import WorkerProcess, check_every_event_predicted, dumps, event, produce, read_topic
+from tests.integration.conftest import (
+    WorkerProcess, check_every_event_predicted, dumps, event, produce, put_version, read_topic,
+)
+from worker.model import load_checkpoint
+from worker.registry import Registry
 
 pytestmark = pytest.mark.integration
 
 BATCH = 300
+# A replica learns of a promotion from the model-versions topic (or, failing that, from its 5 s registry
+# check) and swaps between two batches; 10 s leaves room for a loaded CI machine.
+PROMOTION_BOUND_S = 10.0
 
 
 def feed(stack, topic, bodies, per_second):
@@ -24,12 +34,29 @@ def feed(stack, topic, bodies, per_second):
         time.sleep(max(0.0, 1.0 - (time.monotonic() - began)))
 
 
+def promote_and_time(stack, names, checkpoint, workers) -> list[float]:
+    """Promote a new version and announce it as the trainer does; seconds until each worker serves it."""
+    model, meta = load_checkpoint(checkpoint)
+    registry = Registry(redis.Redis.from_url(stack.redis_url), names.key_prefix, "purchases")
+    record = put_version(registry, "v1", [w * 0.9 for w in model.get_weights()], meta.sha256, promoted=True)
+    registry.set_champion("v1")
+    producer = KafkaProducer(bootstrap_servers=stack.kafka_bootstrap)
+    producer.send(names.model_versions_topic, key=b"purchases", value=record.model_dump_json().encode()).get(30)
+    producer.close()
+    announced = time.monotonic()
+    waited = []
+    for worker in workers:
+        worker.wait_until(lambda w=worker: w.serving_version() == "v1", 60, "the promoted version served")
+        waited.append(time.monotonic() - announced)
+    return waited
+
+
 def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp_path):
     admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
     admin.create_topics([NewTopic(names.input_topic, 6, 1), NewTopic(names.predictions_topic, 6, 1)])
     admin.close()
     bodies = [event(i, user=f"user-{i % 1009}") for i in range(24_000)]
-    env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker"}
+    env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker", "STREAMADAPT_NO_FINETUNE": "false"}
     workers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"worker{i}.log", **env) for i in range(3)]
     feeding = threading.Thread(target=feed, args=(stack, names.input_topic, bodies, 600.0), daemon=True)
     try:
@@ -38,6 +65,9 @@ def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp
         workers[1].start()  # joins: the group rebalances under a consuming worker
         workers[2].start()
         workers[2].wait_metric("streamadapt_events_consumed_total", 1, timeout_s=60)
+        promotion_s = promote_and_time(stack, names, checkpoint, workers)
+        print("promoted version served after " + ", ".join(f"{s:.2f} s" for s in promotion_s))
+        assert max(promotion_s) <= PROMOTION_BOUND_S, promotion_s
         assert workers[0].stop(signal.SIGTERM) == 0  # leaves cleanly
         workers[1].wait_metric("streamadapt_events_consumed_total", 1, timeout_s=60)
         workers[1].process.send_signal(signal.SIGKILL)  # leaves without a word: its partitions move after the session timeout

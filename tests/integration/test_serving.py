@@ -109,7 +109,8 @@ def test_same_stream_gives_same_predictions_twice(stack, names, checkpoint, tmp_
     runs = []
     for run in ("a", "b"):
         run_names = Names(*(f"{value}-{run}" for value in (names.input_topic, names.predictions_topic,
-                                                               names.dlq_topic, names.group_id, names.key_prefix)))
+                                                               names.dlq_topic, names.group_id, names.key_prefix,
+                                                               names.model_versions_topic)))
         with WorkerProcess(stack, run_names, checkpoint, tmp_path / f"worker-{run}.log") as worker:
             produce(stack, run_names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
             records = read_topic(stack, run_names.predictions_topic, expect=len(bodies))
