@@ -105,7 +105,8 @@ def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_p
 
 def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events: int, timeout_s: float,
                  log_path: Path) -> tuple[DrainResult, float]:
-    """Drain time of a real worker process, and its peak resident memory in MiB."""
+    """Drain time of a real worker process (on the client library settings.kafka.client), and its peak
+    resident memory in MiB."""
     with worker_process(settings, checkpoint, input_topic, log_path) as (process, port):
         started, handled, deadline = None, 0.0, time.monotonic() + timeout_s
         while handled < events and time.monotonic() < deadline:
@@ -119,7 +120,7 @@ def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events:
             time.sleep(SCRAPE_INTERVAL_S)
         elapsed = time.perf_counter() - (started or time.perf_counter())
         peak_rss_mib = _peak_rss_mib(process.pid)
-    return DrainResult("streamadapt worker (--no-finetune)", int(handled), elapsed), peak_rss_mib
+    return DrainResult(f"streamadapt worker ({settings.kafka.client})", int(handled), elapsed), peak_rss_mib
 
 
 @dataclass(frozen=True)
@@ -311,8 +312,16 @@ LOAD_SHARES = (0.25, 0.5, 0.75)
 def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | None, out: Path | None,
                          repeat: int = 3, timeout_s: float = 900.0, latency_s: float = 20.0, echo=print) -> dict:
     """Drain `events` with each contender, `repeat` times alternating, and report the medians; then, unless
-    `latency_s` is 0, latency at 25/50/75 % of the worker's drain rate, and at 50 % with a trainer."""
-    bare_runs, worker_runs, rss = [], [], []
+    `latency_s` is 0, latency at 25/50/75 % of the worker's drain rate, and at 50 % with a trainer.
+
+    The worker drains on the serving client of `settings` (kafka-python unless --kafka-client says
+    otherwise); with confluent-kafka installed it also drains on the other one, as a second contender.
+    Latency is measured on the configured client."""
+    clients = [settings.kafka.client] + [c for c in ("kafka-python", "confluent")
+                                         if c != settings.kafka.client and (c != "confluent" or _has_confluent_kafka())]
+    bare_runs: list[DrainResult] = []
+    worker_runs: dict[str, list[DrainResult]] = {client: [] for client in clients}
+    rss: dict[str, list[float]] = {client: [] for client in clients}
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch:
         scratch_dir = Path(scratch)
         stream = scratch_dir / "events.jsonl"
@@ -321,17 +330,21 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             checkpoint = _quick_checkpoint(scratch_dir, echo)
         for attempt in range(1, repeat + 1):
             run = uuid.uuid4().hex[:8]
-            topics = {"bare": f"bench-bare-{run}", "worker": f"bench-worker-{run}"}
+            topics = {"bare": f"bench-bare-{run}", **{client: f"bench-worker-{client}-{run}" for client in clients}}
             for topic in topics.values():
                 replay(stream, settings.kafka.model_copy(update={"input_topic": topic}))
             echo(f"run {attempt}/{repeat}: backlog of {events} events produced; draining with the bare loop")
             bare_runs.append(drain_bare(settings.kafka, topics["bare"], f"{topics['bare']}.out", events, timeout_s))
-            echo(f"run {attempt}/{repeat}: draining with the worker")
-            worker_run, peak_rss_mib = drain_worker(settings, checkpoint, topics["worker"], events, timeout_s,
-                                                    scratch_dir / "worker.log")
-            worker_runs.append(worker_run)
-            rss.append(peak_rss_mib)
-        bare, worker = _median(bare_runs), _median(worker_runs)
+            for client in clients:
+                echo(f"run {attempt}/{repeat}: draining with the worker on {client}")
+                on_client = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client": client})})
+                worker_run, peak_rss_mib = drain_worker(on_client, checkpoint, topics[client], events, timeout_s,
+                                                        scratch_dir / "worker.log")
+                worker_runs[client].append(worker_run)
+                rss[client].append(peak_rss_mib)
+        bare = _median(bare_runs)
+        workers = {client: _median(runs) for client, runs in worker_runs.items()}
+        worker = workers[settings.kafka.client]
         swap = measure_swap(checkpoint)
         latencies = []
         if latency_s > 0 and not _has_confluent_kafka():
@@ -347,27 +360,37 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                 echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")
                 latencies.append(measure_latency(settings, checkpoint, values[: int(rate * latency_s)], rate,
                                                  scratch_dir / "latency.log", finetune=finetune))
-    ratio = worker.events_per_s / bare.events_per_s
-    result = {"events": events, "repeat": repeat,
+    ratios = {client: w.events_per_s / bare.events_per_s for client, w in workers.items()}
+    ratio = ratios[settings.kafka.client]
+    result = {"events": events, "repeat": repeat, "client": settings.kafka.client,
               "bare": {**asdict(bare), "events_per_s": bare.events_per_s,
                        "runs_events_per_s": [r.events_per_s for r in bare_runs]},
               "worker": {**asdict(worker), "events_per_s": worker.events_per_s,
-                         "runs_events_per_s": [r.events_per_s for r in worker_runs]},
-              "ratio_worker_to_bare": ratio, "worker_peak_rss_mib": max(rss),
-              "ratio_per_run": [w.events_per_s / b.events_per_s for w, b in zip(worker_runs, bare_runs)],
+                         "runs_events_per_s": [r.events_per_s for r in worker_runs[settings.kafka.client]]},
+              "ratio_worker_to_bare": ratio, "worker_peak_rss_mib": max(rss[settings.kafka.client]),
+              "ratio_per_run": [w.events_per_s / b.events_per_s
+                                for w, b in zip(worker_runs[settings.kafka.client], bare_runs)],
+              "workers_by_client": {client: {"events": w.events, "events_per_s": w.events_per_s,
+                                             "ratio_to_bare": ratios[client],
+                                             "runs_events_per_s": [r.events_per_s for r in worker_runs[client]],
+                                             "peak_rss_mib": max(rss[client])}
+                                    for client, w in workers.items()},
               "hot_swap": swap,
               "latency": [asdict(r) for r in latencies],
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     echo(f"{'median of ' + str(repeat) + ' runs':38}{'events':>8}{'seconds':>10}{'events/s':>11}   runs (events/s)")
-    for r, runs in ((bare, bare_runs), (worker, worker_runs)):
+    for r, runs in [(bare, bare_runs)] + [(workers[c], worker_runs[c]) for c in clients]:
         shown = " ".join(f"{x.events_per_s:.0f}" for x in runs)
         echo(f"{r.name:38}{r.events:>8}{r.seconds:>10.2f}{r.events_per_s:>11.0f}   {shown}")
-    echo(f"ratio worker / bare: {ratio:.3f} (per run: {' '.join(f'{r:.3f}' for r in result['ratio_per_run'])})"
-         f"    worker peak RSS: {max(rss):.0f} MiB")
+    for client in clients:
+        per_run = " ".join(f"{w.events_per_s / b.events_per_s:.3f}" for w, b in zip(worker_runs[client], bare_runs))
+        echo(f"ratio worker ({client}) / bare kafka-python: {ratios[client]:.3f} (per run: {per_run})"
+             f"    worker peak RSS: {max(rss[client]):.0f} MiB")
     echo(f"hot-swap on the serving thread: median {swap['median_ms']:.3f} ms, p99 {swap['p99_ms']:.3f} ms, "
          f"max {swap['max_ms']:.3f} ms over {swap['swaps']} swaps")
     if latencies:
-        echo(f"{'event to prediction latency':38}{'events/s':>9}{'received':>10}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
+        echo(f"{'event to prediction latency (' + settings.kafka.client + ')':38}{'events/s':>9}{'received':>10}"
+             f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
         for r in latencies:
             echo(f"{r.name:38}{r.offered_events_per_s:>9.0f}{r.received:>10}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.p999_ms:>10.1f}")
             if r.while_training is not None:

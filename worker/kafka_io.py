@@ -1,4 +1,10 @@
-"""Kafka adapter: the consumer, the producer and topic creation, each configured in one place."""
+"""Kafka adapter: every Kafka client the worker opens, configured in one place.
+
+The serving loop talks to two small interfaces, `ServingConsumer` and `ServingProducer`, so that it does
+not depend on the client library. `open_serving_clients` gives the kafka-python ones (the default) or,
+with `--kafka-client confluent`, those of `worker/kafka_confluent.py` on librdkafka. Everything else
+(topic creation, the trainer's and the tools' producers, the model follower) uses kafka-python.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,13 +13,18 @@ from concurrent.futures import Future
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
-    CommitFailedError, IllegalGenerationError, KafkaError, KafkaTimeoutError, RebalanceInProgressError,
-    TopicAlreadyExistsError, UnknownMemberIdError,
+    CommitFailedError, IllegalGenerationError, KafkaError, KafkaTimeoutError, ProducerFencedError,
+    RebalanceInProgressError, TopicAlreadyExistsError, UnknownMemberIdError,
 )
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
-from worker.settings import KafkaSettings
+from worker.pipeline import InputRecord
+from worker.settings import KafkaSettings, SettingsError
+
+ACK_TIMEOUT_S = 30.0
+# (topic, key, value, source timestamp in ms or None): one record the serving loop produces
+Message = tuple[str, "bytes | None", bytes, "int | None"]
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +120,20 @@ def open_producer(settings: KafkaSettings, transactional_id: str | None = None) 
     return producer
 
 
-class NotAcknowledged(KafkaError):
+class NotAcknowledged(Exception):
     """A produced record was not acknowledged by a retriable error (the broker or partition leader is away)."""
+
+
+class TransactionAborted(Exception):
+    """Exactly-once: the batch's transaction failed and was aborted; nothing of it is visible to read_committed."""
+
+
+class ProducerFenced(RuntimeError):
+    """Exactly-once: another producer took over this worker's transactional id."""
+
+    def __init__(self) -> None:
+        super().__init__("another producer took over this worker's transactional id: give each replica its own "
+                         "--kafka-transactional-id (the default is <group-id>-<hostname>)")
 
 
 def wait_acknowledged(futures: list[Future], timeout_s: float) -> None:
@@ -206,3 +229,103 @@ class KeyPartitioner:
                 memo.clear()
             partition = memo[key] = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
         return partition
+
+
+class ServingConsumer:
+    """The serving loop's consumer on kafka-python: batches of InputRecords, pause and rewind, commits, lag."""
+
+    def __init__(self, consumer: KafkaConsumer):
+        self._consumer = consumer
+
+    def poll(self, timeout_ms: int) -> list[InputRecord]:
+        polled = self._consumer.poll(timeout_ms=timeout_ms)
+        return [InputRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
+                for batch in polled.values() for r in batch]
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    def pause_all(self) -> None:
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume_all(self) -> None:
+        self._consumer.resume(*self._consumer.paused())
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(tp, offset)
+
+    def commit(self, next_offsets: dict[TopicPartition, int]) -> bool:
+        return commit(self._consumer, next_offsets)
+
+    def commit_async(self, next_offsets: dict[TopicPartition, int]) -> None:
+        commit_async(self._consumer, next_offsets)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        return consumer_lag(self._consumer)
+
+    def group_metadata(self):
+        return self._consumer.group_metadata()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class ServingProducer:
+    """The serving loop's producer on kafka-python: a batch of records, acknowledged or refused as a whole,
+    optionally inside a transaction with the input offsets."""
+
+    def __init__(self, producer: KafkaProducer):
+        self._producer = producer
+        self._partition_of = KeyPartitioner(producer)
+
+    def send_all(self, messages: list[Message]) -> None:
+        """Produce `messages`, flush, and check every acknowledgement (NotAcknowledged if one was refused
+        for a retriable reason)."""
+        self._partition_of.new_batch()
+        send, partition_of = self._producer.send, self._partition_of
+        futures = [send(topic, key=key, value=value, partition=partition_of(topic, key))
+                   for topic, key, value, _ in messages]
+        self._producer.flush(timeout=ACK_TIMEOUT_S)
+        wait_acknowledged(futures, ACK_TIMEOUT_S)
+
+    def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
+                            group_metadata) -> None:
+        """`messages` and the consumer's `next_offsets` in one transaction. Raises TransactionAborted
+        (after aborting) when it fails, ProducerFenced when another producer has our transactional id."""
+        producer = self._producer
+        producer.begin_transaction()
+        try:
+            self.send_all(messages)
+            producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()}, group_metadata)
+            producer.commit_transaction()
+        except ProducerFencedError as error:
+            raise ProducerFenced() from error
+        except (KafkaError, NotAcknowledged) as error:
+            producer.abort_transaction()
+            raise TransactionAborted(f"{type(error).__name__}: {error}") from error
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+def open_serving_clients(settings: KafkaSettings, transactional_id: str | None):
+    """The serving loop's (consumer, producer) on the client library `settings.client` names."""
+    if settings.client == "confluent":
+        try:
+            from worker import kafka_confluent
+        except ImportError as error:
+            raise SettingsError("--kafka-client confluent needs the confluent-kafka package: "
+                                "pip install 'streamadapt[confluent]'") from error
+        producer = kafka_confluent.ServingProducer.open(settings, transactional_id)
+        try:
+            return kafka_confluent.ServingConsumer.open(settings), producer
+        except BaseException:
+            producer.close()
+            raise
+    producer = ServingProducer(open_producer(settings, transactional_id))
+    try:
+        return ServingConsumer(open_consumer(settings)), producer
+    except BaseException:
+        producer.close()
+        raise

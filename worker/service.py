@@ -79,12 +79,11 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 _run_trainer(settings, stack, store, registry, producer, model, metrics, ready, stop)
                 return
             transactional_id = k.effective_transactional_id(socket.gethostname()) if k.exactly_once else None
-            producer = kafka_io.open_producer(k, transactional_id)
-            stack.callback(producer.close, timeout=30)
-            if transactional_id is not None:
-                log.info("exactly-once: each batch is one transaction of transactional id %s", transactional_id)
-            consumer = kafka_io.open_consumer(k)
+            consumer, producer = kafka_io.open_serving_clients(k, transactional_id)
+            stack.callback(producer.close)
             stack.callback(consumer.close)
+            log.info("serving clients on %s%s", k.client, f"; exactly-once, each batch one transaction of "
+                     f"transactional id {transactional_id}" if transactional_id is not None else "")
         except KafkaError as error:
             raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}") from error
         follower = None

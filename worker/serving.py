@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaError, KafkaTimeoutError, ProducerFencedError
-from kafka.structs import OffsetAndMetadata
+from kafka import TopicPartition
+from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
 
 from worker import kafka_io
 from worker.hotswap import ModelFollower
+from worker.kafka_io import ServingConsumer, ServingProducer
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
 from worker.model import ServingModel
@@ -28,7 +28,6 @@ from worker.state import EventClaim, StateStore, StateWrites
 
 log = logging.getLogger(__name__)
 
-ACK_TIMEOUT_S = 30.0
 OUTAGE_FIRST_RETRY_S = 0.5
 OUTAGE_MAX_RETRY_S = 30.0
 # Errors of an unavailable dependency: the batch is retried, not dropped, and the worker does not exit.
@@ -49,7 +48,7 @@ class Outbox:
     and what it amounts to, counted in the metrics only once the batch is committed (a batch retried after
     an outage is counted once)."""
 
-    messages: list[tuple[str, bytes | None, bytes, int | None]]
+    messages: list[kafka_io.Message]
     writes: StateWrites
     dead_letter_reasons: list[str]
     duplicates: int = 0
@@ -58,7 +57,7 @@ class Outbox:
 
 
 class ServingLoop:
-    def __init__(self, settings: Settings, consumer: KafkaConsumer, producer: KafkaProducer, store: StateStore,
+    def __init__(self, settings: Settings, consumer: ServingConsumer, producer: ServingProducer, store: StateStore,
                  model: ServingModel, metrics: WorkerMetrics, follower: ModelFollower | None = None,
                  clock=lambda: datetime.now(timezone.utc)):
         self._settings = settings
@@ -67,7 +66,6 @@ class ServingLoop:
         self._quality_series: set[tuple[str, str]] = set()
         self._consumer = consumer
         self._producer = producer
-        self._partition_of = kafka_io.KeyPartitioner(producer)
         self._transactional = settings.kafka.exactly_once
         self._store = store
         self._model = model
@@ -85,10 +83,8 @@ class ServingLoop:
         progress = _Progress(self._metrics)
         while not stop.is_set():
             self._maybe_swap()
-            polled = self._consumer.poll(timeout_ms=timeout_ms)
+            records = self._consumer.poll(timeout_ms)
             self.last_poll_ok_monotonic = time.monotonic()
-            records = [InputRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
-                       for batch in polled.values() for r in batch]
             if records:
                 self.handle(records, stop)
             now = time.monotonic()
@@ -102,7 +98,7 @@ class ServingLoop:
         owned = self._consumer.assignment()
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
         if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
-            kafka_io.commit(self._consumer, final)
+            self._consumer.commit(final)
         progress.log(time.monotonic())
 
     @property
@@ -139,7 +135,7 @@ class ServingLoop:
             log.warning("outputs accepted again after %.1f s: resuming consumption", time.monotonic() - self._outage_since)
             self._outage_since = None
             self._metrics.paused.set(0)
-            self._consumer.resume(*self._consumer.paused())
+            self._consumer.resume_all()
         if outbox is not None:
             self._account(outbox)
         self._metrics.batch_duration.observe(time.perf_counter() - started)
@@ -161,12 +157,12 @@ class ServingLoop:
                         time.monotonic() - self._outage_since, type(error).__name__, error, delay_s)
         until = time.monotonic() + delay_s
         while time.monotonic() < until and not (stop is not None and stop.is_set()):
-            self._consumer.pause(*self._consumer.assignment())
+            self._consumer.pause_all()
             slice_ms = max(1, int(min(1.0, until - time.monotonic()) * 1000))
-            for tp, polled in self._consumer.poll(timeout_ms=slice_ms).items():
-                self._consumer.seek(tp, polled[0].offset)
+            for tp, first in _first_offsets(self._consumer.poll(slice_ms)).items():
+                self._consumer.seek(tp, first)
             self.last_poll_ok_monotonic = time.monotonic()
-        self._consumer.pause(*self._consumer.assignment())
+        self._consumer.pause_all()
 
     def _account(self, outbox: Outbox) -> None:
         """Metrics and prequential quality of a committed batch."""
@@ -290,55 +286,29 @@ class ServingLoop:
         batch's outputs once, whatever happens.
         """
         self._store.save(outbox.writes)
-        self._partition_of.new_batch()
         offsets = {TopicPartition(topic, partition): offset for (topic, partition), offset in next_offsets(records).items()}
         if self._transactional:
-            self._produce_in_transaction(records, outbox, offsets)
+            try:
+                self._producer.send_in_transaction(outbox.messages, offsets, self._consumer.group_metadata())
+            except kafka_io.TransactionAborted as error:
+                owned = self._consumer.assignment()
+                for tp, first in _first_offsets(records).items():
+                    if tp in owned:
+                        self._consumer.seek(tp, first)
+                raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
+                                   "they will be read again") from error
         else:
-            self._produce(outbox)
-            kafka_io.commit_async(self._consumer, offsets)
+            self._producer.send_all(outbox.messages)
+            self._consumer.commit_async(offsets)
             self._latest_offsets.update(offsets)
         acked_ms = time.time() * 1000.0
         for _, _, _, source_ms in outbox.messages:
             if source_ms is not None and source_ms >= 0:
                 self._metrics.latency.observe(max(0.0, acked_ms - source_ms) / 1000.0)
 
-    def _produce(self, outbox: Outbox) -> list:
-        send, partition_of = self._producer.send, self._partition_of
-        futures = [send(topic, key=key, value=value, partition=partition_of(topic, key))
-                   for topic, key, value, _ in outbox.messages]
-        self._producer.flush(timeout=ACK_TIMEOUT_S)
-        kafka_io.wait_acknowledged(futures, ACK_TIMEOUT_S)
-        return futures
-
-    def _produce_in_transaction(self, records: list[InputRecord], outbox: Outbox,
-                                offsets: dict[TopicPartition, int]) -> None:
-        """Outputs and offsets in one transaction. Another replica with our transactional id (fenced) is
-        fatal. Any other failure aborts the transaction and rewinds the batch's partitions, so it is read
-        again; the consumer group metadata passed with the offsets makes the broker refuse the commit of a
-        worker that lost its partitions in a rebalance (KIP-447)."""
-        producer = self._producer
-        producer.begin_transaction()
-        try:
-            self._produce(outbox)
-            producer.send_offsets_to_transaction({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
-                                                 self._consumer.group_metadata())
-            producer.commit_transaction()
-        except ProducerFencedError as error:
-            raise RuntimeError("another producer took over this worker's transactional id: give each replica its "
-                               "own --kafka-transactional-id (the default is <group-id>-<hostname>)") from error
-        except KafkaError as error:
-            producer.abort_transaction()
-            owned = self._consumer.assignment()
-            for tp, first in _first_offsets(records).items():
-                if tp in owned:
-                    self._consumer.seek(tp, first)
-            raise BatchAborted(f"transaction of {len(records)} records aborted ({type(error).__name__}: {error}); "
-                               "they will be read again") from error
-
     def _refresh_lag(self) -> None:
         try:
-            for tp, lag in kafka_io.consumer_lag(self._consumer).items():
+            for tp, lag in self._consumer.lag().items():
                 self._metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
         except Exception as error:  # lag is an observation; a failed look-up must not stop serving
             log.warning("could not read consumer lag: %s", error)

@@ -38,6 +38,9 @@ class KafkaSettings(BaseSettings):
     fetch_min_bytes: int = Field(1, ge=1, description="a fetch waits for this much data (or fetch-max-wait-ms)")
     fetch_max_wait_ms: int = Field(500, ge=0, description="longest a fetch waits for fetch-min-bytes")
     client_id: str = Field("streamadapt", min_length=1, description="client id shown in broker logs")
+    client: Literal["kafka-python", "confluent"] = Field(
+        "kafka-python", description="client library of the serving loop: kafka-python, or confluent (librdkafka, "
+                                    "much faster; needs the confluent extra)")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="how clients talk to the brokers: TLS (SSL), SASL, both, or neither")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(

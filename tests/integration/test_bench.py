@@ -26,7 +26,10 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     assert result["ratio_per_run"] == [pytest.approx(result["ratio_worker_to_bare"])]
     assert result["hot_swap"]["swaps"] == 200 and 0 < result["hot_swap"]["median_ms"] <= result["hot_swap"]["max_ms"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert any(line.startswith("ratio worker / bare:") for line in lines)
+    assert any(line.startswith("ratio worker (kafka-python) / bare kafka-python:") for line in lines)
+    # with confluent-kafka installed (the bench extra) the worker also drained on librdkafka
+    assert set(result["workers_by_client"]) == {"kafka-python", "confluent"}
+    assert all(w["events"] == 2000 and w["ratio_to_bare"] > 0 for w in result["workers_by_client"].values())
 
 
 def test_latency_run_times_every_event_it_sends(stack, checkpoint, tmp_path, monkeypatch):

@@ -31,12 +31,13 @@ def start_redis(port: int, directory) -> subprocess.Popen:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
-def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, checkpoint, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, checkpoint, tmp_path, client):
     port = free_port()
     redis_process = start_redis(port, tmp_path)
     bodies = [event(i, user=f"user-{i % 301}") for i in range(6000)]
     env = {"STREAMADAPT_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMADAPT_KAFKA_MAX_POLL_RECORDS": "200",
-           "STREAMADAPT_ROLE": "worker"}
+           "STREAMADAPT_ROLE": "worker", "STREAMADAPT_KAFKA_CLIENT": client}
     try:
         with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", **env) as worker:
             produce(stack, names.input_topic, [dumps(b) for b in bodies[:3000]], keys=[b["user_id"].encode() for b in bodies[:3000]])

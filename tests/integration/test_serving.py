@@ -33,7 +33,9 @@ BREAKING = [  # (payload, reason) for every kind of contract-breaking input
 ]
 
 
-def test_bad_input_is_dead_lettered_duplicates_dropped_and_every_valid_event_predicted_once(stack, names, checkpoint, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_bad_input_is_dead_lettered_duplicates_dropped_and_every_valid_event_predicted_once(stack, names, checkpoint, tmp_path,
+                                                                                           client):
     assert b"NaN" in BREAKING[10][0]
     valid = [event(i) for i in range(300)]
     values, expected_reasons = [], {}
@@ -45,7 +47,7 @@ def test_bad_input_is_dead_lettered_duplicates_dropped_and_every_valid_event_pre
             values.append(payload)
         if i % 50 == 7:
             values.append(dumps(body))  # an exact repeat: must not be predicted twice
-    with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log") as worker:
+    with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", STREAMADAPT_KAFKA_CLIENT=client) as worker:
         coordinates = produce(stack, names.input_topic, values)
         predictions = read_topic(stack, names.predictions_topic, expect=len(valid))
         letters = read_topic(stack, names.dlq_topic, expect=len(expected_reasons))

@@ -1,10 +1,11 @@
 import pytest
 from kafka import TopicPartition
 from kafka.errors import (
-    CommitFailedError, IllegalGenerationError, KafkaConnectionError, RebalanceInProgressError, UnknownMemberIdError,
+    CommitFailedError, IllegalGenerationError, KafkaConnectionError, ProducerFencedError, RebalanceInProgressError,
+    UnknownMemberIdError,
 )
 
-from worker.kafka_io import KeyPartitioner, commit
+from worker.kafka_io import KeyPartitioner, ProducerFenced, ServingProducer, TransactionAborted, commit
 
 
 class RefusingConsumer:
@@ -70,3 +71,61 @@ def test_key_partitioner_agrees_with_kafka_pythons_default_partitioner_and_follo
         expected = [DefaultPartitioner().partition("t", k, k, None, None, producer.metadata) for k in keys]
         assert [partition_of("t", k) for k in keys] == expected
     assert partition_of("t", None) is None
+
+
+class TransactionalProducer:
+    """kafka-python's transactional calls, recorded; `commit_error` is raised by commit_transaction."""
+
+    def __init__(self, commit_error=None):
+        self.commit_error, self.calls = commit_error, []
+
+    def partitions_for(self, topic):
+        return {0, 1}
+
+    def begin_transaction(self):
+        self.calls.append("begin")
+
+    def send(self, topic, key=None, value=None, partition=None):
+        self.calls.append(f"send {topic}/{partition}")
+        return _Acknowledged()
+
+    def flush(self, timeout=None):
+        self.calls.append("flush")
+
+    def send_offsets_to_transaction(self, offsets, group_metadata):
+        self.calls.append(f"offsets {sorted((tp.partition, o.offset) for tp, o in offsets.items())} {group_metadata}")
+
+    def commit_transaction(self):
+        self.calls.append("commit")
+        if self.commit_error is not None:
+            raise self.commit_error
+
+    def abort_transaction(self):
+        self.calls.append("abort")
+
+
+class _Acknowledged:
+    def get(self, timeout=None):
+        return None
+
+
+MESSAGES = [("predictions", b"user-1", b"{}", None), ("dlq", None, b"{}", None)]
+
+
+def test_a_transaction_sends_the_batch_then_the_offsets_then_commits():
+    producer = TransactionalProducer()
+    ServingProducer(producer).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "generation-7")
+    partition = KeyPartitioner(producer)("predictions", b"user-1")
+    assert producer.calls == ["begin", f"send predictions/{partition}", "send dlq/None", "flush",
+                              "offsets [(0, 12)] generation-7", "commit"]
+
+
+def test_a_refused_transaction_is_aborted_and_a_fenced_producer_says_so():
+    producer = TransactionalProducer(CommitFailedError("generation is stale"))
+    with pytest.raises(TransactionAborted, match="CommitFailedError"):
+        ServingProducer(producer).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "g")
+    assert producer.calls[-2:] == ["commit", "abort"]
+    fenced = TransactionalProducer(ProducerFencedError())
+    with pytest.raises(ProducerFenced, match="own --kafka-transactional-id"):
+        ServingProducer(fenced).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "g")
+    assert "abort" not in fenced.calls

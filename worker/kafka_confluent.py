@@ -1,0 +1,235 @@
+"""The serving loop's consumer and producer on confluent-kafka (librdkafka), for `--kafka-client confluent`.
+
+Same interface and guarantees as kafka_io.ServingConsumer / ServingProducer; the work of the Kafka
+protocol (fetching, batching, compression, acknowledgements) happens in librdkafka's C threads instead
+of in Python. Keyed records go to the partition the Java client and kafka-python pick (murmur2), so
+replicas on either client agree.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as ConfluentPartition
+from kafka import TopicPartition
+from kafka.errors import KafkaError as ClientError
+from kafka.errors import KafkaTimeoutError
+
+from worker.kafka_io import (
+    ACK_TIMEOUT_S, Message, NotAcknowledged, ProducerFenced, TransactionAborted,
+)
+from worker.pipeline import InputRecord
+from worker.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+# The group changed under the consumer: a commit is refused, the records are replayed by their new owner.
+GROUP_CHANGED = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
+                 KafkaError._ASSIGNMENT_LOST}
+# A broker or the cluster is away: the batch is retried, as with kafka-python's timeouts.
+UNAVAILABLE = {KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
+
+
+def client_config(settings: KafkaSettings, role: str) -> dict:
+    """librdkafka's names for kafka_io.client_options."""
+    config = {"bootstrap.servers": settings.bootstrap, "client.id": f"{settings.client_id}-{role}",
+              "security.protocol": settings.security_protocol.lower()}
+    if settings.security_protocol.startswith("SASL_"):
+        config.update({"sasl.mechanism": settings.sasl_mechanism, "sasl.username": settings.sasl_username,
+                       "sasl.password": settings.sasl_password})
+    for key, path in (("ssl.ca.location", settings.ssl_cafile), ("ssl.certificate.location", settings.ssl_certfile),
+                      ("ssl.key.location", settings.ssl_keyfile)):
+        if path is not None:
+            config[key] = str(path)
+    return config
+
+
+def _log_client_error(error: KafkaError) -> None:
+    """librdkafka reports connection trouble here and retries by itself; only a fatal error ends us."""
+    if error.fatal():
+        raise KafkaException(error)
+    log.warning("kafka client: %s", error.str())
+
+
+class ServingConsumer:
+    def __init__(self, consumer: Consumer, max_records: int):
+        self._consumer = consumer
+        self._max_records = max_records
+
+    @classmethod
+    def open(cls, settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> ServingConsumer:
+        try:
+            return cls._open(settings, metadata_timeout_s)
+        except KafkaException as error:  # reported at start-up like kafka-python's errors
+            raise ClientError(str(error.args[0].str() if error.args else error)) from error
+
+    @classmethod
+    def _open(cls, settings: KafkaSettings, metadata_timeout_s: float) -> ServingConsumer:
+        def committed(error, partitions) -> None:
+            if error is not None:
+                log.warning("an offset commit was refused, those records will be replayed if this worker stops "
+                            "before its next commit: %s", error)
+
+        consumer = Consumer({
+            **client_config(settings, "serving"),
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,  # offsets are committed by the pipeline, after outputs are acknowledged
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.min.bytes": settings.fetch_min_bytes,
+            "fetch.wait.max.ms": settings.fetch_max_wait_ms,
+            "max.partition.fetch.bytes": 4 << 20,
+            "fetch.max.bytes": 32 << 20,
+            "topic.metadata.refresh.interval.ms": 30_000,
+            "isolation.level": "read_committed" if settings.exactly_once else "read_uncommitted",
+            "on_commit": committed,
+            "error_cb": _log_client_error,
+        })
+        deadline = time.monotonic() + metadata_timeout_s
+        while True:  # as kafka_io.open_consumer: subscribe once the topic's partitions are visible
+            topic = consumer.list_topics(settings.input_topic, timeout=5).topics.get(settings.input_topic)
+            if topic is not None and topic.error is None and topic.partitions:
+                break
+            if time.monotonic() > deadline:
+                consumer.close()
+                raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after "
+                                        f"{metadata_timeout_s:.0f} s")
+            time.sleep(0.2)
+        consumer.subscribe([settings.input_topic])
+        return cls(consumer, settings.max_poll_records)
+
+    def poll(self, timeout_ms: int) -> list[InputRecord]:
+        records = []
+        for message in self._consumer.consume(num_messages=self._max_records, timeout=timeout_ms / 1000.0):
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    _log_client_error(error)
+                continue
+            records.append(InputRecord(message.topic(), message.partition(), message.offset(), message.timestamp()[1],
+                                       message.key(), message.value()))
+        return records
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def pause_all(self) -> None:
+        self._consumer.pause(self._consumer.assignment())
+
+    def resume_all(self) -> None:
+        self._consumer.resume(self._consumer.assignment())
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(ConfluentPartition(tp.topic, tp.partition, offset))
+
+    def commit(self, next_offsets: dict[TopicPartition, int]) -> bool:
+        try:
+            self._consumer.commit(offsets=_offsets(next_offsets), asynchronous=False)
+        except KafkaException as error:
+            if error.args[0].code() in GROUP_CHANGED:
+                log.warning("offset commit refused during a rebalance, the records will be replayed: %s", error)
+                return False
+            raise
+        return True
+
+    def commit_async(self, next_offsets: dict[TopicPartition, int]) -> None:
+        self._consumer.commit(offsets=_offsets(next_offsets), asynchronous=True)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """High-water mark of the last fetch (cached: no broker round trip) minus the position."""
+        lag = {}
+        for position in self._consumer.position(self._consumer.assignment()):
+            _, high = self._consumer.get_watermark_offsets(position, cached=True)
+            if high >= 0 and position.offset >= 0:
+                lag[TopicPartition(position.topic, position.partition)] = max(0, high - position.offset)
+        return lag
+
+    def group_metadata(self):
+        return self._consumer.consumer_group_metadata()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _offsets(next_offsets: dict[TopicPartition, int]) -> list[ConfluentPartition]:
+    return [ConfluentPartition(tp.topic, tp.partition, offset) for tp, offset in next_offsets.items()]
+
+
+class ServingProducer:
+    def __init__(self, producer: Producer):
+        self._producer = producer
+        self._failures: list[KafkaError] = []
+
+    @classmethod
+    def open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
+        try:
+            return cls._open(settings, transactional_id)
+        except KafkaException as error:  # reported at start-up like kafka-python's errors
+            raise ClientError(str(error.args[0].str() if error.args else error)) from error
+
+    @classmethod
+    def _open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
+        holder: list[ServingProducer] = []
+
+        def delivered(error, message) -> None:  # called for failures only (delivery.report.only.error)
+            if error is not None:
+                holder[0]._failures.append(error)
+
+        config = {
+            **client_config(settings, "serving"),
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "batch.size": 256 * 1024,
+            "message.max.bytes": 4 << 20,
+            "partitioner": "murmur2_random",  # keyed records: the Java client's (and kafka-python's) partition
+            "delivery.report.only.error": True,
+            "on_delivery": delivered,
+            "error_cb": _log_client_error,
+        }
+        if transactional_id is not None:
+            config["transactional.id"] = transactional_id
+        serving = cls(Producer(config))
+        holder.append(serving)
+        if transactional_id is not None:
+            serving._producer.init_transactions(ACK_TIMEOUT_S)
+        return serving
+
+    def send_all(self, messages: list[Message]) -> None:
+        self._failures.clear()
+        produce = self._producer.produce
+        for topic, key, value, _ in messages:
+            while True:
+                try:
+                    produce(topic, value=value, key=key)
+                    break
+                except BufferError:  # librdkafka's queue is full: let it drain
+                    self._producer.poll(0.05)
+        remaining = self._producer.flush(ACK_TIMEOUT_S)
+        if remaining:
+            raise NotAcknowledged(f"{remaining} records not acknowledged within {ACK_TIMEOUT_S:.0f} s")
+        if self._failures:
+            error = self._failures[0]
+            if error.retriable() or error.code() in UNAVAILABLE:
+                raise NotAcknowledged(f"{error.name()}: {error.str()}")
+            raise KafkaException(error)
+
+    def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
+                            group_metadata) -> None:
+        producer = self._producer
+        producer.begin_transaction()
+        try:
+            self.send_all(messages)
+            producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata, ACK_TIMEOUT_S)
+            producer.commit_transaction(ACK_TIMEOUT_S)
+        except (KafkaException, NotAcknowledged) as error:
+            kafka_error = error.args[0] if isinstance(error, KafkaException) and error.args else None
+            if isinstance(kafka_error, KafkaError) and (
+                    kafka_error.fatal() or kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
+                raise ProducerFenced() from error
+            producer.abort_transaction(ACK_TIMEOUT_S)
+            raise TransactionAborted(str(error)) from error
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._producer.flush(timeout_s)
