@@ -82,6 +82,8 @@ class ServingConsumer:
             "max.partition.fetch.bytes": 4 << 20,
             "fetch.max.bytes": 32 << 20,
             "topic.metadata.refresh.interval.ms": 30_000,
+            "session.timeout.ms": settings.session_timeout_ms,
+            "heartbeat.interval.ms": settings.session_timeout_ms // 3,
             "isolation.level": "read_committed" if settings.exactly_once else "read_uncommitted",
             "on_commit": committed,
             "error_cb": _log_client_error,

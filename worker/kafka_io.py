@@ -84,6 +84,8 @@ def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> 
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         fetch_max_bytes=32 << 20,
         metadata_max_age_ms=30_000,  # new partitions of the input topic are picked up within 30 s
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.session_timeout_ms // 3,
         # Exactly-once: only committed input (records of aborted upstream transactions are skipped).
         isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
     )

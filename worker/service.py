@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -70,6 +71,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         log.info("source model %s (%s, %d classes)", model.version, model.meta.task, len(model.meta.classes))
         _check_redis(store, settings)
         k = settings.kafka
+        client_trouble = stack.enter_context(_kafka_client_warnings())
         try:
             kafka_io.ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic],
                                    single_partition=(k.model_versions_topic,))
@@ -85,7 +87,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             log.info("serving clients on %s%s", k.client, f"; exactly-once, each batch one transaction of "
                      f"transactional id {transactional_id}" if transactional_id is not None else "")
         except KafkaError as error:
-            raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}") from error
+            raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}{_cause(client_trouble)}") from error
         follower = None
         if not settings.no_finetune:
             follower = stack.enter_context(ModelFollower(k, registry, model.version, metrics))
@@ -106,6 +108,38 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         log.info("consuming %s as group %s", k.input_topic, k.group_id)
         loop.run(stop)
         log.info("stopping: last batch committed, closing clients")
+
+
+# What kafka-python only logs while it retries (then it reports a bare timeout): worth the error line.
+_KAFKA_CAUSE = re.compile(r"(\w*(?:Authentication|Authorization|SSL|Certificate)\w*Error: .*?)(?: \(backoff [^)]*\))?$",
+                          re.IGNORECASE)
+
+
+@contextmanager
+def _kafka_client_warnings() -> Iterator[list[str]]:
+    """Collect the warnings kafka-python logs while the clients start (it retries a failed SASL or TLS
+    handshake until it times out, and the timeout alone does not say why)."""
+    seen: list[str] = []
+
+    class Remember(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING and len(seen) < 100:
+                seen.append(record.getMessage())
+
+    handler, kafka_logger = Remember(), logging.getLogger("kafka")
+    kafka_logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        kafka_logger.removeHandler(handler)
+
+
+def _cause(warnings: list[str]) -> str:
+    for message in reversed(warnings):
+        found = _KAFKA_CAUSE.search(message)
+        if found:
+            return f" ({found.group(1)})"
+    return ""
 
 
 def _run_trainer(settings, stack, store, registry, producer, model, metrics, ready, stop) -> None:

@@ -38,6 +38,9 @@ class KafkaSettings(BaseSettings):
     fetch_min_bytes: int = Field(1, ge=1, description="a fetch waits for this much data (or fetch-max-wait-ms)")
     fetch_max_wait_ms: int = Field(500, ge=0, description="longest a fetch waits for fetch-min-bytes")
     client_id: str = Field("streamadapt", min_length=1, description="client id shown in broker logs")
+    session_timeout_ms: int = Field(45_000, ge=6_000, le=300_000,
+                                    description="a replica that stops heartbeating (crashed) loses its partitions "
+                                                "after this long; heartbeats go every third of it")
     client: Literal["kafka-python", "confluent"] = Field(
         "kafka-python", description="client library of the serving loop: kafka-python, or confluent (librdkafka, "
                                     "much faster; needs the confluent extra)")

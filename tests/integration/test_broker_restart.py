@@ -38,13 +38,13 @@ def produce_paced(bootstrap: str, topic: str, bodies: list[dict], failures: list
 
 
 def test_a_broker_restart_mid_stream_loses_no_event(stack, names, checkpoint, tmp_path):
-    bodies = [event(i, user=f"user-{i % 501}") for i in range(15_000)]
+    bodies = [event(i, user=f"user-{i % 501}") for i in range(9_000)]
     env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": "500", "STREAMADAPT_ROLE": "worker"}
     failures: list = []
     with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", **env) as worker:
         producer = threading.Thread(target=produce_paced, args=(stack.kafka_bootstrap, names.input_topic, bodies, failures))
         producer.start()
-        worker.wait_metric("streamadapt_predictions_total", 3000, timeout_s=120)
+        worker.wait_metric("streamadapt_predictions_total", 2000, timeout_s=120)
         restarted_at = time.monotonic()
         result = subprocess.run([str(STACK_SCRIPT), "restart-kafka"], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr

@@ -17,6 +17,7 @@ def test_two_kill_9s_during_a_backlog_lose_no_event(stack, names, checkpoint, tm
     bodies = [event(i, user=f"user-{i % 997}") for i in range(30_000)]
     produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
     env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker",
+           "STREAMADAPT_KAFKA_SESSION_TIMEOUT_MS": "6000",
            "STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower()}
     for run in range(2):
         worker = WorkerProcess(stack, names, checkpoint, tmp_path / f"killed{run}.log", **env).start()

@@ -56,7 +56,8 @@ def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp
     admin.create_topics([NewTopic(names.input_topic, 6, 1), NewTopic(names.predictions_topic, 6, 1)])
     admin.close()
     bodies = [event(i, user=f"user-{i % 1009}") for i in range(24_000)]
-    env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker", "STREAMADAPT_NO_FINETUNE": "false"}
+    env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker",
+           "STREAMADAPT_KAFKA_SESSION_TIMEOUT_MS": "6000", "STREAMADAPT_NO_FINETUNE": "false"}
     workers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"worker{i}.log", **env) for i in range(3)]
     feeding = threading.Thread(target=feed, args=(stack, names.input_topic, bodies, 600.0), daemon=True)
     try:

@@ -30,7 +30,7 @@ def test_stream_labels_are_the_next_purchase_of_the_same_user(drifting_events, c
 
 
 def test_every_contender_is_scored_and_the_oracle_beats_static_after_the_drift(drifting_events, checkpoint, tmp_path):
-    training = TrainingSettings(every_examples=400, min_examples=300, epochs=2)
+    training = TrainingSettings(every_examples=800, min_examples=300, epochs=2)
     lines = []
     result = run_adaptation_bench(drifting_events, checkpoint, 1500, training, out=tmp_path / "a.json",
                                   plot_path=tmp_path / "a.png", strategies=("l2sp",), curve_sizes=(250,), curve_seeds=(0,),
