@@ -135,7 +135,7 @@ class TrainingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "TRAINING_", frozen=True, extra="forbid")
 
     strategy: Literal["head", "full", "l2sp"] = Field("l2sp", description="fine-tune strategy (see README)")
-    every_examples: int = Field(5000, ge=1, description="fine-tune after this many new resolved examples")
+    every_examples: int = Field(2000, ge=1, description="fine-tune after this many new resolved examples")
     every_s: float = Field(600.0, gt=0, description="fine-tune at least this often (seconds, wall time)")
     on_drift: bool = Field(True, description="fine-tune when the drift detector alarms")
     min_examples: int = Field(1000, ge=10, description="no fine-tune with fewer examples in the windows")
