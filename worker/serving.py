@@ -34,6 +34,8 @@ OUTAGE_MAX_RETRY_S = 30.0
 OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
                  redis.exceptions.ReadOnlyError, KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError,
                  kafka_io.NotAcknowledged)
+
+
 class BatchAborted(Exception):
     """Exactly-once mode: the batch's transaction was aborted and its partitions rewound to its start; the
     batch is read again by whoever owns them (this worker, or a new owner after a rebalance)."""

@@ -1,6 +1,9 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from worker.labels import next_of_same_user, repurchase_label
+from worker.examples import expired_windows, window_start
+from worker.labels import next_of_same_user, repurchase_label, resolve_on_purchase, watermark
 
 DAY = 86400.0
 
@@ -16,9 +19,6 @@ DAY = 86400.0
 ])
 def test_repurchase_label(next_ts, watermark, expected):
     assert repurchase_label(0.0, next_ts, watermark, horizon_days=7) == expected
-
-
-from worker.labels import resolve_on_purchase, watermark  # noqa: E402, next_of_same_user
 
 
 @pytest.mark.parametrize("task, gap_days, purchase_class, expected", [
@@ -43,3 +43,47 @@ def test_watermark_is_the_slowest_partition_less_the_lateness(newest, expected):
 def test_next_of_same_user_points_at_each_users_following_event():
     assert next_of_same_user(["a", "b", "a", "c", "b", "a"]) == [2, 4, 5, -1, -1, -1]
     assert next_of_same_user([]) == []
+
+
+# Properties of the label and window rules over generated inputs (Hypothesis).
+times = st.floats(0, 1e10, allow_nan=False, allow_infinity=False)
+
+
+@given(st.lists(st.sampled_from("abcde"), max_size=60))
+def test_next_of_same_user_points_at_the_users_very_next_event(users):
+    following = next_of_same_user(users)
+    for i, j in enumerate(following):
+        later = [k for k in range(i + 1, len(users)) if users[k] == users[i]]
+        assert j == (later[0] if later else -1)
+
+
+@given(times, st.none() | times, times, st.floats(0.01, 365))
+def test_repurchase_label_is_decided_only_when_the_stream_can_tell(ts_s, next_ts_s, watermark_s, horizon_days):
+    deadline_s = ts_s + horizon_days * 86400.0
+    label = repurchase_label(ts_s, next_ts_s, watermark_s, horizon_days)
+    if next_ts_s is not None and next_ts_s <= deadline_s:
+        assert label == "1"
+    elif watermark_s > deadline_s:
+        assert label == "0"  # the horizon has passed with no purchase in it
+    else:
+        assert label is None  # a purchase may still come before the deadline
+    # a later watermark never changes a decided label, and decides an undecided one eventually
+    assert repurchase_label(ts_s, next_ts_s, max(watermark_s, deadline_s + 1.0), horizon_days) in (label, "0")
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=5), times, max_size=8), st.floats(0, 1e6))
+def test_the_watermark_never_passes_the_slowest_partition(newest, lateness_s):
+    mark = watermark(newest, lateness_s)
+    if not newest:
+        assert mark is None
+    else:
+        assert mark == min(newest.values()) - lateness_s and all(mark <= ts for ts in newest.values())
+
+
+@given(st.lists(st.integers(0, 10**6), max_size=30, unique=True), st.integers(0, 2 * 10**6), st.integers(1, 10**5),
+       st.integers(0, 10**5))
+def test_a_window_expires_exactly_when_its_end_plus_max_age_is_behind_the_watermark(starts, mark, window_s, max_age_s):
+    starts = sorted({window_start(s, window_s) for s in starts})
+    expired = set(expired_windows(starts, mark, window_s, max_age_s))
+    for start in starts:
+        assert (start in expired) == (start + window_s + max_age_s <= mark)

@@ -2,6 +2,8 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schemas import Prediction, PurchaseEvent, RejectReason
 from worker.features import FeatureSpec, UserState, advance, encode
@@ -38,13 +40,23 @@ def test_fresh_events_chain_each_users_state_in_order():
     assert plan.states["u1"] == advance(after_a, valid[2][1]) and plan.states["u2"].purchases == 1
 
 
-def test_result_does_not_depend_on_batch_boundaries():
-    valid = [(rec(i), ev(f"e{i}", user=f"u{i % 3}", hours=i)) for i in range(12)]
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["books", "music", "garden"])), min_size=2, max_size=25),
+       st.data())
+def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases, data):
+    valid = [(rec(i), ev(f"e{i}", user=f"u{user}", category=category, hours=i))
+             for i, (user, category) in enumerate(purchases)]
+    split = data.draw(st.integers(1, len(valid) - 1))
     whole = plan_batch(valid, {}, {}, {}, META)
-    first = plan_batch(valid[:5], {}, {}, {}, META)
-    second = plan_batch(valid[5:], {}, first.states, {}, META)
+    first = plan_batch(valid[:split], {}, {}, {}, META)
+    pendings = {user: served_examples(first, np.full((len(first.fresh), 3), 1 / 3), "v")[i]
+                for user, i in first.last_fresh_of_user.items()}
+    second = plan_batch(valid[split:], {}, first.states, pendings, META)
     np.testing.assert_array_equal(whole.features, np.vstack([first.features, second.features]))
     assert {**first.states, **second.states} == whole.states
+    # every purchase but each user's first resolves a label, whichever batch its pending was served in
+    labels = [label for _, label in first.resolutions + second.resolutions]
+    assert labels == [label for _, label in whole.resolutions]
+    assert len(labels) == len(valid) - len({user for user, _ in purchases})
 
 
 def test_duplicates_in_batch_and_in_redis_are_dropped():
