@@ -102,8 +102,19 @@ class ServingConsumer:
         return cls(consumer, settings.max_poll_records)
 
     def poll(self, timeout_ms: int) -> list[InputRecord]:
+        """What is already fetched, up to max_poll_records; else wait up to `timeout_ms` for the first record.
+
+        (`consume(n, timeout)` alone waits for n records or the whole timeout, which at low rates added
+        the poll timeout to every event's latency.)"""
+        consumer = self._consumer
+        messages = consumer.consume(num_messages=self._max_records, timeout=0)
+        if not messages:
+            first = consumer.poll(timeout_ms / 1000.0)
+            if first is None:
+                return []
+            messages = [first, *consumer.consume(num_messages=self._max_records - 1, timeout=0)]
         records = []
-        for message in self._consumer.consume(num_messages=self._max_records, timeout=timeout_ms / 1000.0):
+        for message in messages:
             error = message.error()
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
