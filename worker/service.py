@@ -71,23 +71,25 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         log.info("source model %s (%s, %d classes)", model.version, model.meta.task, len(model.meta.classes))
         _check_redis(store, settings)
         k = settings.kafka
-        client_trouble = stack.enter_context(_kafka_client_warnings())
-        try:
-            kafka_io.ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic],
-                                   single_partition=(k.model_versions_topic,))
-            if settings.role == "trainer":  # publishes model versions only: never transactional
-                producer = kafka_io.open_producer(k)
-                stack.callback(producer.close, timeout=30)
-                _run_trainer(settings, stack, store, registry, producer, model, metrics, ready, stop)
-                return
-            transactional_id = k.effective_transactional_id(socket.gethostname()) if k.exactly_once else None
-            consumer, producer = kafka_io.open_serving_clients(k, transactional_id)
-            stack.callback(producer.close)
-            stack.callback(consumer.close)
-            log.info("serving clients on %s%s", k.client, f"; exactly-once, each batch one transaction of "
-                     f"transactional id {transactional_id}" if transactional_id is not None else "")
-        except KafkaError as error:
-            raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}{_cause(client_trouble)}") from error
+        with _kafka_client_warnings() as client_trouble:
+            try:
+                kafka_io.ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic],
+                                       single_partition=(k.model_versions_topic,))
+                if settings.role == "trainer":  # publishes model versions only: never transactional
+                    trainer_producer = kafka_io.open_producer(k)
+                    stack.callback(trainer_producer.close, timeout=30)
+                else:
+                    transactional_id = k.effective_transactional_id(socket.gethostname()) if k.exactly_once else None
+                    consumer, producer = kafka_io.open_serving_clients(k, transactional_id)
+                    stack.callback(producer.close)
+                    stack.callback(consumer.close)
+                    log.info("serving clients on %s%s", k.client, f"; exactly-once, each batch one transaction of "
+                             f"transactional id {transactional_id}" if transactional_id is not None else "")
+            except KafkaError as error:
+                raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}{_cause(client_trouble)}") from error
+        if settings.role == "trainer":
+            _run_trainer(settings, stack, store, registry, trainer_producer, model, metrics, ready, stop)
+            return
         follower = None
         if not settings.no_finetune:
             follower = stack.enter_context(ModelFollower(k, registry, model.version, metrics))
