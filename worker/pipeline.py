@@ -166,3 +166,12 @@ def next_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
         key = (record.topic, record.partition)
         offsets[key] = max(offsets.get(key, 0), record.offset + 1)
     return offsets
+
+
+def first_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition): the offset of the batch's first record, i.e. where to rewind to read it again."""
+    offsets: dict[tuple[str, int], int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        offsets[key] = min(offsets.get(key, record.offset), record.offset)
+    return offsets

@@ -19,8 +19,8 @@ from worker.metrics import WorkerMetrics
 from worker.model import ServingModel
 from worker.parsing import Rejection, parse_event
 from worker.pipeline import (
-    InputRecord, expire_pendings, make_dead_letter, make_predictions, next_offsets, plan_batch, resolved_examples,
-    served_examples,
+    InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, next_offsets, plan_batch,
+    resolved_examples, served_examples,
 )
 from worker.quality import QualityMonitor
 from worker.settings import Settings
@@ -161,7 +161,7 @@ class ServingLoop:
         while time.monotonic() < until and not (stop is not None and stop.is_set()):
             self._consumer.pause_all()
             slice_ms = max(1, int(min(1.0, until - time.monotonic()) * 1000))
-            for tp, first in _first_offsets(self._consumer.poll(slice_ms)).items():
+            for tp, first in _by_partition(first_offsets(self._consumer.poll(slice_ms))).items():
                 self._consumer.seek(tp, first)
             self.last_poll_ok_monotonic = time.monotonic()
         self._consumer.pause_all()
@@ -288,13 +288,13 @@ class ServingLoop:
         batch's outputs once, whatever happens.
         """
         self._store.save(outbox.writes)
-        offsets = {TopicPartition(topic, partition): offset for (topic, partition), offset in next_offsets(records).items()}
+        offsets = _by_partition(next_offsets(records))
         if self._transactional:
             try:
                 self._producer.send_in_transaction(outbox.messages, offsets, self._consumer.group_metadata())
             except kafka_io.TransactionAborted as error:
                 owned = self._consumer.assignment()
-                for tp, first in _first_offsets(records).items():
+                for tp, first in _by_partition(first_offsets(records)).items():
                     if tp in owned:
                         self._consumer.seek(tp, first)
                 raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
@@ -316,13 +316,9 @@ class ServingLoop:
             log.warning("could not read consumer lag: %s", error)
 
 
-def _first_offsets(records: list[InputRecord]) -> dict[TopicPartition, int]:
-    first: dict[TopicPartition, int] = {}
-    for record in records:
-        tp = TopicPartition(record.topic, record.partition)
-        if tp not in first or record.offset < first[tp]:
-            first[tp] = record.offset
-    return first
+def _by_partition(offsets: dict[tuple[str, int], int]) -> dict[TopicPartition, int]:
+    """pipeline's (topic, partition) keys as the Kafka clients' TopicPartition."""
+    return {TopicPartition(topic, partition): offset for (topic, partition), offset in offsets.items()}
 
 
 class _Progress:

@@ -11,7 +11,7 @@ from worker.model import ModelMeta
 from worker.parsing import Rejection
 from worker.examples import Example
 from worker.pipeline import (
-    InputRecord, expire_pendings, make_dead_letter, make_predictions, next_offsets, plan_batch, resolved_examples,
+    InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, next_offsets, plan_batch, resolved_examples,
     served_examples,
 )
 from worker.state import EventClaim
@@ -109,9 +109,10 @@ def test_dead_letter_keeps_payload_and_coordinates(value, encoding, payload):
     assert (letter.topic, letter.partition, letter.offset) == ("purchases", 3, 41)
 
 
-def test_next_offsets_is_one_past_the_last_record_per_partition():
+def test_next_offsets_is_one_past_the_last_record_per_partition_and_first_offsets_the_first():
     records = [rec(5, 0), rec(9, 1), rec(6, 0), rec(10, 1)]
     assert next_offsets(records) == {("purchases", 0): 7, ("purchases", 1): 11}
+    assert first_offsets(records) == {("purchases", 0): 5, ("purchases", 1): 9}
 
 
 REPURCHASE = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7.0, sha256="0" * 64, extra={})
