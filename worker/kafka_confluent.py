@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as ConfluentPartition
@@ -52,20 +54,23 @@ def _log_client_error(error: KafkaError) -> None:
     log.warning("kafka client: %s", error.str())
 
 
+@contextmanager
+def _reported_like_kafka_python() -> Iterator[None]:
+    """librdkafka's errors while a client opens, as the kafka-python KafkaError start-up reports."""
+    try:
+        yield
+    except KafkaException as error:
+        raise ClientError(str(error.args[0].str() if error.args else error)) from error
+
+
 class ServingConsumer:
     def __init__(self, consumer: Consumer, max_records: int):
         self._consumer = consumer
         self._max_records = max_records
 
     @classmethod
+    @_reported_like_kafka_python()
     def open(cls, settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> ServingConsumer:
-        try:
-            return cls._open(settings, metadata_timeout_s)
-        except KafkaException as error:  # reported at start-up like kafka-python's errors
-            raise ClientError(str(error.args[0].str() if error.args else error)) from error
-
-    @classmethod
-    def _open(cls, settings: KafkaSettings, metadata_timeout_s: float) -> ServingConsumer:
         def committed(error, partitions) -> None:
             if error is not None:
                 log.warning("an offset commit was refused, those records will be replayed if this worker stops "
@@ -170,24 +175,18 @@ def _offsets(next_offsets: dict[TopicPartition, int]) -> list[ConfluentPartition
 
 
 class ServingProducer:
-    def __init__(self, producer: Producer):
+    def __init__(self, producer: Producer, failures: list[KafkaError]):
         self._producer = producer
-        self._failures: list[KafkaError] = []
+        self._failures = failures  # filled by the producer's delivery callback
 
     @classmethod
+    @_reported_like_kafka_python()
     def open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
-        try:
-            return cls._open(settings, transactional_id)
-        except KafkaException as error:  # reported at start-up like kafka-python's errors
-            raise ClientError(str(error.args[0].str() if error.args else error)) from error
-
-    @classmethod
-    def _open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
-        holder: list[ServingProducer] = []
+        failures: list[KafkaError] = []
 
         def delivered(error, message) -> None:  # called for failures only (delivery.report.only.error)
             if error is not None:
-                holder[0]._failures.append(error)
+                failures.append(error)
 
         config = {
             **client_config(settings, "serving"),
@@ -203,11 +202,10 @@ class ServingProducer:
         }
         if transactional_id is not None:
             config["transactional.id"] = transactional_id
-        serving = cls(Producer(config))
-        holder.append(serving)
+        producer = Producer(config)
         if transactional_id is not None:
-            serving._producer.init_transactions(ACK_TIMEOUT_S)
-        return serving
+            producer.init_transactions(ACK_TIMEOUT_S)
+        return cls(producer, failures)
 
     def send_all(self, messages: list[Message]) -> None:
         self._failures.clear()
