@@ -317,8 +317,8 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
     The worker drains on the serving client of `settings` (kafka-python unless --kafka-client says
     otherwise); with confluent-kafka installed it also drains on the other one, as a second contender.
     Latency is measured on the configured client."""
-    clients = [settings.kafka.client] + [c for c in ("kafka-python", "confluent")
-                                         if c != settings.kafka.client and (c != "confluent" or _has_confluent_kafka())]
+    other = "confluent" if settings.kafka.client == "kafka-python" else "kafka-python"
+    clients = [settings.kafka.client] + ([other] if other != "confluent" or _has_confluent_kafka() else [])
     bare_runs: list[DrainResult] = []
     worker_runs: dict[str, list[DrainResult]] = {client: [] for client in clients}
     rss: dict[str, list[float]] = {client: [] for client in clients}
@@ -360,21 +360,21 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                 echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")
                 latencies.append(measure_latency(settings, checkpoint, values[: int(rate * latency_s)], rate,
                                                  scratch_dir / "latency.log", finetune=finetune))
-    ratios = {client: w.events_per_s / bare.events_per_s for client, w in workers.items()}
-    ratio = ratios[settings.kafka.client]
+    by_client = {client: {"events": w.events, "events_per_s": w.events_per_s,
+                          "ratio_to_bare": w.events_per_s / bare.events_per_s,
+                          "runs_events_per_s": [r.events_per_s for r in worker_runs[client]],
+                          "ratio_per_run": [r.events_per_s / b.events_per_s for r, b in zip(worker_runs[client], bare_runs)],
+                          "peak_rss_mib": max(rss[client])}
+                 for client, w in workers.items()}
+    chosen = by_client[settings.kafka.client]
     result = {"events": events, "repeat": repeat, "client": settings.kafka.client,
               "bare": {**asdict(bare), "events_per_s": bare.events_per_s,
                        "runs_events_per_s": [r.events_per_s for r in bare_runs]},
               "worker": {**asdict(worker), "events_per_s": worker.events_per_s,
-                         "runs_events_per_s": [r.events_per_s for r in worker_runs[settings.kafka.client]]},
-              "ratio_worker_to_bare": ratio, "worker_peak_rss_mib": max(rss[settings.kafka.client]),
-              "ratio_per_run": [w.events_per_s / b.events_per_s
-                                for w, b in zip(worker_runs[settings.kafka.client], bare_runs)],
-              "workers_by_client": {client: {"events": w.events, "events_per_s": w.events_per_s,
-                                             "ratio_to_bare": ratios[client],
-                                             "runs_events_per_s": [r.events_per_s for r in worker_runs[client]],
-                                             "peak_rss_mib": max(rss[client])}
-                                    for client, w in workers.items()},
+                         "runs_events_per_s": chosen["runs_events_per_s"]},
+              "ratio_worker_to_bare": chosen["ratio_to_bare"], "worker_peak_rss_mib": chosen["peak_rss_mib"],
+              "ratio_per_run": chosen["ratio_per_run"],
+              "workers_by_client": by_client,
               "hot_swap": swap,
               "latency": [asdict(r) for r in latencies],
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
@@ -382,10 +382,10 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
     for r, runs in [(bare, bare_runs)] + [(workers[c], worker_runs[c]) for c in clients]:
         shown = " ".join(f"{x.events_per_s:.0f}" for x in runs)
         echo(f"{r.name:38}{r.events:>8}{r.seconds:>10.2f}{r.events_per_s:>11.0f}   {shown}")
-    for client in clients:
-        per_run = " ".join(f"{w.events_per_s / b.events_per_s:.3f}" for w, b in zip(worker_runs[client], bare_runs))
-        echo(f"ratio worker ({client}) / bare kafka-python: {ratios[client]:.3f} (per run: {per_run})"
-             f"    worker peak RSS: {max(rss[client]):.0f} MiB")
+    for client, figures in by_client.items():
+        per_run = " ".join(f"{ratio:.3f}" for ratio in figures["ratio_per_run"])
+        echo(f"ratio worker ({client}) / bare kafka-python: {figures['ratio_to_bare']:.3f} (per run: {per_run})"
+             f"    worker peak RSS: {figures['peak_rss_mib']:.0f} MiB")
     echo(f"hot-swap on the serving thread: median {swap['median_ms']:.3f} ms, p99 {swap['p99_ms']:.3f} ms, "
          f"max {swap['max_ms']:.3f} ms over {swap['swaps']} swaps")
     if latencies:
