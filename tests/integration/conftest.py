@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,3 +193,27 @@ def put_version(registry: Registry, version: str, weights, source_sha: str, prom
                           artifact_ref=registry.artifact_ref(version))
     registry.put(record, artifact)
     return record
+
+
+def start_redis(directory, *args: str) -> subprocess.Popen:
+    """A redis-server of a test's own, on 127.0.0.1 with its files in `directory`; `args` say the port and
+    the rest. Returns at once: wait_for_redis tells when it answers."""
+    return subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--dir", str(directory),
+                             "--save", "", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_redis(client, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Until `client` gets an answer from the server `process` runs (a refusal for want of a password counts)."""
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert process.poll() is None, "redis-server exited at start-up"
+        try:
+            client.ping()
+            return
+        except redis.AuthenticationError:
+            return
+        except redis.RedisError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)

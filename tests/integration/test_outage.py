@@ -10,31 +10,25 @@ import time
 import pytest
 import redis
 
-from tests.integration.conftest import WorkerProcess, check_every_event_predicted, dumps, event, free_port, produce, read_topic
+from tests.integration.conftest import (
+    WorkerProcess, check_every_event_predicted, dumps, event, free_port, produce, read_topic, start_redis, wait_for_redis,
+)
 
 pytestmark = pytest.mark.integration
 
 
-def start_redis(port: int, directory) -> subprocess.Popen:
-    process = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                                "--dir", str(directory), "--appendonly", "yes", "--appendfsync", "always",
-                                "--save", ""], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if client.ping():
-                return process
-        except redis.RedisError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
+def start_aof_redis(port: int, directory) -> subprocess.Popen:
+    """Its own redis-server with AOF fsynced on every write, answering when this returns."""
+    process = start_redis(directory, "--port", str(port), "--appendonly", "yes", "--appendfsync", "always")
+    wait_for_redis(redis.Redis(port=port), process)
+    return process
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, checkpoint, tmp_path, client):
     port = free_port()
-    redis_process = start_redis(port, tmp_path)
+    redis_process = start_aof_redis(port, tmp_path)
     bodies = [event(i, user=f"user-{i % 301}") for i in range(6000)]
     env = {"STREAMADAPT_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMADAPT_KAFKA_MAX_POLL_RECORDS": "200",
            "STREAMADAPT_ROLE": "worker", "STREAMADAPT_KAFKA_CLIENT": client}
@@ -51,7 +45,7 @@ def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, c
             time.sleep(3)  # while paused, nothing more is taken from Kafka (the batch in hand is retried)
             assert worker.metric("streamadapt_events_consumed_total") - paused_at <= 3 * 200
             assert worker.process.poll() is None, "the worker exited during the outage"
-            redis_process = start_redis(port, tmp_path)  # the same AOF: claims and user state come back
+            redis_process = start_aof_redis(port, tmp_path)  # the same AOF: claims and user state come back
             records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=180, settle_s=2)
             worker.wait_until(lambda: worker.http_status("/readyz") == 200, timeout_s=30, what="ready again")
             assert worker.metric("streamadapt_consumption_paused") == 0

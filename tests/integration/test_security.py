@@ -6,12 +6,13 @@ line, no traceback, and never prints the secret."""
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import redis
 
-from tests.integration.conftest import WorkerProcess, check_every_event_predicted, dumps, event, free_port, produce, read_topic
+from tests.integration.conftest import (
+    WorkerProcess, check_every_event_predicted, dumps, event, free_port, produce, read_topic, start_redis, wait_for_redis,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -61,34 +62,12 @@ def test_worker_serves_through_kafka_sasl_and_refuses_a_wrong_password(stack, na
     assert "not-the-password" not in stderr
 
 
-def start_redis(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
-    """A redis-server of the test's own on a free port; "{port}" in `args` is replaced by that port."""
-    port = free_port()
-    process = subprocess.Popen([shutil.which("redis-server"), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "",
-                                "--appendonly", "no", *(a.replace("{port}", str(port)) for a in args)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return process, port
-
-
-def wait_for(client: redis.Redis, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        assert process.poll() is None, "redis-server exited at start-up"
-        try:
-            client.ping()
-            return
-        except redis.AuthenticationError:
-            return  # it answers, and wants a password
-        except redis.RedisError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
-
-
 @needs_redis_server
 def test_worker_uses_a_redis_password_and_refuses_a_wrong_one(stack, names, checkpoint, tmp_path):
-    process, port = start_redis(tmp_path, "--port", "{port}", "--requirepass", REDIS_PASSWORD)
+    port = free_port()
+    process = start_redis(tmp_path, "--port", str(port), "--requirepass", REDIS_PASSWORD)
     try:
-        wait_for(redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD), process)
+        wait_for_redis(redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD), process)
         serve_a_few(stack, names, checkpoint, tmp_path / "auth.log",
                     STREAMADAPT_REDIS_URL=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0")
         log = (tmp_path / "auth.log").read_text()
@@ -123,11 +102,12 @@ def make_tls_files(directory) -> dict[str, str]:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
 def test_worker_talks_tls_to_redis_with_its_ca_and_refuses_an_unknown_server(stack, names, checkpoint, tmp_path):
     tls = make_tls_files(tmp_path)
-    process, port = start_redis(tmp_path, "--port", "0", "--tls-port", "{port}", "--tls-cert-file", tls["server"],
+    port = free_port()
+    process = start_redis(tmp_path, "--port", "0", "--tls-port", str(port), "--tls-cert-file", tls["server"],
                                 "--tls-key-file", tls["server-key"], "--tls-ca-cert-file", tls["ca"],
                                 "--tls-auth-clients", "no")
     try:
-        wait_for(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=tls["ca"]), process)
+        wait_for_redis(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=tls["ca"]), process)
         url = f"rediss://127.0.0.1:{port}/0"
         serve_a_few(stack, names, checkpoint, tmp_path / "tls.log", STREAMADAPT_REDIS_URL=url,
                     STREAMADAPT_REDIS_TLS_CA_FILE=tls["ca"])
