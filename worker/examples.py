@@ -7,12 +7,11 @@ When a label resolves it becomes an *example*. Examples live in event-time tumbl
 """
 from __future__ import annotations
 
-import json
 import math
-from json.encoder import encode_basestring as _json_string  # the C encoder when available
 from typing import NamedTuple
 
 import numpy as np
+from pydantic_core import from_json, to_json
 
 
 class Example(NamedTuple):
@@ -33,15 +32,15 @@ class Example(NamedTuple):
 
     def encode(self) -> bytes:
         """A JSON header line (ids, time, label, sizes) then the float32 features and probabilities."""
-        header = (f"[{_json_string(self.event_id)},{self.ts_s!r},{_json_string(self.model_version)},{self.label},"
-                  f"{len(self.features)},{len(self.probabilities)}]\n").encode()
-        return b"".join((header, np.asarray(self.features, np.float32).tobytes(),
+        header = to_json([self.event_id, self.ts_s, self.model_version, self.label, len(self.features),
+                          len(self.probabilities)])
+        return b"".join((header, b"\n", np.asarray(self.features, np.float32).tobytes(),
                          np.asarray(self.probabilities, np.float32).tobytes()))
 
     @classmethod
     def decode(cls, raw: bytes) -> Example:
         header, _, body = raw.partition(b"\n")
-        event_id, ts_s, version, label, n_features, n_classes = json.loads(header)
+        event_id, ts_s, version, label, n_features, n_classes = from_json(header)
         values = np.frombuffer(body, dtype=np.float32)
         if len(values) != n_features + n_classes:
             raise ValueError("example body does not match its header")

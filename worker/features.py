@@ -7,8 +7,10 @@ event)` folds it in. Both are pure.
 from __future__ import annotations
 
 import math
+from math import nan
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import MappingProxyType
 from typing import NamedTuple
 from datetime import datetime
@@ -101,25 +103,27 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec) 
         return out
     columns, other, width = spec._index, len(spec.categories), spec.n_features  # inlined index_of: hot loop
     out[np.arange(n), [columns.get(event.category, other) for _, event in pairs]] = 1.0
-    cells, shares = [], []  # flat (row * width + column) positions of the user shares, and their values
-    for i, (state, _) in enumerate(pairs):
-        weights = state.category_weights
-        if weights:
-            base, scale = i * width + size, 1.0 / sum(weights.values())
-            for category, weight in weights.items():
-                cells.append(base + columns.get(category, other))
-                shares.append(weight * scale)
-    # bincount sums the shares of categories that land in one column (all unknown ones land in OTHER)
-    out += np.bincount(cells, weights=shares, minlength=out.size).reshape(out.shape).astype(np.float32)
+    # user shares: every (row, category column, weight) of the states flattened with C-level iteration,
+    # then each row's weights divided by its total; bincount sums categories that share a column (OTHER)
+    counts, share_columns, weights = [], [], []
+    for state, _ in pairs:
+        category_weights = state.category_weights
+        counts.append(len(category_weights))
+        share_columns.extend(map(columns.get, category_weights, repeat(other, len(category_weights))))
+        weights.extend(category_weights.values())
+    if weights:
+        rows = np.repeat(np.arange(n), counts)
+        weights = np.asarray(weights, dtype=np.float64)
+        totals = np.bincount(rows, weights=weights, minlength=n)
+        cells = rows * width + size + np.asarray(share_columns, dtype=np.int64)
+        out += np.bincount(cells, weights=weights / totals[rows], minlength=out.size).reshape(out.shape).astype(np.float32)
 
-    ts_s = np.array([event.ts_s for _, event in pairs])
-    local_s = ts_s + np.array([_utc_offset_s(event.ts) for _, event in pairs])
-    price = np.array([event.price for _, event in pairs])
-    quantity = np.array([event.quantity for _, event in pairs], dtype=np.float64)
-    purchases = np.array([state.purchases for state, _ in pairs], dtype=np.float64)
-    last_ts_s = np.array([ts if (ts := state.last_ts_s) is not None else np.nan for state, _ in pairs])
-    mean_log_price = np.array([state.mean_log_price for state, _ in pairs])
-    mean_log_gap_hours = np.array([state.mean_log_gap_hours for state, _ in pairs])
+    # every per-event number in one pass and one array: a list comprehension per column cost a tenth of the batch
+    columns_of = np.array([(event.ts_s, _utc_offset_s(event.ts), event.price, event.quantity, state.purchases,
+                            nan if (last := state.last_ts_s) is None else last, state.mean_log_price,
+                            state.mean_log_gap_hours) for state, event in pairs], dtype=np.float64)
+    ts_s, utc_offset_s, price, quantity, purchases, last_ts_s, mean_log_price, mean_log_gap_hours = columns_of.T
+    local_s = ts_s + utc_offset_s
     first = purchases == 0
     gap_hours = np.where(np.isnan(last_ts_s), 0.0, np.maximum(0.0, ts_s - np.nan_to_num(last_ts_s)) / _SECONDS_PER_HOUR)
     hour = (ts_s % _SECONDS_PER_DAY) / _SECONDS_PER_DAY * 2 * math.pi

@@ -14,11 +14,11 @@ replay of that same record re-emits the same prediction and a true duplicate is 
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import redis
+from pydantic_core import from_json, to_json
 
 from worker.examples import Example, window_start
 from worker.features import UserState
@@ -102,7 +102,7 @@ class StateStore:
         pipe.mget([f"{self._p}:pending:{u}" for u in user_ids])
         claims_raw, states_raw, pendings_raw = pipe.execute()
         claims = {e: EventClaim.decode(raw) for e, raw in zip(event_ids, claims_raw) if raw is not None}
-        states = {u: UserState.from_json(json.loads(raw)) for u, raw in zip(user_ids, states_raw) if raw is not None}
+        states = {u: UserState.from_json(from_json(raw)) for u, raw in zip(user_ids, states_raw) if raw is not None}
         pendings = {u: Example.decode(raw) for u, raw in zip(user_ids, pendings_raw) if raw is not None}
         return claims, states, pendings
 
@@ -136,7 +136,7 @@ class StateStore:
             pipe.eval(_SET_MANY, len(writes.claims), *(f"{p}:event:{event_id}" for event_id, _ in writes.claims),
                       self._dedupe_ttl_s, *(claim.encode() for _, claim in writes.claims))
         if writes.states or writes.pendings:
-            users = [(f"{p}:user:{u}", json.dumps(state.to_json(), separators=(",", ":"))) for u, state in writes.states.items()]
+            users = [(f"{p}:user:{u}", to_json(state.to_json())) for u, state in writes.states.items()]
             users += [(f"{p}:pending:{u}", pending.encode()) for u, pending in writes.pendings.items()]
             pipe.eval(_SET_MANY, len(users), *(key for key, _ in users), self._user_state_ttl_s, *(v for _, v in users))
         if writes.cleared_pendings:
