@@ -29,9 +29,11 @@ from kafka import KafkaConsumer
 
 from worker import kafka_io
 from worker.generate import write_events
+from worker.builder import BuilderProcess
 from worker.model import ServingModel
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
+from worker.state import WindowPolicy
 from worker.watch import metric_totals
 
 
@@ -235,16 +237,23 @@ def _event_id(prediction_json: bytes) -> str:
     return json.loads(prediction_json[start:prediction_json.index(b',"user_id":', start)])
 
 
-def measure_swap(checkpoint: Path, swaps: int = 200) -> dict:
-    """What a hot-swap costs the serving thread: ServingModel.swap of another version's weights (the
-    follower thread fetches and verifies them beforehand, off the serving path)."""
+def measure_swap(settings: Settings, checkpoint: Path, swaps: int = 200) -> dict:
+    """What a hot-swap costs the serving thread: ServingModel.swap of another version's weights, which
+    checks they fit, then handing them to a real builder process (the follower thread fetches and verifies
+    them beforehand, off the serving path; the builder applies them between two batches)."""
     model = ServingModel.from_checkpoint(checkpoint)
     versions = [[w * (1.0 + 0.01 * i) for w in model.keras_model.get_weights()] for i in range(2)]
+    builder = BuilderProcess(settings, WindowPolicy(settings.training.window_s, settings.training.window_max_examples),
+                             model)
     durations = []
-    for i in range(swaps):
-        started = time.perf_counter()
-        model.swap(versions[i % 2], f"bench-{i}")
-        durations.append(time.perf_counter() - started)
+    try:
+        for i in range(swaps):
+            started = time.perf_counter()
+            model.swap(versions[i % 2], f"bench-{i}")
+            builder.swap(versions[i % 2], f"bench-{i}")
+            durations.append(time.perf_counter() - started)
+    finally:
+        builder.close()
     ms = np.array(durations) * 1000.0
     return {"swaps": swaps, "median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
             "max_ms": float(ms.max())}
@@ -345,7 +354,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
         bare = _median(bare_runs)
         workers = {client: _median(runs) for client, runs in worker_runs.items()}
         worker = workers[settings.kafka.client]
-        swap = measure_swap(checkpoint)
+        swap = measure_swap(settings, checkpoint)
         latencies = []
         if latency_s > 0 and not _has_confluent_kafka():
             echo("latency runs skipped: they need confluent-kafka (pip install 'streamadapt[bench]')")
@@ -446,10 +455,21 @@ def _max_bucket_ms(metrics: dict[str, float]) -> float:
 
 
 def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """Peak resident memory of a worker: the VmHWM of its process and of its children (the builder, and the
+    trainer when there is one), summed. Their peaks need not coincide, so this is an upper bound."""
+    total_kib = 0
+    for process in [pid, *_children(pid)]:
+        for line in Path(f"/proc/{process}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total_kib += int(line.split()[1])
+    return total_kib / 1024.0
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ from typing import NoReturn
 from worker.settings import OPTIONS, SettingsError, load_settings
 
 EXIT_USAGE = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO level narrates every connection
     # kafka-python 3's network thread warns whenever it waited >100 ms for the interpreter lock, which the
     # serving thread holds for a whole batch by design: noise, not a fault

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -19,9 +19,9 @@ from kafka.errors import KafkaError as ClientError
 from kafka.errors import KafkaTimeoutError
 
 from worker.kafka_io import (
-    ACK_TIMEOUT_S, Message, NotAcknowledged, ProducerFenced, TransactionAborted,
+    ACK_TIMEOUT_S, NotAcknowledged, ProducerFenced, TransactionAborted,
 )
-from worker.pipeline import InputRecord
+from worker.pipeline import InputRecord, Message
 from worker.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class ServingConsumer:
     def __init__(self, consumer: Consumer, max_records: int):
         self._consumer = consumer
         self._max_records = max_records
+        self.before_revoke: Callable[[], None] = lambda: None  # called inside poll before partitions go
 
     @classmethod
     @_reported_like_kafka_python()
@@ -88,7 +89,7 @@ class ServingConsumer:
             "fetch.max.bytes": 32 << 20,
             "topic.metadata.refresh.interval.ms": 30_000,
             "session.timeout.ms": settings.session_timeout_ms,
-            "heartbeat.interval.ms": settings.session_timeout_ms // 3,
+            "heartbeat.interval.ms": settings.heartbeat_interval_ms,
             "isolation.level": "read_committed" if settings.exactly_once else "read_uncommitted",
             "on_commit": committed,
             "error_cb": _log_client_error,
@@ -103,8 +104,10 @@ class ServingConsumer:
                 raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after "
                                         f"{metadata_timeout_s:.0f} s")
             time.sleep(0.2)
-        consumer.subscribe([settings.input_topic])
-        return cls(consumer, settings.max_poll_records)
+        serving = cls(consumer, settings.max_poll_records)
+        consumer.subscribe([settings.input_topic], on_revoke=lambda _, revoked: revoked and serving.before_revoke(),
+                           on_lost=lambda _, lost: log.warning("partitions lost to the group: %s", lost))
+        return serving
 
     def poll(self, timeout_ms: int) -> list[InputRecord]:
         """What is already fetched, up to max_poll_records; else wait up to `timeout_ms` for the first record.

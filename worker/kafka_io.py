@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
     CommitFailedError, IllegalGenerationError, KafkaError, KafkaTimeoutError, ProducerFencedError,
     RebalanceInProgressError, TopicAlreadyExistsError, UnknownMemberIdError,
@@ -19,12 +20,10 @@ from kafka.errors import (
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
-from worker.pipeline import InputRecord
+from worker.pipeline import InputRecord, Message
 from worker.settings import KafkaSettings, SettingsError
 
 ACK_TIMEOUT_S = 30.0
-# (topic, key, value, source timestamp in ms or None): one record the serving loop produces
-Message = tuple[str, "bytes | None", bytes, "int | None"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,10 @@ def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: 
         admin.close()
 
 
-def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> KafkaConsumer:
-    """A consumer subscribed to the input topic, once the topic's partitions are visible to it.
+def open_consumer(settings: KafkaSettings, before_revoke: Callable[[], None],
+                  metadata_timeout_s: float = 60.0) -> KafkaConsumer:
+    """A consumer subscribed to the input topic, once the topic's partitions are visible to it; a rebalance
+    calls `before_revoke` before it takes partitions away.
 
     Subscribing before a just-created topic shows up in metadata would join the group with nothing to
     read until the next metadata refresh (minutes), so this waits for the partitions first.
@@ -85,7 +86,7 @@ def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> 
         fetch_max_bytes=32 << 20,
         metadata_max_age_ms=30_000,  # new partitions of the input topic are picked up within 30 s
         session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=settings.session_timeout_ms // 3,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
         # Exactly-once: only committed input (records of aborted upstream transactions are skipped).
         isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
     )
@@ -96,8 +97,20 @@ def open_consumer(settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> 
             raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after {metadata_timeout_s:.0f} s")
         consumer.topics()  # forces a metadata refresh
         time.sleep(0.2)
-    consumer.subscribe([settings.input_topic])
+    consumer.subscribe([settings.input_topic], listener=_BeforeRevoke(before_revoke))
     return consumer
+
+
+class _BeforeRevoke(ConsumerRebalanceListener):
+    def __init__(self, before_revoke: Callable[[], None]):
+        self._before_revoke = before_revoke
+
+    def on_partitions_revoked(self, revoked) -> None:
+        if revoked:
+            self._before_revoke()
+
+    def on_partitions_assigned(self, assigned) -> None:
+        pass
 
 
 def open_producer(settings: KafkaSettings, transactional_id: str | None = None) -> KafkaProducer:
@@ -234,10 +247,12 @@ class KeyPartitioner:
 
 
 class ServingConsumer:
-    """The serving loop's consumer on kafka-python: batches of InputRecords, pause and rewind, commits, lag."""
+    """The serving loop's consumer on kafka-python: batches of InputRecords, pause and rewind, commits, lag.
+    `before_revoke` is called inside `poll` when a rebalance is about to take partitions away."""
 
     def __init__(self, consumer: KafkaConsumer):
         self._consumer = consumer
+        self.before_revoke: Callable[[], None] = lambda: None
 
     def poll(self, timeout_ms: int) -> list[InputRecord]:
         polled = self._consumer.poll(timeout_ms=timeout_ms)
@@ -327,7 +342,8 @@ def open_serving_clients(settings: KafkaSettings, transactional_id: str | None):
             raise
     producer = ServingProducer(open_producer(settings, transactional_id))
     try:
-        return ServingConsumer(open_consumer(settings)), producer
+        consumer = ServingConsumer(open_consumer(settings, lambda: consumer.before_revoke()))
+        return consumer, producer
     except BaseException:
         producer.close()
         raise

@@ -175,7 +175,14 @@ class ServingModel:
     @property
     def keras_model(self):
         """The Keras model as loaded from the checkpoint (the trainer clones it); swaps do not change it."""
+        if self._model is None:
+            raise RuntimeError("this copy of the serving model was sent to another process without its Keras model")
         return self._model
+
+    def __getstate__(self) -> dict:
+        """Pickled (for the builder process) without the Keras model: the NumPy forward pass needs only
+        the weights, and the other process then needs no TensorFlow."""
+        return {**self.__dict__, "_model": None}
 
     def swap(self, weights: list[np.ndarray], version: str) -> None:
         """Serve `weights` (in the order of the Keras model's get_weights()) from now on."""
@@ -208,7 +215,11 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-_ACTIVATIONS = {"relu": _relu, "sigmoid": _sigmoid, "softmax": _softmax, "linear": lambda x: x}
+def _linear(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+_ACTIVATIONS = {"relu": _relu, "sigmoid": _sigmoid, "softmax": _softmax, "linear": _linear}
 
 
 def _forward_plan(model) -> tuple[np.ndarray, np.ndarray, list]:

@@ -23,6 +23,7 @@ import redis
 from kafka.errors import KafkaError
 
 from worker import kafka_io
+from worker.builder import BuilderProcess
 from worker.hotswap import ModelFollower
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.model import ServingModel, limit_cpu_threads
@@ -56,8 +57,8 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             stack.enter_context(_stop_on_signals(stop))
         metrics = WorkerMetrics()
         redis_client = stack.enter_context(closing(connect(settings.redis)))
-        store = StateStore(redis_client, settings.redis,
-                           WindowPolicy(settings.training.window_s, settings.training.window_max_examples))
+        windows = WindowPolicy(settings.training.window_s, settings.training.window_max_examples)
+        store = StateStore(redis_client, settings.redis, windows)
         registry = Registry(redis_client, settings.redis.key_prefix, settings.model_name)
         ready = _Readiness(store)
         server = stack.enter_context(HealthServer(metrics, settings.metrics.host, settings.metrics.port, ready))
@@ -97,7 +98,9 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 stack.enter_context(_trainer_child(settings, server.port, stop))
         else:
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
-        loop = ServingLoop(settings, consumer, producer, store, model, metrics, follower)
+        builder = BuilderProcess(settings, windows, model)
+        stack.callback(builder.close)
+        loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
         # TensorFlow leaves ~350k tracked objects that live as long as the process; each full collection

@@ -1,102 +1,91 @@
-"""The serving loop: poll a batch, handle it, commit it. Short on purpose; the logic is in pipeline."""
+"""The serving loop: poll a batch, hand it to the builder process, produce what it built, commit it.
+
+Batches are pipelined one deep: while the builder (worker.builder) validates, predicts and writes Redis for
+batch N+1, this loop produces batch N and commits its offsets. Each batch keeps the order that makes a
+replay safe: its Redis transaction, then its outputs, then its offsets.
+"""
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import redis
 from kafka import TopicPartition
 from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
 
 from worker import kafka_io
+from worker.batch import REDIS_OUTAGE_ERRORS, Built
+from worker.builder import BuilderProcess
 from worker.hotswap import ModelFollower
 from worker.kafka_io import ServingConsumer, ServingProducer
-from worker.labels import watermark
 from worker.metrics import WorkerMetrics
 from worker.model import ServingModel
-from worker.parsing import Rejection, parse_event
-from worker.pipeline import (
-    InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, next_offsets, plan_batch,
-    resolved_examples, served_examples,
-)
-from worker.quality import QualityMonitor
+from worker.pipeline import InputRecord, first_offsets, next_offsets
 from worker.settings import Settings
-from worker.state import EventClaim, StateStore, StateWrites
 
 log = logging.getLogger(__name__)
 
 OUTAGE_FIRST_RETRY_S = 0.5
 OUTAGE_MAX_RETRY_S = 30.0
-# Errors of an unavailable dependency: the batch is retried, not dropped, and the worker does not exit.
-OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-                 redis.exceptions.ReadOnlyError, KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError,
-                 kafka_io.NotAcknowledged)
+# Errors of an unavailable Kafka: the batch's outputs are produced again, not dropped, and the worker does
+# not exit. (Redis's are in worker.batch: the builder meets them.)
+KAFKA_OUTAGE_ERRORS = (KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError, kafka_io.NotAcknowledged)
 
 
 class BatchAborted(Exception):
-    """Exactly-once mode: the batch's transaction was aborted and its partitions rewound to its start; the
-    batch is read again by whoever owns them (this worker, or a new owner after a rebalance)."""
+    """Exactly-once mode: the batch's transaction was aborted; its partitions are rewound to its start and
+    it is read again by whoever owns them (this worker, or a new owner after a rebalance)."""
 
 
 GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
 
 
-@dataclass
-class Outbox:
-    """What one batch writes: Redis state, and records to produce as (topic, key, value, input timestamp ms);
-    and what it amounts to, counted in the metrics only once the batch is committed (a batch retried after
-    an outage is counted once)."""
-
-    messages: list[kafka_io.Message]
-    writes: StateWrites
-    dead_letter_reasons: list[str]
-    duplicates: int = 0
-    replayed: int = 0
-    predicted: int = 0
-
-
 class ServingLoop:
-    def __init__(self, settings: Settings, consumer: ServingConsumer, producer: ServingProducer, store: StateStore,
-                 model: ServingModel, metrics: WorkerMetrics, follower: ModelFollower | None = None,
-                 clock=lambda: datetime.now(timezone.utc)):
+    def __init__(self, settings: Settings, consumer: ServingConsumer, producer: ServingProducer,
+                 builder: BuilderProcess, model: ServingModel, metrics: WorkerMetrics,
+                 follower: ModelFollower | None = None):
         self._settings = settings
         self._follower = follower
-        self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
         self._quality_series: set[tuple[str, str]] = set()
         self._consumer = consumer
         self._producer = producer
+        self._builder = builder
         self._transactional = settings.kafka.exactly_once
-        self._store = store
-        self._model = model
+        self._model = model  # the version served; swaps are checked against it before the builder gets them
         self._metrics = metrics
-        self._clock = clock
         self.last_poll_ok_monotonic: float | None = None
         self._outage_since: float | None = None  # monotonic time the current outage began
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
+        self._in_flight: list[InputRecord] | None = None  # the batch in the builder, not yet committed
+        self._in_flight_since = 0.0  # perf_counter when it was handed over
+        self._quality_due_at = 0.0  # monotonic time the next batch brings back a quality snapshot
+        consumer.before_revoke = self._commit_in_flight_before_revoke
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
     def run(self, stop: threading.Event) -> None:
-        """Poll and handle batches until `stop` is set; each batch is committed before the next poll."""
+        """Poll and hand over batches until `stop` is set; then commit the batch in flight and stop."""
         timeout_ms = self._settings.kafka.poll_timeout_ms
-        next_gauges_at = next_progress_at = time.monotonic()
+        next_lag_at = next_progress_at = time.monotonic()
         progress = _Progress(self._metrics)
         while not stop.is_set():
             self._maybe_swap()
-            records = self._consumer.poll(timeout_ms)
+            # With a batch in the builder, take only what is already fetched: on a quiet stream, waiting here
+            # would hold the finished batch back.
+            records = self._consumer.poll(0 if self._in_flight is not None else timeout_ms)
             self.last_poll_ok_monotonic = time.monotonic()
-            if records:
-                self.handle(records, stop)
+            if self._in_flight is not None:
+                self._commit_in_flight(stop, then_submit=records)
+            elif records:
+                self._submit(records)
             now = time.monotonic()
-            if now >= next_gauges_at:
+            if now >= next_lag_at:
                 self._refresh_lag()
-                self._refresh_quality()
-                next_gauges_at = now + GAUGE_REFRESH_S
+                next_lag_at = now + GAUGE_REFRESH_S
             if now >= next_progress_at:
                 progress.log(now)
                 next_progress_at = now + self._settings.progress_interval_s
+        self._commit_in_flight(stop)
         owned = self._consumer.assignment()
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
         if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
@@ -108,40 +97,104 @@ class ServingLoop:
         """True while consumption is paused because Redis or Kafka refuses the batch's outputs."""
         return self._outage_since is not None
 
-    def handle(self, records: list[InputRecord], stop: threading.Event | None = None) -> None:
-        """Build and commit one batch. While Redis or Kafka is unavailable the same batch is retried with
-        backoff and consumption is paused (memory stays at one batch; the group membership is kept), until
-        it goes through or `stop` is set. Any other error is a bug and propagates."""
-        started = time.perf_counter()
+    def _submit(self, records: list[InputRecord]) -> None:
+        now = time.monotonic()
+        with_quality = now >= self._quality_due_at
+        if with_quality:
+            self._quality_due_at = now + GAUGE_REFRESH_S
         self._metrics.events_consumed.inc(len(records))
+        self._builder.submit(records, with_quality)
+        self._in_flight, self._in_flight_since = records, time.perf_counter()
+
+    def _commit_in_flight(self, stop: threading.Event | None, then_submit: list[InputRecord] | None = None) -> None:
+        """Take the batch in flight back from the builder, hand `then_submit` over, then produce the first
+        and commit its offsets; so the builder works on the next batch while this one is produced.
+
+        While Redis or Kafka is unavailable the batch is retried with backoff and consumption is paused
+        (memory stays at one batch; the group membership is kept), until it goes through or `stop` is set;
+        records polled meanwhile are read again later. Any other error is a bug and propagates."""
+        batch, started = self._in_flight, self._in_flight_since
+        if batch is None:
+            return
+        self._in_flight = None
+        try:
+            built = self._builder.collect()
+        except REDIS_OUTAGE_ERRORS as error:
+            if then_submit:
+                self._rewind(then_submit)
+                then_submit = None
+            built = self._build_through_outage(batch, error, stop)
+        if then_submit:
+            self._submit(then_submit)
+        try:
+            self._produce_through_outage(batch, built, stop)
+        except BatchAborted as aborted:
+            log.warning("%s", aborted)
+            rewind = batch
+            if self._in_flight is not None:  # built on top of the aborted batch: read both again
+                rewind = batch + self._in_flight
+                self._in_flight = None
+                try:
+                    self._builder.collect()
+                except REDIS_OUTAGE_ERRORS:
+                    pass
+            self._rewind(rewind)
+        else:
+            self._account(built)
+        self._resume_after_outage()
+        self._metrics.batch_duration.observe(time.perf_counter() - started)
+        self._metrics.batch_size.observe(len(batch))
+
+    def _commit_in_flight_before_revoke(self) -> None:
+        """Called by the consumer before a rebalance takes partitions away (on kafka-python, from its network
+        thread while `poll` waits): the batch in flight is produced and its offsets committed now, while the
+        partitions are still ours, so that their next owner neither reads it again nor reads Redis before
+        its writes. During an outage it is left to the next owner, which replays it."""
+        if self._in_flight is None or self.paused:
+            return
+        try:
+            self._commit_in_flight(None)
+        except (*REDIS_OUTAGE_ERRORS, *KAFKA_OUTAGE_ERRORS) as error:
+            log.warning("the batch in flight is left to the partitions' next owner (%s: %s)", type(error).__name__, error)
+
+    def _build_through_outage(self, batch: list[InputRecord], error: Exception, stop: threading.Event | None) -> Built:
+        retry_in_s = OUTAGE_FIRST_RETRY_S
+        while True:
+            if stop is None or stop.is_set():
+                raise error  # stopping: the uncommitted batch is replayed by the next owner
+            self._wait_out(error, retry_in_s, stop)
+            retry_in_s = min(2 * retry_in_s, OUTAGE_MAX_RETRY_S)
+            self._builder.submit(batch)
+            try:
+                return self._builder.collect()
+            except REDIS_OUTAGE_ERRORS as again:
+                error = again
+
+    def _produce_through_outage(self, batch: list[InputRecord], built: Built, stop: threading.Event | None) -> None:
         retry_in_s = OUTAGE_FIRST_RETRY_S
         while True:
             try:
-                outbox = self._build_outbox(records)
-                self._commit(records, outbox)
-                break
-            except BatchAborted as aborted:
-                log.warning("%s", aborted)
-                outbox = None
-                break
-            except OUTAGE_ERRORS as error:
-                if stop is not None and stop.is_set():
+                self._commit(batch, built)
+                return
+            except KAFKA_OUTAGE_ERRORS as error:
+                if stop is None or stop.is_set():
                     raise  # stopping: the uncommitted batch is replayed by the next owner
                 self._wait_out(error, retry_in_s, stop)
                 retry_in_s = min(2 * retry_in_s, OUTAGE_MAX_RETRY_S)
-            except Exception:
-                first, last = records[0], records[-1]
-                log.exception("batch of %d records failed (from %s to %s)", len(records), first.ref, last.ref)
-                raise
+
+    def _resume_after_outage(self) -> None:
         if self._outage_since is not None:
             log.warning("outputs accepted again after %.1f s: resuming consumption", time.monotonic() - self._outage_since)
             self._outage_since = None
             self._metrics.paused.set(0)
             self._consumer.resume_all()
-        if outbox is not None:
-            self._account(outbox)
-        self._metrics.batch_duration.observe(time.perf_counter() - started)
-        self._metrics.batch_size.observe(len(records))
+
+    def _rewind(self, records: list[InputRecord]) -> None:
+        """Seek the partitions this worker still owns back to the first of `records`, to read them again."""
+        owned = self._consumer.assignment()
+        for tp, first in _by_partition(first_offsets(records)).items():
+            if tp in owned:
+                self._consumer.seek(tp, first)
 
     def _wait_out(self, error: Exception, delay_s: float, stop: threading.Event | None) -> None:
         """Pause every assigned partition and wait `delay_s` (less if `stop` is set) while polling, which
@@ -166,92 +219,23 @@ class ServingLoop:
             self.last_poll_ok_monotonic = time.monotonic()
         self._consumer.pause_all()
 
-    def _account(self, outbox: Outbox) -> None:
-        """Metrics and prequential quality of a committed batch."""
+    def _account(self, built: Built) -> None:
+        """Metrics of a committed batch."""
         m, task = self._metrics, self._model.meta.task
-        for reason in outbox.dead_letter_reasons:
+        for reason in built.dead_letter_reasons:
             m.dead_letters.labels(reason).inc()
-        m.duplicates.inc(outbox.duplicates)
-        m.replayed.inc(outbox.replayed)
-        m.predictions.labels(task).inc(outbox.predicted)
-        examples = outbox.writes.examples
-        if not examples:
-            return
-        m.labels_resolved.labels(task).inc(len(examples))
-        alarmed = False
-        for example in examples:
-            alarmed |= self._quality.observe(example.model_version, example.probabilities, example.label)
-        if alarmed:
-            m.drift_alarms.inc()
-            log.warning("drift detector alarmed on the live loss stream")
-            try:
-                self._store.raise_drift_alarm()
-            except redis.RedisError as error:  # the batch is committed; a lost alarm only delays a fine-tune
-                log.warning("could not pass the drift alarm to the trainer: %s", error)
+        m.duplicates.inc(built.duplicates)
+        m.replayed.inc(built.replayed)
+        m.predictions.labels(task).inc(built.predicted)
+        m.labels_resolved.labels(task).inc(built.labels_resolved)
+        m.drift_alarms.inc(built.drift_alarms)
+        if built.quality is not None:
+            self._refresh_quality(built.quality)
 
-    def _build_outbox(self, records: list[InputRecord]) -> Outbox:
-        s = self._settings
-        now = self._clock()
-        valid, messages, reasons = [], [], []
-        for record in records:
-            parsed = parse_event(record.value, now=now, max_payload_bytes=s.max_payload_bytes,
-                                 max_future_skew_s=s.max_future_skew_s)
-            if isinstance(parsed, Rejection):
-                letter = make_dead_letter(record, parsed, now, s.dlq_payload_max_chars)
-                messages.append((s.kafka.dlq_topic, record.key, letter.model_dump_json().encode(), None))
-                reasons.append(parsed.reason.value)
-            else:
-                valid.append((record, parsed))
-        claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}))
-        model, meta = self._model, self._model.meta
-        plan = plan_batch(valid, claims, states, pendings, meta)
-        probabilities = model.predict_many(plan.features)
-        predictions = make_predictions(plan.fresh, probabilities, meta, model.version, now)
-        writes = StateWrites(states=plan.states)
-        for (record, event), body in zip(plan.fresh, predictions):
-            writes.claims.append((event.event_id, EventClaim(record.ref, body)))
-            messages.append((s.kafka.predictions_topic, event.user_id.encode(), body, record.timestamp_ms))
-        for record, body in plan.replays:
-            messages.append((s.kafka.predictions_topic, record.key, body, record.timestamp_ms))
-        served = served_examples(plan, probabilities, model.version)
-        writes.examples = resolved_examples(plan, served)
-        writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
-        for record, event in plan.fresh:
-            partition = record.partition_ref
-            writes.newest_by_partition[partition] = max(writes.newest_by_partition.get(partition, float("-inf")),
-                                                        event.ts_s)
-        if meta.task == "repurchase":
-            partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
-            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
-        return Outbox(messages, writes, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
-                      predicted=len(predictions) + len(plan.replays))
-
-    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
-        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
-        on the input partitions of this batch."""
-        horizon_s = horizon_days * 86400.0
-        for user, pending in writes.pendings.items():
-            writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
-        newest = self._store.newest_by_partition()
-        for partition, ts_s in writes.newest_by_partition.items():
-            newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
-        now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
-        if now_watermark is None:
-            return
-        replaced = set(writes.pendings)
-        for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
-            negatives, cleared, requeue = expire_pendings(self._store.load_pendings(users), now_watermark, horizon_days,
-                                                          replaced)
-            writes.examples.extend(negatives)
-            writes.cleared_pendings.extend(cleared)
-            writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
-            if requeue:
-                writes.deadlines.setdefault(partition, {}).update(requeue)
-
-    def _refresh_quality(self) -> None:
+    def _refresh_quality(self, snapshot: dict[str, dict[str, float]]) -> None:
         """Export rolling quality per tracked version; drop the series of versions no longer tracked."""
         exported = set()
-        for version, measures in self._quality.snapshot().items():
+        for version, measures in snapshot.items():
             for measure, value in measures.items():
                 self._metrics.live_quality.labels(version, measure).set(value)
                 exported.add((version, measure))
@@ -266,45 +250,41 @@ class ServingLoop:
         version, weights = ready
         started = time.perf_counter()
         try:
-            self._model.swap(weights, version)
+            self._model.swap(weights, version)  # checks that they fit
         except ValueError as error:
             self._metrics.swaps_refused.inc()
             log.error("refusing model %s, the current model keeps serving: %s", version, error)
             return
+        self._builder.swap(weights, version)  # it builds with them from its next batch on
         self._metrics.swap_duration.observe(time.perf_counter() - started)
         self._metrics.model_swaps.inc()
         self._metrics.model_info.info({"version": version, "task": self._model.meta.task})
         log.info("now serving model %s (swap took %.2f ms)", version, (time.perf_counter() - started) * 1000)
 
-    def _commit(self, records: list[InputRecord], outbox: Outbox) -> None:
-        """The commit step, in this order:
-        1. Redis: everything the batch changed (event claims, user states, pending predictions, labelled
-           examples, deadlines, event-time progress) in one MULTI/EXEC;
-        2. Kafka: produce predictions and dead letters, flush, and check every acknowledgement;
-        3. Kafka: commit the offsets after the batch (asynchronously; the last ones again, synchronously, on
+    def _commit(self, records: list[InputRecord], built: Built) -> None:
+        """Produce a built batch and commit its offsets. The builder has written its Redis transaction
+        (event claims, user states, pending predictions, labelled examples, deadlines, event-time progress);
+        then, in this order:
+        1. Kafka: produce predictions and dead letters, flush, and check every acknowledgement;
+        2. Kafka: commit the offsets after the batch (asynchronously; the last ones again, synchronously, on
            a clean stop).
         A crash between steps replays the batch: claims make the replay emit the same predictions.
-        In exactly-once mode steps 2 and 3 are one Kafka transaction, so a read_committed reader sees the
+        In exactly-once mode both steps are one Kafka transaction, so a read_committed reader sees the
         batch's outputs once, whatever happens.
         """
-        self._store.save(outbox.writes)
         offsets = _by_partition(next_offsets(records))
         if self._transactional:
             try:
-                self._producer.send_in_transaction(outbox.messages, offsets, self._consumer.group_metadata())
+                self._producer.send_in_transaction(built.messages, offsets, self._consumer.group_metadata())
             except kafka_io.TransactionAborted as error:
-                owned = self._consumer.assignment()
-                for tp, first in _by_partition(first_offsets(records)).items():
-                    if tp in owned:
-                        self._consumer.seek(tp, first)
                 raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
                                    "they will be read again") from error
         else:
-            self._producer.send_all(outbox.messages)
+            self._producer.send_all(built.messages)
             self._consumer.commit_async(offsets)
             self._latest_offsets.update(offsets)
         acked_ms = time.time() * 1000.0
-        for _, _, _, source_ms in outbox.messages:
+        for _, _, _, source_ms in built.messages:
             if source_ms is not None and source_ms >= 0:
                 self._metrics.latency.observe(max(0.0, acked_ms - source_ms) / 1000.0)
 

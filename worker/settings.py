@@ -40,7 +40,7 @@ class KafkaSettings(BaseSettings):
     client_id: str = Field("streamadapt", min_length=1, description="client id shown in broker logs")
     session_timeout_ms: int = Field(45_000, ge=6_000, le=300_000,
                                     description="a replica that stops heartbeating (crashed) loses its partitions "
-                                                "after this long; heartbeats go every third of it")
+                                                "after this long")
     client: Literal["kafka-python", "confluent"] = Field(
         "kafka-python", description="client library of the serving loop: kafka-python, or confluent (librdkafka, "
                                     "much faster; needs the confluent extra)")
@@ -57,6 +57,13 @@ class KafkaSettings(BaseSettings):
                                                   "transaction (read with isolation.level=read_committed)")
     transactional_id: str = Field("", description="stable transactional id of this replica with --kafka-exactly-once "
                                                   "(default: <group-id>-<hostname>); unique per replica")
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        """How often a consumer heartbeats: Kafka's default of 3 s (a third of short session timeouts). A
+        replica learns from its heartbeat that another one joined or left, so this bounds how long a
+        rebalance waits for it."""
+        return min(3000, self.session_timeout_ms // 3)
 
     @model_validator(mode="after")
     def _coherent_security(self) -> "KafkaSettings":

@@ -1,73 +1,194 @@
-"""Exactly-once commit step of the serving loop, with fake clients: a failed transaction rewinds its batch."""
+"""The serving loop with fake clients and a fake builder: the pipeline's order, outages, exactly-once aborts,
+rebalances and a clean stop."""
+import threading
 from types import SimpleNamespace
 
 import pytest
+import redis
 from kafka import TopicPartition
 
 from worker import kafka_io
+from worker.batch import Built
 from worker.metrics import WorkerMetrics
 from worker.pipeline import InputRecord
-from worker.serving import BatchAborted, Outbox, ServingLoop
+from worker.serving import ServingLoop
 from worker.settings import load_settings
-from worker.state import StateWrites
+
+P0, P1 = TopicPartition("in", 0), TopicPartition("in", 1)
 
 
-class FakeProducer:
-    def __init__(self, error: Exception | None = None):
-        self.error = error
-        self.transactions: list[tuple] = []
+def records(partition: int, *offsets: int) -> list[InputRecord]:
+    return [InputRecord("in", partition, offset, 0, b"k", b"{}") for offset in offsets]
 
-    def send_in_transaction(self, messages, next_offsets, group_metadata):
-        self.transactions.append((len(messages), dict(next_offsets), group_metadata))
-        if self.error is not None:
-            raise self.error
+
+class Log(list):
+    """What happened, in order, across the fakes."""
+
+
+class FakeBuilder:
+    def __init__(self, log: Log, failures: list[Exception] | None = None):
+        self.log, self.failures, self.in_flight = log, list(failures or []), False
+        self._batch = None
+
+    def submit(self, batch, with_quality=False):
+        assert not self.in_flight
+        self.in_flight, self._batch = True, batch
+        self.log.append(("submit", batch[0].offset))
+
+    def collect(self) -> Built:
+        assert self.in_flight
+        self.in_flight = False
+        self.log.append(("collect", self._batch[0].offset))
+        if self.failures:
+            raise self.failures.pop(0)
+        return Built([("out", b"k", b"{}", None)] * len(self._batch), predicted=len(self._batch))
+
+    def swap(self, weights, version):
+        self.log.append(("swap", version))
 
 
 class FakeConsumer:
-    def __init__(self, owned):
-        self.owned = set(owned)
+    def __init__(self, log: Log, polls: list[list[InputRecord]], owned=(P0, P1), stop: threading.Event | None = None):
+        self.log, self.polls, self.owned, self.stop = log, list(polls), set(owned), stop
+        self.before_revoke = lambda: None
         self.seeks: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+        self.paused = False
+
+    def poll(self, timeout_ms):
+        if not self.polls:
+            if self.stop is not None:
+                self.stop.set()
+            return []
+        polled = self.polls.pop(0)
+        if callable(polled):  # a scripted event inside poll, e.g. a rebalance
+            return polled()
+        return [] if self.paused else polled
 
     def assignment(self):
         return self.owned
 
-    def group_metadata(self):
-        return "generation-7"
+    def pause_all(self):
+        self.paused = True
+
+    def resume_all(self):
+        self.paused = False
+        self.log.append(("resume",))
 
     def seek(self, tp, offset):
         self.seeks[tp] = offset
+        self.log.append(("seek", tp.partition, offset))
+
+    def commit(self, offsets):
+        self.committed.update(offsets)
+        self.log.append(("commit", dict(offsets)))
+        return True
+
+    def commit_async(self, offsets):
+        self.committed.update(offsets)
+
+    def lag(self):
+        return {}
+
+    def group_metadata(self):
+        return "generation-7"
 
 
-class FakeStore:
-    def save(self, writes):
-        pass
+class FakeProducer:
+    def __init__(self, log: Log, failures: list[Exception] | None = None):
+        self.log, self.failures = log, list(failures or [])
+        self.transactions: list[tuple] = []
+
+    def send_all(self, messages):
+        self.log.append(("send", len(messages)))
+        if self.failures:
+            raise self.failures.pop(0)
+
+    def send_in_transaction(self, messages, next_offsets, group_metadata):
+        self.transactions.append((len(messages), dict(next_offsets), group_metadata))
+        self.log.append(("transaction", len(messages)))
+        if self.failures:
+            raise self.failures.pop(0)
 
 
-RECORDS = [InputRecord("in", 0, 10, 0, b"k", b"{}"), InputRecord("in", 1, 4, 0, b"k", b"{}"),
-           InputRecord("in", 0, 11, 0, b"k", b"{}")]
-
-
-def commit_with(producer, consumer) -> None:
-    settings = load_settings({"STREAMADAPT_KAFKA_EXACTLY_ONCE": "true"})
+def make_loop(consumer, producer, builder, exactly_once=False) -> ServingLoop:
+    settings = load_settings({"STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower()})
     model = SimpleNamespace(version="v1", meta=SimpleNamespace(task="next_category"))
-    loop = ServingLoop(settings, consumer, producer, store=FakeStore(), model=model, metrics=WorkerMetrics())
-    outbox = Outbox([("predictions", b"u", b"{}", None), ("dlq", None, b"{}", None)], StateWrites(), [])
-    loop._commit(RECORDS, outbox)
+    return ServingLoop(settings, consumer, producer, builder, model, WorkerMetrics())
+
+
+@pytest.fixture(autouse=True)
+def quick_outage_retries(monkeypatch):
+    monkeypatch.setattr("worker.serving.OUTAGE_FIRST_RETRY_S", 0.01)
+
+
+def test_the_next_batch_is_handed_to_the_builder_before_the_previous_one_is_produced():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
+    make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)
+    assert log[:9] == [("submit", 10), ("collect", 10), ("submit", 12), ("send", 2),
+                       ("collect", 12), ("submit", 4), ("send", 1), ("collect", 4), ("send", 1)]
+    assert consumer.committed == {P0: 13, P1: 5}
+    assert log[-1] == ("commit", {P0: 13, P1: 5})  # a clean stop confirms the last offsets synchronously
+
+
+def test_a_redis_outage_rewinds_what_was_polled_meanwhile_and_builds_the_batch_again():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12, 13)], stop=stop)
+    builder = FakeBuilder(log, [redis.ConnectionError("Redis is away")])
+    loop = make_loop(consumer, FakeProducer(log), builder)
+    loop.run(stop)
+    assert log[:7] == [("submit", 10), ("collect", 10), ("seek", 0, 12), ("submit", 10), ("collect", 10),
+                       ("send", 2), ("resume",)]
+    assert consumer.committed[P0] == 12  # 12 and 13 are read again, after the outage
+    assert not loop.paused
+
+
+def test_a_kafka_outage_produces_the_same_built_batch_again_without_building_it_again():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11), []], stop=stop)  # stops during the wait, not before
+    producer = FakeProducer(log, [kafka_io.NotAcknowledged("leader not available")])
+    make_loop(consumer, producer, FakeBuilder(log)).run(stop)
+    assert [entry for entry in log if entry[0] in ("submit", "send")] == [("submit", 10), ("send", 2), ("send", 2)]
+    assert consumer.committed[P0] == 12
 
 
 def test_a_batch_is_one_transaction_with_the_offsets_after_it_and_the_group_metadata():
-    producer = FakeProducer()
-    commit_with(producer, FakeConsumer({TopicPartition("in", 0)}))
-    assert producer.transactions == [(2, {TopicPartition("in", 0): 12, TopicPartition("in", 1): 5}, "generation-7")]
+    log, stop = Log(), threading.Event()
+    producer = FakeProducer(log)
+    consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4)], stop=stop)
+    make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
+    assert producer.transactions == [(3, {P0: 12, P1: 5}, "generation-7")]
 
 
-def test_an_aborted_transaction_rewinds_the_partitions_still_owned():
-    consumer = FakeConsumer({TopicPartition("in", 0)})
-    with pytest.raises(BatchAborted, match="3 records aborted"):
-        commit_with(FakeProducer(kafka_io.TransactionAborted("CommitFailedError: generation is stale")), consumer)
-    assert consumer.seeks == {TopicPartition("in", 0): 10}  # partition 1 went to another worker: not ours to rewind
+def test_an_aborted_transaction_rewinds_it_and_the_batch_built_on_it_on_the_partitions_still_owned():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4), records(0, 12) + records(2, 7)],
+                            owned=(P0, P1), stop=stop)
+    producer = FakeProducer(log, [kafka_io.TransactionAborted("CommitFailedError: generation is stale")])
+    make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
+    # partition 2 went to another worker: not ours to rewind; 0 goes back to the aborted batch's start
+    assert consumer.seeks == {P0: 10, P1: 4}
+    assert [entry[0] for entry in log[:5]] == ["submit", "collect", "submit", "transaction", "collect"]
 
 
 def test_a_fenced_producer_ends_the_loop_with_a_reason():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10)], stop=stop)
+    producer = FakeProducer(log, [kafka_io.ProducerFenced()])
     with pytest.raises(kafka_io.ProducerFenced, match="own --kafka-transactional-id"):
-        commit_with(FakeProducer(kafka_io.ProducerFenced()), FakeConsumer(set()))
+        make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
+
+
+def test_a_rebalance_commits_the_batch_in_flight_before_its_partitions_go():
+    log, stop = Log(), threading.Event()
+
+    def rebalance():
+        consumer.before_revoke()
+        consumer.owned = {P1}
+        return records(1, 4)
+
+    consumer = FakeConsumer(log, [records(0, 10, 11), rebalance], stop=stop)
+    make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)
+    assert log[:5] == [("submit", 10), ("collect", 10), ("send", 2), ("submit", 4), ("collect", 4)]
+    assert consumer.committed[P0] == 12

@@ -1,0 +1,147 @@
+"""One batch of input records -> the records to produce, after its Redis transaction.
+
+`BatchBuilder.build` validates, dedupes, computes features, predicts, joins labels and writes everything the
+batch changed to Redis in one MULTI/EXEC; then it scores the labels the batch resolved (prequential quality
+and drift). It runs in the builder process (worker.builder), beside the serving loop that produces its
+outputs and commits its offsets. The pure logic is in worker.pipeline.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import redis
+
+from worker.labels import watermark
+from worker.model import ServingModel
+from worker.parsing import Rejection, parse_event
+from worker.pipeline import (
+    InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, plan_batch, resolved_examples,
+    served_examples,
+)
+from worker.quality import QualityMonitor
+from worker.settings import Settings
+from worker.state import EventClaim, StateStore, StateWrites
+
+log = logging.getLogger(__name__)
+
+# Errors of an unavailable Redis: the batch is built again once Redis answers.
+REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+                       redis.exceptions.ReadOnlyError)
+
+
+@dataclass
+class Built:
+    """A built batch: the records to produce as (topic, key, value, input timestamp ms), all of whose Redis
+    writes are done; and what it amounts to, for the metrics once the batch is committed."""
+
+    messages: list[Message]
+    dead_letter_reasons: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    replayed: int = 0
+    predicted: int = 0
+    labels_resolved: int = 0
+    drift_alarms: int = 0
+    quality: dict[str, dict[str, float]] | None = None  # rolling quality per version, when asked for
+
+
+class BatchBuilder:
+    def __init__(self, settings: Settings, store: StateStore, model: ServingModel,
+                 clock=lambda: datetime.now(timezone.utc)):
+        self._settings = settings
+        self._store = store
+        self._model = model
+        self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
+        self._clock = clock
+
+    def swap(self, weights, version: str) -> None:
+        self._model.swap(weights, version)
+
+    def build(self, records: list[InputRecord], with_quality: bool = False) -> Built:
+        """Build the batch and apply its Redis writes. Redis errors propagate (the batch is then built again:
+        a transaction that did apply makes the second build a replay, with the same predictions)."""
+        built, writes = self._outputs(records)
+        self._store.save(writes)
+        built.labels_resolved = len(writes.examples)
+        built.drift_alarms = self._score(writes)
+        if with_quality:
+            built.quality = self._quality.snapshot()
+        return built
+
+    def _outputs(self, records: list[InputRecord]) -> tuple[Built, StateWrites]:
+        s = self._settings
+        now = self._clock()
+        valid, messages, reasons = [], [], []
+        for record in records:
+            parsed = parse_event(record.value, now=now, max_payload_bytes=s.max_payload_bytes,
+                                 max_future_skew_s=s.max_future_skew_s)
+            if isinstance(parsed, Rejection):
+                letter = make_dead_letter(record, parsed, now, s.dlq_payload_max_chars)
+                messages.append((s.kafka.dlq_topic, record.key, letter.model_dump_json().encode(), None))
+                reasons.append(parsed.reason.value)
+            else:
+                valid.append((record, parsed))
+        claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}))
+        model, meta = self._model, self._model.meta
+        plan = plan_batch(valid, claims, states, pendings, meta)
+        probabilities = model.predict_many(plan.features)
+        predictions = make_predictions(plan.fresh, probabilities, meta, model.version, now)
+        writes = StateWrites(states=plan.states)
+        predictions_topic = s.kafka.predictions_topic
+        for (record, event), body in zip(plan.fresh, predictions):
+            writes.claims.append((event.event_id, EventClaim(record.ref, body)))
+            messages.append((predictions_topic, event.user_id.encode(), body, record.timestamp_ms))
+        for record, body in plan.replays:
+            messages.append((predictions_topic, record.key, body, record.timestamp_ms))
+        served = served_examples(plan, probabilities, model.version)
+        writes.examples = resolved_examples(plan, served)
+        writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
+        newest: dict[tuple[str, int], float] = {}
+        for record, event in plan.fresh:
+            partition, ts_s = (record.topic, record.partition), event.ts_s
+            if ts_s > newest.get(partition, float("-inf")):
+                newest[partition] = ts_s
+        writes.newest_by_partition = {f"{topic}/{number}": ts_s for (topic, number), ts_s in newest.items()}
+        if meta.task == "repurchase":
+            partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
+            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
+        built = Built(messages, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
+                      predicted=len(predictions) + len(plan.replays))
+        return built, writes
+
+    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
+        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
+        on the input partitions of this batch."""
+        horizon_s = horizon_days * 86400.0
+        for user, pending in writes.pendings.items():
+            writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
+        newest = self._store.newest_by_partition()
+        for partition, ts_s in writes.newest_by_partition.items():
+            newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
+        now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
+        if now_watermark is None:
+            return
+        replaced = set(writes.pendings)
+        for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
+            negatives, cleared, requeue = expire_pendings(self._store.load_pendings(users), now_watermark, horizon_days,
+                                                          replaced)
+            writes.examples.extend(negatives)
+            writes.cleared_pendings.extend(cleared)
+            writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
+            if requeue:
+                writes.deadlines.setdefault(partition, {}).update(requeue)
+
+    def _score(self, writes: StateWrites) -> int:
+        """Prequential scores of the labels this batch resolved (they are in Redis now, so each is scored
+        once); on a drift alarm, ask the trainer for a fine-tune. Returns the number of alarms."""
+        alarms = 0
+        for example in writes.examples:
+            alarms += self._quality.observe(example.model_version, example.probabilities, example.label)
+        if alarms:
+            log.warning("drift detector alarmed on the live loss stream")
+            try:
+                self._store.raise_drift_alarm()
+            except redis.RedisError as error:  # the batch is saved; a lost alarm only delays a fine-tune
+                log.warning("could not pass the drift alarm to the trainer: %s", error)
+        return alarms
