@@ -144,12 +144,10 @@ def make_predictions(fresh: list[tuple[InputRecord, PurchaseEvent]], probabiliti
     if meta.task == "repurchase":
         return [write(event.event_id, event.user_id, event.ts, int(p1 > p0), p1)
                 for (_, event), (p0, p1) in zip(fresh, rows.tolist())]
-    top_k = np.argsort(-rows, axis=1)[:, :TOP_CLASSES].tolist()
-    messages = []
-    for (_, event), row, order in zip(fresh, rows.tolist(), top_k):
-        ranked = [(j, row[j]) for j in order]
-        messages.append(write(event.event_id, event.user_id, event.ts, order[0], row[order[0]], ranked))
-    return messages
+    top_k = np.argsort(-rows, axis=1)[:, :TOP_CLASSES]
+    top_p = np.take_along_axis(rows, top_k, axis=1)  # only these become Python floats, not whole rows
+    return [write(event.event_id, event.user_id, event.ts, order[0], probabilities[0], list(zip(order, probabilities)))
+            for (_, event), order, probabilities in zip(fresh, top_k.tolist(), top_p.tolist())]
 
 
 def make_dead_letter(record: InputRecord, rejection: Rejection, failed_at: datetime, max_payload_chars: int) -> DeadLetter:
