@@ -49,7 +49,7 @@ class BuilderProcess:
         try:
             self._conn.send(("build", [tuple(record) for record in records], with_quality))
         except OSError as error:
-            raise BuilderFailed(f"the batch builder process died (exit code {self._process.exitcode})") from error
+            raise self._died() from error
         self.in_flight = True
 
     def collect(self) -> Built:
@@ -57,7 +57,7 @@ class BuilderProcess:
         try:
             kind, payload = self._conn.recv()
         except (EOFError, OSError) as error:
-            raise BuilderFailed(f"the batch builder process died (exit code {self._process.exitcode})") from error
+            raise self._died() from error
         finally:
             self.in_flight = False
         if kind == "built":
@@ -65,6 +65,10 @@ class BuilderProcess:
         if kind == "outage":
             raise payload
         raise BuilderFailed(f"the batch builder process failed:\n{payload}")
+
+    def _died(self) -> BuilderFailed:
+        self._process.join(timeout=5)  # its end of the pipe closes a moment before it can be reaped
+        return BuilderFailed(f"the batch builder process died (exit code {self._process.exitcode})")
 
     def swap(self, weights, version: str) -> None:
         """Build with these weights from the next batch on (the caller has checked they fit)."""
