@@ -43,6 +43,10 @@ class BuilderProcess:
         self.in_flight = False
         log.info("batch builder process started (pid %d)", self._process.pid)
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def submit(self, records: list[InputRecord], with_quality: bool = False) -> None:
         if self.in_flight:
             raise RuntimeError("the builder already has a batch in flight")

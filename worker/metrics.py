@@ -77,6 +77,10 @@ class WorkerMetrics:
                                          registry=r)
         self.ready = Gauge("streamadapt_ready", "1 when connected to Kafka and Redis and serving a model.", registry=r)
 
+    def follow_builder(self, pid: int) -> None:
+        """Export the builder process's CPU and memory too, as streamadapt_builder_process_*."""
+        ProcessCollector(namespace="streamadapt_builder", pid=lambda: pid, registry=self.registry)
+
     def total(self, sample_name: str) -> float:
         """Sum of a sample over all its label values (e.g. 'streamadapt_predictions_total')."""
         return sum(sample.value for metric in self.registry.collect() for sample in metric.samples

@@ -100,6 +100,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
         builder = BuilderProcess(settings, windows, model)
         stack.callback(builder.close)
+        metrics.follow_builder(builder.pid)
         loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused

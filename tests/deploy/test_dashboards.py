@@ -1,5 +1,6 @@
 """Dashboards and alert rules parse and read only metrics the worker really exports."""
 import json
+import os
 import shutil
 import subprocess
 
@@ -13,7 +14,9 @@ from worker.metrics import WorkerMetrics
 
 def exported_families() -> set[str]:
     families = set()
-    for line in WorkerMetrics().render().decode().splitlines():
+    metrics = WorkerMetrics()
+    metrics.follow_builder(os.getpid())  # a serving worker also exports its builder's process metrics
+    for line in metrics.render().decode().splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")
             families.add(name)
