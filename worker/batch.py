@@ -124,10 +124,10 @@ class BatchBuilder:
             return
         replaced = set(writes.pendings)
         for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
-            negatives, cleared, requeue = expire_pendings(self._store.load_pendings(users), now_watermark, horizon_days,
-                                                          replaced)
+            states, pendings = self._store.load_profiles(users)
+            negatives, cleared, requeue = expire_pendings(pendings, now_watermark, horizon_days, replaced)
             writes.examples.extend(negatives)
-            writes.cleared_pendings.extend(cleared)
+            writes.cleared_pendings.update({user: states.get(user) for user in cleared})
             writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
             if requeue:
                 writes.deadlines.setdefault(partition, {}).update(requeue)

@@ -41,7 +41,7 @@ def test_a_flood_from_one_user_keeps_state_and_memory_bounded(stack, names, chec
     check_every_event_predicted(warm_up + flood, records)
 
     client = redis.Redis.from_url(stack.redis_url)
-    state_bytes = client.strlen(f"{names.key_prefix}:user:user-flood")
+    state_bytes = client.strlen(f"{names.key_prefix}:profile:user-flood")
     windows = [client.llen(key) for key in client.scan_iter(f"{names.key_prefix}:window:*")]
     keys_of_user = [k.decode() for k in client.scan_iter(f"{names.key_prefix}:*user-flood*")]
     client.close()
@@ -49,5 +49,5 @@ def test_a_flood_from_one_user_keeps_state_and_memory_bounded(stack, names, chec
           f"worker RSS {rss_before:.0f} MiB before the flood, {rss_after:.0f} MiB after")
     assert 0 < state_bytes < 4096
     assert windows and max(windows) <= WINDOW_MAX_EXAMPLES
-    assert len(keys_of_user) == 2  # its state and its one pending prediction, however many events it sent
+    assert len(keys_of_user) == 1  # its profile (state and pending prediction), however many events it sent
     assert rss_after - rss_before < 100, (rss_before, rss_after)

@@ -37,7 +37,7 @@ def test_a_batch_is_built_and_saved_in_the_child_and_a_swap_applies_from_the_nex
         assert (first.predicted, first.dead_letter_reasons, first.labels_resolved) == (2, ["invalid_json"], 1)
         assert {json.loads(value)["model_version"] for topic, _, value, _ in first.messages
                 if topic == names.predictions_topic} == {model.version}
-        assert redis.Redis.from_url(stack.redis_url).exists(f"{names.key_prefix}:user:u1")
+        assert redis.Redis.from_url(stack.redis_url).exists(f"{names.key_prefix}:profile:u1")
 
         builder.swap([w * 0.5 for w in model._weights], "v2")
         builder.submit(batch(3, [dumps(event(2, user="u1"))]), with_quality=True)

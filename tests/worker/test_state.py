@@ -1,4 +1,5 @@
 """StateStore against the real Redis of the dev stack."""
+import json
 import uuid
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import redis
 
 from worker.examples import Example
+from worker.features import UserState
 from worker.settings import RedisSettings
 from worker.state import StateStore, StateWrites
 
@@ -31,11 +33,11 @@ def test_due_deadlines_stay_until_the_batch_that_settles_them_is_saved(store):
     # A worker that dies before saving its batch settles nothing: the next owner finds the same users due.
     assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {"in/0": ["a", "b"]}
     # Settled: a became a negative, b bought again and got a new deadline in the same transaction.
-    store.save(StateWrites(cleared_pendings=["a"], settled_deadlines={"in/0": ["a", "b"]},
+    store.save(StateWrites(cleared_pendings={"a": None}, settled_deadlines={"in/0": ["a", "b"]},
                            pendings={"b": pending("b", 28.0)}, deadlines={"in/0": {"b": 33.0}}))
     assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {}
     assert store.due_deadlines(["in/0", "in/1"], watermark_s=100.0) == {"in/0": ["b"], "in/1": ["c"]}
-    assert set(store.load_pendings(["a", "b", "c"])) == {"b", "c"}
+    assert set(store.load_profiles(["a", "b", "c"])[1]) == {"b", "c"}
 
 
 def test_a_batch_that_requeues_nothing_still_saves(store):
@@ -47,3 +49,24 @@ def test_a_batch_that_requeues_nothing_still_saves(store):
 def test_only_the_partitions_asked_for_are_read(store):
     store.save(StateWrites(deadlines={"in/0": {"a": 1.0}, "in/1": {"b": 1.0}}))
     assert store.due_deadlines(["in/1"], watermark_s=5.0) == {"in/1": ["b"]}
+
+
+def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state(store):
+    state = UserState(purchases=2, last_ts_s=5.0, last_category="books", category_weights={"books": 1.85})
+    store.save(StateWrites(states={"a": state}, pendings={"a": pending("a", 5.0)}))
+    states, pendings = store.load_profiles(["a"])
+    assert states == {"a": state} and pendings["a"].event_id == "e-a"
+    store.save(StateWrites(cleared_pendings={"a": state}))
+    assert store.load_profiles(["a"]) == ({"a": state}, {})
+
+
+def test_users_of_earlier_versions_are_read_from_their_two_keys_until_they_get_a_profile(store, stack):
+    client = redis.Redis.from_url(stack.redis_url)
+    legacy = UserState(purchases=1, last_ts_s=1.0, last_category="toys", category_weights={"toys": 1.0})
+    client.set(f"{store._p}:user:old", json.dumps(legacy.to_json()))
+    client.set(f"{store._p}:pending:old", pending("old", 1.0).encode())
+    claims, states, pendings = store.load(["e-1"], ["old", "new"])
+    assert states == {"old": legacy} and set(pendings) == {"old"} and claims == {}
+    newer = legacy._replace(purchases=2)
+    store.save(StateWrites(states={"old": newer}, pendings={"old": pending("old", 2.0)}))
+    assert store.load(["e-2"], ["old"])[1] == {"old": newer}  # the profile wins over the old keys
