@@ -159,13 +159,12 @@ class StateStore:
         if writes.claims:
             pipe.eval(_SET_MANY, len(writes.claims), *(f"{p}:event:{event_id}" for event_id, _ in writes.claims),
                       self._dedupe_ttl_s, *(claim.encode() for _, claim in writes.claims))
-        profiles = {**writes.cleared_pendings, **writes.states}.items()
-        unstated = [(u, None) for u in writes.pendings if u not in writes.states and u not in writes.cleared_pendings]
-        if profiles or unstated:
+        states = {**writes.cleared_pendings, **writes.states}  # every profile this batch writes, whole
+        states.update({user: None for user in writes.pendings if user not in states})
+        if states:
             pendings = writes.pendings
-            users = [f"{p}:profile:{u}" for u, _ in (*profiles, *unstated)]
-            values = [_profile(state, pendings.get(u)) for u, state in (*profiles, *unstated)]
-            pipe.eval(_SET_MANY, len(users), *users, self._user_state_ttl_s, *values)
+            pipe.eval(_SET_MANY, len(states), *(f"{p}:profile:{user}" for user in states), self._user_state_ttl_s,
+                      *(_profile(state, pendings.get(user)) for user, state in states.items()))
         for partition, users in writes.settled_deadlines.items():  # before the ZADDs: a user may be settled and re-added
             pipe.zrem(f"{p}:deadlines:{partition}", *users)
         for partition, deadlines in writes.deadlines.items():
