@@ -17,8 +17,8 @@ from worker.labels import watermark
 from worker.model import ServingModel
 from worker.parsing import Rejection, parse_event
 from worker.pipeline import (
-    InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, plan_batch, resolved_examples,
-    served_examples,
+    InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, newest_event_times, plan_batch,
+    resolved_examples, served_examples,
 )
 from worker.quality import QualityMonitor
 from worker.settings import Settings
@@ -97,12 +97,7 @@ class BatchBuilder:
         served = served_examples(plan, probabilities, model.version)
         writes.examples = resolved_examples(plan, served)
         writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
-        newest: dict[tuple[str, int], float] = {}
-        for record, event in plan.fresh:
-            partition, ts_s = (record.topic, record.partition), event.ts_s
-            if ts_s > newest.get(partition, float("-inf")):
-                newest[partition] = ts_s
-        writes.newest_by_partition = {f"{topic}/{number}": ts_s for (topic, number), ts_s in newest.items()}
+        writes.newest_by_partition = newest_event_times(plan.fresh)
         if meta.task == "repurchase":
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
             self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)

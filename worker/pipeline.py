@@ -40,8 +40,12 @@ class InputRecord(NamedTuple):
 
     @property
     def partition_ref(self) -> str:
-        """"{topic}/{partition}": how Redis keys the input partition (event-time progress, deadlines)."""
-        return f"{self.topic}/{self.partition}"
+        return partition_ref(self.topic, self.partition)
+
+
+def partition_ref(topic: str, partition: int) -> str:
+    """"{topic}/{partition}": how Redis keys an input partition (event-time progress, deadlines)."""
+    return f"{topic}/{partition}"
 
 
 @dataclass
@@ -175,3 +179,13 @@ def first_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
         key = (record.topic, record.partition)
         offsets[key] = min(offsets.get(key, record.offset), record.offset)
     return offsets
+
+
+def newest_event_times(fresh: list[tuple[InputRecord, PurchaseEvent]]) -> dict[str, float]:
+    """Per input partition (as `partition_ref` names it): the newest event time among these events."""
+    newest: dict[tuple[str, int], float] = {}
+    for record, event in fresh:
+        key, ts_s = (record.topic, record.partition), event.ts_s
+        if ts_s > newest.get(key, float("-inf")):
+            newest[key] = ts_s
+    return {partition_ref(topic, partition): ts_s for (topic, partition), ts_s in newest.items()}

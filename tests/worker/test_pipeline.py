@@ -11,8 +11,8 @@ from worker.model import ModelMeta
 from worker.parsing import Rejection
 from worker.examples import Example
 from worker.pipeline import (
-    InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, next_offsets, plan_batch, resolved_examples,
-    served_examples,
+    InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, newest_event_times, next_offsets,
+    plan_batch, resolved_examples, served_examples,
 )
 from worker.state import EventClaim
 
@@ -113,6 +113,11 @@ def test_next_offsets_is_one_past_the_last_record_per_partition_and_first_offset
     records = [rec(5, 0), rec(9, 1), rec(6, 0), rec(10, 1)]
     assert next_offsets(records) == {("purchases", 0): 7, ("purchases", 1): 11}
     assert first_offsets(records) == {("purchases", 0): 5, ("purchases", 1): 9}
+
+
+def test_newest_event_times_are_per_input_partition_whatever_the_order():
+    fresh = [(rec(5, 0), ev("a", hours=2)), (rec(6, 0), ev("b", hours=1)), (rec(9, 1), ev("c", hours=0))]
+    assert newest_event_times(fresh) == {"purchases/0": fresh[0][1].ts_s, "purchases/1": fresh[2][1].ts_s}
 
 
 REPURCHASE = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7.0, sha256="0" * 64, extra={})
