@@ -158,29 +158,32 @@ class ServingLoop:
             log.warning("the batch in flight is left to the partitions' next owner (%s: %s)", type(error).__name__, error)
 
     def _build_through_outage(self, batch: list[InputRecord], error: Exception, stop: threading.Event | None) -> Built:
+        def rebuild() -> Built:
+            self._builder.submit(batch)
+            return self._builder.collect()
+
+        return self._retry_through_outage(rebuild, error, REDIS_OUTAGE_ERRORS, stop)
+
+    def _produce_through_outage(self, batch: list[InputRecord], built: Built, stop: threading.Event | None) -> None:
+        try:
+            self._commit(batch, built)
+        except KAFKA_OUTAGE_ERRORS as error:
+            self._retry_through_outage(lambda: self._commit(batch, built), error, KAFKA_OUTAGE_ERRORS, stop)
+
+    def _retry_through_outage(self, attempt, error: Exception, outage_errors: tuple, stop: threading.Event | None):
+        """After `error`, wait the outage out (paused, with backoff) and call `attempt` again until it returns,
+        or until `stop` is set (or there is no `stop`: inside a rebalance), when the last error is raised and
+        the uncommitted batch is replayed by the next owner."""
         retry_in_s = OUTAGE_FIRST_RETRY_S
         while True:
             if stop is None or stop.is_set():
-                raise error  # stopping: the uncommitted batch is replayed by the next owner
+                raise error
             self._wait_out(error, retry_in_s, stop)
             retry_in_s = min(2 * retry_in_s, OUTAGE_MAX_RETRY_S)
-            self._builder.submit(batch)
             try:
-                return self._builder.collect()
-            except REDIS_OUTAGE_ERRORS as again:
+                return attempt()
+            except outage_errors as again:
                 error = again
-
-    def _produce_through_outage(self, batch: list[InputRecord], built: Built, stop: threading.Event | None) -> None:
-        retry_in_s = OUTAGE_FIRST_RETRY_S
-        while True:
-            try:
-                self._commit(batch, built)
-                return
-            except KAFKA_OUTAGE_ERRORS as error:
-                if stop is None or stop.is_set():
-                    raise  # stopping: the uncommitted batch is replayed by the next owner
-                self._wait_out(error, retry_in_s, stop)
-                retry_in_s = min(2 * retry_in_s, OUTAGE_MAX_RETRY_S)
 
     def _resume_after_outage(self) -> None:
         if self._outage_since is not None:
@@ -214,8 +217,7 @@ class ServingLoop:
         while time.monotonic() < until and not (stop is not None and stop.is_set()):
             self._consumer.pause_all()
             slice_ms = max(1, int(min(1.0, until - time.monotonic()) * 1000))
-            for tp, first in _by_partition(first_offsets(self._consumer.poll(slice_ms))).items():
-                self._consumer.seek(tp, first)
+            self._rewind(self._consumer.poll(slice_ms))
             self.last_poll_ok_monotonic = time.monotonic()
         self._consumer.pause_all()
 
