@@ -112,13 +112,14 @@ def _serve(conn: Connection, settings: Settings, windows: WindowPolicy, model: S
             if message[0] == "swap":
                 builder.swap(message[1], message[2])
                 continue
-            _, records, with_quality = message
+            records = [InputRecord(*record) for record in message[1]]
             try:
-                reply = ("built", builder.build([InputRecord(*record) for record in records], with_quality))
+                reply = ("built", builder.build(records, message[2]))
             except REDIS_OUTAGE_ERRORS as error:
                 reply = ("outage", error)
-            except Exception:
-                reply = ("failed", traceback.format_exc())
+            except Exception:  # a bug: say which records, so that they can be looked at
+                reply = ("failed", f"batch of {len(records)} records from {records[0].ref} to {records[-1].ref}:\n"
+                                   f"{traceback.format_exc()}")
             conn.send(reply)
     finally:
         client.close()

@@ -69,3 +69,13 @@ def test_a_dead_builder_is_reported_not_waited_for(stack, names, model):
             builder.collect()
     finally:
         builder.close()
+
+
+def test_a_bug_in_the_child_is_reported_with_the_records_it_was_building(stack, names, model):
+    builder = open_builder(stack, names, model)
+    try:
+        builder.submit([InputRecord("purchases", 2, 40, 1_000, b"user", 12345)])  # a value no client would hand over
+        with pytest.raises(BuilderFailed, match=r"(?s)batch of 1 records from purchases/2/40 to purchases/2/40:\n.*TypeError"):
+            builder.collect()
+    finally:
+        builder.close()
