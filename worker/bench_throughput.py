@@ -33,7 +33,6 @@ from worker.builder import BuilderProcess
 from worker.model import ServingModel
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
-from worker.state import WindowPolicy
 from worker.watch import metric_totals
 
 
@@ -243,8 +242,7 @@ def measure_swap(settings: Settings, checkpoint: Path, swaps: int = 200) -> dict
     them beforehand, off the serving path; the builder applies them between two batches)."""
     model = ServingModel.from_checkpoint(checkpoint)
     versions = [[w * (1.0 + 0.01 * i) for w in model.keras_model.get_weights()] for i in range(2)]
-    builder = BuilderProcess(settings, WindowPolicy(settings.training.window_s, settings.training.window_max_examples),
-                             model)
+    builder = BuilderProcess(settings, model)
     durations = []
     try:
         for i in range(swaps):

@@ -33,11 +33,11 @@ class BuilderFailed(RuntimeError):
 
 
 class BuilderProcess:
-    def __init__(self, settings: Settings, windows: WindowPolicy, model: ServingModel):
+    def __init__(self, settings: Settings, model: ServingModel):
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads (Kafka, TensorFlow)
         self._conn, child_end = context.Pipe()
         self._process = context.Process(target=_serve, name="streamadapt-builder",
-                                        args=(child_end, settings, windows, model, logging.getLogger().level))
+                                        args=(child_end, settings, model, logging.getLogger().level))
         self._process.start()
         child_end.close()
         self.in_flight = False
@@ -90,7 +90,7 @@ class BuilderProcess:
         self._conn.close()
 
 
-def _serve(conn: Connection, settings: Settings, windows: WindowPolicy, model: ServingModel, log_level: int) -> None:
+def _serve(conn: Connection, settings: Settings, model: ServingModel, log_level: int) -> None:
     """The builder process's main: build what the serving loop submits until it says stop or goes away."""
     from worker.cli import LOG_FORMAT
 
@@ -98,7 +98,7 @@ def _serve(conn: Connection, settings: Settings, windows: WindowPolicy, model: S
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     client = connect(settings.redis)
-    builder = BatchBuilder(settings, StateStore(client, settings.redis, windows), model)
+    builder = BatchBuilder(settings, StateStore(client, settings.redis, WindowPolicy.of(settings.training)), model)
     gc.freeze()  # as in the serving process: what exists now lives as long as the process
     gc.set_threshold(50_000)
     try:

@@ -57,8 +57,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             stack.enter_context(_stop_on_signals(stop))
         metrics = WorkerMetrics()
         redis_client = stack.enter_context(closing(connect(settings.redis)))
-        windows = WindowPolicy(settings.training.window_s, settings.training.window_max_examples)
-        store = StateStore(redis_client, settings.redis, windows)
+        store = StateStore(redis_client, settings.redis, WindowPolicy.of(settings.training))
         registry = Registry(redis_client, settings.redis.key_prefix, settings.model_name)
         ready = _Readiness(store)
         server = stack.enter_context(HealthServer(metrics, settings.metrics.host, settings.metrics.port, ready))
@@ -98,7 +97,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 stack.enter_context(_trainer_child(settings, server.port, stop))
         else:
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
-        builder = BuilderProcess(settings, windows, model)
+        builder = BuilderProcess(settings, model)
         stack.callback(builder.close)
         metrics.follow_builder(builder.pid)
         loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower)

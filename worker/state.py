@@ -26,7 +26,7 @@ from pydantic_core import from_json, to_json
 
 from worker.examples import Example, window_start
 from worker.features import UserState
-from worker.settings import RedisSettings
+from worker.settings import RedisSettings, TrainingSettings
 
 # SET with a TTL for many keys in one command: KEYS are the keys, ARGV[1] the TTL in seconds and
 # ARGV[i + 1] the value of KEYS[i]. One command instead of one per key is what makes the batch write cheap.
@@ -73,6 +73,10 @@ class StateWrites:
 class WindowPolicy:
     window_s: int
     max_examples: int
+
+    @classmethod
+    def of(cls, training: TrainingSettings) -> WindowPolicy:
+        return cls(training.window_s, training.window_max_examples)
 
 
 def connect(settings: RedisSettings) -> redis.Redis:

@@ -10,9 +10,6 @@ from worker.builder import BuilderFailed, BuilderProcess
 from worker.model import ServingModel
 from worker.pipeline import InputRecord
 from worker.settings import load_settings
-from worker.state import WindowPolicy
-
-WINDOWS = WindowPolicy(window_s=3600, max_examples=1000)
 
 
 def batch(first_offset: int, bodies: list[bytes]) -> list[InputRecord]:
@@ -26,7 +23,7 @@ def model(checkpoint) -> ServingModel:
 
 def open_builder(stack, names, model, redis_url=None) -> BuilderProcess:
     settings = load_settings({**names.env(stack), **({"STREAMADAPT_REDIS_URL": redis_url} if redis_url else {})})
-    return BuilderProcess(settings, WINDOWS, model)
+    return BuilderProcess(settings, model)
 
 
 def test_a_batch_is_built_and_saved_in_the_child_and_a_swap_applies_from_the_next_batch(stack, names, model):
