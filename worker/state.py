@@ -227,4 +227,4 @@ class StateStore:
 def _profile(state: UserState | None, pending: Example | None) -> bytes:
     """A profile's value: the state's JSON (null when unknown), a newline, the pending prediction if any."""
     state_json = b"null" if state is None else to_json(state.to_json())
-    return state_json + b"\n" + pending.encode() if pending is not None else state_json + b"\n"
+    return state_json + b"\n" + (b"" if pending is None else pending.encode())
