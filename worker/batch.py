@@ -1,15 +1,17 @@
-"""One batch of input records -> the records to produce, after its Redis transaction.
+"""One batch of input records -> the records to produce, and what the batch writes to Redis.
 
-`BatchBuilder.build` validates, dedupes, computes features, predicts, joins labels and writes everything the
-batch changed to Redis in one MULTI/EXEC; then it scores the labels the batch resolved (prequential quality
-and drift). It runs in the builder process (worker.builder), beside the serving loop that produces its
-outputs and commits its offsets. The pure logic is in worker.pipeline.
+`BatchBuilder.build` validates, dedupes, computes features, predicts and joins labels, reading Redis;
+`BatchBuilder.save` writes everything the batch changed in one MULTI/EXEC, then scores the labels the batch
+resolved (prequential quality and drift). They run in the builder process (worker.builder), beside the
+serving loop that produces the outputs and commits the offsets. The pure logic is in worker.pipeline.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import redis
 
@@ -33,8 +35,8 @@ REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptio
 
 @dataclass
 class Built:
-    """A built batch: the records to produce as (topic, key, value, input timestamp ms), all of whose Redis
-    writes are done; and what it amounts to, for the metrics once the batch is committed."""
+    """A built batch: the records to produce as (topic, key, value, input timestamp ms); and what it amounts
+    to, for the metrics once the batch is committed (the last three filled in by `BatchBuilder.save`)."""
 
     messages: list[Message]
     dead_letter_reasons: list[str] = field(default_factory=list)
@@ -44,6 +46,13 @@ class Built:
     labels_resolved: int = 0
     drift_alarms: int = 0
     quality: dict[str, dict[str, float]] | None = None  # rolling quality per version, when asked for
+
+
+class Unsaved(NamedTuple):
+    """The writes of the batch before, while its transaction may still be on its way to Redis."""
+
+    writes: StateWrites
+    landed: Future  # done once the transaction went through or failed
 
 
 class BatchBuilder:
@@ -58,18 +67,10 @@ class BatchBuilder:
     def swap(self, weights, version: str) -> None:
         self._model.swap(weights, version)
 
-    def build(self, records: list[InputRecord], with_quality: bool = False) -> Built:
-        """Build the batch and apply its Redis writes. Redis errors propagate (the batch is then built again:
-        a transaction that did apply makes the second build a replay, with the same predictions)."""
-        built, writes = self._outputs(records)
-        self._store.save(writes)
-        built.labels_resolved = len(writes.examples)
-        built.drift_alarms = self._score(writes)
-        if with_quality:
-            built.quality = self._quality.snapshot()
-        return built
-
-    def _outputs(self, records: list[InputRecord]) -> tuple[Built, StateWrites]:
+    def build(self, records: list[InputRecord], unsaved: Unsaved | None = None) -> tuple[Built, StateWrites]:
+        """The batch's outputs and the Redis writes that must land before they are sent. It reads Redis as
+        the writes in `unsaved` leave it (they win over what Redis holds until they land); Redis errors
+        propagate."""
         s = self._settings
         now = self._clock()
         valid, messages, reasons = [], [], []
@@ -82,7 +83,8 @@ class BatchBuilder:
                 reasons.append(parsed.reason.value)
             else:
                 valid.append((record, parsed))
-        claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}))
+        claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
+                                                    unsaved=unsaved and unsaved.writes)
         model, meta = self._model, self._model.meta
         plan = plan_batch(valid, claims, states, pendings, meta)
         probabilities = model.predict_many(plan.features)
@@ -100,14 +102,28 @@ class BatchBuilder:
         writes.newest_by_partition = newest_event_times(plan.fresh)
         if meta.task == "repurchase":
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
-            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
+            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0, unsaved)
         built = Built(messages, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
                       predicted=len(predictions) + len(plan.replays))
         return built, writes
 
-    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
+    def save(self, built: Built, writes: StateWrites, with_quality: bool = False) -> Built:
+        """Apply the batch's writes in one transaction, then score the labels it resolved (they are in Redis
+        now, so each is scored once). Redis errors propagate: the batch is then built again, and a
+        transaction that did land makes that second build a replay, with the same predictions."""
+        self._store.save(writes)
+        built.labels_resolved = len(writes.examples)
+        built.drift_alarms = self._score(writes)
+        if with_quality:
+            built.quality = self._quality.snapshot()
+        return built
+
+    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float,
+                           unsaved: Unsaved | None) -> None:
         """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
-        on the input partitions of this batch."""
+        on the input partitions of this batch. The deadline index is read once the batch before has landed."""
+        if unsaved is not None:
+            wait([unsaved.landed])
         horizon_s = horizon_days * 86400.0
         for user, pending in writes.pendings.items():
             writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
@@ -128,8 +144,8 @@ class BatchBuilder:
                 writes.deadlines.setdefault(partition, {}).update(requeue)
 
     def _score(self, writes: StateWrites) -> int:
-        """Prequential scores of the labels this batch resolved (they are in Redis now, so each is scored
-        once); on a drift alarm, ask the trainer for a fine-tune. Returns the number of alarms."""
+        """Prequential scores of the labels this batch resolved; on a drift alarm, ask the trainer for a
+        fine-tune. Returns the number of alarms."""
         alarms = 0
         for example in writes.examples:
             alarms += self._quality.observe(example.model_version, example.probabilities, example.label)

@@ -2,8 +2,13 @@
 
 Python runs one thread of Python at a time, and a worker spends about as much of it in the Kafka client as in
 building batches. With the building in a process of its own, building batch N+1 overlaps producing batch N,
-so a worker uses two cores. The serving loop hands a batch over with `submit` and takes it back with
-`collect`, one batch in flight at a time.
+so a worker uses two cores. The serving loop hands batches over with `submit`, several at a time, and takes
+each back with `collect`, in order.
+
+In the builder, a batch's Redis transaction is applied on a thread of its own while the next batch is built,
+reading the writes still on their way as Redis will hold them; the batch's reply goes back once its
+transaction has landed. A batch built on top of one whose transaction failed is never saved: it comes back as
+the same error, and the serving loop reads both again.
 
 A Redis error in the builder comes back from `collect` as the same exception: the loop waits the outage out
 and submits the batch again. Any other error, or the builder's death, ends the worker, as a bug in-process
@@ -15,11 +20,14 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import queue
 import signal
+import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
-from worker.batch import REDIS_OUTAGE_ERRORS, BatchBuilder, Built
+from worker.batch import REDIS_OUTAGE_ERRORS, BatchBuilder, Built, Unsaved
 from worker.model import ServingModel
 from worker.pipeline import InputRecord
 from worker.settings import Settings
@@ -40,7 +48,7 @@ class BuilderProcess:
                                         args=(child_end, settings, model, logging.getLogger().level))
         self._process.start()
         child_end.close()
-        self.in_flight = False
+        self.in_flight = 0  # batches submitted and not yet collected
         log.info("batch builder process started (pid %d)", self._process.pid)
 
     @property
@@ -48,22 +56,29 @@ class BuilderProcess:
         return self._process.pid
 
     def submit(self, records: list[InputRecord], with_quality: bool = False) -> None:
-        if self.in_flight:
-            raise RuntimeError("the builder already has a batch in flight")
+        """Hand a batch over. With batches already in flight, this one is built on top of them: while their
+        transactions land, and only saved if they do."""
         try:
-            self._conn.send(("build", [tuple(record) for record in records], with_quality))
+            self._conn.send(("build", [tuple(record) for record in records], with_quality, self.in_flight > 0))
         except OSError as error:
             raise self._died() from error
-        self.in_flight = True
+        self.in_flight += 1
+
+    def ready(self) -> bool:
+        """Whether `collect` would return without waiting."""
+        return self.in_flight > 0 and self._conn.poll(0)
 
     def collect(self) -> Built:
-        """The batch in flight, built and saved to Redis; raises the Redis error that stopped it."""
+        """The oldest batch in flight, built and saved to Redis; raises the Redis error that stopped it, or
+        that stopped the batch it was built on."""
+        if not self.in_flight:
+            raise RuntimeError("no batch in flight")
         try:
             kind, payload = self._conn.recv()
         except (EOFError, OSError) as error:
             raise self._died() from error
         finally:
-            self.in_flight = False
+            self.in_flight -= 1
         if kind == "built":
             return payload
         if kind == "outage":
@@ -98,28 +113,100 @@ def _serve(conn: Connection, settings: Settings, model: ServingModel, log_level:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     client = connect(settings.redis)
-    builder = BatchBuilder(settings, StateStore(client, settings.redis, WindowPolicy.of(settings.training)), model)
+    builds = _Builds(conn, BatchBuilder(settings, StateStore(client, settings.redis, WindowPolicy.of(settings.training)), model))
+    inbox = _inbox(conn)
     gc.freeze()  # as in the serving process: what exists now lives as long as the process
     gc.set_threshold(50_000)
     try:
         while True:
-            try:
-                message = conn.recv()
-            except EOFError:
+            message = inbox.get()
+            if message is None:
                 return  # the worker is gone
             if message[0] == "stop":
+                builds.settle()
                 return
             if message[0] == "swap":
-                builder.swap(message[1], message[2])
-                continue
-            records = [InputRecord(*record) for record in message[1]]
-            try:
-                reply = ("built", builder.build(records, message[2]))
-            except REDIS_OUTAGE_ERRORS as error:
-                reply = ("outage", error)
-            except Exception:  # a bug: say which records, so that they can be looked at
-                reply = ("failed", f"batch of {len(records)} records from {records[0].ref} to {records[-1].ref}:\n"
-                                   f"{traceback.format_exc()}")
-            conn.send(reply)
+                builds.builder.swap(message[1], message[2])
+            else:
+                builds.build([InputRecord(*record) for record in message[1]], with_quality=message[2], on_top=message[3])
     finally:
+        builds.close()
         client.close()
+
+
+def _inbox(conn: Connection) -> queue.SimpleQueue:
+    """What the serving loop sends, read from the pipe as it comes. The serving loop can then always hand a
+    batch over, even while this process waits for it to take a reply back (else each would wait for the other
+    once both directions of the pipe are full). None once the pipe is closed."""
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                inbox.put(None)
+                return
+            inbox.put(message)
+            if message[0] == "stop":
+                return
+
+    threading.Thread(target=read, name="pipe-reader", daemon=True).start()
+    return inbox
+
+
+class _Builds:
+    """Builds batches in order, each one's transaction on the saving thread while the next is built; every
+    batch gets one reply, sent once its transaction has landed or failed. Replies go out in order: this
+    thread sends only once the saving thread is done with the batch before."""
+
+    def __init__(self, conn: Connection, builder: BatchBuilder):
+        self._conn = conn
+        self.builder = builder
+        self._saving = ThreadPoolExecutor(1, thread_name_prefix="redis-save")
+        self._last: Unsaved | None = None  # the last batch handed to the saving thread, until settled
+        self._failure: Exception | None = None  # what stopped the last batch; None if it went through
+
+    def build(self, records: list[InputRecord], with_quality: bool, on_top: bool) -> None:
+        writes = failure = None
+        try:
+            built, writes = self.builder.build(records, self._last if on_top else None)
+        except REDIS_OUTAGE_ERRORS as error:
+            reply, failure = ("outage", error), error
+        except Exception as error:  # a bug: say which records, so that they can be looked at
+            reply, failure = ("failed", f"batch of {len(records)} records from {records[0].ref} to {records[-1].ref}:\n"
+                                        f"{traceback.format_exc()}"), error
+        below = self.settle()
+        if on_top and below is not None:  # built on writes that did not land: read again, after the batch below
+            reply, writes, failure = ("outage", below), None, below
+        if writes is None:
+            self._failure = failure
+            self._send(reply)
+        else:
+            self._last = Unsaved(writes, self._saving.submit(self._save, built, writes, with_quality))
+
+    def settle(self) -> Exception | None:
+        """Wait until the last batch's reply is sent; the error that stopped it, or None if it went through."""
+        if self._last is not None:
+            self._failure, self._last = self._last.landed.result(), None
+        return self._failure
+
+    def _save(self, built: Built, writes, with_quality: bool) -> Exception | None:
+        """On the saving thread: apply the batch's transaction, then send its reply."""
+        try:
+            reply, failure = ("built", self.builder.save(built, writes, with_quality)), None
+        except REDIS_OUTAGE_ERRORS as error:
+            reply, failure = ("outage", error), error
+        except Exception as error:
+            reply, failure = ("failed", f"the Redis transaction of a batch failed:\n{traceback.format_exc()}"), error
+        self._send(reply)
+        return failure
+
+    def _send(self, reply: tuple) -> None:
+        try:
+            self._conn.send(reply)
+        except OSError:
+            pass  # the worker is gone: the next read of the pipe ends this process
+
+    def close(self) -> None:
+        self._saving.shutdown(wait=True)

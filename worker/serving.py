@@ -1,14 +1,16 @@
 """The serving loop: poll a batch, hand it to the builder process, produce what it built, commit it.
 
-Batches are pipelined one deep: while the builder (worker.builder) validates, predicts and writes Redis for
-batch N+1, this loop produces batch N and commits its offsets. Each batch keeps the order that makes a
-replay safe: its Redis transaction, then its outputs, then its offsets.
+Batches are pipelined: up to three are in the builder (worker.builder) at once, so that while this loop
+produces batch N and commits its offsets, N+1's Redis transaction lands and N+2 is built. Batches are taken
+back in order, and each keeps the order that makes a replay safe: its Redis transaction, then its outputs,
+then its offsets.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import deque
 
 import redis
 from kafka import TopicPartition
@@ -16,7 +18,7 @@ from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTim
 
 from worker import kafka_io
 from worker.batch import REDIS_OUTAGE_ERRORS, Built
-from worker.builder import BuilderProcess
+from worker.builder import BuilderFailed, BuilderProcess
 from worker.hotswap import ModelFollower
 from worker.kafka_io import ServingConsumer, ServingProducer
 from worker.metrics import WorkerMetrics
@@ -39,6 +41,8 @@ class BatchAborted(Exception):
 
 
 GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
+# Batches left in the builder while the loop produces the oldest: one being saved, one being built.
+PIPELINE_DEPTH = 2
 
 
 class ServingLoop:
@@ -57,8 +61,8 @@ class ServingLoop:
         self.last_poll_ok_monotonic: float | None = None
         self._outage_since: float | None = None  # monotonic time the current outage began
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
-        self._in_flight: list[InputRecord] | None = None  # the batch in the builder, not yet committed
-        self._in_flight_since = 0.0  # perf_counter when it was handed over
+        # batches in the builder, oldest first, with the perf_counter when each was handed over
+        self._in_flight: deque[tuple[list[InputRecord], float]] = deque()
         self._quality_due_at = 0.0  # monotonic time the next batch brings back a quality snapshot
         consumer.before_revoke = self._commit_in_flight_before_revoke
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
@@ -70,14 +74,15 @@ class ServingLoop:
         progress = _Progress(self._metrics)
         while not stop.is_set():
             self._maybe_swap()
-            # With a batch in the builder, take only what is already fetched: on a quiet stream, waiting here
-            # would hold the finished batch back.
-            records = self._consumer.poll(0 if self._in_flight is not None else timeout_ms)
+            # With batches in the builder, take only what is already fetched: on a quiet stream, waiting here
+            # would hold the finished ones back.
+            records = self._consumer.poll(0 if self._in_flight else timeout_ms)
             self.last_poll_ok_monotonic = time.monotonic()
-            if self._in_flight is not None:
-                self._commit_in_flight(stop, then_submit=records)
-            elif records:
+            if records:
                 self._submit(records)
+            # Take the oldest back when the pipeline is full or it is ready; on a quiet stream, all of them.
+            while self._in_flight and (len(self._in_flight) > PIPELINE_DEPTH or not records or self._builder.ready()):
+                self._commit_oldest(stop)
             now = time.monotonic()
             if now >= next_lag_at:
                 self._refresh_lag()
@@ -85,7 +90,8 @@ class ServingLoop:
             if now >= next_progress_at:
                 progress.log(now)
                 next_progress_at = now + self._settings.progress_interval_s
-        self._commit_in_flight(stop)
+        while self._in_flight:
+            self._commit_oldest(stop)
         owned = self._consumer.assignment()
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
         if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
@@ -104,58 +110,59 @@ class ServingLoop:
             self._quality_due_at = now + GAUGE_REFRESH_S
         self._metrics.events_consumed.inc(len(records))
         self._builder.submit(records, with_quality)
-        self._in_flight, self._in_flight_since = records, time.perf_counter()
+        self._in_flight.append((records, time.perf_counter()))
 
-    def _commit_in_flight(self, stop: threading.Event | None, then_submit: list[InputRecord] | None = None) -> None:
-        """Take the batch in flight back from the builder, hand `then_submit` over, then produce the first
-        and commit its offsets; so the builder works on the next batch while this one is produced.
+    def _commit_oldest(self, stop: threading.Event | None) -> None:
+        """Take the oldest batch in flight back from the builder, produce it and commit its offsets.
 
         While Redis or Kafka is unavailable the batch is retried with backoff and consumption is paused
         (memory stays at one batch; the group membership is kept), until it goes through or `stop` is set;
-        records polled meanwhile are read again later. Any other error is a bug and propagates."""
-        batch, started = self._in_flight, self._in_flight_since
-        if batch is None:
-            return
-        self._in_flight = None
+        the batches built on top of it, and records polled meanwhile, are read again later. Any other error
+        is a bug and propagates."""
+        batch, started = self._in_flight.popleft()
         try:
             built = self._builder.collect()
         except REDIS_OUTAGE_ERRORS as error:
-            if then_submit:
-                self._rewind(then_submit)
-                then_submit = None
+            self._rewind(self._drop_in_flight())
             built = self._build_through_outage(batch, error, stop)
-        if then_submit:
-            self._submit(then_submit)
+        except BuilderFailed:
+            self._in_flight.clear()  # gone with the builder: their partitions' next owner reads them again
+            raise
         try:
             self._produce_through_outage(batch, built, stop)
         except BatchAborted as aborted:
             log.warning("%s", aborted)
-            rewind = batch
-            if self._in_flight is not None:  # built on top of the aborted batch: read both again
-                rewind = batch + self._in_flight
-                self._in_flight = None
-                try:
-                    self._builder.collect()
-                except REDIS_OUTAGE_ERRORS:
-                    pass
-            self._rewind(rewind)
+            self._rewind(batch + self._drop_in_flight())  # the batches built on the aborted one are read again too
         else:
             self._account(built)
         self._resume_after_outage()
         self._metrics.batch_duration.observe(time.perf_counter() - started)
         self._metrics.batch_size.observe(len(batch))
 
+    def _drop_in_flight(self) -> list[InputRecord]:
+        """Take every batch in flight back unused, because the batch under them is read again; their records."""
+        records = []
+        while self._in_flight:
+            records += self._in_flight.popleft()[0]
+            try:
+                self._builder.collect()
+            except REDIS_OUTAGE_ERRORS:
+                pass  # what the builder answers for a batch built on a failed one
+        return records
+
     def _commit_in_flight_before_revoke(self) -> None:
         """Called by the consumer before a rebalance takes partitions away (on kafka-python, from its network
-        thread while `poll` waits): the batch in flight is produced and its offsets committed now, while the
-        partitions are still ours, so that their next owner neither reads it again nor reads Redis before
-        its writes. During an outage it is left to the next owner, which replays it."""
-        if self._in_flight is None or self.paused:
+        thread while `poll` waits): the batches in flight are produced and their offsets committed now, while
+        the partitions are still ours, so that their next owner neither reads them again nor reads Redis
+        before their writes. During an outage they are left to the next owner, which replays them."""
+        if self.paused:
             return
         try:
-            self._commit_in_flight(None)
+            while self._in_flight:
+                self._commit_oldest(None)
         except (*REDIS_OUTAGE_ERRORS, *KAFKA_OUTAGE_ERRORS) as error:
-            log.warning("the batch in flight is left to the partitions' next owner (%s: %s)", type(error).__name__, error)
+            log.warning("the batches in flight are left to the partitions' next owner (%s: %s)", type(error).__name__, error)
+            self._drop_in_flight()
 
     def _build_through_outage(self, batch: list[InputRecord], error: Exception, stop: threading.Event | None) -> Built:
         def rebuild() -> Built:

@@ -68,6 +68,13 @@ class StateWrites:
     examples: list[Example] = field(default_factory=list)
     newest_by_partition: dict[str, float] = field(default_factory=dict)  # "{topic}/{partition}" -> event time
 
+    def profiles(self) -> dict[str, tuple[UserState | None, Example | None]]:
+        """Every profile the batch writes, whole: user -> (state, pending prediction)."""
+        states = {**self.cleared_pendings, **self.states}
+        states.update({user: None for user in self.pendings if user not in states})
+        pendings = self.pendings
+        return {user: (state, pendings.get(user)) for user, state in states.items()}
+
 
 @dataclass(frozen=True)
 class WindowPolicy:
@@ -100,10 +107,11 @@ class StateStore:
     def ping(self) -> bool:
         return bool(self._client.ping())
 
-    def load(self, event_ids: list[str], user_ids: list[str]
+    def load(self, event_ids: list[str], user_ids: list[str], unsaved: StateWrites | None = None
              ) -> tuple[dict[str, EventClaim], dict[str, UserState], dict[str, Example]]:
         """Existing claims for these events, and states and pending predictions of these users: one round trip
-        (and one more for users without a profile, to read the keys of earlier versions)."""
+        (and one more for users without a profile, to read the keys of earlier versions). `unsaved`: writes
+        that may not have landed yet, read as if they had (a batch built while the one before is saved)."""
         if not event_ids:
             return {}, {}, {}
         pipe = self._client.pipeline(transaction=False)
@@ -111,7 +119,13 @@ class StateStore:
         pipe.mget([f"{self._p}:profile:{u}" for u in user_ids])
         claims_raw, profiles_raw = pipe.execute()
         claims = {e: EventClaim.decode(raw) for e, raw in zip(event_ids, claims_raw) if raw is not None}
-        return (claims, *self._profiles(user_ids, profiles_raw))
+        states, pendings = self._profiles(user_ids, profiles_raw)
+        if unsaved is not None:  # the batch reads only its own events and users: the rest does no harm
+            claims.update(unsaved.claims)
+            for user, (state, pending) in unsaved.profiles().items():
+                _put(states, user, state)
+                _put(pendings, user, pending)
+        return claims, states, pendings
 
     def load_profiles(self, user_ids: list[str]) -> tuple[dict[str, UserState], dict[str, Example]]:
         """States and pending predictions of these users."""
@@ -163,12 +177,10 @@ class StateStore:
         if writes.claims:
             pipe.eval(_SET_MANY, len(writes.claims), *(f"{p}:event:{event_id}" for event_id, _ in writes.claims),
                       self._dedupe_ttl_s, *(claim.encode() for _, claim in writes.claims))
-        states = {**writes.cleared_pendings, **writes.states}  # every profile this batch writes, whole
-        states.update({user: None for user in writes.pendings if user not in states})
-        if states:
-            pendings = writes.pendings
-            pipe.eval(_SET_MANY, len(states), *(f"{p}:profile:{user}" for user in states), self._user_state_ttl_s,
-                      *(_profile(state, pendings.get(user)) for user, state in states.items()))
+        profiles = writes.profiles()
+        if profiles:
+            pipe.eval(_SET_MANY, len(profiles), *(f"{p}:profile:{user}" for user in profiles), self._user_state_ttl_s,
+                      *(_profile(state, pending) for state, pending in profiles.values()))
         for partition, users in writes.settled_deadlines.items():  # before the ZADDs: a user may be settled and re-added
             pipe.zrem(f"{p}:deadlines:{partition}", *users)
         for partition, deadlines in writes.deadlines.items():
@@ -222,6 +234,14 @@ class StateStore:
         if starts:
             self._client.delete(*[f"{self._p}:window:{s}" for s in starts])
             self._client.zrem(f"{self._p}:windows", *[str(s) for s in starts])
+
+
+def _put(values: dict, key: str, value) -> None:
+    """values[key] = value, or no entry when value is None."""
+    if value is None:
+        values.pop(key, None)
+    else:
+        values[key] = value
 
 
 def _profile(state: UserState | None, pending: Example | None) -> bytes:

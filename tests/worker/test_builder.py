@@ -1,12 +1,15 @@
-"""The builder process, for real: a child process that builds batches against Redis, swaps weights between
-batches, hands Redis errors back to the loop, and is reported when it dies."""
+"""The builder process, for real: a child process that builds batches against Redis, builds a batch on top of
+one whose transaction is still landing, swaps weights between batches, hands Redis errors back to the loop,
+and is reported when it dies. Its reply protocol (`_Builds`) is also run in-process with a failing save."""
 import json
+import threading
 
 import pytest
 import redis
 
 from tests.integration.conftest import dumps, event
-from worker.builder import BuilderFailed, BuilderProcess
+from worker.batch import Built
+from worker.builder import BuilderFailed, BuilderProcess, _Builds
 from worker.model import ServingModel
 from worker.pipeline import InputRecord
 from worker.settings import load_settings
@@ -45,6 +48,36 @@ def test_a_batch_is_built_and_saved_in_the_child_and_a_swap_applies_from_the_nex
         builder.close()
 
 
+def test_a_batch_built_on_top_of_another_reads_what_that_one_writes(stack, names, model):
+    builder = open_builder(stack, names, model)
+    try:
+        builder.submit(batch(0, [dumps(event(0, user="u1"))]))
+        builder.submit(batch(1, [dumps(event(1, user="u1")), dumps(event(0, user="u1"))]))  # a duplicate of ev-0
+        assert builder.in_flight == 2
+        first, second = builder.collect(), builder.collect()
+        assert (first.predicted, first.labels_resolved) == (1, 0)
+        # whether or not the first transaction had landed when the second batch was read, the second sees
+        # u1's pending prediction (its purchase resolves it) and the claim of ev-0
+        assert (second.predicted, second.labels_resolved, second.duplicates) == (1, 1, 1)
+        profile = redis.Redis.from_url(stack.redis_url).get(f"{names.key_prefix}:profile:u1")
+        assert json.loads(profile.partition(b"\n")[0])[0] == 2  # purchases: both events are in the state
+    finally:
+        builder.close()
+
+
+@pytest.mark.timeout(120)
+def test_batches_larger_than_the_pipe_can_be_handed_over_while_replies_wait(stack, names, model):
+    # each way, a batch or its reply outgrows what the pipe holds: handing the third batch over must not wait
+    # for the builder to send a reply the loop has not asked for yet
+    builder = open_builder(stack, names, model)
+    try:
+        for first in (0, 1_000, 2_000):
+            builder.submit(batch(first, [dumps(event(i, item_id="x" * 200)) for i in range(first, first + 1_000)]))
+        assert [builder.collect().predicted for _ in range(3)] == [1_000, 1_000, 1_000]
+    finally:
+        builder.close()
+
+
 def test_a_redis_error_in_the_child_comes_back_as_the_same_error(stack, names, model):
     builder = open_builder(stack, names, model, redis_url="redis://127.0.0.1:1/0")
     try:
@@ -76,3 +109,51 @@ def test_a_bug_in_the_child_is_reported_with_the_records_it_was_building(stack, 
             builder.collect()
     finally:
         builder.close()
+
+
+class FakePipe:
+    def __init__(self):
+        self.sent: list[tuple] = []
+
+    def send(self, reply):
+        self.sent.append(reply)
+
+
+class SlowlyFailingSaves:
+    """A BatchBuilder whose first transaction fails only once the next batch is being built."""
+
+    def __init__(self):
+        self.unsaved_seen, self.saved, self.failed_once = [], [], False
+        self.second_built = threading.Event()
+
+    def build(self, records, unsaved=None):
+        self.unsaved_seen.append(unsaved is not None)
+        if len(self.unsaved_seen) == 2:
+            self.second_built.set()
+        return Built([("out", None, b"{}", None)], predicted=len(records)), f"writes of {records[0].offset}"
+
+    def save(self, built, writes, with_quality=False):
+        if not self.saved and not self.failed_once:
+            self.failed_once = True
+            self.second_built.wait(5)
+            raise redis.ConnectionError("Redis went away during EXEC")
+        self.saved.append(writes)
+        return built
+
+
+def test_a_batch_built_on_top_of_a_failed_transaction_is_not_saved_and_fails_alike():
+    pipe, fake = FakePipe(), SlowlyFailingSaves()
+    builds = _Builds(pipe, fake)
+    try:
+        builds.build(batch(0, [b"{}"]), with_quality=False, on_top=False)
+        builds.build(batch(1, [b"{}"]), with_quality=False, on_top=True)
+        assert fake.unsaved_seen == [False, True]  # the second read the first's writes in place of Redis
+        assert [kind for kind, _ in pipe.sent] == ["outage", "outage"]  # in order: the failed one first
+        assert fake.saved == []
+        # the serving loop reads the first batch again, on top of nothing: built and saved as usual
+        builds.build(batch(0, [b"{}"]), with_quality=False, on_top=False)
+        builds.settle()
+        assert [kind for kind, _ in pipe.sent] == ["outage", "outage", "built"]
+        assert fake.saved == ["writes of 0"] and fake.unsaved_seen[-1] is False
+    finally:
+        builds.close()

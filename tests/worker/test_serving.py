@@ -9,6 +9,7 @@ from kafka import TopicPartition
 
 from worker import kafka_io
 from worker.batch import Built
+from worker.builder import BuilderFailed
 from worker.metrics import WorkerMetrics
 from worker.pipeline import InputRecord
 from worker.serving import ServingLoop
@@ -26,22 +27,36 @@ class Log(list):
 
 
 class FakeBuilder:
+    """Batches come back in order; like the real builder, a batch built on top of one that failed fails too."""
+
     def __init__(self, log: Log, failures: list[Exception] | None = None):
-        self.log, self.failures, self.in_flight = log, list(failures or []), False
-        self._batch = None
+        self.log, self.failures = log, list(failures or [])
+        self.queue: list[tuple[list[InputRecord], bool]] = []  # (batch, built on top of the one before)
+        self._failed: Exception | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue)
 
     def submit(self, batch, with_quality=False):
-        assert not self.in_flight
-        self.in_flight, self._batch = True, batch
+        assert len(self.queue) <= 2  # one in the loop's hands, one saved, one built
+        self.queue.append((batch, bool(self.queue)))
         self.log.append(("submit", batch[0].offset))
 
     def collect(self) -> Built:
-        assert self.in_flight
-        self.in_flight = False
-        self.log.append(("collect", self._batch[0].offset))
+        batch, on_top = self.queue.pop(0)
+        self.log.append(("collect", batch[0].offset))
+        failed, self._failed = self._failed, None
+        if on_top and failed is not None:
+            self._failed = failed
+            raise failed
         if self.failures:
-            raise self.failures.pop(0)
-        return Built([("out", b"k", b"{}", None)] * len(self._batch), predicted=len(self._batch))
+            self._failed = self.failures.pop(0)
+            raise self._failed
+        return Built([("out", b"k", b"{}", None)] * len(batch), predicted=len(batch))
+
+    def ready(self):
+        return False  # taken back only when the pipeline is full or the stream is quiet
 
     def swap(self, weights, version):
         self.log.append(("swap", version))
@@ -122,24 +137,25 @@ def quick_outage_retries(monkeypatch):
     monkeypatch.setattr("worker.serving.OUTAGE_FIRST_RETRY_S", 0.01)
 
 
-def test_the_next_batch_is_handed_to_the_builder_before_the_previous_one_is_produced():
+def test_batches_are_handed_to_the_builder_before_the_ones_before_them_are_taken_back():
     log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4), records(1, 5)], stop=stop)
     make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)
-    assert log[:9] == [("submit", 10), ("collect", 10), ("submit", 12), ("send", 2),
-                       ("collect", 12), ("submit", 4), ("send", 1), ("collect", 4), ("send", 1)]
-    assert consumer.committed == {P0: 13, P1: 5}
-    assert log[-1] == ("commit", {P0: 13, P1: 5})  # a clean stop confirms the last offsets synchronously
+    # three in the builder, then the oldest is produced; on a quiet stream, all are
+    assert log[:11] == [("submit", 10), ("submit", 12), ("submit", 4), ("collect", 10), ("send", 2),
+                        ("submit", 5), ("collect", 12), ("send", 1), ("collect", 4), ("send", 1), ("collect", 5)]
+    assert consumer.committed == {P0: 13, P1: 6}
+    assert log[-1] == ("commit", {P0: 13, P1: 6})  # a clean stop confirms the last offsets synchronously
 
 
-def test_a_redis_outage_rewinds_what_was_polled_meanwhile_and_builds_the_batch_again():
+def test_a_redis_outage_rewinds_the_batch_built_on_top_and_builds_the_batch_again():
     log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12, 13)], stop=stop)
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12, 13), []], stop=stop)
     builder = FakeBuilder(log, [redis.ConnectionError("Redis is away")])
     loop = make_loop(consumer, FakeProducer(log), builder)
     loop.run(stop)
-    assert log[:7] == [("submit", 10), ("collect", 10), ("seek", 0, 12), ("submit", 10), ("collect", 10),
-                       ("send", 2), ("resume",)]
+    assert log[:9] == [("submit", 10), ("submit", 12), ("collect", 10), ("collect", 12), ("seek", 0, 12),
+                       ("submit", 10), ("collect", 10), ("send", 2), ("resume",)]
     assert consumer.committed[P0] == 12  # 12 and 13 are read again, after the outage
     assert not loop.paused
 
@@ -169,7 +185,7 @@ def test_an_aborted_transaction_rewinds_it_and_the_batch_built_on_it_on_the_part
     make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
     # partition 2 went to another worker: not ours to rewind; 0 goes back to the aborted batch's start
     assert consumer.seeks == {P0: 10, P1: 4}
-    assert [entry[0] for entry in log[:5]] == ["submit", "collect", "submit", "transaction", "collect"]
+    assert [entry[0] for entry in log[:5]] == ["submit", "submit", "collect", "transaction", "collect"]
 
 
 def test_a_fenced_producer_ends_the_loop_with_a_reason():
@@ -180,7 +196,7 @@ def test_a_fenced_producer_ends_the_loop_with_a_reason():
         make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
 
 
-def test_a_rebalance_commits_the_batch_in_flight_before_its_partitions_go():
+def test_a_rebalance_commits_the_batches_in_flight_before_their_partitions_go():
     log, stop = Log(), threading.Event()
 
     def rebalance():
@@ -188,7 +204,19 @@ def test_a_rebalance_commits_the_batch_in_flight_before_its_partitions_go():
         consumer.owned = {P1}
         return records(1, 4)
 
-    consumer = FakeConsumer(log, [records(0, 10, 11), rebalance], stop=stop)
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), rebalance], stop=stop)
     make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)
-    assert log[:5] == [("submit", 10), ("collect", 10), ("send", 2), ("submit", 4), ("collect", 4)]
-    assert consumer.committed[P0] == 12
+    assert log[:8] == [("submit", 10), ("submit", 12), ("collect", 10), ("send", 2), ("collect", 12), ("send", 1),
+                       ("submit", 4), ("collect", 4)]
+    assert consumer.committed[P0] == 13
+
+
+def test_a_dead_builder_ends_the_loop_and_leaves_nothing_in_flight_for_the_revoke_at_close():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10), records(0, 11), records(0, 12)], stop=stop)
+    loop = make_loop(consumer, FakeProducer(log), FakeBuilder(log, [BuilderFailed("the batch builder process died")]))
+    with pytest.raises(BuilderFailed):
+        loop.run(stop)
+    consumer.before_revoke()  # closing the consumer revokes its partitions: nothing is asked of the dead builder
+    assert [entry for entry in log if entry[0] == "collect"] == [("collect", 10)]
+    assert consumer.committed == {}
