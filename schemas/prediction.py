@@ -54,7 +54,14 @@ class PredictionWriter:
     def __call__(self, event_id: str, user_id: str, event_ts: datetime, label: int, score: float,
                  ranked: list[tuple[int, float]] | None = None) -> bytes:
         """`label` and the first of each `ranked` pair index the classes; `ranked` is None for binary tasks."""
-        top = "null" if ranked is None else "[" + ",".join(f"{self._ranked[j]}{p!r}}}" for j, p in ranked) + "]"
+        if ranked is None:
+            top = "null"
+        elif len(ranked) == 3:  # what the worker serves: one format instead of a join over a generator
+            (j0, p0), (j1, p1), (j2, p2) = ranked
+            r = self._ranked
+            top = f"[{r[j0]}{p0!r}}},{r[j1]}{p1!r}}},{r[j2]}{p2!r}}}]"
+        else:
+            top = "[" + ",".join(f"{self._ranked[j]}{p!r}}}" for j, p in ranked) + "]"
         return (f'{{"schema_version":1,"event_id":{_json_string(event_id)},"user_id":{_json_string(user_id)},'
                 f'{self._middle}{self._labels[label]},"score":{score!r},"probabilities":{top},'
                 f'"event_ts":"{iso_datetime(event_ts)}{self._tail}').encode()

@@ -14,19 +14,17 @@ Identifier = Annotated[str, Field(strict=True, min_length=1, max_length=128)]
 
 
 class _EpochSeconds:
-    """`event.ts_s`: the event time in epoch seconds, computed once per `ts` object and then remembered.
-
-    The memo is keyed by the `ts` object itself, so a copy made with a new `ts` never reads a stale
-    value. (functools.cached_property would do, but on Python 3.11 it takes a lock on every first read.)
-    """
+    """`event.ts_s`: the event time in epoch seconds, computed on the first read and kept in the event's
+    `__dict__`, where later reads find it without calling this (it defines no `__set__`, so the instance's
+    value wins). Copies drop it (`PurchaseEvent.__copy__`), so `model_copy(update={"ts": ...})` never reads
+    a stale time. (functools.cached_property would do, but on Python 3.11 it takes a lock on every first
+    read.)"""
 
     def __get__(self, event: PurchaseEvent | None, owner: type | None = None) -> float:
         if event is None:
             return self  # type: ignore[return-value]
-        memo = event.__dict__.get("_ts_s_memo")
-        if memo is None or memo[0] is not event.ts:
-            memo = event.__dict__["_ts_s_memo"] = (event.ts, event.ts.timestamp())
-        return memo[1]
+        ts_s = event.__dict__["ts_s"] = event.ts.timestamp()
+        return ts_s
 
 
 class PurchaseEvent(BaseModel):
@@ -49,6 +47,16 @@ class PurchaseEvent(BaseModel):
     schema_version: Annotated[int, Field(strict=True)] = 1
 
     ts_s = _EpochSeconds()  # ts in epoch seconds, read several times per event by the serving path
+
+    def __copy__(self) -> PurchaseEvent:
+        copied = super().__copy__()
+        copied.__dict__.pop("ts_s", None)  # the copy may get another ts
+        return copied
+
+    def __deepcopy__(self, memo: dict | None = None) -> PurchaseEvent:
+        copied = super().__deepcopy__(memo)
+        copied.__dict__.pop("ts_s", None)
+        return copied
 
     @field_validator("category", "currency", mode="before")
     @classmethod

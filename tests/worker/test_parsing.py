@@ -35,6 +35,15 @@ def test_valid_event_parses_with_defaults_and_ignores_extra_fields():
     assert event.ts == datetime(2026, 6, 1, 8, 0, tzinfo=timezone.utc)
 
 
+def test_ts_s_is_the_event_time_of_the_event_and_of_its_copies_with_another_ts():
+    event = parse(encode())
+    assert event.ts_s == event.ts_s == datetime(2026, 6, 1, 8, 0, tzinfo=timezone.utc).timestamp()
+    later = event.model_copy(update={"ts": event.ts + timedelta(hours=1)})  # after ts_s was read and kept
+    assert later.ts_s - event.ts_s == 3600.0
+    assert event.model_copy(update={"ts": event.ts}, deep=True).ts_s == event.ts_s
+    assert later != event and event == parse(encode())  # the kept value is not a field
+
+
 @pytest.mark.parametrize("raw, reason", [
     (None, RejectReason.EMPTY_PAYLOAD),
     (b"", RejectReason.EMPTY_PAYLOAD),
