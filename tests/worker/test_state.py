@@ -9,7 +9,7 @@ import redis
 from worker.examples import Example
 from worker.features import UserState
 from worker.settings import RedisSettings
-from worker.state import StateStore, StateWrites
+from worker.state import EventClaim, StateStore, StateWrites
 
 
 @pytest.fixture
@@ -58,6 +58,22 @@ def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state
     assert states == {"a": state} and pendings["a"].event_id == "e-a"
     store.save(StateWrites(cleared_pendings={"a": state}))
     assert store.load_profiles(["a"]) == ({"a": state}, {})
+
+
+def test_writes_not_yet_landed_are_read_as_redis_will_hold_them(store):
+    old = UserState(purchases=1, last_ts_s=1.0, last_category="books", category_weights={"books": 1.0})
+    new = UserState(purchases=2, last_ts_s=5.0, last_category="toys", category_weights={"books": 0.85, "toys": 1.0})
+    store.save(StateWrites(states={"a": old, "b": old}, pendings={"a": pending("a", 1.0), "b": pending("b", 1.0)}))
+    unsaved = StateWrites(claims=[("e2", EventClaim("in/0/7", b"{}"))], states={"a": new},
+                          pendings={"a": pending("a2", 5.0)}, cleared_pendings={"b": old})
+    claims, states, pendings = store.load(["e1", "e2"], ["a", "b", "c"], unsaved=unsaved)
+    assert claims == {"e2": EventClaim("in/0/7", b"{}")}
+    assert states == {"a": new, "b": old}
+    assert {user: example.event_id for user, example in pendings.items()} == {"a": "e-a2"}  # b's was cleared
+    store.save(unsaved)  # once landed, Redis says the same
+    landed_claims, landed_states, landed_pendings = store.load(["e1", "e2"], ["a", "b", "c"])
+    assert (landed_claims, landed_states) == (claims, states)
+    assert {user: example.event_id for user, example in landed_pendings.items()} == {"a": "e-a2"}
 
 
 def test_users_of_earlier_versions_are_read_from_their_two_keys_until_they_get_a_profile(store, stack):
