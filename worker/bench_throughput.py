@@ -313,6 +313,20 @@ def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
         client.close()
 
 
+def _redis_housekeeping(settings: Settings) -> dict[str, float]:
+    """What Redis holds, and how often it has rewritten its AOF or saved a snapshot: both fork and write the
+    whole dataset, on the cores the drains are measured on."""
+    from worker.state import connect
+
+    client = connect(settings.redis)
+    try:
+        persistence, memory = client.info("persistence"), client.info("memory")
+        return {"keys": client.dbsize(), "used_memory_mib": memory["used_memory"] / 2**20,
+                "aof_rewrites": persistence.get("aof_rewrites", 0), "rdb_saves": persistence.get("rdb_saves", 0)}
+    finally:
+        client.close()
+
+
 LOAD_SHARES = (0.25, 0.5, 0.75)
 
 
@@ -335,6 +349,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
         write_events(stream, events=events, market="target", seed=99)
         if checkpoint is None:
             checkpoint = _quick_checkpoint(scratch_dir, echo)
+        redis_before = _redis_housekeeping(settings)
         for attempt in range(1, repeat + 1):
             run = uuid.uuid4().hex[:8]
             topics = {"bare": f"bench-bare-{run}", **{client: f"bench-worker-{client}-{run}" for client in clients}}
@@ -349,6 +364,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                                                         scratch_dir / "worker.log")
                 worker_runs[client].append(worker_run)
                 rss[client].append(peak_rss_mib)
+        redis_after = _redis_housekeeping(settings)
         bare = _median(bare_runs)
         workers = {client: _median(runs) for client, runs in worker_runs.items()}
         worker = workers[settings.kafka.client]
@@ -384,6 +400,9 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
               "workers_by_client": by_client,
               "hot_swap": swap,
               "latency": [asdict(r) for r in latencies],
+              "redis": {"keys_at_start": redis_before["keys"], "used_memory_mib_at_start": redis_before["used_memory_mib"],
+                        "aof_rewrites_during_drains": redis_after["aof_rewrites"] - redis_before["aof_rewrites"],
+                        "snapshots_during_drains": redis_after["rdb_saves"] - redis_before["rdb_saves"]},
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     echo(f"{'median of ' + str(repeat) + ' runs':38}{'events':>8}{'seconds':>10}{'events/s':>11}   runs (events/s)")
     for r, runs in [(bare, bare_runs)] + [(workers[c], worker_runs[c]) for c in clients]:
@@ -393,6 +412,12 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
         per_run = " ".join(f"{ratio:.3f}" for ratio in figures["ratio_per_run"])
         echo(f"ratio worker ({client}) / bare kafka-python: {figures['ratio_to_bare']:.3f} (per run: {per_run})"
              f"    worker peak RSS: {figures['peak_rss_mib']:.0f} MiB")
+    housekeeping = result["redis"]
+    if housekeeping["aof_rewrites_during_drains"] or housekeeping["snapshots_during_drains"]:
+        echo(f"note: Redis rewrote its append-only file {housekeeping['aof_rewrites_during_drains']} time(s) and saved "
+             f"{housekeeping['snapshots_during_drains']} snapshot(s) during the drains, with "
+             f"{housekeeping['keys_at_start']} keys ({housekeeping['used_memory_mib_at_start']:.0f} MiB) in it at the "
+             "start: the worker's runs carry that work (a fresh Redis does not)")
     echo(f"hot-swap on the serving thread: median {swap['median_ms']:.3f} ms, p99 {swap['p99_ms']:.3f} ms, "
          f"max {swap['max_ms']:.3f} ms over {swap['swaps']} swaps")
     if latencies:

@@ -25,6 +25,11 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     assert result["worker"]["runs_events_per_s"] == [result["worker"]["events_per_s"]]
     assert result["ratio_per_run"] == [pytest.approx(result["ratio_worker_to_bare"])]
     assert result["hot_swap"]["swaps"] == 200 and 0 < result["hot_swap"]["median_ms"] <= result["hot_swap"]["max_ms"]
+    # what Redis carried besides the drains (a big dataset makes it fork and rewrite its AOF meanwhile)
+    assert set(result["redis"]) == {"keys_at_start", "used_memory_mib_at_start", "aof_rewrites_during_drains",
+                                    "snapshots_during_drains"}
+    assert result["redis"]["used_memory_mib_at_start"] > 0
+    assert all(isinstance(result["redis"][count], int) for count in ("keys_at_start", "aof_rewrites_during_drains"))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert any(line.startswith("ratio worker (kafka-python) / bare kafka-python:") for line in lines)
     # with confluent-kafka installed (the bench extra) the worker also drained on librdkafka
