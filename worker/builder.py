@@ -31,7 +31,7 @@ from worker.batch import REDIS_OUTAGE_ERRORS, BatchBuilder, Built, Unsaved
 from worker.model import ServingModel
 from worker.pipeline import InputRecord
 from worker.settings import Settings
-from worker.state import StateStore, WindowPolicy, connect
+from worker.state import StateStore, StateWrites, WindowPolicy, connect
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class BuilderProcess:
         if kind == "outage":
             raise payload
         raise BuilderFailed(f"the batch builder process failed:\n{payload}")
+
+    def check_alive(self) -> None:
+        """Raise BuilderFailed if the builder process has died."""
+        if not self._process.is_alive():
+            raise self._died()
 
     def _died(self) -> BuilderFailed:
         self._process.join(timeout=5)  # its end of the pipe closes a moment before it can be reaped
@@ -174,8 +179,7 @@ class _Builds:
         except REDIS_OUTAGE_ERRORS as error:
             reply, failure = ("outage", error), error
         except Exception as error:  # a bug: say which records, so that they can be looked at
-            reply, failure = ("failed", f"batch of {len(records)} records from {records[0].ref} to {records[-1].ref}:\n"
-                                        f"{traceback.format_exc()}"), error
+            reply, failure = ("failed", f"{_describe(records)}:\n{traceback.format_exc()}"), error
         below = self.settle()
         if on_top and below is not None:  # built on writes that did not land: read again, after the batch below
             reply, writes, failure = ("outage", below), None, below
@@ -183,7 +187,7 @@ class _Builds:
             self._failure = failure
             self._send(reply)
         else:
-            self._last = Unsaved(writes, self._saving.submit(self._save, built, writes, with_quality))
+            self._last = Unsaved(writes, self._saving.submit(self._save, built, writes, with_quality, records))
 
     def settle(self) -> Exception | None:
         """Wait until the last batch's reply is sent; the error that stopped it, or None if it went through."""
@@ -191,14 +195,14 @@ class _Builds:
             self._failure, self._last = self._last.landed.result(), None
         return self._failure
 
-    def _save(self, built: Built, writes, with_quality: bool) -> Exception | None:
+    def _save(self, built: Built, writes: StateWrites, with_quality: bool, records: list[InputRecord]) -> Exception | None:
         """On the saving thread: apply the batch's transaction, then send its reply."""
         try:
             reply, failure = ("built", self.builder.save(built, writes, with_quality)), None
         except REDIS_OUTAGE_ERRORS as error:
             reply, failure = ("outage", error), error
         except Exception as error:
-            reply, failure = ("failed", f"the Redis transaction of a batch failed:\n{traceback.format_exc()}"), error
+            reply, failure = ("failed", f"saving the {_describe(records)}:\n{traceback.format_exc()}"), error
         self._send(reply)
         return failure
 
@@ -210,3 +214,7 @@ class _Builds:
 
     def close(self) -> None:
         self._saving.shutdown(wait=True)
+
+
+def _describe(records: list[InputRecord]) -> str:
+    return f"batch of {len(records)} records from {records[0].ref} to {records[-1].ref}"

@@ -68,7 +68,14 @@ class ServingLoop:
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
     def run(self, stop: threading.Event) -> None:
-        """Poll and hand over batches until `stop` is set; then commit the batch in flight and stop."""
+        """Poll and hand over batches until `stop` is set; then commit the batches in flight and stop."""
+        try:
+            self._run(stop)
+        except BuilderFailed:
+            self._in_flight.clear()  # gone with the builder: their partitions' next owner reads them again
+            raise
+
+    def _run(self, stop: threading.Event) -> None:
         timeout_ms = self._settings.kafka.poll_timeout_ms
         next_lag_at = next_progress_at = time.monotonic()
         progress = _Progress(self._metrics)
@@ -86,6 +93,7 @@ class ServingLoop:
             now = time.monotonic()
             if now >= next_lag_at:
                 self._refresh_lag()
+                self._builder.check_alive()  # a dead builder ends the worker even on a quiet stream
                 next_lag_at = now + GAUGE_REFRESH_S
             if now >= next_progress_at:
                 progress.log(now)
@@ -116,8 +124,8 @@ class ServingLoop:
         """Take the oldest batch in flight back from the builder, produce it and commit its offsets.
 
         While Redis or Kafka is unavailable the batch is retried with backoff and consumption is paused
-        (memory stays at one batch; the group membership is kept), until it goes through or `stop` is set;
-        the batches built on top of it, and records polled meanwhile, are read again later. Any other error
+        (memory stays at the batches in flight; the group membership is kept), until it goes through or
+        `stop` is set; the batches built on top of it, and records polled meanwhile, are read again later. Any other error
         is a bug and propagates."""
         batch, started = self._in_flight.popleft()
         try:
@@ -125,9 +133,6 @@ class ServingLoop:
         except REDIS_OUTAGE_ERRORS as error:
             self._rewind(self._drop_in_flight())
             built = self._build_through_outage(batch, error, stop)
-        except BuilderFailed:
-            self._in_flight.clear()  # gone with the builder: their partitions' next owner reads them again
-            raise
         try:
             self._produce_through_outage(batch, built, stop)
         except BatchAborted as aborted:
@@ -163,6 +168,9 @@ class ServingLoop:
         except (*REDIS_OUTAGE_ERRORS, *KAFKA_OUTAGE_ERRORS) as error:
             log.warning("the batches in flight are left to the partitions' next owner (%s: %s)", type(error).__name__, error)
             self._drop_in_flight()
+        except BuilderFailed as failure:  # raised here, it would reach the Kafka client, not the worker
+            log.error("the batches in flight are left to the partitions' next owner: %s", failure)
+            self._in_flight.clear()  # the loop meets the dead builder at its next call to it
 
     def _build_through_outage(self, batch: list[InputRecord], error: Exception, stop: threading.Event | None) -> Built:
         def rebuild() -> Built:

@@ -58,6 +58,9 @@ class FakeBuilder:
     def ready(self):
         return False  # taken back only when the pipeline is full or the stream is quiet
 
+    def check_alive(self):
+        pass
+
     def swap(self, weights, version):
         self.log.append(("swap", version))
 
@@ -220,3 +223,22 @@ def test_a_dead_builder_ends_the_loop_and_leaves_nothing_in_flight_for_the_revok
     consumer.before_revoke()  # closing the consumer revokes its partitions: nothing is asked of the dead builder
     assert [entry for entry in log if entry[0] == "collect"] == [("collect", 10)]
     assert consumer.committed == {}
+
+
+def test_a_builder_found_dead_when_a_batch_is_handed_over_leaves_nothing_in_flight_either():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10), records(0, 11), records(0, 12)], stop=stop)
+    builder = FakeBuilder(log)
+    submit = builder.submit
+
+    def submit_until_dead(batch, with_quality=False):
+        if batch[0].offset == 12:  # the pipe to the builder is broken by now
+            raise BuilderFailed("the batch builder process died (exit code -9)")
+        submit(batch, with_quality)
+
+    builder.submit = submit_until_dead
+    loop = make_loop(consumer, FakeProducer(log), builder)
+    with pytest.raises(BuilderFailed, match="exit code -9"):
+        loop.run(stop)
+    consumer.before_revoke()
+    assert [entry for entry in log if entry[0] == "collect"] == []
