@@ -20,7 +20,7 @@ import urllib.request
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from worker.builder import BuilderProcess
 from worker.model import ServingModel
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
+from worker.state import connect
 from worker.watch import metric_totals
 
 
@@ -297,10 +298,7 @@ def _wait_ready(process: subprocess.Popen, port: int, log_path: Path, timeout_s:
 
 def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
     """The benchmark's own Redis state goes when it is done (its topics expire with the broker's retention)."""
-    from worker.state import connect
-
-    client = connect(settings.redis)
-    try:
+    with closing(connect(settings.redis)) as client:
         batch = []
         for key in client.scan_iter(f"{key_prefix}:*", count=1000):
             batch.append(key)
@@ -309,22 +307,15 @@ def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
                 batch.clear()
         if batch:
             client.unlink(*batch)
-    finally:
-        client.close()
 
 
 def _redis_housekeeping(settings: Settings) -> dict[str, float]:
     """What Redis holds, and how often it has rewritten its AOF or saved a snapshot: both fork and write the
     whole dataset, on the cores the drains are measured on."""
-    from worker.state import connect
-
-    client = connect(settings.redis)
-    try:
+    with closing(connect(settings.redis)) as client:
         persistence, memory = client.info("persistence"), client.info("memory")
         return {"keys": client.dbsize(), "used_memory_mib": memory["used_memory"] / 2**20,
                 "aof_rewrites": persistence.get("aof_rewrites", 0), "rdb_saves": persistence.get("rdb_saves", 0)}
-    finally:
-        client.close()
 
 
 LOAD_SHARES = (0.25, 0.5, 0.75)
