@@ -3,7 +3,7 @@ differ as documented, and a candidate trained on shuffled labels does not pass t
 import numpy as np
 import pytest
 
-from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
+from worker.finetune import FineTuneConfig, FineTuneError, _validation_split, fine_tune
 from worker.model import load_checkpoint
 from worker.pretrain import build_examples, read_events
 from worker.promotion import decide, example_losses, prior_probabilities
@@ -22,7 +22,7 @@ def setup(checkpoint, source_events, tmp_path_factory):
 
 
 def run(model, x, y, **changes):
-    return fine_tune(model, x, y, np.ones(len(y), np.float32), "next_category", FineTuneConfig(epochs=2, **changes))
+    return fine_tune(model, x, y, np.ones(len(y), np.float32), "next_category", FineTuneConfig(**{"epochs": 2, **changes}))
 
 
 def test_source_model_and_inputs_are_not_changed_and_seed_repeats(setup):
@@ -56,6 +56,32 @@ def test_l2sp_stays_closer_to_the_source_than_full(setup):
     free = run(model, x, y, strategy="l2sp", l2sp_weight=0.0, learning_rate=1e-3)
     pulled = run(model, x, y, strategy="l2sp", l2sp_weight=1.0, learning_rate=1e-3)
     assert distance(pulled) < distance(free)
+
+
+def test_early_stopping_keeps_a_run_on_noise_from_fitting_it(setup):
+    """Labels that are noise: training on and on memorises them; early stopping stops near the start and
+    keeps the best epoch, so on fresh examples its loss is lower."""
+    model, _, examples = setup
+    rng = np.random.default_rng(1)
+    x = examples.features[:600]
+    y = rng.integers(0, 21, 600)
+    fresh_x, fresh_y = examples.features[600:1600], rng.integers(0, 21, 1000)
+    stopped = run(model, x, y, strategy="full", learning_rate=1e-2, epochs=60, patience=2)
+    memorised = run(model, x, y, strategy="full", learning_rate=1e-2, epochs=60, validation_share=0.0)
+    scratch = __import__("tensorflow").keras.models.clone_model(model)
+
+    def fresh_loss(weights):
+        scratch.set_weights(weights)
+        return float(np.mean(example_losses(scratch.predict(fresh_x, verbose=0), fresh_y)))
+
+    assert fresh_loss(stopped) < fresh_loss(memorised) - 0.1
+
+
+def test_the_validation_split_is_disjoint_and_none_when_too_small():
+    train, held = _validation_split(1000, 0.15, seed=0)
+    assert len(held) == 150 and not set(train) & set(held) and set(train) | set(held) == set(range(1000))
+    train, held = _validation_split(100, 0.15, seed=0)  # 15 rows would judge epochs by noise
+    assert len(held) == 0 and list(train) == list(range(100))
 
 
 def test_non_finite_training_data_fails_the_run(setup):
