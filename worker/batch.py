@@ -145,14 +145,15 @@ class BatchBuilder:
 
     def _score(self, writes: StateWrites) -> int:
         """Prequential scores of the labels this batch resolved; on a drift alarm, ask the trainer for a
-        fine-tune. Returns the number of alarms."""
-        alarms = 0
-        for example in writes.examples:
-            alarms += self._quality.observe(example.model_version, example.probabilities, example.label)
-        if alarms:
-            log.warning("drift detector alarmed on the live loss stream")
+        fine-tune on the examples since the estimated change. Returns the number of alarms."""
+        changes = [change for example in writes.examples
+                   if (change := self._quality.observe(example.model_version, example.probabilities, example.label,
+                                                       example.ts_s)) is not None]
+        if changes:
+            log.warning("drift detector alarmed on the live loss stream; the change is estimated at event time %s",
+                        datetime.fromtimestamp(changes[-1], tz=timezone.utc).isoformat())
             try:
-                self._store.raise_drift_alarm()
+                self._store.raise_drift_alarm(changes[-1])
             except redis.RedisError as error:  # the batch is saved; a lost alarm only delays a fine-tune
                 log.warning("could not pass the drift alarm to the trainer: %s", error)
-        return alarms
+        return len(changes)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas import PurchaseEvent
-from worker.candidate import Scorer, fine_tune_round
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples
 from worker.examples import Example
 from worker.features import encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
@@ -81,9 +81,9 @@ def run_static(name: str, model: ServingModel, stream: Stream) -> Outcome:
 
 def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: TrainingSettings,
                    from_scratch: bool = False, progress=None) -> Outcome:
-    """The trainer's loop, replayed: serve, collect revealed labels, and run a round every `every_examples`
-    labels or when the drift detector alarms on the served predictions' log-loss (the `every_s` trigger
-    has no meaning offline)."""
+    """The trainer's loop, replayed: serve, collect revealed labels, and run a round when enough new
+    labels came in or when the drift detector alarms on the served predictions' log-loss, on the examples
+    since the change point it estimated (the `every_s` trigger has no meaning offline)."""
     started = time.perf_counter()
     serving = ServingModel(source_model, meta)
     scorer = Scorer(source_model, meta)
@@ -92,29 +92,41 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
     reveals = _reveals(stream)
     served = np.zeros((len(stream.events), len(meta.classes)), dtype=np.float32)
     monitor = QualityMonitor(meta.task, training.quality_window)
-    promotions, since_round, alarmed = [], 0, False
+    promotions, since_round, alarmed, regime_since_ts = [], 0, False, None
+    wanted = training.every_examples
     for i in range(len(stream.events)):
         for j in reveals.get(i, ()):
             window.append(Example(stream.events[j].event_id, stream.events[j].ts_s, "", stream.features[j],
                                   served[j], int(stream.labels[j])))
             since_round += 1
-            alarmed |= training.on_drift and monitor.observe(serving.version, served[j], int(stream.labels[j]))
-        if (since_round >= training.every_examples or alarmed) and len(window) >= training.min_examples:
+            change = monitor.observe(serving.version, served[j], int(stream.labels[j]), stream.events[j].ts_s)
+            if training.on_drift and change is not None:
+                alarmed, regime_since_ts = True, change
+        if since_round >= wanted or alarmed:
             since_round, alarmed = 0, False
-            try:
-                round_ = fine_tune_round(source_model, champion, list(window), meta.task, len(meta.classes),
-                                         training, scorer, from_scratch=from_scratch)
-            except FineTuneError:
-                round_ = None
-            if round_ is not None and round_.decision.promote:
-                champion = round_.weights
-                serving.swap(champion, f"{name}-{len(promotions) + 1}")
-                promotions.append(i)
-            if progress:
-                progress(f"{name}: round at event {i:,}/{len(stream.events):,}, "
-                         f"{'promoted' if round_ is not None and round_.decision.promote else 'kept the champion'}")
+            examples = regime_examples(list(window), regime_since_ts)
+            wanted = examples_before_next_round(len(examples), training)
+            if len(examples) >= training.min_examples:
+                promoted = _round(source_model, champion, examples, meta, training, scorer, from_scratch)
+                if promoted is not None:
+                    champion = promoted
+                    serving.swap(champion, f"{name}-{len(promotions) + 1}")
+                    promotions.append(i)
+                if progress:
+                    progress(f"{name}: round at event {i:,}/{len(stream.events):,} on {len(examples):,} examples, "
+                             f"{'promoted' if promoted is not None else 'kept the champion'}")
         served[i] = serving.predict_many(stream.features[i:i + 1])[0]
     return Outcome(name, served, promotions, time.perf_counter() - started)
+
+
+def _round(source_model, champion, examples, meta, training, scorer, from_scratch) -> list[np.ndarray] | None:
+    """One replayed round: the candidate's weights when the gate promotes it, else None."""
+    try:
+        round_ = fine_tune_round(source_model, champion, examples, meta.task, len(meta.classes), training, scorer,
+                                 from_scratch=from_scratch)
+    except FineTuneError:
+        return None
+    return round_.weights if round_.decision.promote else None
 
 
 def run_river(name: str, model, stream: Stream, n_classes: int, feature_names: list[str]) -> Outcome:

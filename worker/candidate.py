@@ -1,7 +1,9 @@
 """One fine-tune round on a window of labelled examples, and the gate's decision on it.
 
 Shared by the trainer (which adds Redis, the registry and Kafka around it) and by the adaptation
-benchmark (which replays a stream offline), so both judge candidates the same way:
+benchmark (which replays a stream offline), so both choose examples and judge candidates the same way:
+- a round takes the newest examples of the current regime: those served since the change point the
+  last drift alarm estimated (older ones taught the model the regime that ended);
 - the examples are split in event-time order: the newest `holdout_share` is held out;
 - the candidate is fine-tuned from the source weights on the rest, with recency weights;
 - candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules.
@@ -39,6 +41,19 @@ class Scorer:
     def __call__(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
         self._serving.swap(weights, "scored")
         return self._serving.predict_many(features)
+
+
+def regime_examples(examples: list[Example], regime_since_ts: float | None) -> list[Example]:
+    """The examples served from the start of the current regime on (all when no drift alarmed yet)."""
+    if regime_since_ts is None:
+        return examples
+    return [e for e in examples if e.ts_s >= regime_since_ts]
+
+
+def examples_before_next_round(used: int, training: TrainingSettings) -> int:
+    """New examples to wait for before the next round: after a round skipped for want of examples (just
+    after a drift, say), only the shortfall, so the first round on a new regime runs as soon as it can."""
+    return training.min_examples - used if used < training.min_examples else training.every_examples
 
 
 def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: list[Example], task: str,

@@ -9,6 +9,7 @@ Keys (all under the configured prefix):
   {p}:event_time         zset "{topic}/{partition}" -> newest event time seen there (ZADD GT = atomic max)
   {p}:window:{start_s}   list of labelled Examples of one event-time window;  {p}:windows  zset of starts
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
+  {p}:regime_since_ts    event time where the last alarm estimated the current regime began
 The event record says which input record first claimed the event_id and what was predicted for it, so a
 replay of that same record re-emits the same prediction and a true duplicate is dropped.
 
@@ -203,12 +204,21 @@ class StateStore:
     def examples_total(self) -> int:
         return int(self._client.get(f"{self._p}:examples_total") or 0)
 
-    def raise_drift_alarm(self) -> None:
-        """Ask the trainer for a fine-tune (it takes the alarm with take_drift_alarm)."""
-        self._client.set(f"{self._p}:drift", "1")
+    def raise_drift_alarm(self, regime_since_ts: float) -> None:
+        """Ask the trainer for a fine-tune (it takes the alarm with take_drift_alarm), on the examples from
+        `regime_since_ts` on (kept, so a trainer that takes over later trains on the same regime)."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.set(f"{self._p}:regime_since_ts", repr(float(regime_since_ts)))
+        pipe.set(f"{self._p}:drift", "1")
+        pipe.execute()
 
     def take_drift_alarm(self) -> bool:
         return self._client.getdel(f"{self._p}:drift") is not None
+
+    def regime_since_ts(self) -> float | None:
+        """Where the last drift alarm estimated the current regime began (event time), if any alarmed."""
+        raw = self._client.get(f"{self._p}:regime_since_ts")
+        return float(raw) if raw is not None else None
 
     def recent_examples(self, max_examples: int) -> list[Example]:
         """The newest labelled examples across windows, oldest first."""

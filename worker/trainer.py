@@ -1,8 +1,8 @@
 """The trainer role: one active across the fleet (Redis lease with fencing).
 
 Triggered by new resolved examples, by time and by drift alarms, each run fine-tunes a copy of the
-source checkpoint on the newest examples (time-ordered split: train on the older part, hold out the
-newest), scores candidate and champion on the same holdout, records the run as a model version, and
+source checkpoint on the newest examples of the current regime (since the last drift alarm's estimated
+change point; time-ordered split: train on the older part, hold out the newest), scores candidate and champion on the same holdout, records the run as a model version, and
 promotes the candidate only when the gate says so and this trainer still holds the lease.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from kafka import KafkaProducer
 
 from schemas import ModelVersion, TrainedOn
-from worker.candidate import Scorer, fine_tune_round
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples
 from worker.examples import expired_windows
 from worker.finetune import FineTuneError
 from worker.labels import watermark
@@ -76,6 +76,7 @@ class Trainer:
         self._source, self._meta, self._metrics, self._lease = source_model, meta, metrics, lease
         self._scorer = Scorer(source_model, meta)
         self._last_examples = store.examples_total()
+        self._wanted_examples = settings.training.every_examples  # new examples that make the next round due
         self._last_run = time.monotonic()
         self._source_registered = False
 
@@ -107,7 +108,7 @@ class Trainer:
         total = self._store.examples_total()
         if self._t.on_drift and self._store.take_drift_alarm():
             return "drift alarm"
-        if total - self._last_examples >= self._t.every_examples:
+        if total - self._last_examples >= self._wanted_examples:
             return f"{total - self._last_examples} new examples"
         if time.monotonic() - self._last_run >= self._t.every_s and total > self._last_examples:
             return f"{self._t.every_s:.0f} s elapsed"
@@ -123,9 +124,14 @@ class Trainer:
         self._last_run, self._last_examples = started, self._store.examples_total()
         now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
         self._expire_windows(now_watermark)
-        examples = self._resolved_period(self._store.recent_examples(self._t.max_examples), now_watermark)
+        regime_since_ts = self._store.regime_since_ts()
+        examples = regime_examples(self._store.recent_examples(self._t.max_examples), regime_since_ts)
+        examples = self._resolved_period(examples, now_watermark)
+        self._wanted_examples = examples_before_next_round(len(examples), self._t)
         if len(examples) < self._t.min_examples:
-            log.info("fine-tune skipped (%s): %d examples < %d", reason, len(examples), self._t.min_examples)
+            log.info("fine-tune skipped (%s): %d examples%s < %d; next round after %d new ones", reason, len(examples),
+                     f" since the drift estimated at {_utc(regime_since_ts).isoformat()}" if regime_since_ts is not None else "",
+                     self._t.min_examples, self._wanted_examples)
             self._metrics.finetune_runs.labels("skipped").inc()
             return None
         champion_version = self._registry.champion() or self._meta.version

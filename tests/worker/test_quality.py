@@ -34,17 +34,29 @@ def test_known_values():
 def test_page_hinkley_is_quiet_on_a_stationary_stream_and_alarms_on_a_shift():
     rng = np.random.default_rng(7)
     detector = PageHinkley()
-    assert not any(detector.update(v) for v in rng.exponential(1.0, 20_000))
-    alarms = [i for i, v in enumerate(rng.exponential(2.0, 3000)) if detector.update(v)]
+    assert all(detector.update(v) is None for v in rng.exponential(1.0, 20_000))
+    alarms = [i for i, v in enumerate(rng.exponential(2.0, 3000)) if detector.update(v) is not None]
     assert alarms and alarms[0] < 1500
-    assert not detector.update(float("nan"))
+    assert detector.update(float("nan")) is None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_page_hinkley_estimates_where_the_shift_began(seed):
+    """Marks are event times; the alarm comes hundreds of values after the shift, and names its start."""
+    rng = np.random.default_rng(seed)
+    detector = PageHinkley()
+    values = np.concatenate([rng.exponential(1.0, 5000), rng.exponential(1.8, 3000)])
+    changes = [(i, change) for i, v in enumerate(values) if (change := detector.update(v, mark=1000.0 + i)) is not None]
+    alarm_at, change = changes[0]
+    assert alarm_at > 5100  # the detector needed evidence
+    assert abs(change - (1000.0 + 5000)) < 150  # but it dates the shift close to where it began
 
 
 def test_quality_monitor_tracks_a_bounded_number_of_versions():
     monitor = QualityMonitor("repurchase", window=3, max_versions=2)
     for version in ("a", "b", "c"):
         for label in (0, 1, 1, 1):
-            monitor.observe(version, np.array([0.3, 0.7]), label)
+            monitor.observe(version, np.array([0.3, 0.7]), label, ts_s=0.0)
     snapshot = monitor.snapshot()
     assert set(snapshot) == {"b", "c"}
     assert snapshot["c"]["accuracy"] == 1.0  # only the last 3 of 4 are kept

@@ -86,3 +86,10 @@ def test_users_of_earlier_versions_are_read_from_their_two_keys_until_they_get_a
     newer = legacy._replace(purchases=2)
     store.save(StateWrites(states={"old": newer}, pendings={"old": pending("old", 2.0)}))
     assert store.load(["e-2"], ["old"])[1] == {"old": newer}  # the profile wins over the old keys
+
+
+def test_a_drift_alarm_is_taken_once_and_its_regime_start_is_kept(store):
+    assert store.regime_since_ts() is None and not store.take_drift_alarm()
+    store.raise_drift_alarm(1_750_000_000.25)
+    assert store.take_drift_alarm() and not store.take_drift_alarm()
+    assert store.regime_since_ts() == 1_750_000_000.25  # a trainer that takes over later trains on the same regime

@@ -1,0 +1,25 @@
+"""Which examples a round trains on, and when the next round is due."""
+import numpy as np
+
+from worker.candidate import examples_before_next_round, regime_examples
+from worker.examples import Example
+from worker.settings import TrainingSettings
+
+
+def example(ts_s):
+    return Example(f"e{ts_s}", ts_s, "v1", np.zeros(2, np.float32), np.array([0.5, 0.5], np.float32), 1)
+
+
+def test_a_round_trains_on_the_examples_since_the_estimated_change():
+    examples = [example(t) for t in (10.0, 20.0, 30.0, 40.0)]
+    assert regime_examples(examples, None) == examples
+    assert [e.ts_s for e in regime_examples(examples, 25.0)] == [30.0, 40.0]
+    assert [e.ts_s for e in regime_examples(examples, 30.0)] == [30.0, 40.0]
+    assert regime_examples(examples, 99.0) == []
+
+
+def test_after_a_round_short_of_examples_the_next_waits_only_for_the_shortfall():
+    training = TrainingSettings(min_examples=1000, every_examples=2000)
+    assert examples_before_next_round(300, training) == 700
+    assert examples_before_next_round(1000, training) == 2000
+    assert examples_before_next_round(15000, training) == 2000
