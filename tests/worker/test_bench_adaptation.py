@@ -5,7 +5,7 @@ import json
 import pytest
 
 from schemas import PurchaseEvent
-from worker.bench_adaptation import build_stream, run_adaptation_bench
+from worker.bench_adaptation import build_stream, goals, run_adaptation_bench
 from worker.generate import generate_events
 from worker.model import load_checkpoint
 from worker.settings import TrainingSettings
@@ -41,10 +41,32 @@ def test_every_contender_is_scored_and_the_oracle_beats_static_after_the_drift(d
     by_name = {row["name"]: row for row in result["contenders"]}
     for row in result["contenders"]:
         assert 0.0 <= row["before_drift"] <= 1.0 and 0.0 <= row["first_5k_after_drift"] <= 1.0
-    # The oracle was trained on the answers after the drift: it must beat the unchanged source model there.
+    # The oracle learned the regime after the drift (on other events of it): it must beat the unchanged
+    # source model there.
     assert by_name["oracle"]["first_5k_after_drift"] > by_name["static"]["first_5k_after_drift"]
     assert by_name["adapted-l2sp"]["before_drift"] == by_name["static"]["before_drift"] or by_name["adapted-l2sp"]["promotions"]
-    assert result["transfer_curve"][0]["examples"] == 250
+    assert [(row["span"], row["examples"]) for row in result["transfer_curve"]] == [("before_drift", 250),
+                                                                                  ("after_drift", 250)]
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads(json.dumps(result))
     assert any(line.startswith("prequential accuracy") for line in lines)
+
+
+def row(name, first, later):
+    return {"name": name, "first_5k_after_drift": first, "later_after_drift": later}
+
+
+def test_goals_are_judged_from_the_figures():
+    curve = [{"span": "before_drift", "examples": 500, "transfer_minus_scratch": 0.08},
+             {"span": "before_drift", "examples": 2000, "transfer_minus_scratch": 0.031},
+             {"span": "before_drift", "examples": 5000, "transfer_minus_scratch": -0.01},
+             {"span": "after_drift", "examples": 500, "transfer_minus_scratch": 0.01}]
+    table = [row("adapted-l2sp", 0.30, 0.35), row("river-softmax-regression", 0.31, 0.34), row("oracle", 0.36, 0.365)]
+    oracle_goal, river_goal, before, after = goals(table, curve, "l2sp")
+    assert oracle_goal["met"] and "-1.5 points" in oracle_goal["figures"]
+    assert not river_goal["met"] and "river-softmax-regression" in river_goal["figures"]  # behind in the first 5k
+    assert before["met"]  # 5,000 examples are beyond the goal's range
+    assert not after["met"] and "+1.0 at 500" in after["figures"]
+    table[0] = row("adapted-l2sp", 0.32, 0.34)
+    oracle_goal, river_goal = goals(table, [], "l2sp")
+    assert not oracle_goal["met"] and not river_goal["met"]
