@@ -20,7 +20,7 @@ from worker.model import ServingModel
 from worker.parsing import Rejection, parse_event
 from worker.pipeline import (
     InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, newest_event_times, plan_batch,
-    resolved_examples, served_examples,
+    resolution_times, resolved_examples, served_examples,
 )
 from worker.quality import QualityMonitor
 from worker.settings import Settings
@@ -98,6 +98,7 @@ class BatchBuilder:
             messages.append((predictions_topic, record.key, body, record.timestamp_ms))
         served = served_examples(plan, probabilities, model.version)
         writes.examples = resolved_examples(plan, served)
+        writes.resolved_ts_s = resolution_times(plan)
         writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
         writes.newest_by_partition = newest_event_times(plan.fresh)
         if meta.task == "repurchase":
@@ -138,6 +139,7 @@ class BatchBuilder:
             states, pendings = self._store.load_profiles(users)
             negatives, cleared, requeue = expire_pendings(pendings, now_watermark, horizon_days, replaced)
             writes.examples.extend(negatives)
+            writes.resolved_ts_s.extend(now_watermark for _ in negatives)  # known to be negative once the watermark passed
             writes.cleared_pendings.update({user: states.get(user) for user in cleared})
             writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
             if requeue:
@@ -146,9 +148,9 @@ class BatchBuilder:
     def _score(self, writes: StateWrites) -> int:
         """Prequential scores of the labels this batch resolved; on a drift alarm, ask the trainer for a
         fine-tune on the examples since the estimated change. Returns the number of alarms."""
-        changes = [change for example in writes.examples
+        changes = [change for example, resolved_ts_s in zip(writes.examples, writes.resolved_ts_s, strict=True)
                    if (change := self._quality.observe(example.model_version, example.probabilities, example.label,
-                                                       example.ts_s)) is not None]
+                                                       resolved_ts_s)) is not None]
         if changes:
             log.warning("drift detector alarmed on the live loss stream; the change is estimated at event time %s",
                         datetime.fromtimestamp(changes[-1], tz=timezone.utc).isoformat())

@@ -101,7 +101,7 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
             window.append(Example(stream.events[j].event_id, stream.events[j].ts_s, "", stream.features[j],
                                   served[j], int(stream.labels[j])))
             since_round += 1
-            change = monitor.observe(serving.version, served[j], int(stream.labels[j]), stream.events[j].ts_s)
+            change = monitor.observe(serving.version, served[j], int(stream.labels[j]), stream.events[i].ts_s)
             if training.on_drift and change is not None:
                 alarmed, regime_since_ts = True, change
         if since_round >= wanted or alarmed:

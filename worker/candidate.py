@@ -64,7 +64,8 @@ def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: 
     ts_s = np.array([e.ts_s for e in examples])
     holdout = max(1, int(len(examples) * training.holdout_share))
     train, held = slice(0, len(examples) - holdout), slice(len(examples) - holdout, None)
-    config = FineTuneConfig(strategy=training.strategy, epochs=training.epochs, learning_rate=training.learning_rate,
+    config = FineTuneConfig(strategy=training.strategy, epochs=training.epochs, patience=training.patience,
+                            learning_rate=training.learning_rate,
                             l2sp_weight=training.l2sp_weight, from_scratch=from_scratch)
     weights = fine_tune(source_model, features[train], labels[train],
                         recency_weights(ts_s[train], training.recency_half_life_s), task, config)

@@ -57,8 +57,9 @@ class BatchPlan:
     replays: list[tuple[InputRecord, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
     duplicates: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)
     states: dict[str, UserState] = field(default_factory=dict)  # user states changed by this batch
-    # label join: (a stored pending prediction, or the index of an earlier fresh event here, label index)
-    resolutions: list[tuple[Example | int, int]] = field(default_factory=list)
+    # label join: (a stored pending prediction, or the index of an earlier fresh event here, label index,
+    # event time of the purchase that resolved it)
+    resolutions: list[tuple[Example | int, int, float]] = field(default_factory=list)
     last_fresh_of_user: dict[str, int] = field(default_factory=dict)  # becomes the user's new pending
 
 
@@ -96,7 +97,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
                 source_ts_s = plan.fresh[source][1].ts_s if isinstance(source, int) else source.ts_s
                 label = resolve_on_purchase(meta.task, source_ts_s, event.ts_s,
                                             spec.index_of(event.category), meta.horizon_days)
-                plan.resolutions.append((source, label))
+                plan.resolutions.append((source, label, event.ts_s))
             plan.last_fresh_of_user[user] = index
             plan.fresh.append((record, event))
             claimed_here.add(event.event_id)
@@ -113,7 +114,12 @@ def served_examples(plan: BatchPlan, probabilities: np.ndarray, model_version: s
 def resolved_examples(plan: BatchPlan, served: list[Example]) -> list[Example]:
     """The labelled examples this batch's purchases resolved."""
     return [(served[source] if isinstance(source, int) else source).with_label(label)
-            for source, label in plan.resolutions]
+            for source, label, _ in plan.resolutions]
+
+
+def resolution_times(plan: BatchPlan) -> list[float]:
+    """When each of resolved_examples' labels became known: the event time of the purchase that resolved it."""
+    return [resolved_ts_s for _, _, resolved_ts_s in plan.resolutions]
 
 
 def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: float,

@@ -91,9 +91,11 @@ class PageHinkley:
     Alarms when the cumulative deviation above the running mean, less `delta` per step, exceeds
     `threshold` from its minimum. Resets after an alarm. Needs `min_samples` before it may alarm.
 
-    Each value may come with a mark (here: the event time of the prediction). The value at which the
-    cumulative deviation was lowest is the last one before the shift began, so its mark estimates where
-    the change happened: `update` returns that mark on an alarm.
+    Each value may come with a mark (here: the event time at which the prediction's label became known).
+    The value at which the cumulative deviation was lowest is the last one before the shift began, so the
+    values after it are the shifted ones, and the earliest of their marks dates the change: `update`
+    returns it on an alarm. The earliest rather than the first, because values need not arrive in mark
+    order (partitions of a backlog are read in turns).
     """
 
     delta: float = 0.1  # per-sample log-loss has a std of ~1-1.5: smaller deltas alarm on noise
@@ -103,22 +105,24 @@ class PageHinkley:
     _mean: float = 0.0
     _cumulative: float = 0.0
     _minimum: float = 0.0
-    _mark_at_minimum: float = -math.inf
+    _earliest_since_minimum: float = math.inf
 
     def update(self, value: float, mark: float = -math.inf) -> float | None:
-        """Add one value; on detected drift the mark of the estimated change point (the detector then
-        starts afresh), else None."""
+        """Add one value; on detected drift the estimated start of the change, as a mark (the detector
+        then starts afresh), else None."""
         if not math.isfinite(value):
             return None
         self._count += 1
         self._mean += (value - self._mean) / self._count
         self._cumulative += value - self._mean - self.delta
         if self._cumulative <= self._minimum:
-            self._minimum, self._mark_at_minimum = min(self._minimum, self._cumulative), mark
+            self._minimum, self._earliest_since_minimum = self._cumulative, math.inf
+        else:
+            self._earliest_since_minimum = min(self._earliest_since_minimum, mark)
         if self._count >= self.min_samples and self._cumulative - self._minimum > self.threshold:
-            change = self._mark_at_minimum
+            change = self._earliest_since_minimum
             self._count, self._mean, self._cumulative, self._minimum = 0, 0.0, 0.0, 0.0
-            self._mark_at_minimum = -math.inf
+            self._earliest_since_minimum = math.inf
             return change
         return None
 
@@ -133,15 +137,15 @@ class QualityMonitor:
         self._by_version: dict[str, RollingQuality] = {}
         self._detector = detector or PageHinkley()
 
-    def observe(self, model_version: str, probabilities: np.ndarray, label: int, ts_s: float) -> float | None:
-        """Score one resolved prediction (served for an event at `ts_s`). When the drift detector alarms,
-        returns the event time from which the new regime is estimated to hold; else None."""
+    def observe(self, model_version: str, probabilities: np.ndarray, label: int, resolved_ts_s: float) -> float | None:
+        """Score one prediction whose label became known at event time `resolved_ts_s`. When the drift
+        detector alarms, returns the event time from which the new regime is estimated to hold; else None."""
         rolling = self._by_version.pop(model_version, None) or RollingQuality(self._task, self._window)
         self._by_version[model_version] = rolling  # most recently scored version last
         while len(self._by_version) > self._max_versions:
             self._by_version.pop(next(iter(self._by_version)))
         rolling.add(probabilities, label)
-        return self._detector.update(-math.log(max(float(probabilities[label]), EPS)), ts_s)
+        return self._detector.update(-math.log(max(float(probabilities[label]), EPS)), resolved_ts_s)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """version -> {measure: value} for the versions still tracked."""

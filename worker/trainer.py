@@ -124,7 +124,7 @@ class Trainer:
         self._last_run, self._last_examples = started, self._store.examples_total()
         now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
         self._expire_windows(now_watermark)
-        regime_since_ts = self._store.regime_since_ts()
+        regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None
         examples = regime_examples(self._store.recent_examples(self._t.max_examples), regime_since_ts)
         examples = self._resolved_period(examples, now_watermark)
         self._wanted_examples = examples_before_next_round(len(examples), self._t)

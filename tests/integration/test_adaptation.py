@@ -165,7 +165,10 @@ def test_a_trainer_killed_mid_fine_tune_hands_over_and_nothing_half_written_is_s
     names = fresh_names()
     env = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "trainer", "STREAMADAPT_TRAINING_LEASE_TTL_S": "2",
            "STREAMADAPT_TRAINING_MIN_EXAMPLES": "2500", "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "500",
-           "STREAMADAPT_TRAINING_EPOCHS": "100"}  # a fine-tune of several seconds, long enough to be killed in
+           "STREAMADAPT_TRAINING_EPOCHS": "100", "STREAMADAPT_TRAINING_PATIENCE": "100",
+           "STREAMADAPT_TRAINING_ON_DRIFT": "false"}
+    # ^ a fine-tune of 100 epochs, several seconds: long enough to be killed in; on all 3,000 examples,
+    # whatever the drift detector makes of this synthetic stream
     trainers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"trainer{i}.log", **env) for i in range(2)]
     bodies = [event(i, user=f"user-{i % 100}") for i in range(3000)]
     try:

@@ -12,7 +12,7 @@ from worker.parsing import Rejection
 from worker.examples import Example
 from worker.pipeline import (
     InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, newest_event_times, next_offsets,
-    plan_batch, resolved_examples, served_examples,
+    plan_batch, resolution_times, resolved_examples, served_examples,
 )
 from worker.state import EventClaim
 
@@ -54,8 +54,8 @@ def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases,
     np.testing.assert_array_equal(whole.features, np.vstack([first.features, second.features]))
     assert {**first.states, **second.states} == whole.states
     # every purchase but each user's first resolves a label, whichever batch its pending was served in
-    labels = [label for _, label in first.resolutions + second.resolutions]
-    assert labels == [label for _, label in whole.resolutions]
+    labels = [label for _, label, _ in first.resolutions + second.resolutions]
+    assert labels == [label for _, label, _ in whole.resolutions]
     assert len(labels) == len(valid) - len({user for user, _ in purchases})
 
 
@@ -132,6 +132,8 @@ def test_each_purchase_resolves_the_users_previous_prediction():
     resolved = resolved_examples(plan, served)
     # u1's stored prediction is resolved by "a" (music); "a" is resolved by "c" (books); u2 has nothing pending
     assert [(e.event_id, e.label, e.model_version) for e in resolved] == [("old", 1, "v0"), ("a", 0, "v1")]
+    # each label became known with the purchase that resolved it
+    assert resolution_times(plan) == [plan.fresh[0][1].ts_s, plan.fresh[2][1].ts_s]
     assert plan.last_fresh_of_user == {"u1": 2, "u2": 1}
 
 
@@ -139,7 +141,7 @@ def test_each_purchase_resolves_the_users_previous_prediction():
 def test_repurchase_resolution_on_purchase(gap_hours, label):
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
     plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, {"u1": pending}, REPURCHASE)
-    assert plan.resolutions == [(pending, label)]
+    assert plan.resolutions == [(pending, label, plan.fresh[0][1].ts_s)]
 
 
 def test_replays_and_duplicates_resolve_nothing():

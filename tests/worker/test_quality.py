@@ -52,11 +52,28 @@ def test_page_hinkley_estimates_where_the_shift_began(seed):
     assert abs(change - (1000.0 + 5000)) < 150  # but it dates the shift close to where it began
 
 
+def test_the_change_is_dated_by_the_earliest_shifted_value_when_values_arrive_out_of_time_order():
+    """Two partitions read in turns of 500 values, one running an hour of event time ahead of the other.
+    The shift at event time 5,000 s shows first in the partition ahead; dating it by that partition's
+    times would cut away the shifted values the other partition has yet to deliver. The estimate may
+    be early (the examples it keeps then include some of the old regime), never late."""
+    rng = np.random.default_rng(4)
+    detector = PageHinkley()
+    changes = []
+    for turn in range(30):
+        for lead_s in (0.0, 3600.0):
+            for t in range(turn * 500, turn * 500 + 500):
+                value = rng.exponential(1.8 if t + lead_s >= 5000 else 1.0)
+                if (change := detector.update(value, mark=t + lead_s)) is not None:
+                    changes.append(change)
+    assert changes and all(change <= 5000 for change in changes)
+
+
 def test_quality_monitor_tracks_a_bounded_number_of_versions():
     monitor = QualityMonitor("repurchase", window=3, max_versions=2)
     for version in ("a", "b", "c"):
         for label in (0, 1, 1, 1):
-            monitor.observe(version, np.array([0.3, 0.7]), label, ts_s=0.0)
+            monitor.observe(version, np.array([0.3, 0.7]), label, resolved_ts_s=0.0)
     snapshot = monitor.snapshot()
     assert set(snapshot) == {"b", "c"}
     assert snapshot["c"]["accuracy"] == 1.0  # only the last 3 of 4 are kept
