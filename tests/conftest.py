@@ -32,8 +32,24 @@ def stack() -> Stack:
     redis_url = re.fullmatch(r"STREAMADAPT_REDIS_URL=(redis://\S+)", lines[1])
     assert kafka and redis_url, f"unexpected dev-stack output: {lines!r}"
     yield Stack(kafka.group(1), redis_url.group(1))
+    _drop_test_keys(redis_url.group(1))
     if not was_running and not os.environ.get("STREAMADAPT_TEST_KEEP_STACK"):
         subprocess.run([STACK_SCRIPT, "down"], capture_output=True, timeout=120)
+
+
+def _drop_test_keys(redis_url: str) -> None:
+    """Delete what this run's tests left in Redis: a developer's stack outlives the run, and a Redis
+    holding stale keys rewrites its append-only file during later benchmarks."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for prefix in ISSUED_KEY_PREFIXES:
+            keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start:start + 1000])
+    finally:
+        client.close()
 
 
 @dataclass(frozen=True)
@@ -60,11 +76,20 @@ class Names:
         }
 
 
-@pytest.fixture
-def names() -> Names:
+ISSUED_KEY_PREFIXES: list[str] = []  # the Redis prefixes of this run's tests, whose keys go at its end
+
+
+def new_names() -> Names:
+    """Fresh topics, group and Redis prefix (the prefix's keys are deleted when the test run ends)."""
     run = uuid.uuid4().hex[:10]
+    ISSUED_KEY_PREFIXES.append(f"test-{run}")
     return Names(f"purchases-{run}", f"predictions-{run}", f"purchases.dlq-{run}", f"group-{run}", f"test-{run}",
                  f"model-versions-{run}")
+
+
+@pytest.fixture
+def names() -> Names:
+    return new_names()
 
 
 @pytest.fixture(scope="session")

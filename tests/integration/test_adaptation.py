@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from datetime import datetime
 
 import pytest
@@ -14,7 +13,7 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from schemas import ModelVersion, Prediction
-from tests.conftest import Names, Stack
+from tests.conftest import Names, Stack, new_names
 from tests.integration.conftest import WorkerProcess, dumps, event, produce, put_version, read_topic
 from worker.evaluation import stream_labels, score_predictions
 from worker.model import load_checkpoint
@@ -26,12 +25,6 @@ from worker.settings import KafkaSettings
 pytestmark = pytest.mark.integration
 
 ADAPTATION_MARGIN = 0.03  # accuracy points adapted serving must gain over static serving after the drift
-
-
-def fresh_names() -> Names:
-    run = uuid.uuid4().hex[:10]
-    return Names(f"purchases-{run}", f"predictions-{run}", f"dlq-{run}", f"group-{run}", f"test-{run}",
-                 f"model-versions-{run}")
 
 
 def wait_for_promotion_trained_after(stack: Stack, names: Names, worker: WorkerProcess, event_time: datetime,
@@ -80,7 +73,7 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
     post_drift = datetime.fromisoformat(json.loads(lines[drift_at + settle // 2])["ts"])
     quality = {}
     for mode in ("static", "adapted"):
-        names = fresh_names()
+        names = new_names()
         env = {"STREAMADAPT_NO_FINETUNE": "true"} if mode == "static" else {
             "STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all",
             "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "2000", "STREAMADAPT_TRAINING_MIN_EXAMPLES": "1000"}
@@ -105,7 +98,7 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
 
 
 def test_two_replicas_follow_promotions_refuse_a_tampered_artifact_and_roll_back(stack, checkpoint, tmp_path):
-    names = fresh_names()
+    names = new_names()
     model, meta = load_checkpoint(checkpoint)
     client = redis.Redis.from_url(stack.redis_url)
     registry = Registry(client, names.key_prefix, "purchases")
@@ -162,7 +155,7 @@ def test_two_replicas_follow_promotions_refuse_a_tampered_artifact_and_roll_back
 
 
 def test_a_trainer_killed_mid_fine_tune_hands_over_and_nothing_half_written_is_served(stack, checkpoint, tmp_path):
-    names = fresh_names()
+    names = new_names()
     env = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "trainer", "STREAMADAPT_TRAINING_LEASE_TTL_S": "2",
            "STREAMADAPT_TRAINING_MIN_EXAMPLES": "2500", "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "500",
            "STREAMADAPT_TRAINING_EPOCHS": "100", "STREAMADAPT_TRAINING_PATIENCE": "100",

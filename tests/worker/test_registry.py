@@ -1,5 +1,4 @@
 """Registry and lease against the real Redis of the dev stack."""
-import uuid
 from datetime import datetime, timezone
 
 import numpy as np
@@ -7,13 +6,14 @@ import pytest
 import redis
 
 from schemas import ModelVersion, TrainedOn
+from tests.conftest import new_names
 from worker.registry import ArtifactError, Registry, decode_weights, encode_weights
 
 
 @pytest.fixture
 def registry(stack):
     client = redis.Redis.from_url(stack.redis_url)
-    yield Registry(client, f"test-{uuid.uuid4().hex[:8]}", "purchases")
+    yield Registry(client, new_names().key_prefix, "purchases")  # its keys go at the end of the run
     client.close()
 
 
