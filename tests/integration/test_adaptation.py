@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime
 
 import pytest
@@ -52,6 +53,15 @@ def wait_for_promotion_trained_after(stack: Stack, names: Names, worker: WorkerP
                          f"{worker.log_path.read_text()[-3000:]}")
 
 
+def trainer_leads(worker: WorkerProcess) -> bool:
+    """Whether the trainer child of a `--role all` worker (metrics on the next port) holds the lease."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker.port + 1}/metrics", timeout=2) as response:
+            return "streamadapt_trainer_leader 1.0" in response.read().decode()
+    except OSError:
+        return False
+
+
 def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp_path):
     """Once the trainer has promoted a model fitted on post-drift labels, served accuracy beats the source's.
 
@@ -79,6 +89,10 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
             "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "2000", "STREAMADAPT_TRAINING_MIN_EXAMPLES": "1000"}
         kafka = KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic)
         with WorkerProcess(stack, names, checkpoint, tmp_path / f"{mode}.log", **env) as worker:
+            if mode == "adapted":
+                # The trainer child imports TensorFlow, seconds on a busy machine. Started after most of the
+                # first part, it would count rounds from there and none might come before the pause.
+                worker.wait_until(lambda: trainer_leads(worker), 120, "the trainer child leading")
             replay(first_part, kafka, 1500)
             if mode == "adapted":
                 adapted = wait_for_promotion_trained_after(stack, names, worker, post_drift)
