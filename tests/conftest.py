@@ -42,12 +42,12 @@ def _drop_test_keys(redis_url: str) -> None:
     holding stale keys rewrites its append-only file during later benchmarks."""
     import redis
 
+    from worker.state import drop_keys
+
     client = redis.Redis.from_url(redis_url)
     try:
         for prefix in ISSUED_KEY_PREFIXES:
-            keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-            for start in range(0, len(keys), 1000):
-                client.delete(*keys[start:start + 1000])
+            drop_keys(client, prefix)
     finally:
         client.close()
 

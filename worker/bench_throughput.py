@@ -33,7 +33,7 @@ from worker.builder import BuilderProcess
 from worker.model import ServingModel
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
-from worker.state import connect
+from worker.state import connect, drop_keys
 from worker.watch import metric_totals
 
 
@@ -299,14 +299,7 @@ def _wait_ready(process: subprocess.Popen, port: int, log_path: Path, timeout_s:
 def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
     """The benchmark's own Redis state goes when it is done (its topics expire with the broker's retention)."""
     with closing(connect(settings.redis)) as client:
-        batch = []
-        for key in client.scan_iter(f"{key_prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                client.unlink(*batch)
-                batch.clear()
-        if batch:
-            client.unlink(*batch)
+        drop_keys(client, key_prefix)
 
 
 def _redis_housekeeping(settings: Settings) -> dict[str, float]:

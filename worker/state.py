@@ -98,6 +98,18 @@ def connect(settings: RedisSettings) -> redis.Redis:
                                 **tls)
 
 
+def drop_keys(client: redis.Redis, key_prefix: str) -> None:
+    """Delete every key under `key_prefix` (a benchmark's or a test's own state), a thousand at a time."""
+    batch = []
+    for key in client.scan_iter(f"{key_prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+
+
 class StateStore:
     def __init__(self, client: redis.Redis, settings: RedisSettings, windows: WindowPolicy | None = None):
         self._client = client

@@ -9,7 +9,7 @@ import redis
 from worker.examples import Example
 from worker.features import UserState
 from worker.settings import RedisSettings
-from worker.state import EventClaim, StateStore, StateWrites
+from worker.state import EventClaim, StateStore, StateWrites, drop_keys
 
 
 @pytest.fixture
@@ -17,9 +17,7 @@ def store(stack):
     settings = RedisSettings(url=stack.redis_url, key_prefix=f"test-state-{uuid.uuid4().hex[:8]}")
     client = redis.Redis.from_url(stack.redis_url)
     yield StateStore(client, settings)
-    keys = list(client.scan_iter(f"{settings.key_prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    drop_keys(client, settings.key_prefix)
 
 
 def pending(user, ts_s):
