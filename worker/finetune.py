@@ -85,7 +85,7 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
     dataset = tf.data.Dataset.from_tensor_slices((x[train], y[train], w[train]))
     dataset = dataset.shuffle(len(train), seed=config.seed).batch(config.batch_size)
     held_x, held_y, held_w = (tf.constant(a[held]) for a in (x, y, w))
-    first_epoch_loss, best_loss, best_weights, stale = None, np.inf, model.get_weights(), 0
+    first_epoch_loss, best_loss, best_weights, stale = None, np.inf, None, 0
     for _ in range(config.epochs):
         epoch_loss = float(np.mean([float(step(xb, yb, wb)) for xb, yb, wb in dataset]))
         if not np.isfinite(epoch_loss):
@@ -94,8 +94,7 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
         if epoch_loss > 3.0 * first_epoch_loss:
             raise FineTuneError(f"training diverged (loss {first_epoch_loss:.3f} -> {epoch_loss:.3f})")
         if len(held) == 0:
-            best_weights = model.get_weights()
-            continue
+            continue  # nothing to judge epochs by: the last one's weights
         loss = float(validation_loss(held_x, held_y, held_w))
         if loss < best_loss:
             best_loss, best_weights, stale = loss, model.get_weights(), 0
@@ -103,7 +102,7 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
             stale += 1
             if stale >= config.patience:
                 break
-    weights = best_weights
+    weights = best_weights if best_weights is not None else model.get_weights()
     if not all(np.all(np.isfinite(w)) for w in weights):
         raise FineTuneError("fine-tuned weights are not finite")
     return weights

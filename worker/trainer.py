@@ -2,8 +2,9 @@
 
 Triggered by new resolved examples, by time and by drift alarms, each run fine-tunes a copy of the
 source checkpoint on the newest examples of the current regime (since the last drift alarm's estimated
-change point; time-ordered split: train on the older part, hold out the newest), scores candidate and champion on the same holdout, records the run as a model version, and
-promotes the candidate only when the gate says so and this trainer still holds the lease.
+change point; time-ordered split: train on the older part, hold out the newest), scores candidate and
+champion on the same holdout, records the run as a model version, and promotes the candidate only when
+the gate says so and this trainer still holds the lease.
 """
 from __future__ import annotations
 
