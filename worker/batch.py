@@ -1,51 +1,77 @@
 """One batch of input records -> the records to produce, and what the batch writes to Redis.
 
 `BatchBuilder.build` validates, dedupes, computes features, predicts and joins labels, reading Redis;
-`BatchBuilder.save` writes everything the batch changed in one MULTI/EXEC, then scores the labels the batch
-resolved (prequential quality and drift). They run in the builder process (worker.builder), beside the
-serving loop that produces the outputs and commits the offsets. The pure logic is in worker.pipeline.
+`BatchBuilder.save` writes everything the batch changed in one MULTI/EXEC, and hands back the labels the batch
+resolved, which the serving loop scores (prequential quality and drift). They run in the builder processes
+(worker.builder), beside the serving loop that produces the outputs and commits the offsets. The pure logic
+is in worker.pipeline.
 """
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NamedTuple
 
+import numpy as np
 import redis
 
 from worker.labels import watermark
 from worker.model import ServingModel
 from worker.parsing import Rejection, parse_event
 from worker.pipeline import (
-    InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, newest_event_times, plan_batch,
-    resolution_times, resolved_examples, served_examples,
+    InputRecord, Message, builder_of, expire_pendings, make_dead_letter, make_predictions, newest_event_times,
+    plan_batch, resolution_times, resolved_examples, served_examples,
 )
-from worker.quality import QualityMonitor
 from worker.settings import Settings
 from worker.state import EventClaim, StateStore, StateWrites
-
-log = logging.getLogger(__name__)
 
 # Errors of an unavailable Redis: the batch is built again once Redis answers.
 REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
                        redis.exceptions.ReadOnlyError)
 
 
+class Resolved(NamedTuple):
+    """The labels a saved batch resolved, to be scored once it is committed: for each, the version that
+    served the prediction, the probabilities it served, the label's class index, and the event time at
+    which the label became known."""
+
+    versions: list[str]
+    probabilities: np.ndarray  # (n, n_classes) float32
+    labels: list[int]
+    resolved_ts_s: list[float]
+
+    @classmethod
+    def of(cls, writes: StateWrites) -> Resolved:
+        examples = writes.examples
+        probabilities = (np.stack([e.probabilities for e in examples]) if examples
+                         else np.zeros((0, 0), np.float32))
+        return cls([e.model_version for e in examples], probabilities, [e.label for e in examples],
+                   list(writes.resolved_ts_s))
+
+    @classmethod
+    def joined(cls, parts: list[Resolved]) -> Resolved:
+        return cls([v for part in parts for v in part.versions], np.concatenate([part.probabilities for part in parts]),
+                   [label for part in parts for label in part.labels],
+                   [ts_s for part in parts for ts_s in part.resolved_ts_s])
+
+
 @dataclass
 class Built:
     """A built batch: the records to produce as (topic, key, value, input timestamp ms); and what it amounts
-    to, for the metrics once the batch is committed (the last three filled in by `BatchBuilder.save`)."""
+    to, for the metrics and the quality monitor once the batch is committed (`resolved` is filled in by
+    `BatchBuilder.save`)."""
 
     messages: list[Message]
     dead_letter_reasons: list[str] = field(default_factory=list)
     duplicates: int = 0
     replayed: int = 0
     predicted: int = 0
-    labels_resolved: int = 0
-    drift_alarms: int = 0
-    quality: dict[str, dict[str, float]] | None = None  # rolling quality per version, when asked for
+    resolved: Resolved | None = None
+
+    @property
+    def labels_resolved(self) -> int:
+        return len(self.resolved.labels) if self.resolved is not None else 0
 
 
 class Unsaved(NamedTuple):
@@ -56,13 +82,15 @@ class Unsaved(NamedTuple):
 
 
 class BatchBuilder:
-    def __init__(self, settings: Settings, store: StateStore, model: ServingModel,
+    def __init__(self, settings: Settings, store: StateStore, model: ServingModel, index: int = 0,
                  clock=lambda: datetime.now(timezone.utc)):
+        """Builder `index` of `settings.builders`: it is handed the records whose key is its own (`builder_of`)."""
         self._settings = settings
         self._store = store
         self._model = model
-        self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
+        self._index = index
         self._clock = clock
+        self._progress: dict[str, float] = {}  # input partition -> newest event time of the records built here
 
     def swap(self, weights, version: str) -> None:
         self._model.swap(weights, version)
@@ -108,21 +136,23 @@ class BatchBuilder:
                       predicted=len(predictions) + len(plan.replays))
         return built, writes
 
-    def save(self, built: Built, writes: StateWrites, with_quality: bool = False) -> Built:
-        """Apply the batch's writes in one transaction, then score the labels it resolved (they are in Redis
-        now, so each is scored once). Redis errors propagate: the batch is then built again, and a
-        transaction that did land makes that second build a replay, with the same predictions."""
+    def save(self, built: Built, writes: StateWrites) -> Built:
+        """Apply the batch's writes in one transaction; the batch then carries the labels it resolved (they
+        are in Redis now, so each is scored once). Redis errors propagate: the batch is then built again, and
+        a transaction that did land makes that second build a replay, with the same predictions."""
         self._store.save(writes)
-        built.labels_resolved = len(writes.examples)
-        built.drift_alarms = self._score(writes)
-        if with_quality:
-            built.quality = self._quality.snapshot()
+        built.resolved = Resolved.of(writes)
         return built
 
     def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float,
                            unsaved: Unsaved | None) -> None:
         """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
-        on the input partitions of this batch. The deadline index is read once the batch before has landed."""
+        on the input partitions of this batch, for the users whose records this builder builds. The deadline
+        index is read once the batch before has landed.
+
+        Other builders build other users' records of the same partitions, and may be a batch or two ahead.
+        So on those partitions the watermark stands at this builder's own progress, never at theirs: a user's
+        deadline passes only once this builder has built the user's records up to it."""
         if unsaved is not None:
             wait([unsaved.landed])
         horizon_s = horizon_days * 86400.0
@@ -130,12 +160,15 @@ class BatchBuilder:
             writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
         newest = self._store.newest_by_partition()
         for partition, ts_s in writes.newest_by_partition.items():
-            newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
+            newest[partition] = self._progress[partition] = max(self._progress.get(partition, float("-inf")), ts_s)
         now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
         if now_watermark is None:
             return
-        replaced = set(writes.pendings)
-        for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
+        replaced, builders = set(writes.pendings), self._settings.builders
+        for partition, due in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
+            users = [user for user in due if builder_of(user.encode(), builders) == self._index]
+            if not users:
+                continue
             states, pendings = self._store.load_profiles(users)
             negatives, cleared, requeue = expire_pendings(pendings, now_watermark, horizon_days, replaced)
             writes.examples.extend(negatives)
@@ -144,18 +177,3 @@ class BatchBuilder:
             writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
             if requeue:
                 writes.deadlines.setdefault(partition, {}).update(requeue)
-
-    def _score(self, writes: StateWrites) -> int:
-        """Prequential scores of the labels this batch resolved; on a drift alarm, ask the trainer for a
-        fine-tune on the examples since the estimated change. Returns the number of alarms."""
-        changes = [change for example, resolved_ts_s in zip(writes.examples, writes.resolved_ts_s, strict=True)
-                   if (change := self._quality.observe(example.model_version, example.probabilities, example.label,
-                                                       resolved_ts_s)) is not None]
-        if changes:
-            log.warning("drift detector alarmed on the live loss stream; the change is estimated at event time %s",
-                        datetime.fromtimestamp(changes[-1], tz=timezone.utc).isoformat())
-            try:
-                self._store.raise_drift_alarm(changes[-1])
-            except redis.RedisError as error:  # the batch is saved; a lost alarm only delays a fine-tune
-                log.warning("could not pass the drift alarm to the trainer: %s", error)
-        return len(changes)

@@ -29,7 +29,7 @@ from kafka import KafkaConsumer
 
 from worker import kafka_io
 from worker.generate import write_events
-from worker.builder import BuilderProcess
+from worker.builder import Builders
 from worker.model import ServingModel
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
@@ -239,20 +239,20 @@ def _event_id(prediction_json: bytes) -> str:
 
 def measure_swap(settings: Settings, checkpoint: Path, swaps: int = 200) -> dict:
     """What a hot-swap costs the serving thread: ServingModel.swap of another version's weights, which
-    checks they fit, then handing them to a real builder process (the follower thread fetches and verifies
-    them beforehand, off the serving path; the builder applies them between two batches)."""
+    checks they fit, then handing them to the worker's real builder processes (the follower thread fetches
+    and verifies them beforehand, off the serving path; each builder applies them between two batches)."""
     model = ServingModel.from_checkpoint(checkpoint)
     versions = [[w * (1.0 + 0.01 * i) for w in model.keras_model.get_weights()] for i in range(2)]
-    builder = BuilderProcess(settings, model)
+    builders = Builders(settings, model)
     durations = []
     try:
         for i in range(swaps):
             started = time.perf_counter()
             model.swap(versions[i % 2], f"bench-{i}")
-            builder.swap(versions[i % 2], f"bench-{i}")
+            builders.swap(versions[i % 2], f"bench-{i}")
             durations.append(time.perf_counter() - started)
     finally:
-        builder.close()
+        builders.close()
     ms = np.array(durations) * 1000.0
     return {"swaps": swaps, "median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
             "max_ms": float(ms.max())}
@@ -462,7 +462,7 @@ def _max_bucket_ms(metrics: dict[str, float]) -> float:
 
 
 def _peak_rss_mib(pid: int) -> float:
-    """Peak resident memory of a worker: the VmHWM of its process and of its children (the builder, and the
+    """Peak resident memory of a worker: the VmHWM of its process and of its children (the builders, and the
     trainer when there is one), summed. Their peaks need not coincide, so this is an upper bound."""
     total_kib = 0
     for process in [pid, *_children(pid)]:

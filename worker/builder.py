@@ -1,9 +1,11 @@
-"""The builder process: builds batches (worker.batch) beside the serving loop.
+"""The builder processes: build batches (worker.batch) beside the serving loop.
 
-Python runs one thread of Python at a time, and a worker spends about as much of it in the Kafka client as in
-building batches. With the building in a process of its own, building batch N+1 overlaps producing batch N,
-so a worker uses two cores. The serving loop hands batches over with `submit`, several at a time, and takes
-each back with `collect`, in order.
+Python runs one thread of Python at a time, and building a batch (validation, Redis state, features,
+inference, prediction JSON) costs a worker more than consuming and producing it. So batches are built in
+processes of their own: building overlaps producing, and `Builders` splits each batch over several builder
+processes by record key. The input's key is the user id (DESIGN.md), so all of a user's events go to one
+builder, which reads and writes that user's state in order, as it would alone. The serving loop hands batches
+over with `submit`, several at a time, and takes each back with `collect`, in order.
 
 In the builder, a batch's Redis transaction is applied on a thread of its own while the next batch is built,
 reading the writes still on their way as Redis will hold them; the batch's reply goes back once its
@@ -24,12 +26,13 @@ import queue
 import signal
 import threading
 import traceback
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
-from worker.batch import REDIS_OUTAGE_ERRORS, BatchBuilder, Built, Unsaved
+from worker.batch import REDIS_OUTAGE_ERRORS, BatchBuilder, Built, Resolved, Unsaved
 from worker.model import ServingModel
-from worker.pipeline import InputRecord
+from worker.pipeline import InputRecord, builder_of
 from worker.settings import Settings
 from worker.state import StateStore, StateWrites, WindowPolicy, connect
 
@@ -41,25 +44,26 @@ class BuilderFailed(RuntimeError):
 
 
 class BuilderProcess:
-    def __init__(self, settings: Settings, model: ServingModel):
+    def __init__(self, settings: Settings, model: ServingModel, index: int = 0):
+        """Builder `index` of `settings.builders`: it is handed the records whose key is its own (`builder_of`)."""
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads (Kafka, TensorFlow)
         self._conn, child_end = context.Pipe()
-        self._process = context.Process(target=_serve, name="streamadapt-builder",
-                                        args=(child_end, settings, model, logging.getLogger().level))
+        self._process = context.Process(target=_serve, name=f"streamadapt-builder-{index}",
+                                        args=(child_end, settings, model, index, logging.getLogger().level))
         self._process.start()
         child_end.close()
         self.in_flight = 0  # batches submitted and not yet collected
-        log.info("batch builder process started (pid %d)", self._process.pid)
+        log.info("batch builder process %d started (pid %d)", index, self._process.pid)
 
     @property
     def pid(self) -> int:
         return self._process.pid
 
-    def submit(self, records: list[InputRecord], with_quality: bool = False) -> None:
+    def submit(self, records: list[InputRecord]) -> None:
         """Hand a batch over. With batches already in flight, this one is built on top of them: while their
         transactions land, and only saved if they do."""
         try:
-            self._conn.send(("build", [tuple(record) for record in records], with_quality, self.in_flight > 0))
+            self._conn.send(("build", [tuple(record) for record in records], self.in_flight > 0))
         except OSError as error:
             raise self._died() from error
         self.in_flight += 1
@@ -110,7 +114,89 @@ class BuilderProcess:
         self._conn.close()
 
 
-def _serve(conn: Connection, settings: Settings, model: ServingModel, log_level: int) -> None:
+class Builders:
+    """`settings.builders` builder processes used as one. Each batch is split by record key: a share per
+    builder, built and saved by it while the others build theirs, and joined again by `collect`. A key's
+    builder is fixed (CRC-32 of the key), so each user's events are built in order by one process, whose
+    Redis reads see its own writes (worker.batch); repurchase deadlines are settled by the builder of their user.
+Records without a key go to the first builder."""
+
+    def __init__(self, settings: Settings, model: ServingModel):
+        self._processes: list[BuilderProcess] = []
+        try:
+            for index in range(settings.builders):
+                self._processes.append(BuilderProcess(settings, model, index))
+        except BaseException:
+            self.close()
+            raise
+        self._holders: deque[list[int]] = deque()  # per batch in flight, oldest first: the builders with a share
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._holders)
+
+    def submit(self, records: list[InputRecord]) -> None:
+        """Hand a batch over, each builder its share."""
+        shares = key_shares(records, len(self._processes))
+        for index, share in shares.items():
+            self._processes[index].submit(share)
+        self._holders.append(list(shares))
+
+    def ready(self) -> bool:
+        """Whether `collect` would return without waiting."""
+        return bool(self._holders) and all(self._processes[index].ready() for index in self._holders[0])
+
+    def collect(self) -> Built:
+        """The oldest batch in flight, every share built and saved; raises the Redis error that stopped a
+        share (after taking back the other shares, so that every builder stays in step)."""
+        parts, outage = [], None
+        for index in self._holders.popleft():
+            try:
+                parts.append(self._processes[index].collect())
+            except REDIS_OUTAGE_ERRORS as error:
+                outage = outage or error
+        if outage is not None:
+            raise outage
+        return parts[0] if len(parts) == 1 else joined(parts)
+
+    def check_alive(self) -> None:
+        for process in self._processes:
+            process.check_alive()
+
+    def swap(self, weights, version: str) -> None:
+        for process in self._processes:
+            process.swap(weights, version)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        for process in self._processes:
+            process.close(timeout_s)
+
+
+def key_shares(records: list[InputRecord], builders: int) -> dict[int, list[InputRecord]]:
+    """builder index -> its records, in their order; a record's builder is fixed by its key (`builder_of`)."""
+    if builders == 1:
+        return {0: records}
+    shares: dict[int, list[InputRecord]] = {}
+    for record in records:
+        shares.setdefault(builder_of(record.key, builders), []).append(record)
+    return shares
+
+
+def joined(parts: list[Built]) -> Built:
+    """One batch's shares as one Built: each share's messages keep their order (a key's are all in one)."""
+    resolved = [part.resolved for part in parts if part.resolved is not None and part.resolved.labels]
+    return Built(messages=[message for part in parts for message in part.messages],
+                 dead_letter_reasons=[reason for part in parts for reason in part.dead_letter_reasons],
+                 duplicates=sum(part.duplicates for part in parts), replayed=sum(part.replayed for part in parts),
+                 predicted=sum(part.predicted for part in parts),
+                 resolved=Resolved.joined(resolved) if resolved else None)
+
+
+def _serve(conn: Connection, settings: Settings, model: ServingModel, index: int, log_level: int) -> None:
     """The builder process's main: build what the serving loop submits until it says stop or goes away."""
     from worker.cli import LOG_FORMAT
 
@@ -118,7 +204,8 @@ def _serve(conn: Connection, settings: Settings, model: ServingModel, log_level:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     client = connect(settings.redis)
-    builds = _Builds(conn, BatchBuilder(settings, StateStore(client, settings.redis, WindowPolicy.of(settings.training)), model))
+    store = StateStore(client, settings.redis, WindowPolicy.of(settings.training))
+    builds = _Builds(conn, BatchBuilder(settings, store, model, index))
     inbox = _inbox(conn)
     gc.freeze()  # as in the serving process: what exists now lives as long as the process
     gc.set_threshold(50_000)
@@ -133,7 +220,7 @@ def _serve(conn: Connection, settings: Settings, model: ServingModel, log_level:
             if message[0] == "swap":
                 builds.builder.swap(message[1], message[2])
             else:
-                builds.build([InputRecord(*record) for record in message[1]], with_quality=message[2], on_top=message[3])
+                builds.build([InputRecord(*record) for record in message[1]], on_top=message[2])
     finally:
         builds.close()
         client.close()
@@ -172,7 +259,7 @@ class _Builds:
         self._last: Unsaved | None = None  # the last batch handed to the saving thread, until settled
         self._failure: Exception | None = None  # what stopped the last batch; None if it went through
 
-    def build(self, records: list[InputRecord], with_quality: bool, on_top: bool) -> None:
+    def build(self, records: list[InputRecord], on_top: bool) -> None:
         writes = failure = None
         try:
             built, writes = self.builder.build(records, self._last if on_top else None)
@@ -187,7 +274,7 @@ class _Builds:
             self._failure = failure
             self._send(reply)
         else:
-            self._last = Unsaved(writes, self._saving.submit(self._save, built, writes, with_quality, records))
+            self._last = Unsaved(writes, self._saving.submit(self._save, built, writes, records))
 
     def settle(self) -> Exception | None:
         """Wait until the last batch's reply is sent; the error that stopped it, or None if it went through."""
@@ -195,10 +282,10 @@ class _Builds:
             self._failure, self._last = self._last.landed.result(), None
         return self._failure
 
-    def _save(self, built: Built, writes: StateWrites, with_quality: bool, records: list[InputRecord]) -> Exception | None:
+    def _save(self, built: Built, writes: StateWrites, records: list[InputRecord]) -> Exception | None:
         """On the saving thread: apply the batch's transaction, then send its reply."""
         try:
-            reply, failure = ("built", self.builder.save(built, writes, with_quality)), None
+            reply, failure = ("built", self.builder.save(built, writes)), None
         except REDIS_OUTAGE_ERRORS as error:
             reply, failure = ("outage", error), error
         except Exception as error:

@@ -23,7 +23,7 @@ import redis
 from kafka.errors import KafkaError
 
 from worker import kafka_io
-from worker.builder import BuilderProcess
+from worker.builder import Builders
 from worker.hotswap import ModelFollower
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.model import ServingModel, limit_cpu_threads
@@ -97,10 +97,10 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 stack.enter_context(_trainer_child(settings, server.port, stop))
         else:
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
-        builder = BuilderProcess(settings, model)
-        stack.callback(builder.close)
-        metrics.follow_builder(builder.pid)
-        loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower)
+        builders = Builders(settings, model)
+        stack.callback(builders.close)
+        metrics.follow_builders(builders.pids)
+        loop = ServingLoop(settings, consumer, producer, builders, model, metrics, follower, store.raise_drift_alarm)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
         # TensorFlow leaves ~350k tracked objects that live as long as the process; each full collection

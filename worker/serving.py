@@ -1,9 +1,10 @@
-"""The serving loop: poll a batch, hand it to the builder process, produce what it built, commit it.
+"""The serving loop: poll a batch, hand it to the builder processes, produce what they built, commit it.
 
-Batches are pipelined: up to three are in the builder (worker.builder) at once, so that while this loop
+Batches are pipelined: up to three are in the builders (worker.builder) at once, so that while this loop
 produces batch N and commits its offsets, N+1's Redis transaction lands and N+2 is built. Batches are taken
 back in order, and each keeps the order that makes a replay safe: its Redis transaction, then its outputs,
-then its offsets.
+then its offsets. The labels a committed batch resolved are scored here, whichever builder joined them:
+rolling live quality per version, and the drift detector on the loss of every label this worker sees.
 """
 from __future__ import annotations
 
@@ -11,19 +12,22 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
 
 import redis
 from kafka import TopicPartition
 from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
 
 from worker import kafka_io
-from worker.batch import REDIS_OUTAGE_ERRORS, Built
-from worker.builder import BuilderFailed, BuilderProcess
+from worker.batch import REDIS_OUTAGE_ERRORS, Built, Resolved
+from worker.builder import BuilderFailed, Builders
 from worker.hotswap import ModelFollower
 from worker.kafka_io import ServingConsumer, ServingProducer
 from worker.metrics import WorkerMetrics
 from worker.model import ServingModel
 from worker.pipeline import InputRecord, first_offsets, next_offsets
+from worker.quality import QualityMonitor
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,8 +51,9 @@ PIPELINE_DEPTH = 2
 
 class ServingLoop:
     def __init__(self, settings: Settings, consumer: ServingConsumer, producer: ServingProducer,
-                 builder: BuilderProcess, model: ServingModel, metrics: WorkerMetrics,
-                 follower: ModelFollower | None = None):
+                 builder: Builders, model: ServingModel, metrics: WorkerMetrics,
+                 follower: ModelFollower | None = None, raise_drift_alarm: Callable[[float], None] | None = None):
+        """`raise_drift_alarm(regime_since_ts)` asks the trainer for a fine-tune (StateStore.raise_drift_alarm)."""
         self._settings = settings
         self._follower = follower
         self._quality_series: set[tuple[str, str]] = set()
@@ -63,7 +68,8 @@ class ServingLoop:
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
         # batches in the builder, oldest first, with the perf_counter when each was handed over
         self._in_flight: deque[tuple[list[InputRecord], float]] = deque()
-        self._quality_due_at = 0.0  # monotonic time the next batch brings back a quality snapshot
+        self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
+        self._raise_drift_alarm = raise_drift_alarm
         consumer.before_revoke = self._commit_in_flight_before_revoke
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
@@ -93,6 +99,7 @@ class ServingLoop:
             now = time.monotonic()
             if now >= next_lag_at:
                 self._refresh_lag()
+                self._refresh_quality()
                 self._builder.check_alive()  # a dead builder ends the worker even on a quiet stream
                 next_lag_at = now + GAUGE_REFRESH_S
             if now >= next_progress_at:
@@ -104,6 +111,7 @@ class ServingLoop:
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
         if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
             self._consumer.commit(final)
+        self._refresh_quality()
         progress.log(time.monotonic())
 
     @property
@@ -112,12 +120,8 @@ class ServingLoop:
         return self._outage_since is not None
 
     def _submit(self, records: list[InputRecord]) -> None:
-        now = time.monotonic()
-        with_quality = now >= self._quality_due_at
-        if with_quality:
-            self._quality_due_at = now + GAUGE_REFRESH_S
         self._metrics.events_consumed.inc(len(records))
-        self._builder.submit(records, with_quality)
+        self._builder.submit(records)
         self._in_flight.append((records, time.perf_counter()))
 
     def _commit_oldest(self, stop: threading.Event | None) -> None:
@@ -244,15 +248,31 @@ class ServingLoop:
         m.duplicates.inc(built.duplicates)
         m.replayed.inc(built.replayed)
         m.predictions.labels(task).inc(built.predicted)
-        m.labels_resolved.labels(task).inc(built.labels_resolved)
-        m.drift_alarms.inc(built.drift_alarms)
-        if built.quality is not None:
-            self._refresh_quality(built.quality)
+        if built.resolved is not None:
+            m.labels_resolved.labels(task).inc(built.labels_resolved)
+            self._score(built.resolved)
 
-    def _refresh_quality(self, snapshot: dict[str, dict[str, float]]) -> None:
+    def _score(self, resolved: Resolved) -> None:
+        """Prequential scores of the labels a committed batch resolved; on a drift alarm, ask the trainer for a
+        fine-tune on the examples since the estimated change."""
+        observe = self._quality.observe
+        changes = [change for version, probabilities, label, resolved_ts_s in zip(*resolved, strict=True)
+                   if (change := observe(version, probabilities, label, resolved_ts_s)) is not None]
+        if not changes:
+            return
+        self._metrics.drift_alarms.inc(len(changes))
+        log.warning("drift detector alarmed on the live loss stream; the change is estimated at event time %s",
+                    datetime.fromtimestamp(changes[-1], tz=timezone.utc).isoformat())
+        if self._raise_drift_alarm is not None:
+            try:
+                self._raise_drift_alarm(changes[-1])
+            except redis.RedisError as error:  # the batch is committed; a lost alarm only delays a fine-tune
+                log.warning("could not pass the drift alarm to the trainer: %s", error)
+
+    def _refresh_quality(self) -> None:
         """Export rolling quality per tracked version; drop the series of versions no longer tracked."""
         exported = set()
-        for version, measures in snapshot.items():
+        for version, measures in self._quality.snapshot().items():
             for measure, value in measures.items():
                 self._metrics.live_quality.labels(version, measure).set(value)
                 exported.add((version, measure))

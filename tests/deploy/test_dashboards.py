@@ -15,7 +15,7 @@ from worker.metrics import WorkerMetrics
 def exported_families() -> set[str]:
     families = set()
     metrics = WorkerMetrics()
-    metrics.follow_builder(os.getpid())  # a serving worker also exports its builder's process metrics
+    metrics.follow_builders([os.getpid()])  # a serving worker also exports its builders' process metrics
     for line in metrics.render().decode().splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")

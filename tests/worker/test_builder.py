@@ -1,15 +1,17 @@
-"""The builder process, for real: a child process that builds batches against Redis, builds a batch on top of
+"""The builder processes, for real: a child process that builds batches against Redis, builds a batch on top of
 one whose transaction is still landing, swaps weights between batches, hands Redis errors back to the loop,
-and is reported when it dies. Its reply protocol (`_Builds`) is also run in-process with a failing save."""
+and is reported when it dies; several of them sharing batches by key. Its reply protocol (`_Builds`) is also
+run in-process with a failing save."""
 import json
 import threading
 
+import numpy as np
 import pytest
 import redis
 
 from tests.integration.conftest import dumps, event
-from worker.batch import Built
-from worker.builder import BuilderFailed, BuilderProcess, _Builds
+from worker.batch import Built, Resolved
+from worker.builder import BuilderFailed, BuilderProcess, Builders, _Builds, joined, key_shares
 from worker.model import ServingModel
 from worker.pipeline import InputRecord
 from worker.settings import load_settings
@@ -29,6 +31,73 @@ def open_builder(stack, names, model, redis_url=None) -> BuilderProcess:
     return BuilderProcess(settings, model)
 
 
+def open_builders(stack, names, model, count: int, redis_url=None) -> Builders:
+    settings = load_settings({**names.env(stack), "STREAMADAPT_BUILDERS": str(count),
+                              **({"STREAMADAPT_REDIS_URL": redis_url} if redis_url else {})})
+    return Builders(settings, model)
+
+
+def keyed(first_offset: int, users_and_events: list[tuple[str, int]]) -> list[InputRecord]:
+    return [InputRecord("purchases", 0, first_offset + i, 1_000, user.encode(), dumps(event(n, user=user)))
+            for i, (user, n) in enumerate(users_and_events)]
+
+
+def test_each_key_has_one_builder_and_keeps_its_order():
+    records = [InputRecord("t", 0, i, 0, f"u{i % 7}".encode(), b"{}") for i in range(70)]
+    shares = key_shares(records, 3)
+    assert sorted(r.offset for share in shares.values() for r in share) == list(range(70))
+    for share in shares.values():
+        assert [r.offset for r in share] == sorted(r.offset for r in share)
+    builder_of = {r.key: index for index, share in shares.items() for r in share}
+    assert len(builder_of) == 7 and len(set(builder_of.values())) > 1
+    assert key_shares(records, 3) == shares  # the same keys go to the same builders every time
+    assert key_shares([InputRecord("t", 0, 0, 0, None, b"{}")], 3) == {0: [InputRecord("t", 0, 0, 0, None, b"{}")]}
+
+
+def test_the_shares_of_a_batch_join_into_one():
+    first = Built([("p", b"a", b"1", None), ("p", b"a", b"2", None)], ["invalid_json"], duplicates=1, predicted=2,
+                  resolved=Resolved(["v1"], np.array([[0.2, 0.8]], np.float32), [1], [10.0]))
+    second = Built([("p", b"b", b"3", None)], replayed=1, predicted=1,
+                   resolved=Resolved(["v2", "v2"], np.array([[0.5, 0.5], [0.9, 0.1]], np.float32), [0, 0], [11.0, 12.0]))
+    both = joined([first, second])
+    assert [value for _, _, value, _ in both.messages] == [b"1", b"2", b"3"]
+    assert (both.dead_letter_reasons, both.duplicates, both.replayed, both.predicted) == (["invalid_json"], 1, 1, 3)
+    assert both.resolved.versions == ["v1", "v2", "v2"] and both.resolved.labels == [1, 0, 0]
+    assert both.resolved.probabilities.shape == (3, 2) and both.resolved.resolved_ts_s == [10.0, 11.0, 12.0]
+    assert joined([Built([]), Built([])]).resolved is None
+
+
+def test_builders_share_a_batch_by_key_and_each_user_is_built_in_order(stack, names, model):
+    builders = open_builders(stack, names, model, 2)
+    try:
+        users = [f"u{i}" for i in range(8)]
+        builders.submit(keyed(0, [(user, i) for i, user in enumerate(users)]))
+        builders.submit(keyed(8, [(user, 8 + i) for i, user in enumerate(users)] + [(users[0], 16)]))
+        first, second = builders.collect(), builders.collect()
+        assert builders.in_flight == 0
+        assert (first.predicted, first.labels_resolved) == (8, 0)
+        # every user's second event resolves their first; u0's third resolves its second, in the same batch
+        assert (second.predicted, second.labels_resolved) == (9, 9)
+        client = redis.Redis.from_url(stack.redis_url)
+        purchases = {user: json.loads(client.get(f"{names.key_prefix}:profile:{user}").partition(b"\n")[0])[0]
+                     for user in users}
+        assert purchases == {**{user: 2 for user in users}, "u0": 3}
+        assert len(set(key_shares(keyed(0, [(user, 0) for user in users]), 2))) == 2  # both builders had a share
+    finally:
+        builders.close()
+
+
+def test_a_redis_error_in_the_builders_comes_back_once_every_share_is_taken_back(stack, names, model):
+    builders = open_builders(stack, names, model, 2, redis_url="redis://127.0.0.1:1/0")
+    try:
+        builders.submit(keyed(0, [(f"u{i}", i) for i in range(8)]))
+        with pytest.raises(redis.ConnectionError):
+            builders.collect()
+        assert builders.in_flight == 0 and all(process.in_flight == 0 for process in builders._processes)
+    finally:
+        builders.close()
+
+
 def test_a_batch_is_built_and_saved_in_the_child_and_a_swap_applies_from_the_next_batch(stack, names, model):
     builder = open_builder(stack, names, model)
     try:
@@ -40,10 +109,11 @@ def test_a_batch_is_built_and_saved_in_the_child_and_a_swap_applies_from_the_nex
         assert redis.Redis.from_url(stack.redis_url).exists(f"{names.key_prefix}:profile:u1")
 
         builder.swap([w * 0.5 for w in model._weights], "v2")
-        builder.submit(batch(3, [dumps(event(2, user="u1"))]), with_quality=True)
+        builder.submit(batch(3, [dumps(event(2, user="u1"))]))
         second = builder.collect()
         assert [json.loads(value)["model_version"] for _, _, value, _ in second.messages] == ["v2"]
-        assert second.quality is not None and model.version in second.quality
+        # the label it resolved comes back to be scored, with the version that served it
+        assert second.resolved.versions == [model.version] and second.resolved.probabilities.shape == (1, len(model.meta.classes))
     finally:
         builder.close()
 
@@ -132,7 +202,7 @@ class SlowlyFailingSaves:
             self.second_built.set()
         return Built([("out", None, b"{}", None)], predicted=len(records)), f"writes of {records[0].offset}"
 
-    def save(self, built, writes, with_quality=False):
+    def save(self, built, writes):
         if not self.saved and not self.failed_once:
             self.failed_once = True
             self.second_built.wait(5)
@@ -145,13 +215,13 @@ def test_a_batch_built_on_top_of_a_failed_transaction_is_not_saved_and_fails_ali
     pipe, fake = FakePipe(), SlowlyFailingSaves()
     builds = _Builds(pipe, fake)
     try:
-        builds.build(batch(0, [b"{}"]), with_quality=False, on_top=False)
-        builds.build(batch(1, [b"{}"]), with_quality=False, on_top=True)
+        builds.build(batch(0, [b"{}"]), on_top=False)
+        builds.build(batch(1, [b"{}"]), on_top=True)
         assert fake.unsaved_seen == [False, True]  # the second read the first's writes in place of Redis
         assert [kind for kind, _ in pipe.sent] == ["outage", "outage"]  # in order: the failed one first
         assert fake.saved == []
         # the serving loop reads the first batch again, on top of nothing: built and saved as usual
-        builds.build(batch(0, [b"{}"]), with_quality=False, on_top=False)
+        builds.build(batch(0, [b"{}"]), on_top=False)
         builds.settle()
         assert [kind for kind, _ in pipe.sent] == ["outage", "outage", "built"]
         assert fake.saved == ["writes of 0"] and fake.unsaved_seen[-1] is False

@@ -21,7 +21,7 @@ def exported_names(metrics: WorkerMetrics) -> set[str]:
 
 def test_every_metric_named_in_the_readme_is_exported():
     metrics = WorkerMetrics()
-    metrics.follow_builder(os.getpid())  # a serving worker also exports its builder's process metrics
+    metrics.follow_builders([os.getpid()])  # a serving worker also exports its builders' process metrics
     exported = exported_names(metrics)
     documented = set(re.findall(r"`(streamadapt_[a-z_]+)", README))
     assert documented, "the README lists the metrics"

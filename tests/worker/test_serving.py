@@ -3,12 +3,13 @@ rebalances and a clean stop."""
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import redis
 from kafka import TopicPartition
 
 from worker import kafka_io
-from worker.batch import Built
+from worker.batch import Built, Resolved
 from worker.builder import BuilderFailed
 from worker.metrics import WorkerMetrics
 from worker.pipeline import InputRecord
@@ -38,7 +39,7 @@ class FakeBuilder:
     def in_flight(self) -> int:
         return len(self.queue)
 
-    def submit(self, batch, with_quality=False):
+    def submit(self, batch):
         assert len(self.queue) <= 2  # one in the loop's hands, one saved, one built
         self.queue.append((batch, bool(self.queue)))
         self.log.append(("submit", batch[0].offset))
@@ -129,10 +130,11 @@ class FakeProducer:
             raise self.failures.pop(0)
 
 
-def make_loop(consumer, producer, builder, exactly_once=False) -> ServingLoop:
+def make_loop(consumer, producer, builder, exactly_once=False, metrics=None, raise_drift_alarm=None) -> ServingLoop:
     settings = load_settings({"STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower()})
     model = SimpleNamespace(version="v1", meta=SimpleNamespace(task="next_category"))
-    return ServingLoop(settings, consumer, producer, builder, model, WorkerMetrics())
+    return ServingLoop(settings, consumer, producer, builder, model, metrics or WorkerMetrics(),
+                       raise_drift_alarm=raise_drift_alarm)
 
 
 @pytest.fixture(autouse=True)
@@ -231,10 +233,10 @@ def test_a_builder_found_dead_when_a_batch_is_handed_over_leaves_nothing_in_flig
     builder = FakeBuilder(log)
     submit = builder.submit
 
-    def submit_until_dead(batch, with_quality=False):
+    def submit_until_dead(batch):
         if batch[0].offset == 12:  # the pipe to the builder is broken by now
             raise BuilderFailed("the batch builder process died (exit code -9)")
-        submit(batch, with_quality)
+        submit(batch)
 
     builder.submit = submit_until_dead
     loop = make_loop(consumer, FakeProducer(log), builder)
@@ -242,3 +244,50 @@ def test_a_builder_found_dead_when_a_batch_is_handed_over_leaves_nothing_in_flig
         loop.run(stop)
     consumer.before_revoke()
     assert [entry for entry in log if entry[0] == "collect"] == []
+
+
+class ResolvingBuilder(FakeBuilder):
+    """Each batch comes back with the labels it resolved."""
+
+    def __init__(self, log: Log, resolved: list[Resolved]):
+        super().__init__(log)
+        self.resolved = list(resolved)
+
+    def collect(self) -> Built:
+        built = super().collect()
+        built.resolved = self.resolved.pop(0)
+        return built
+
+
+def served(first_ts_s: int, count: int, label: int) -> Resolved:
+    """`count` labels of predictions that gave class 0 a probability of 0.9, each known a second after the last."""
+    return Resolved(["v1"] * count, np.tile(np.array([[0.9, 0.1]], np.float32), (count, 1)), [label] * count,
+                    [float(first_ts_s + i) for i in range(count)])
+
+
+def test_committed_labels_are_scored_and_a_shift_in_their_loss_raises_one_drift_alarm_dated_at_the_change():
+    # 1,500 labels the model got right, then 1,500 it got wrong from event time 1,500 s on, across six
+    # batches: the detector (whichever builder joined the labels) alarms once and dates the change there
+    log, stop, metrics, alarms = Log(), threading.Event(), WorkerMetrics(), []
+    consumer = FakeConsumer(log, [records(0, offset) for offset in range(6)], stop=stop)
+    builder = ResolvingBuilder(log, [served(ts_s, 500, 0) for ts_s in (0, 500, 1_000)]
+                               + [served(ts_s, 500, 1) for ts_s in (1_500, 2_000, 2_500)])
+    make_loop(consumer, FakeProducer(log), builder, metrics=metrics, raise_drift_alarm=alarms.append).run(stop)
+    assert alarms == [1_500.0]
+    assert metrics.total("streamadapt_drift_alarms_total") == 1
+    assert metrics.total("streamadapt_labels_resolved_total") == 3_000
+    # live quality over the rolling window of the last 2,000 labels: 500 right, then 1,500 wrong
+    assert metrics.registry.get_sample_value("streamadapt_live_quality", {"model_version": "v1", "measure": "accuracy"}) == 0.25
+
+
+def test_a_drift_alarm_that_cannot_reach_redis_is_logged_and_serving_goes_on(caplog):
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, offset) for offset in range(4)], stop=stop)
+    builder = ResolvingBuilder(log, [served(0, 1_000, 0), served(1_000, 500, 1), served(1_500, 500, 1), served(2_000, 1, 1)])
+
+    def unreachable(regime_since_ts):
+        raise redis.ConnectionError("Redis is away")
+
+    make_loop(consumer, FakeProducer(log), builder, raise_drift_alarm=unreachable).run(stop)
+    assert consumer.committed == {P0: 4}
+    assert "could not pass the drift alarm to the trainer" in caplog.text
