@@ -58,11 +58,12 @@ class Resolved(NamedTuple):
 
 @dataclass
 class Built:
-    """A built batch: the records to produce as (topic, key, value, input timestamp ms); and what it amounts
-    to, for the metrics and the quality monitor once the batch is committed (`resolved` is filled in by
-    `BatchBuilder.save`)."""
+    """A built batch: the records to produce as (topic, key, value); and what it amounts to, for the metrics
+    and the quality monitor once the batch is committed (`resolved` is filled in by `BatchBuilder.save`)."""
 
     messages: list[Message]
+    # the input record timestamp (ms) of each prediction, for the event-to-prediction latency histogram
+    input_timestamps_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     dead_letter_reasons: list[str] = field(default_factory=list)
     duplicates: int = 0
     replayed: int = 0
@@ -107,7 +108,7 @@ class BatchBuilder:
                                  max_future_skew_s=s.max_future_skew_s)
             if isinstance(parsed, Rejection):
                 letter = make_dead_letter(record, parsed, now, s.dlq_payload_max_chars)
-                messages.append((s.kafka.dlq_topic, record.key, letter.model_dump_json().encode(), None))
+                messages.append((s.kafka.dlq_topic, record.key, letter.model_dump_json().encode()))
                 reasons.append(parsed.reason.value)
             else:
                 valid.append((record, parsed))
@@ -121,9 +122,11 @@ class BatchBuilder:
         predictions_topic = s.kafka.predictions_topic
         for (record, event), body in zip(plan.fresh, predictions):
             writes.claims.append((event.event_id, EventClaim(record.ref, body)))
-            messages.append((predictions_topic, event.user_id.encode(), body, record.timestamp_ms))
+            messages.append((predictions_topic, event.user_id.encode(), body))
         for record, body in plan.replays:
-            messages.append((predictions_topic, record.key, body, record.timestamp_ms))
+            messages.append((predictions_topic, record.key, body))
+        input_timestamps_ms = np.array([record.timestamp_ms for record, _ in plan.fresh]
+                                       + [record.timestamp_ms for record, _ in plan.replays], dtype=np.float64)
         served = served_examples(plan, probabilities, model.version)
         writes.examples = resolved_examples(plan, served)
         writes.resolved_ts_s = resolution_times(plan)
@@ -132,7 +135,7 @@ class BatchBuilder:
         if meta.task == "repurchase":
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
             self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0, unsaved)
-        built = Built(messages, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
+        built = Built(messages, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
                       predicted=len(predictions) + len(plan.replays))
         return built, writes
 

@@ -30,6 +30,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
+import numpy as np
+
 from worker.batch import REDIS_OUTAGE_ERRORS, BatchBuilder, Built, Resolved, Unsaved
 from worker.model import ServingModel
 from worker.pipeline import InputRecord, builder_of
@@ -190,6 +192,7 @@ def joined(parts: list[Built]) -> Built:
     """One batch's shares as one Built: each share's messages keep their order (a key's are all in one)."""
     resolved = [part.resolved for part in parts if part.resolved is not None and part.resolved.labels]
     return Built(messages=[message for part in parts for message in part.messages],
+                 input_timestamps_ms=np.concatenate([part.input_timestamps_ms for part in parts]),
                  dead_letter_reasons=[reason for part in parts for reason in part.dead_letter_reasons],
                  duplicates=sum(part.duplicates for part in parts), replayed=sum(part.replayed for part in parts),
                  predicted=sum(part.predicted for part in parts),

@@ -213,7 +213,7 @@ class ServingProducer:
     def send_all(self, messages: list[Message]) -> None:
         self._failures.clear()
         produce = self._producer.produce
-        for topic, key, value, _ in messages:
+        for topic, key, value in messages:
             while True:
                 try:
                     produce(topic, value=value, key=key)

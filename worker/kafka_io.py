@@ -301,7 +301,7 @@ class ServingProducer:
         self._partition_of.new_batch()
         send, partition_of = self._producer.send, self._partition_of
         futures = [send(topic, key=key, value=value, partition=partition_of(topic, key))
-                   for topic, key, value, _ in messages]
+                   for topic, key, value in messages]
         self._producer.flush(timeout=ACK_TIMEOUT_S)
         wait_acknowledged(futures, ACK_TIMEOUT_S)
 

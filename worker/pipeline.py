@@ -21,8 +21,8 @@ from worker.parsing import Rejection
 from worker.state import EventClaim
 
 TOP_CLASSES = 3
-# (topic, key, value, input timestamp in ms or None): one record a batch produces
-Message = tuple[str, "bytes | None", bytes, "int | None"]
+# (topic, key, value): one record a batch produces
+Message = tuple[str, "bytes | None", bytes]
 
 
 class InputRecord(NamedTuple):

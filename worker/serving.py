@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+import numpy as np
 import redis
 from kafka import TopicPartition
 from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
@@ -24,7 +25,7 @@ from worker.batch import REDIS_OUTAGE_ERRORS, Built, Resolved
 from worker.builder import BuilderFailed, Builders
 from worker.hotswap import ModelFollower
 from worker.kafka_io import ServingConsumer, ServingProducer
-from worker.metrics import WorkerMetrics
+from worker.metrics import WorkerMetrics, observe_many
 from worker.model import ServingModel
 from worker.pipeline import InputRecord, first_offsets, next_offsets
 from worker.quality import QualityMonitor
@@ -320,10 +321,8 @@ class ServingLoop:
             self._producer.send_all(built.messages)
             self._consumer.commit_async(offsets)
             self._latest_offsets.update(offsets)
-        acked_ms = time.time() * 1000.0
-        for _, _, _, source_ms in built.messages:
-            if source_ms is not None and source_ms >= 0:
-                self._metrics.latency.observe(max(0.0, acked_ms - source_ms) / 1000.0)
+        sent_ms = built.input_timestamps_ms
+        observe_many(self._metrics.latency, np.maximum(0.0, time.time() * 1000.0 - sent_ms[sent_ms >= 0]) / 1000.0)
 
     def _refresh_lag(self) -> None:
         try:

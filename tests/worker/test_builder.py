@@ -55,12 +55,14 @@ def test_each_key_has_one_builder_and_keeps_its_order():
 
 
 def test_the_shares_of_a_batch_join_into_one():
-    first = Built([("p", b"a", b"1", None), ("p", b"a", b"2", None)], ["invalid_json"], duplicates=1, predicted=2,
+    first = Built([("p", b"a", b"1"), ("p", b"a", b"2"), ("dlq", b"a", b"x")], np.array([5.0, 6.0]), ["invalid_json"],
+                  duplicates=1, predicted=2,
                   resolved=Resolved(["v1"], np.array([[0.2, 0.8]], np.float32), [1], [10.0]))
-    second = Built([("p", b"b", b"3", None)], replayed=1, predicted=1,
+    second = Built([("p", b"b", b"3")], np.array([7.0]), replayed=1, predicted=1,
                    resolved=Resolved(["v2", "v2"], np.array([[0.5, 0.5], [0.9, 0.1]], np.float32), [0, 0], [11.0, 12.0]))
     both = joined([first, second])
-    assert [value for _, _, value, _ in both.messages] == [b"1", b"2", b"3"]
+    assert [value for _, _, value in both.messages] == [b"1", b"2", b"x", b"3"]
+    assert both.input_timestamps_ms.tolist() == [5.0, 6.0, 7.0]
     assert (both.dead_letter_reasons, both.duplicates, both.replayed, both.predicted) == (["invalid_json"], 1, 1, 3)
     assert both.resolved.versions == ["v1", "v2", "v2"] and both.resolved.labels == [1, 0, 0]
     assert both.resolved.probabilities.shape == (3, 2) and both.resolved.resolved_ts_s == [10.0, 11.0, 12.0]
@@ -104,14 +106,14 @@ def test_a_batch_is_built_and_saved_in_the_child_and_a_swap_applies_from_the_nex
         builder.submit(batch(0, [dumps(event(0, user="u1")), b"not json", dumps(event(1, user="u1"))]))
         first = builder.collect()
         assert (first.predicted, first.dead_letter_reasons, first.labels_resolved) == (2, ["invalid_json"], 1)
-        assert {json.loads(value)["model_version"] for topic, _, value, _ in first.messages
+        assert {json.loads(value)["model_version"] for topic, _, value in first.messages
                 if topic == names.predictions_topic} == {model.version}
         assert redis.Redis.from_url(stack.redis_url).exists(f"{names.key_prefix}:profile:u1")
 
         builder.swap([w * 0.5 for w in model._weights], "v2")
         builder.submit(batch(3, [dumps(event(2, user="u1"))]))
         second = builder.collect()
-        assert [json.loads(value)["model_version"] for _, _, value, _ in second.messages] == ["v2"]
+        assert [json.loads(value)["model_version"] for _, _, value in second.messages] == ["v2"]
         # the label it resolved comes back to be scored, with the version that served it
         assert second.resolved.versions == [model.version] and second.resolved.probabilities.shape == (1, len(model.meta.classes))
     finally:
@@ -200,7 +202,7 @@ class SlowlyFailingSaves:
         self.unsaved_seen.append(unsaved is not None)
         if len(self.unsaved_seen) == 2:
             self.second_built.set()
-        return Built([("out", None, b"{}", None)], predicted=len(records)), f"writes of {records[0].offset}"
+        return Built([("out", None, b"{}")], predicted=len(records)), f"writes of {records[0].offset}"
 
     def save(self, built, writes):
         if not self.saved and not self.failed_once:

@@ -109,7 +109,7 @@ class _Acknowledged:
         return None
 
 
-MESSAGES = [("predictions", b"user-1", b"{}", None), ("dlq", None, b"{}", None)]
+MESSAGES = [("predictions", b"user-1", b"{}"), ("dlq", None, b"{}")]
 
 
 def test_a_transaction_sends_the_batch_then_the_offsets_then_commits():

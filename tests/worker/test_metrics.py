@@ -4,9 +4,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from worker.metrics import HealthServer, WorkerMetrics
+from worker.metrics import HealthServer, WorkerMetrics, observe_many
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -55,3 +56,20 @@ def test_health_endpoints(ready, expected):
         assert status == 200
         assert 'streamadapt_events_dead_lettered_total{reason="invalid_json"} 3.0' in body
         assert get(server.port, "/nope")[0] == 404
+
+
+LATENCY = "streamadapt_event_to_prediction_latency_seconds"
+
+
+def test_observing_many_amounts_at_once_counts_as_observing_each():
+    one_by_one, at_once = WorkerMetrics(), WorkerMetrics()
+    amounts = np.array([0.0, 0.0004, 0.001, 0.0011, 0.05, 0.7, 12.0, 45.0, 0.001])  # on and between bucket bounds
+    for amount in amounts:
+        one_by_one.latency.observe(float(amount))
+    observe_many(at_once.latency, amounts)
+    observe_many(at_once.latency, np.zeros(0))
+    def latency_lines(metrics):
+        return [line for line in metrics.render().decode().splitlines()
+                if line.startswith(LATENCY) and not line.startswith(LATENCY + "_created")]
+
+    assert latency_lines(at_once) == latency_lines(one_by_one) and len(latency_lines(at_once)) > 10

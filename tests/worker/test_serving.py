@@ -54,7 +54,7 @@ class FakeBuilder:
         if self.failures:
             self._failed = self.failures.pop(0)
             raise self._failed
-        return Built([("out", b"k", b"{}", None)] * len(batch), predicted=len(batch))
+        return Built([("out", b"k", b"{}")] * len(batch), np.zeros(len(batch)), predicted=len(batch))
 
     def ready(self):
         return False  # taken back only when the pipeline is full or the stream is quiet
