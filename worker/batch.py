@@ -68,6 +68,7 @@ class Built:
     duplicates: int = 0
     replayed: int = 0
     predicted: int = 0
+    keyed_by_user: bool = True  # every valid record's key is its user_id, as the input contract asks
     resolved: Resolved | None = None
 
     @property
@@ -136,7 +137,8 @@ class BatchBuilder:
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
             self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0, unsaved)
         built = Built(messages, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
-                      predicted=len(predictions) + len(plan.replays))
+                      predicted=len(predictions) + len(plan.replays),
+                      keyed_by_user=all(record.key == event.user_id.encode() for record, event in valid))
         return built, writes
 
     def save(self, built: Built, writes: StateWrites) -> Built:

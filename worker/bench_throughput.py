@@ -140,10 +140,11 @@ class LatencyResult:
     swaps: dict | None = None  # hot-swaps the worker made: count, mean and max bucket bound in ms
 
 
-def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str, bytes]], rate: float,
+def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str, str, bytes]], rate: float,
                     log_path: Path, *, finetune: bool = False, warmup_s: float = 2.0) -> LatencyResult:
-    """Send `values` (event_id, JSON) at `rate` events/s to a fresh worker and time each prediction from
-    the moment its event was sent to the moment a consumer of the predictions topic received it.
+    """Send `values` (event_id, user_id, JSON) at `rate` events/s, keyed by user_id, to a fresh worker and
+    time each prediction from the moment its event was sent to the moment a consumer of the predictions
+    topic received it.
 
     With `finetune`, the worker runs with its trainer (`--role all`), fine-tuning every 1,000 new labels;
     latencies of events sent while the trainer's `streamadapt_finetune_running` gauge was 1 are also
@@ -189,7 +190,7 @@ def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
     return float(p50), float(p99), float(p999)
 
 
-def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, bytes]], rate: float) -> dict[str, float]:
+def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, str, bytes]], rate: float) -> dict[str, float]:
     """Produce at a steady `rate`; returns event_id -> wall-clock send time.
 
     The load generator and the reader below use confluent-kafka (librdkafka, C): they share the 2 cores
@@ -200,12 +201,12 @@ def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, bytes]
     producer = Producer({"bootstrap.servers": kafka.bootstrap, "acks": "all", "linger.ms": 5})  # as open_producer
     sent: dict[str, float] = {}
     started = time.perf_counter()
-    for i, (event_id, value) in enumerate(values):
+    for i, (event_id, user_id, value) in enumerate(values):
         delay = started + i / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
         sent[event_id] = time.time()
-        producer.produce(topic, value=value, key=event_id.encode())
+        producer.produce(topic, value=value, key=user_id.encode())  # the input contract's key
         producer.poll(0)
     if producer.flush(60) > 0:
         raise RuntimeError("the load generator could not deliver every event")
@@ -361,7 +362,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             write_events(latency_stream, events=int(worker.events_per_s * max(LOAD_SHARES) * latency_s) + 1,
                          market="target", seed=97)
             lines = latency_stream.read_bytes().splitlines()
-            values = [(json.loads(line)["event_id"], line) for line in lines]
+            values = [(event["event_id"], event["user_id"], line) for line in lines for event in [json.loads(line)]]
             for share, finetune in [(share, False) for share in LOAD_SHARES] + [(0.5, True)]:
                 rate = worker.events_per_s * share
                 echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")

@@ -28,6 +28,7 @@ import threading
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -121,9 +122,17 @@ class Builders:
     builder, built and saved by it while the others build theirs, and joined again by `collect`. A key's
     builder is fixed (CRC-32 of the key), so each user's events are built in order by one process, whose
     Redis reads see its own writes (worker.batch); repurchase deadlines are settled by the builder of their user.
-Records without a key go to the first builder."""
+
+    That holds only if the input is keyed by user_id, as DESIGN.md asks. So batches are split only once
+    SPLIT_AFTER_EVENTS valid events came back all keyed by their user_id; until then, and for good once a
+    record keyed otherwise (or not at all) comes back, the first builder builds every batch alone. A switch
+    waits until every batch handed over before it has come back (its writes are in Redis): later batches
+    are held until then, so no builder reads a user's state while another still writes it."""
 
     def __init__(self, settings: Settings, model: ServingModel):
+        self._split = "waiting"  # until enough keyed events came back; then "on", or "off" for good
+        self._next_split: str | None = None  # a switch waiting for the batches handed over before it
+        self._keyed_events = 0
         self._processes: list[BuilderProcess] = []
         try:
             for index in range(settings.builders):
@@ -131,7 +140,7 @@ Records without a key go to the first builder."""
         except BaseException:
             self.close()
             raise
-        self._holders: deque[list[int]] = deque()  # per batch in flight, oldest first: the builders with a share
+        self._batches: deque[_Batch] = deque()  # in flight, oldest first
 
     @property
     def pids(self) -> list[int]:
@@ -139,31 +148,67 @@ Records without a key go to the first builder."""
 
     @property
     def in_flight(self) -> int:
-        return len(self._holders)
+        return len(self._batches)
+
+    @property
+    def splitting(self) -> bool:
+        """Whether batches handed over now are split over the builders."""
+        return self._split == "on" and self._next_split is None
 
     def submit(self, records: list[InputRecord]) -> None:
-        """Hand a batch over, each builder its share."""
-        shares = key_shares(records, len(self._processes))
-        for index, share in shares.items():
-            self._processes[index].submit(share)
-        self._holders.append(list(shares))
+        """Hand a batch over, each builder its share (or hold it while a switch waits)."""
+        self._batches.append(_Batch(records))
+        self._hand_over()
 
     def ready(self) -> bool:
         """Whether `collect` would return without waiting."""
-        return bool(self._holders) and all(self._processes[index].ready() for index in self._holders[0])
+        self._hand_over()
+        return (bool(self._batches) and self._batches[0].holders is not None
+                and all(self._processes[index].ready() for index in self._batches[0].holders))
 
     def collect(self) -> Built:
         """The oldest batch in flight, every share built and saved; raises the Redis error that stopped a
         share (after taking back the other shares, so that every builder stays in step)."""
+        self._hand_over()  # a held batch is the oldest only once every batch before it came back
         parts, outage = [], None
-        for index in self._holders.popleft():
+        for index in self._batches.popleft().holders:
             try:
                 parts.append(self._processes[index].collect())
             except REDIS_OUTAGE_ERRORS as error:
                 outage = outage or error
         if outage is not None:
             raise outage
-        return parts[0] if len(parts) == 1 else joined(parts)
+        built = parts[0] if len(parts) == 1 else joined(parts)
+        self._check_keys(built)
+        self._hand_over()
+        return built
+
+    def _hand_over(self) -> None:
+        """Apply a pending switch once no batch is out, and hand the held batches over, oldest first."""
+        if self._next_split is not None:
+            if any(batch.holders is not None for batch in self._batches):
+                return  # held until the batches out come back
+            self._split, self._next_split = self._next_split, None
+        for batch in self._batches:
+            if batch.holders is None:
+                shares = key_shares(batch.records, len(self._processes) if self._split == "on" else 1)
+                for index, share in shares.items():
+                    self._processes[index].submit(share)
+                batch.holders = list(shares)
+
+    def _check_keys(self, built: Built) -> None:
+        if self._split == "off" or self._next_split == "off" or len(self._processes) == 1:
+            return
+        if not built.keyed_by_user:
+            log.warning("input records not keyed by their user_id: one builder process builds every batch from now on, "
+                        "so that each user's state is read and written in order (key the input by user_id, as the "
+                        "contract asks, to use all %d --builders)", len(self._processes))
+            self._next_split = "off"
+            return
+        self._keyed_events += built.predicted + built.duplicates
+        if self._split == "waiting" and self._next_split is None and self._keyed_events >= SPLIT_AFTER_EVENTS:
+            log.info("input keyed by user_id: batches are split over %d builder processes from now on", len(self._processes))
+            self._next_split = "on"
 
     def check_alive(self) -> None:
         for process in self._processes:
@@ -176,6 +221,15 @@ Records without a key go to the first builder."""
     def close(self, timeout_s: float = 10.0) -> None:
         for process in self._processes:
             process.close(timeout_s)
+
+
+SPLIT_AFTER_EVENTS = 1000
+
+
+@dataclass
+class _Batch:
+    records: list[InputRecord]
+    holders: list[int] | None = None  # the builders with a share; None while held back by a switch
 
 
 def key_shares(records: list[InputRecord], builders: int) -> dict[int, list[InputRecord]]:
@@ -195,7 +249,7 @@ def joined(parts: list[Built]) -> Built:
                  input_timestamps_ms=np.concatenate([part.input_timestamps_ms for part in parts]),
                  dead_letter_reasons=[reason for part in parts for reason in part.dead_letter_reasons],
                  duplicates=sum(part.duplicates for part in parts), replayed=sum(part.replayed for part in parts),
-                 predicted=sum(part.predicted for part in parts),
+                 predicted=sum(part.predicted for part in parts), keyed_by_user=all(part.keyed_by_user for part in parts),
                  resolved=Resolved.joined(resolved) if resolved else None)
 
 

@@ -42,7 +42,8 @@ def test_latency_run_times_every_event_it_sends(stack, checkpoint, tmp_path, mon
     monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
     stream = tmp_path / "events.jsonl"
     write_events(stream, events=600, market="target", seed=5)
-    values = [(json.loads(line)["event_id"], line) for line in stream.read_bytes().splitlines()]
+    values = [(event["event_id"], event["user_id"], line) for line in stream.read_bytes().splitlines()
+              for event in [json.loads(line)]]
     result = measure_latency(load_settings(), checkpoint, values, rate=200.0, log_path=tmp_path / "worker.log",
                              warmup_s=1.0)
     assert result.received == result.events > 300  # every event after the warm-up came back as a prediction

@@ -11,7 +11,7 @@ import redis
 
 from tests.integration.conftest import dumps, event
 from worker.batch import Built, Resolved
-from worker.builder import BuilderFailed, BuilderProcess, Builders, _Builds, joined, key_shares
+from worker.builder import SPLIT_AFTER_EVENTS, BuilderFailed, BuilderProcess, Builders, _Builds, joined, key_shares
 from worker.model import ServingModel
 from worker.pipeline import InputRecord
 from worker.settings import load_settings
@@ -72,9 +72,12 @@ def test_the_shares_of_a_batch_join_into_one():
 def test_builders_share_a_batch_by_key_and_each_user_is_built_in_order(stack, names, model):
     builders = open_builders(stack, names, model, 2)
     try:
+        builders.submit(keyed(0, [(f"warm-{i}", 100 + i) for i in range(SPLIT_AFTER_EVENTS)]))
+        assert builders.collect().predicted == SPLIT_AFTER_EVENTS and builders.splitting
         users = [f"u{i}" for i in range(8)]
-        builders.submit(keyed(0, [(user, i) for i, user in enumerate(users)]))
-        builders.submit(keyed(8, [(user, 8 + i) for i, user in enumerate(users)] + [(users[0], 16)]))
+        assert len(key_shares(keyed(0, [(user, 0) for user in users]), 2)) == 2  # both builders get a share
+        builders.submit(keyed(2_000, [(user, i) for i, user in enumerate(users)]))
+        builders.submit(keyed(2_008, [(user, 8 + i) for i, user in enumerate(users)] + [(users[0], 16)]))
         first, second = builders.collect(), builders.collect()
         assert builders.in_flight == 0
         assert (first.predicted, first.labels_resolved) == (8, 0)
@@ -84,9 +87,83 @@ def test_builders_share_a_batch_by_key_and_each_user_is_built_in_order(stack, na
         purchases = {user: json.loads(client.get(f"{names.key_prefix}:profile:{user}").partition(b"\n")[0])[0]
                      for user in users}
         assert purchases == {**{user: 2 for user in users}, "u0": 3}
-        assert len(set(key_shares(keyed(0, [(user, 0) for user in users]), 2))) == 2  # both builders had a share
     finally:
         builders.close()
+
+
+class FakeProcess:
+    """A builder process in-process: builds a share at once; records keyed b"user-..." count as keyed by user."""
+
+    def __init__(self, settings, model, index, log):
+        self.index, self.log, self.shares = index, log, []
+
+    @property
+    def in_flight(self):
+        return len(self.shares)
+
+    def submit(self, records):
+        self.shares.append(records)
+        self.log.append(("submit", self.index, records[0].offset))
+
+    def ready(self):
+        return bool(self.shares)
+
+    def collect(self):
+        share = self.shares.pop(0)
+        self.log.append(("collect", self.index, share[0].offset))
+        return Built([("p", r.key, b"{}") for r in share], np.zeros(len(share)), predicted=len(share),
+                     keyed_by_user=all(r.key.startswith(b"user-") for r in share))
+
+    def close(self, timeout_s=10.0):
+        pass
+
+
+@pytest.fixture
+def fake_builders(monkeypatch):
+    log = []
+    monkeypatch.setattr("worker.builder.BuilderProcess", lambda settings, model, index: FakeProcess(settings, model, index, log))
+    monkeypatch.setattr("worker.builder.SPLIT_AFTER_EVENTS", 10)
+    return Builders(load_settings({"STREAMADAPT_BUILDERS": "2"}), None), log
+
+
+def users_batch(first_offset: int, count: int, key=lambda i: f"user-{i}".encode()) -> list[InputRecord]:
+    return [InputRecord("in", 0, first_offset + i, 0, key(i), b"{}") for i in range(count)]
+
+
+def test_batches_are_split_only_once_enough_events_came_back_keyed_by_user_and_every_earlier_batch_is_back(fake_builders):
+    builders, log = fake_builders
+    for offset in (0, 100, 200):
+        builders.submit(users_batch(offset, 8))
+    assert [entry for entry in log if entry[0] == "submit"] == [("submit", 0, 0), ("submit", 0, 100), ("submit", 0, 200)]
+    builders.collect()
+    builders.collect()  # 16 keyed events back: split from the next hand-over, once batch 200 is back
+    builders.submit(users_batch(300, 8))
+    assert ("submit", 0, 300) not in log and builders.in_flight == 2  # held: batch 200 was built alone
+    builders.collect()  # batch 200 is back: batch 300 is handed over at once, split
+    handed_over = [i for i, entry in enumerate(log) if entry[0] == "submit" and entry[2] >= 300]
+    assert log.index(("collect", 0, 200)) < min(handed_over)
+    assert {log[i][1] for i in handed_over} == {0, 1} and builders.splitting
+    assert builders.collect().predicted == 8 and builders.in_flight == 0
+
+
+def test_a_record_not_keyed_by_its_user_ends_the_splitting_for_good_once_the_split_batches_are_back(fake_builders):
+    builders, log = fake_builders
+    builders.submit(users_batch(0, 12))
+    builders.collect()
+    builders.submit(users_batch(100, 8))
+    assert builders.splitting
+    builders.submit(users_batch(200, 8, key=lambda i: b"other"))  # a producer that keys otherwise
+    builders.submit(users_batch(300, 8))
+    builders.collect()
+    builders.collect()  # batch 200 comes back keyed otherwise: batch 300 (split, out) first, then one builder
+    builders.submit(users_batch(400, 8))
+    assert not builders.splitting and not [entry for entry in log if entry[0] == "submit" and entry[2] == 400]
+    builders.collect()
+    builders.collect()
+    assert [entry[1] for entry in log if entry[0] == "submit" and entry[2] == 400] == [0]
+    builders.submit(users_batch(500, 8))  # well keyed again: still one builder
+    builders.collect()
+    assert [entry[1] for entry in log if entry[0] == "submit" and entry[2] == 500] == [0]
 
 
 def test_a_redis_error_in_the_builders_comes_back_once_every_share_is_taken_back(stack, names, model):
