@@ -86,7 +86,8 @@ class Unsaved(NamedTuple):
 class BatchBuilder:
     def __init__(self, settings: Settings, store: StateStore, model: ServingModel, index: int = 0,
                  clock=lambda: datetime.now(timezone.utc)):
-        """Builder `index` of `settings.builders`: it is handed the records whose key is its own (`builder_of`)."""
+        """Builder `index` of `settings.builders`: when a batch is split, it is handed the records whose key is
+        its own (`builder_of`)."""
         self._settings = settings
         self._store = store
         self._model = model
@@ -97,10 +98,11 @@ class BatchBuilder:
     def swap(self, weights, version: str) -> None:
         self._model.swap(weights, version)
 
-    def build(self, records: list[InputRecord], unsaved: Unsaved | None = None) -> tuple[Built, StateWrites]:
-        """The batch's outputs and the Redis writes that must land before they are sent. It reads Redis as
-        the writes in `unsaved` leave it (they win over what Redis holds until they land); Redis errors
-        propagate."""
+    def build(self, records: list[InputRecord], unsaved: Unsaved | None = None, builders: int = 1
+              ) -> tuple[Built, StateWrites]:
+        """The batch's outputs and the Redis writes that must land before they are sent: `records` is this
+        builder's share of a batch split over `builders` builders. It reads Redis as the writes in `unsaved`
+        leave it (they win over what Redis holds until they land); Redis errors propagate."""
         s = self._settings
         now = self._clock()
         valid, messages, reasons = [], [], []
@@ -135,7 +137,7 @@ class BatchBuilder:
         writes.newest_by_partition = newest_event_times(plan.fresh)
         if meta.task == "repurchase":
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
-            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0, unsaved)
+            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0, unsaved, builders)
         built = Built(messages, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
                       predicted=len(predictions) + len(plan.replays),
                       keyed_by_user=all(record.key == event.user_id.encode() for record, event in valid))
@@ -150,7 +152,7 @@ class BatchBuilder:
         return built
 
     def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float,
-                           unsaved: Unsaved | None) -> None:
+                           unsaved: Unsaved | None, builders: int) -> None:
         """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
         on the input partitions of this batch, for the users whose records this builder builds. The deadline
         index is read once the batch before has landed.
@@ -169,7 +171,7 @@ class BatchBuilder:
         now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
         if now_watermark is None:
             return
-        replaced, builders = set(writes.pendings), self._settings.builders
+        replaced = set(writes.pendings)
         for partition, due in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
             users = [user for user in due if builder_of(user.encode(), builders) == self._index]
             if not users:

@@ -66,11 +66,12 @@ class BuilderProcess:
     def pid(self) -> int:
         return self._process.pid
 
-    def submit(self, records: list[InputRecord]) -> None:
-        """Hand a batch over. With batches already in flight, this one is built on top of them: while their
-        transactions land, and only saved if they do."""
+    def submit(self, records: list[InputRecord], builders: int = 1) -> None:
+        """Hand a batch over: this builder's share of a batch split over `builders` builders (by `builder_of`).
+        With batches already in flight, this one is built on top of them: while their transactions land, and
+        only saved if they do."""
         try:
-            self._conn.send(("build", [tuple(record) for record in records], self.in_flight > 0))
+            self._conn.send(("build", [tuple(record) for record in records], self.in_flight > 0, builders))
         except OSError as error:
             raise self._died() from error
         self.in_flight += 1
@@ -195,9 +196,10 @@ class Builders:
             self._split, self._next_split = self._next_split, None
         for batch in self._batches:
             if batch.holders is None:
-                shares = key_shares(batch.records, len(self._processes) if self._split == "on" else 1)
+                builders = len(self._processes) if self._split == "on" else 1
+                shares = key_shares(batch.records, builders)
                 for index, share in shares.items():
-                    self._processes[index].submit(share)
+                    self._processes[index].submit(share, builders)
                 batch.holders = list(shares)
 
     def _check_keys(self, built: Built) -> None:
@@ -298,7 +300,7 @@ def _serve(conn: Connection, settings: Settings, model: ServingModel, index: int
             if message[0] == "swap":
                 builds.builder.swap(message[1], message[2])
             else:
-                builds.build([InputRecord(*record) for record in message[1]], on_top=message[2])
+                builds.build([InputRecord(*record) for record in message[1]], on_top=message[2], builders=message[3])
     finally:
         builds.close()
         client.close()
@@ -337,10 +339,10 @@ class _Builds:
         self._last: Unsaved | None = None  # the last batch handed to the saving thread, until settled
         self._failure: Exception | None = None  # what stopped the last batch; None if it went through
 
-    def build(self, records: list[InputRecord], on_top: bool) -> None:
+    def build(self, records: list[InputRecord], on_top: bool, builders: int = 1) -> None:
         writes = failure = None
         try:
-            built, writes = self.builder.build(records, self._last if on_top else None)
+            built, writes = self.builder.build(records, self._last if on_top else None, builders)
         except REDIS_OUTAGE_ERRORS as error:
             reply, failure = ("outage", error), error
         except Exception as error:  # a bug: say which records, so that they can be looked at

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import redis
 
-from tests.integration.conftest import WorkerProcess, read_topic
+from tests.integration.conftest import WorkerProcess, produce, read_topic
 from worker.evaluation import stream_labels
 from worker.examples import Example
 from worker.generate import write_events
@@ -15,15 +15,20 @@ from worker.settings import KafkaSettings
 pytestmark = pytest.mark.integration
 
 
-def test_repurchase_labels_from_the_stream_match_the_offline_rules(stack, names, repurchase_checkpoint, tmp_path):
+@pytest.mark.parametrize("keyed_by", ["user_id", "one key for all"])
+def test_repurchase_labels_from_the_stream_match_the_offline_rules(stack, names, repurchase_checkpoint, tmp_path, keyed_by):
     path = tmp_path / "target.jsonl"
     write_events(path, events=10_000, market="target", drift_at=5_000, seed=21)
     events, _ = read_events(path)
     truth = stream_labels(events, "repurchase", horizon_days=7)
-    # Six partitions read at different speeds: the watermark must follow the slowest one.
     with WorkerProcess(stack, names, repurchase_checkpoint, tmp_path / "worker.log",
                        STREAMADAPT_TRAINING_WINDOW_MAX_AGE_S=str(10**9)) as worker:
-        replay(path, KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic))
+        if keyed_by == "user_id":
+            # Six partitions read at different speeds: the watermark must follow the slowest one; and the
+            # worker's two builders, each with its share of the users, settle their own users' deadlines.
+            replay(path, KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic))
+        else:  # not keyed by user: one builder builds, and settles, every user's deadlines
+            produce(stack, names.input_topic, path.read_bytes().splitlines(), keys=[b"all"] * len(events))
         read_topic(stack, names.predictions_topic, expect=len(events), timeout_s=180)
         assert worker.stop() == 0
     client = redis.Redis.from_url(stack.redis_url)

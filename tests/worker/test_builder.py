@@ -10,11 +10,12 @@ import pytest
 import redis
 
 from tests.integration.conftest import dumps, event
-from worker.batch import Built, Resolved
+from worker.batch import BatchBuilder, Built, Resolved
 from worker.builder import SPLIT_AFTER_EVENTS, BuilderFailed, BuilderProcess, Builders, _Builds, joined, key_shares
 from worker.model import ServingModel
-from worker.pipeline import InputRecord
+from worker.pipeline import InputRecord, builder_of
 from worker.settings import load_settings
+from worker.state import StateStore
 
 
 def batch(first_offset: int, bodies: list[bytes]) -> list[InputRecord]:
@@ -101,7 +102,7 @@ class FakeProcess:
     def in_flight(self):
         return len(self.shares)
 
-    def submit(self, records):
+    def submit(self, records, builders=1):
         self.shares.append(records)
         self.log.append(("submit", self.index, records[0].offset))
 
@@ -275,7 +276,7 @@ class SlowlyFailingSaves:
         self.unsaved_seen, self.saved, self.failed_once = [], [], False
         self.second_built = threading.Event()
 
-    def build(self, records, unsaved=None):
+    def build(self, records, unsaved=None, builders=1):
         self.unsaved_seen.append(unsaved is not None)
         if len(self.unsaved_seen) == 2:
             self.second_built.set()
@@ -306,3 +307,29 @@ def test_a_batch_built_on_top_of_a_failed_transaction_is_not_saved_and_fails_ali
         assert fake.saved == ["writes of 0"] and fake.unsaved_seen[-1] is False
     finally:
         builds.close()
+
+
+def test_a_repurchase_deadline_is_settled_by_the_builder_of_its_user_and_by_the_only_builder_when_unsplit(
+        stack, names, repurchase_checkpoint):
+    # u-late buys once; eight days later another user's purchase moves the watermark past u-late's 7-day
+    # deadline. Split over two builders, only u-late's own builder settles it (a negative label); built by
+    # one builder alone (the input was not keyed by user), that builder settles it, whoever's it is.
+    late = next(f"u-late-{i}" for i in range(100) if builder_of(f"u-late-{i}".encode(), 2) == 1)
+    settings = load_settings({**names.env(stack), "STREAMADAPT_BUILDERS": "2"})
+    client = redis.Redis.from_url(stack.redis_url)
+    model = ServingModel.from_checkpoint(repurchase_checkpoint)
+
+    def negatives(index: int, builders: int, prefix: str) -> list[int]:
+        store = StateStore(client, settings.redis.model_copy(update={"key_prefix": prefix}))
+        builder = BatchBuilder(settings, store, model, index)
+        first = keyed(0, [(late, 0)])
+        second = [InputRecord("purchases", 0, 1, 1_000, b"u-other",
+                              dumps(event(1, user="u-other", ts="2025-08-09T02:00:00Z")))]
+        for records in (first, second):
+            built, writes = builder.build(records, None, builders)
+            builder.save(built, writes)
+        return built.resolved.labels
+
+    assert negatives(index=1, builders=2, prefix=f"{names.key_prefix}-own") == [0]
+    assert negatives(index=0, builders=2, prefix=f"{names.key_prefix}-other") == []
+    assert negatives(index=0, builders=1, prefix=f"{names.key_prefix}-alone") == [0]
