@@ -58,6 +58,9 @@ def test_mounted_files_exist_and_redis_persists():
             if source.startswith("./"):
                 assert (REPO / source).exists(), f"{name} mounts missing {source}"
     assert "--appendonly" in services["redis"]["command"]
+    # as scripts/dev-stack runs it: no append-only file rewrite until the file reaches 1 GB
+    assert services["redis"]["command"][services["redis"]["command"].index("--auto-aof-rewrite-min-size") + 1] == "1gb"
+    assert "--auto-aof-rewrite-min-size 1gb" in (REPO / "scripts" / "dev-stack").read_text()
 
 
 def test_topics_created_match_the_default_topic_settings():
