@@ -123,21 +123,23 @@ class BuilderProcess:
 
 
 class Builders:
-    """`settings.builders` builder processes used as one. Each batch is split by record key: a share per
+    """`settings.builders` builder processes used as one. A batch is split by record key: a share per
     builder, built and saved by it while the others build theirs, and joined again by `collect`. A key's
     builder is fixed (CRC-32 of the key), so each user's events are built in order by one process, whose
     Redis reads see its own writes (worker.batch); repurchase deadlines are settled by the builder of their user.
 
     That holds only if the input is keyed by user_id, as DESIGN.md asks. So batches are split only once
-    SPLIT_AFTER_EVENTS valid events came back all keyed by their user_id; until then, and for good once a
-    record keyed otherwise (or not at all) comes back, the first builder builds every batch alone. A switch
-    waits until every batch handed over before it has come back (its writes are in Redis): later batches
-    are held until then, so no builder reads a user's state while another still writes it."""
+    SPLIT_AFTER_EVENTS valid events came back all keyed by their user_id, and never again once a record keyed
+    otherwise (or not at all) came back. And only big batches are split (a backlog, where the split doubles
+    the rate); a small batch of a steady stream is built by the first builder alone, sooner than two shares
+    would be. Between the two, a switch waits until every batch handed over before it has come back (its
+    writes are in Redis): later batches are held until then, so no builder reads a user's state while
+    another still writes it."""
 
     def __init__(self, settings: Settings, model: ServingModel):
-        self._split = "waiting"  # until enough keyed events came back; then "on", or "off" for good
-        self._next_split: str | None = None  # a switch waiting for the batches handed over before it
+        self._keyed = "waiting"  # whether the input is keyed by user: "waiting" for enough events, "yes", "no"
         self._keyed_events = 0
+        self._split = False  # whether the batches out were split
         self._processes: list[BuilderProcess] = []
         try:
             for index in range(settings.builders):
@@ -157,8 +159,8 @@ class Builders:
 
     @property
     def splitting(self) -> bool:
-        """Whether batches handed over now are split over the builders."""
-        return self._split == "on" and self._next_split is None
+        """Whether the last batch handed over was split over the builders."""
+        return self._split
 
     def submit(self, records: list[InputRecord]) -> None:
         """Hand a batch over, each builder its share (or hold it while a switch waits)."""
@@ -189,32 +191,42 @@ class Builders:
         return built
 
     def _hand_over(self) -> None:
-        """Apply a pending switch once no batch is out, and hand the held batches over, oldest first."""
-        if self._next_split is not None:
-            if any(batch.holders is not None for batch in self._batches):
-                return  # held until the batches out come back
-            self._split, self._next_split = self._next_split, None
+        """Hand the held batches over, oldest first; one that needs a switch waits for the batches out."""
         for batch in self._batches:
-            if batch.holders is None:
-                builders = len(self._processes) if self._split == "on" else 1
-                shares = key_shares(batch.records, builders)
-                for index, share in shares.items():
-                    self._processes[index].submit(share, builders)
-                batch.holders = list(shares)
+            if batch.holders is not None:
+                continue
+            split = self._wants_split(len(batch.records))
+            if split != self._split:
+                if any(other.holders is not None for other in self._batches):
+                    return  # held until the batches out come back
+                self._split = split
+            builders = len(self._processes) if split else 1
+            shares = key_shares(batch.records, builders)
+            for index, share in shares.items():
+                self._processes[index].submit(share, builders)
+            batch.holders = list(shares)
+
+    def _wants_split(self, records: int) -> bool:
+        if self._keyed != "yes":
+            return False
+        if records >= SPLIT_FROM_RECORDS:
+            return True
+        return self._split and records > BUILD_ALONE_UP_TO_RECORDS  # in between: as the batches before
 
     def _check_keys(self, built: Built) -> None:
-        if self._split == "off" or self._next_split == "off" or len(self._processes) == 1:
+        if self._keyed == "no" or len(self._processes) == 1:
             return
         if not built.keyed_by_user:
             log.warning("input records not keyed by their user_id: one builder process builds every batch from now on, "
                         "so that each user's state is read and written in order (key the input by user_id, as the "
                         "contract asks, to use all %d --builders)", len(self._processes))
-            self._next_split = "off"
+            self._keyed = "no"
             return
         self._keyed_events += built.predicted + built.duplicates
-        if self._split == "waiting" and self._next_split is None and self._keyed_events >= SPLIT_AFTER_EVENTS:
-            log.info("input keyed by user_id: batches are split over %d builder processes from now on", len(self._processes))
-            self._next_split = "on"
+        if self._keyed == "waiting" and self._keyed_events >= SPLIT_AFTER_EVENTS:
+            log.info("input keyed by user_id: batches of %d records or more are split over %d builder processes",
+                     SPLIT_FROM_RECORDS, len(self._processes))
+            self._keyed = "yes"
 
     def check_alive(self) -> None:
         for process in self._processes:
@@ -229,7 +241,9 @@ class Builders:
             process.close(timeout_s)
 
 
-SPLIT_AFTER_EVENTS = 1000
+SPLIT_AFTER_EVENTS = 1000  # valid events keyed by their user_id before any batch is split
+SPLIT_FROM_RECORDS = 500  # a batch this big is split (a backlog) ...
+BUILD_ALONE_UP_TO_RECORDS = 100  # ... and one this small is built by one builder (a steady stream)
 
 
 @dataclass

@@ -70,14 +70,16 @@ def test_the_shares_of_a_batch_join_into_one():
     assert joined([Built([]), Built([])]).resolved is None
 
 
-def test_builders_share_a_batch_by_key_and_each_user_is_built_in_order(stack, names, model):
+def test_builders_share_a_batch_by_key_and_each_user_is_built_in_order(stack, names, model, monkeypatch):
+    monkeypatch.setattr("worker.builder.SPLIT_FROM_RECORDS", 5)  # the batches below count as a backlog
     builders = open_builders(stack, names, model, 2)
     try:
         builders.submit(keyed(0, [(f"warm-{i}", 100 + i) for i in range(SPLIT_AFTER_EVENTS)]))
-        assert builders.collect().predicted == SPLIT_AFTER_EVENTS and builders.splitting
+        assert builders.collect().predicted == SPLIT_AFTER_EVENTS and not builders.splitting
         users = [f"u{i}" for i in range(8)]
         assert len(key_shares(keyed(0, [(user, 0) for user in users]), 2)) == 2  # both builders get a share
         builders.submit(keyed(2_000, [(user, i) for i, user in enumerate(users)]))
+        assert builders.splitting
         builders.submit(keyed(2_008, [(user, 8 + i) for i, user in enumerate(users)] + [(users[0], 16)]))
         first, second = builders.collect(), builders.collect()
         assert builders.in_flight == 0
@@ -124,6 +126,8 @@ def fake_builders(monkeypatch):
     log = []
     monkeypatch.setattr("worker.builder.BuilderProcess", lambda settings, model, index: FakeProcess(settings, model, index, log))
     monkeypatch.setattr("worker.builder.SPLIT_AFTER_EVENTS", 10)
+    monkeypatch.setattr("worker.builder.SPLIT_FROM_RECORDS", 8)
+    monkeypatch.setattr("worker.builder.BUILD_ALONE_UP_TO_RECORDS", 3)
     return Builders(load_settings({"STREAMADAPT_BUILDERS": "2"}), None), log
 
 
@@ -158,13 +162,34 @@ def test_a_record_not_keyed_by_its_user_ends_the_splitting_for_good_once_the_spl
     builders.collect()
     builders.collect()  # batch 200 comes back keyed otherwise: batch 300 (split, out) first, then one builder
     builders.submit(users_batch(400, 8))
-    assert not builders.splitting and not [entry for entry in log if entry[0] == "submit" and entry[2] == 400]
+    assert not [entry for entry in log if entry[0] == "submit" and entry[2] == 400]
     builders.collect()
     builders.collect()
-    assert [entry[1] for entry in log if entry[0] == "submit" and entry[2] == 400] == [0]
+    assert [entry[1] for entry in log if entry[0] == "submit" and entry[2] == 400] == [0] and not builders.splitting
     builders.submit(users_batch(500, 8))  # well keyed again: still one builder
     builders.collect()
     assert [entry[1] for entry in log if entry[0] == "submit" and entry[2] == 500] == [0]
+
+
+def test_a_steady_stream_of_small_batches_is_built_by_one_builder_and_a_backlog_is_split_again(fake_builders):
+    builders, log = fake_builders
+    builders.submit(users_batch(0, 12))
+    builders.collect()  # keyed by user from now on
+    builders.submit(users_batch(100, 8))
+    builders.submit(users_batch(200, 5))  # between the two sizes: as the batch before, split
+    builders.submit(users_batch(300, 3))  # small: one builder, once the split ones are back
+    assert builders.splitting and not [entry for entry in log if entry[0] == "submit" and entry[2] == 300]
+    builders.collect()
+    builders.collect()
+    assert [entry[1] for entry in log if entry[0] == "submit" and entry[2] == 300] == [0] and not builders.splitting
+    builders.submit(users_batch(400, 5))  # between the two sizes: as the batch before, one builder
+    builders.submit(users_batch(500, 9))  # a backlog again: split, once batches 300 and 400 are back
+    assert [entry[1] for entry in log if entry[0] == "submit" and entry[2] == 400] == [0]
+    assert not [entry for entry in log if entry[0] == "submit" and entry[2] == 500]
+    for _ in range(3):
+        builders.collect()
+    assert {entry[1] for entry in log if entry[0] == "submit" and entry[2] >= 500} == {0, 1} and builders.splitting
+    assert builders.in_flight == 0
 
 
 def test_a_redis_error_in_the_builders_comes_back_once_every_share_is_taken_back(stack, names, model):
