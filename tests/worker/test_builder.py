@@ -27,15 +27,17 @@ def model(checkpoint) -> ServingModel:
     return ServingModel.from_checkpoint(checkpoint)
 
 
+def settings_for(stack, names, builders: int = 1, redis_url=None):
+    return load_settings({**names.env(stack), "STREAMADAPT_BUILDERS": str(builders),
+                          **({"STREAMADAPT_REDIS_URL": redis_url} if redis_url else {})})
+
+
 def open_builder(stack, names, model, redis_url=None) -> BuilderProcess:
-    settings = load_settings({**names.env(stack), **({"STREAMADAPT_REDIS_URL": redis_url} if redis_url else {})})
-    return BuilderProcess(settings, model)
+    return BuilderProcess(settings_for(stack, names, redis_url=redis_url), model)
 
 
 def open_builders(stack, names, model, count: int, redis_url=None) -> Builders:
-    settings = load_settings({**names.env(stack), "STREAMADAPT_BUILDERS": str(count),
-                              **({"STREAMADAPT_REDIS_URL": redis_url} if redis_url else {})})
-    return Builders(settings, model)
+    return Builders(settings_for(stack, names, count, redis_url), model)
 
 
 def keyed(first_offset: int, users_and_events: list[tuple[str, int]]) -> list[InputRecord]:
@@ -340,7 +342,7 @@ def test_a_repurchase_deadline_is_settled_by_the_builder_of_its_user_and_by_the_
     # deadline. Split over two builders, only u-late's own builder settles it (a negative label); built by
     # one builder alone (the input was not keyed by user), that builder settles it, whoever's it is.
     late = next(f"u-late-{i}" for i in range(100) if builder_of(f"u-late-{i}".encode(), 2) == 1)
-    settings = load_settings({**names.env(stack), "STREAMADAPT_BUILDERS": "2"})
+    settings = settings_for(stack, names, builders=2)
     client = redis.Redis.from_url(stack.redis_url)
     model = ServingModel.from_checkpoint(repurchase_checkpoint)
 
