@@ -50,7 +50,8 @@ class BuilderFailed(RuntimeError):
 
 class BuilderProcess:
     def __init__(self, settings: Settings, model: ServingModel, index: int = 0):
-        """Builder `index` of `settings.builders`: it is handed the records whose key is its own (`builder_of`)."""
+        """Builder `index` of `settings.builders`: when a batch is split, it is handed the records whose key is
+        its own (`builder_of`); the first builder is handed the batches that are not split."""
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads (Kafka, TensorFlow)
         self._conn, child_end = context.Pipe()
         for end in (self._conn, child_end):
