@@ -24,7 +24,7 @@ from worker.pipeline import (
     plan_batch, resolution_times, resolved_examples, served_examples,
 )
 from worker.settings import Settings
-from worker.state import EventClaim, StateStore, StateWrites
+from worker.state import StateStore, StateWrites
 
 # Errors of an unavailable Redis: the batch is built again once Redis answers.
 REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
@@ -120,11 +120,11 @@ class BatchBuilder:
         model, meta = self._model, self._model.meta
         plan = plan_batch(valid, claims, states, pendings, meta)
         probabilities = model.predict_many(plan.features)
-        predictions = make_predictions(plan.fresh, probabilities, meta, model.version, now)
+        predictions, claims = make_predictions(plan.fresh, probabilities, meta, model.version, now)
         writes = StateWrites(states=plan.states)
         predictions_topic = s.kafka.predictions_topic
-        for (record, event), body in zip(plan.fresh, predictions):
-            writes.claims.append((event.event_id, EventClaim(record.ref, body)))
+        for (_, event), body, claim in zip(plan.fresh, predictions, claims):
+            writes.claims.append((event.event_id, claim))
             messages.append((predictions_topic, event.user_id.encode(), body))
         for record, body in plan.replays:
             messages.append((predictions_topic, record.key, body))

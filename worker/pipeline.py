@@ -12,13 +12,13 @@ from typing import NamedTuple
 import numpy as np
 
 from schemas import DeadLetter, PurchaseEvent
-from schemas.prediction import PredictionWriter
+from schemas.prediction import PredictionWriter, iso_datetime
 from worker.examples import Example
 from worker.features import UserState, advance, encode
 from worker.labels import resolve_on_purchase
 from worker.model import ModelMeta
 from worker.parsing import Rejection
-from worker.state import EventClaim
+from worker.state import EventClaim, LegacyClaim
 
 TOP_CLASSES = 3
 # (topic, key, value): one record a batch produces
@@ -70,7 +70,7 @@ class BatchPlan:
     last_fresh_of_user: dict[str, int] = field(default_factory=dict)  # becomes the user's new pending
 
 
-def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim],
+def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim | LegacyClaim],
                states: dict[str, UserState], pendings: dict[str, Example], meta: ModelMeta) -> BatchPlan:
     """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
 
@@ -88,7 +88,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
     for record, event in valid:
         claim = claims.get(event.event_id)
         if claim is not None and claim.record == record.ref and event.event_id not in claimed_here:
-            plan.replays.append((record, claim.prediction_json))
+            plan.replays.append((record, replayed_prediction(claim, event, meta)))
             claimed_here.add(event.event_id)
         elif claim is not None or event.event_id in claimed_here:
             plan.duplicates.append((record, event))
@@ -152,19 +152,40 @@ def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: f
 
 
 def make_predictions(fresh: list[tuple[InputRecord, PurchaseEvent]], probabilities: np.ndarray, meta: ModelMeta,
-                     model_version: str, predicted_at: datetime) -> list[bytes]:
+                     model_version: str, predicted_at: datetime) -> tuple[list[bytes], list[EventClaim]]:
     """The prediction message (JSON) of each fresh event, from the model's class probabilities (rows
-    aligned with `fresh`). Probabilities are made finite and clipped to [0, 1] first, as the schema asks."""
+    aligned with `fresh`), and the claim that lets a replay of its record write the same message again.
+    Probabilities are made finite and clipped to [0, 1] first, as the schema asks."""
     write = PredictionWriter(task=meta.task, model_version=model_version, classes=meta.classes,
                              predicted_at=predicted_at)
+    at = iso_datetime(predicted_at)
     rows = np.clip(np.nan_to_num(probabilities, nan=0.0), 0.0, 1.0)
+    bodies, claims = [], []
     if meta.task == "repurchase":
-        return [write(event.event_id, event.user_id, event.ts, int(p1 > p0), p1)
-                for (_, event), (p0, p1) in zip(fresh, rows.tolist())]
+        for (record, event), (p0, p1) in zip(fresh, rows.tolist()):
+            label = int(p1 > p0)
+            bodies.append(write(event.event_id, event.user_id, event.ts, label, p1))
+            claims.append(EventClaim(record.ref, model_version, at, label, p1, None, None))
+        return bodies, claims
     top_k = np.argsort(-rows, axis=1)[:, :TOP_CLASSES]
     top_p = np.take_along_axis(rows, top_k, axis=1)  # only these become Python floats, not whole rows
-    return [write(event.event_id, event.user_id, event.ts, order[0], probabilities[0], list(zip(order, probabilities)))
-            for (_, event), order, probabilities in zip(fresh, top_k.tolist(), top_p.tolist())]
+    for (record, event), order, ranked in zip(fresh, top_k.tolist(), top_p.tolist()):
+        bodies.append(write(event.event_id, event.user_id, event.ts, order[0], ranked[0], list(zip(order, ranked))))
+        claims.append(EventClaim(record.ref, model_version, at, order[0], ranked[0], order, ranked))
+    return bodies, claims
+
+
+def replayed_prediction(claim: EventClaim | LegacyClaim, event: PurchaseEvent, meta: ModelMeta) -> bytes:
+    """The prediction message of a replayed record, the same bytes as when it was first predicted (`event` is
+    the record's event again). Class indices are read with this model's classes: every version fine-tuned
+    from one source checkpoint has its classes."""
+    if isinstance(claim, LegacyClaim):
+        return claim.prediction_json
+    write = PredictionWriter(task=meta.task, model_version=claim.model_version, classes=meta.classes,
+                             predicted_at=datetime.fromisoformat(claim.predicted_at))
+    ranked = (None if claim.ranked_classes is None
+              else list(zip(claim.ranked_classes, claim.ranked_probabilities or (), strict=True)))
+    return write(event.event_id, event.user_id, event.ts, claim.label, claim.score, ranked)
 
 
 def make_dead_letter(record: InputRecord, rejection: Rejection, failed_at: datetime, max_payload_chars: int) -> DeadLetter:

@@ -1,7 +1,8 @@
 """Redis adapter for the worker's state: dedupe claims, user state, the label join and example windows.
 
 Keys (all under the configured prefix):
-  {p}:event:{event_id}   "{topic}/{partition}/{offset}\\n{prediction JSON}"   TTL dedupe_ttl_s
+  {p}:event:{event_id}   JSON array: the input record "{topic}/{partition}/{offset}" that first carried it and
+                         what was predicted (EventClaim, ~150 bytes); TTL dedupe_ttl_s
   {p}:profile:{user_id}  the user's state (JSON of worker.features.UserState), a newline, then their last
                          served prediction while it waits for its label (Example, label -1); TTL user_state_ttl_s
   {p}:deadlines:{topic}/{partition}   zset user_id -> repurchase deadline (event time), by the input
@@ -11,7 +12,10 @@ Keys (all under the configured prefix):
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
   {p}:regime_since_ts    event time where the last alarm estimated the current regime began
 The event record says which input record first claimed the event_id and what was predicted for it, so a
-replay of that same record re-emits the same prediction and a true duplicate is dropped.
+replay of that same record re-emits the same prediction and a true duplicate is dropped. It keeps the
+prediction's values, not its JSON: a claim lives as long as the dedupe TTL (a week by default), once per
+event, and the JSON is three times the size. Claims of earlier versions ("{record}\\n{prediction JSON}") are
+read as LegacyClaims and their JSON re-emitted as stored, until they expire.
 
 Earlier versions kept the state and the pending prediction in two keys, {p}:user:{user_id} and
 {p}:pending:{user_id}. They are read for users who have no profile yet, and never written, so an upgrade
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import redis
 from pydantic_core import from_json, to_json
@@ -39,20 +44,34 @@ return #KEYS
 """
 
 
-@dataclass(frozen=True, slots=True)
-class EventClaim:
-    """The input record that first carried an event_id, and the prediction served for it."""
+class EventClaim(NamedTuple):
+    """The input record that first carried an event_id, and what was predicted for it: enough for
+    worker.pipeline.replayed_prediction to write the same prediction again, byte for byte."""
 
     record: str  # "topic/partition/offset"
-    prediction_json: bytes
+    model_version: str
+    predicted_at: str  # ISO 8601, as the prediction carries it
+    label: int  # class index
+    score: float
+    ranked_classes: list[int] | None  # the classes of the prediction's ranked list, best first (None: binary task)
+    ranked_probabilities: list[float] | None
 
     def encode(self) -> bytes:
-        return self.record.encode() + b"\n" + self.prediction_json
+        return to_json(self)  # a JSON array; floats are written so that they read back exactly
 
-    @classmethod
-    def decode(cls, raw: bytes) -> EventClaim:
-        record, _, prediction_json = raw.partition(b"\n")
-        return cls(record.decode(), prediction_json)
+    @staticmethod
+    def decode(raw: bytes) -> EventClaim | LegacyClaim:
+        if raw[:1] != b"[":  # "{record}\n{prediction JSON}": written by an earlier version
+            record, _, prediction_json = raw.partition(b"\n")
+            return LegacyClaim(record.decode(), prediction_json)
+        return EventClaim(*from_json(raw))
+
+
+class LegacyClaim(NamedTuple):
+    """A claim written by an earlier version, with the prediction's JSON itself."""
+
+    record: str
+    prediction_json: bytes
 
 
 @dataclass
@@ -60,7 +79,7 @@ class StateWrites:
     """Everything one batch writes to Redis, applied at once by StateStore.save(). A user's profile is
     written whole: a user with a pending prediction belongs in `states` too (else their state is dropped)."""
 
-    claims: list[tuple[str, EventClaim]] = field(default_factory=list)
+    claims: list[tuple[str, EventClaim]] = field(default_factory=list)  # (event_id, claim)
     states: Mapping[str, UserState] = field(default_factory=dict)
     pendings: dict[str, Example] = field(default_factory=dict)
     deadlines: dict[str, dict[str, float]] = field(default_factory=dict)  # "{topic}/{partition}" -> user -> time
@@ -122,7 +141,7 @@ class StateStore:
         return bool(self._client.ping())
 
     def load(self, event_ids: list[str], user_ids: list[str], unsaved: StateWrites | None = None
-             ) -> tuple[dict[str, EventClaim], dict[str, UserState], dict[str, Example]]:
+             ) -> tuple[dict[str, EventClaim | LegacyClaim], dict[str, UserState], dict[str, Example]]:
         """Existing claims for these events, and states and pending predictions of these users: one round trip
         (and one more for users without a profile, to read the keys of earlier versions). `unsaved`: writes
         that may not have landed yet, read as if they had (a batch built while the one before is saved)."""

@@ -12,9 +12,9 @@ from worker.parsing import Rejection
 from worker.examples import Example
 from worker.pipeline import (
     InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, newest_event_times, next_offsets,
-    plan_batch, resolution_times, resolved_examples, served_examples,
+    plan_batch, replayed_prediction, resolution_times, resolved_examples, served_examples,
 )
-from worker.state import EventClaim
+from worker.state import EventClaim, LegacyClaim
 
 SPEC = FeatureSpec(("books", "music"))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
@@ -24,6 +24,10 @@ META = ModelMeta(task="next_category", classes=("books", "music", "<other>"), fe
 
 def rec(offset, partition=0, value=b"{}"):
     return InputRecord("purchases", partition, offset, 1_000, b"u", value)
+
+
+def claim(record):
+    return EventClaim(record, "v0", "2026-03-02T09:00:00Z", 0, 0.5, None, None)
 
 
 def ev(event_id, user="u1", category="books", hours=0):
@@ -60,19 +64,41 @@ def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases,
 
 
 def test_duplicates_in_batch_and_in_redis_are_dropped():
-    claims = {"old": EventClaim("purchases/0/99", b"{}")}
+    claims = {"old": claim("purchases/0/99")}
     valid = [(rec(0), ev("a")), (rec(1), ev("a")), (rec(2), ev("old"))]
     plan = plan_batch(valid, claims, {}, {}, META)
     assert [e.event_id for _, e in plan.fresh] == ["a"]
     assert [(r.offset, e.event_id) for r, e in plan.duplicates] == [(1, "a"), (2, "old")]
 
 
-def test_replayed_record_re_emits_its_stored_prediction_without_touching_state():
-    stored = b'{"event_id":"a","stored":true}'
+def test_replayed_record_re_emits_its_prediction_without_touching_state():
+    first = plan_batch([(rec(7), ev("a"))], {}, {}, {}, META)
+    [body], [stored] = make_predictions(first.fresh, np.array([[0.2, 0.7, 0.1]], np.float32), META, "v1", T0)
     state = UserState(purchases=3)
-    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim("purchases/0/7", stored)}, {"u1": state}, {}, META)
-    assert plan.replays == [(rec(7), stored)] and plan.fresh == [] and plan.states == {}
+    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim.decode(stored.encode())}, {"u1": state}, {}, META)
+    assert plan.replays == [(rec(7), body)] and plan.fresh == [] and plan.states == {}
     assert plan.features.shape == (0, SPEC.n_features)
+
+
+def test_a_claim_of_an_earlier_version_re_emits_its_stored_json():
+    stored = b'{"event_id":"a","stored":true}'
+    legacy = EventClaim.decode(b"purchases/0/7\n" + stored)
+    assert legacy == LegacyClaim("purchases/0/7", stored)
+    plan = plan_batch([(rec(7), ev("a")), (rec(8), ev("a"))], {"a": legacy}, {}, {}, META)
+    assert plan.replays == [(rec(7), stored)] and [r.offset for r, _ in plan.duplicates] == [8]
+
+
+@given(st.lists(st.lists(st.floats(0, 1, width=32), min_size=3, max_size=3), min_size=1, max_size=20),
+       st.sampled_from(["next_category", "repurchase"]),
+       st.datetimes(timezones=st.just(timezone.utc)) | st.datetimes(timezones=st.just(timezone(timedelta(hours=-3)))))
+def test_a_replay_writes_the_first_predictions_bytes(rows, task, predicted_at):
+    meta = META if task == "next_category" else ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC,
+                                                          horizon_days=7, sha256="0" * 64, extra={})
+    probabilities = np.array(rows, np.float32)[:, :len(meta.classes)]
+    fresh = [(rec(i), ev(f"e{i}", user=f"u{i}", hours=i)) for i in range(len(rows))]
+    bodies, claims = make_predictions(fresh, probabilities, meta, "v1-\"quoted\"", predicted_at)
+    for (_, event), body, claim in zip(fresh, bodies, claims):
+        assert replayed_prediction(EventClaim.decode(claim.encode()), event, meta) == body
 
 
 
@@ -80,7 +106,7 @@ def test_replayed_record_re_emits_its_stored_prediction_without_touching_state()
 def test_multiclass_predictions_carry_top_classes():
     fresh = [(rec(0), ev("a")), (rec(1), ev("b"))]
     probabilities = np.array([[0.2, 0.7, 0.1], [0.5, 0.2, 0.3]], dtype=np.float32)
-    p = [Prediction.model_validate_json(m) for m in make_predictions(fresh, probabilities, META, "v1", T0)]
+    p = [Prediction.model_validate_json(m) for m in make_predictions(fresh, probabilities, META, "v1", T0)[0]]
     assert [(x.label, round(x.score, 3)) for x in p] == [("music", 0.7), ("books", 0.5)]
     assert [c.label for c in p[1].probabilities] == ["books", "<other>", "music"]
     assert p[0].event_ts == T0 and p[0].model_version == "v1" and p[0].task == "next_category"
@@ -88,13 +114,13 @@ def test_multiclass_predictions_carry_top_classes():
 
 def test_binary_predictions_score_is_probability_of_positive():
     meta = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7, sha256="0" * 64, extra={})
-    p = Prediction.model_validate_json(make_predictions([(rec(0), ev("a"))], np.array([[0.3, 0.7]]), meta, "v1", T0)[0])
+    p = Prediction.model_validate_json(make_predictions([(rec(0), ev("a"))], np.array([[0.3, 0.7]]), meta, "v1", T0)[0][0])
     assert (p.label, p.score, p.probabilities) == ("1", pytest.approx(0.7), None)
 
 
 def test_predictions_stay_valid_when_the_model_outputs_nan_or_rounding_overshoots():
     probabilities = np.array([[np.nan, 1.0000001, 0.0]], dtype=np.float32)
-    p = Prediction.model_validate_json(make_predictions([(rec(0), ev("a"))], probabilities, META, "v1", T0)[0])
+    p = Prediction.model_validate_json(make_predictions([(rec(0), ev("a"))], probabilities, META, "v1", T0)[0][0])
     assert (p.label, p.score) == ("music", 1.0)
 
 
@@ -146,7 +172,7 @@ def test_repurchase_resolution_on_purchase(gap_hours, label):
 
 def test_replays_and_duplicates_resolve_nothing():
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
-    claims = {"a": EventClaim("purchases/0/0", b"{}"), "b": EventClaim("purchases/0/99", b"{}")}
+    claims = {"a": claim("purchases/0/0"), "b": claim("purchases/0/99")}
     plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, {"u1": pending}, REPURCHASE)
     assert plan.resolutions == [] and plan.last_fresh_of_user == {}
 

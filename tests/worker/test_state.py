@@ -62,10 +62,11 @@ def test_writes_not_yet_landed_are_read_as_redis_will_hold_them(store):
     old = UserState(purchases=1, last_ts_s=1.0, last_category="books", category_weights={"books": 1.0})
     new = UserState(purchases=2, last_ts_s=5.0, last_category="toys", category_weights={"books": 0.85, "toys": 1.0})
     store.save(StateWrites(states={"a": old, "b": old}, pendings={"a": pending("a", 1.0), "b": pending("b", 1.0)}))
-    unsaved = StateWrites(claims=[("e2", EventClaim("in/0/7", b"{}"))], states={"a": new},
+    claim = EventClaim("in/0/7", "v1", "2026-03-02T09:00:00.25Z", 2, 0.625, [2, 0], [0.625, 0.25])
+    unsaved = StateWrites(claims=[("e2", claim)], states={"a": new},
                           pendings={"a": pending("a2", 5.0)}, cleared_pendings={"b": old})
     claims, states, pendings = store.load(["e1", "e2"], ["a", "b", "c"], unsaved=unsaved)
-    assert claims == {"e2": EventClaim("in/0/7", b"{}")}
+    assert claims == {"e2": claim}
     assert states == {"a": new, "b": old}
     assert {user: example.event_id for user, example in pendings.items()} == {"a": "e-a2"}  # b's was cleared
     store.save(unsaved)  # once landed, Redis says the same
