@@ -26,9 +26,11 @@ from worker.pipeline import (
 from worker.settings import Settings
 from worker.state import StateStore, StateWrites
 
-# Errors of an unavailable Redis: the batch is built again once Redis answers.
+# Errors of a Redis that cannot take the batch now: the batch is built again once Redis answers. A Redis at its
+# maxmemory (noeviction) refuses the whole transaction (its ZADDs and RPUSHes are refused when queued, so EXEC
+# applies nothing): the worker pauses until memory is freed or raised, rather than crash again and again.
 REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-                       redis.exceptions.ReadOnlyError)
+                       redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
 
 
 class Resolved(NamedTuple):

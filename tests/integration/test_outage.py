@@ -54,3 +54,35 @@ def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, c
     finally:
         redis_process.kill()
     assert check_every_event_predicted(bodies, records) == 0  # the retried batch was re-emitted only if it was sent
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
+def test_worker_pauses_while_redis_is_full_and_resumes_once_memory_is_raised(stack, names, checkpoint, tmp_path):
+    port = free_port()
+    redis_process = start_redis(tmp_path, "--port", str(port), "--maxmemory-policy", "noeviction")
+    client = redis.Redis(port=port)
+    wait_for_redis(client, redis_process)
+    # room for about a thousand events' claims, profiles and examples, well short of the 4,000 sent
+    client.config_set("maxmemory", client.info("memory")["used_memory"] + (1 << 20))
+    bodies = [event(i, user=f"user-{i % 301}") for i in range(4000)]
+    env = {"STREAMADAPT_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMADAPT_KAFKA_MAX_POLL_RECORDS": "200",
+           "STREAMADAPT_ROLE": "worker"}
+    try:
+        with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", **env) as worker:
+            produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
+            worker.wait_metric("streamadapt_consumption_paused", 1, timeout_s=60)
+            worker.wait_until(lambda: worker.http_status("/readyz") == 503, timeout_s=30, what="/readyz saying 503")
+            predicted = worker.metric("streamadapt_predictions_total")
+            assert 0 < predicted < len(bodies)
+            time.sleep(2)
+            assert worker.process.poll() is None, "the worker exited when Redis was full"
+            assert worker.metric("streamadapt_predictions_total") == predicted  # nothing goes out unsaved
+            client.config_set("maxmemory", 0)
+            records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=120, settle_s=2)
+            worker.wait_until(lambda: worker.http_status("/readyz") == 200, timeout_s=30, what="ready again")
+            assert worker.metric("streamadapt_dependency_errors_total") >= 1
+            assert worker.stop() == 0
+    finally:
+        redis_process.kill()
+    assert "OutOfMemoryError" in (tmp_path / "worker.log").read_text()
+    assert check_every_event_predicted(bodies, records) == 0
