@@ -190,8 +190,15 @@ def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
     return float(p50), float(p99), float(p999)
 
 
+PACE_TICK_S = 0.001
+
+
 def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, str, bytes]], rate: float) -> dict[str, float]:
     """Produce at a steady `rate`; returns event_id -> wall-clock send time.
+
+    Events go out in ticks of PACE_TICK_S: each tick sends those whose time has come, all stamped with the
+    tick's clock. One sleep a tick rather than one an event: at 9,600 events/s the generator cost a quarter
+    of a core, taken from the worker it measures.
 
     The load generator and the reader below use confluent-kafka (librdkafka, C): they share the 2 cores
     with the worker they measure, and kafka-python's per-message Python took 0.6 of a core at 3,400
@@ -200,14 +207,16 @@ def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, str, b
 
     producer = Producer({"bootstrap.servers": kafka.bootstrap, "acks": "all", "linger.ms": 5})  # as open_producer
     sent: dict[str, float] = {}
-    started = time.perf_counter()
-    for i, (event_id, user_id, value) in enumerate(values):
-        delay = started + i / rate - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        sent[event_id] = time.time()
-        producer.produce(topic, value=value, key=user_id.encode())  # the input contract's key
+    started, done = time.perf_counter(), 0
+    while done < len(values):
+        due = min(len(values), int((time.perf_counter() - started) * rate) + 1)
+        now = time.time()
+        for event_id, user_id, value in values[done:due]:
+            sent[event_id] = now
+            producer.produce(topic, value=value, key=user_id.encode())  # the input contract's key
+        done = due
         producer.poll(0)
+        time.sleep(max(0.0, started + done / rate - time.perf_counter(), PACE_TICK_S if done < len(values) else 0.0))
     if producer.flush(60) > 0:
         raise RuntimeError("the load generator could not deliver every event")
     return sent
