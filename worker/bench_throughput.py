@@ -137,6 +137,7 @@ class LatencyResult:
     p99_ms: float
     p999_ms: float
     while_training: dict | None = None  # the same percentiles over events sent while a fine-tune ran
+    between_training: dict | None = None  # ... and over those sent while none ran, in the same run
     swaps: dict | None = None  # hot-swaps the worker made: count, mean and max bucket bound in ms
 
 
@@ -146,11 +147,13 @@ def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str
     time each prediction from the moment its event was sent to the moment a consumer of the predictions
     topic received it.
 
-    With `finetune`, the worker runs with its trainer (`--role all`), fine-tuning every 1,000 new labels;
-    latencies of events sent while the trainer's `streamadapt_finetune_running` gauge was 1 are also
-    reported apart. Events of the first `warmup_s` are left out (connections and the first trace)."""
+    With `finetune`, the worker runs with its trainer (`--role all`), which starts a fine-tune every
+    FINETUNE_EVERY_S; latencies of events sent while the trainer's `streamadapt_finetune_running` gauge was
+    1 are reported apart from those of events sent while it was 0: the interference of a fine-tune, measured
+    on one worker at one time. Events of the first `warmup_s` are left out (connections and the first trace)."""
     input_topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
-    extra = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "1000",
+    extra = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_ON_DRIFT": "false",
+             "STREAMADAPT_TRAINING_EVERY_S": str(FINETUNE_EVERY_S), "STREAMADAPT_TRAINING_EVERY_EXAMPLES": str(10**9),
              "STREAMADAPT_TRAINING_MIN_EXAMPLES": "500"} if finetune else {}
     kafka_io.ensure_topics(settings.kafka, [input_topic, f"{input_topic}.predictions", f"{input_topic}.dlq"])
     with worker_process(settings, checkpoint, input_topic, log_path, extra) as (process, port):
@@ -175,12 +178,18 @@ def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str
     first = min(sent.values())
     kept = {e: t for e, t in sent.items() if t >= first + warmup_s}
     latencies = [received[e] - t for e, t in kept.items() if e in received]
-    during = [received[e] - t for e, t in kept.items() if e in received and any(a <= t <= b for a, b in training)]
+    during, between = [], []
+    for event_id, sent_at in kept.items():
+        if event_id in received:
+            (during if any(a <= sent_at <= b for a, b in training) else between).append(received[event_id] - sent_at)
+
+    def summary(latencies_s: list[float]) -> dict:
+        return dict(zip(("events", "p50_ms", "p99_ms", "p999_ms"), (len(latencies_s), *_percentiles_ms(latencies_s))))
+
     return LatencyResult("worker with its trainer" if finetune else "worker (--no-finetune)", rate, len(kept),
                          len(latencies), *_percentiles_ms(latencies),
-                         while_training=dict(zip(("events", "p50_ms", "p99_ms", "p999_ms"),
-                                                 (len(during), *_percentiles_ms(during)))) if finetune else None,
-                         swaps=swaps)
+                         while_training=summary(during) if finetune else None,
+                         between_training=summary(between) if finetune else None, swaps=swaps)
 
 
 def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
@@ -191,6 +200,7 @@ def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
 
 
 PACE_TICK_S = 0.001
+FINETUNE_EVERY_S = 8.0  # with a round taking ~5 s at 50 % load, about half the events are sent during one
 
 
 def _send_paced(kafka: KafkaSettings, topic: str, values: list[tuple[str, str, bytes]], rate: float) -> dict[str, float]:
@@ -419,10 +429,10 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
              f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
         for r in latencies:
             echo(f"{r.name:38}{r.offered_events_per_s:>9.0f}{r.received:>10}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.p999_ms:>10.1f}")
-            if r.while_training is not None:
-                t = r.while_training
-                echo(f"{'  of which sent during a fine-tune':38}{'':>9}{t['events']:>10}{t['p50_ms']:>9.1f}{t['p99_ms']:>9.1f}"
-                     f"{t['p999_ms']:>10.1f}")
+            for label, t in (("  of which sent during a fine-tune", r.while_training),
+                             ("  and sent between fine-tunes", r.between_training)):
+                if t is not None:
+                    echo(f"{label:38}{'':>9}{t['events']:>10}{t['p50_ms']:>9.1f}{t['p99_ms']:>9.1f}{t['p999_ms']:>10.1f}")
             if r.swaps is not None:
                 echo(f"  hot-swaps: {r.swaps['count']}, mean {r.swaps['mean_ms']:.2f} ms, slowest <= {r.swaps['max_bucket_ms']:g} ms")
     if out is not None:
