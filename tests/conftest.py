@@ -48,6 +48,7 @@ def _drop_test_keys(redis_url: str) -> None:
     try:
         for prefix in ISSUED_KEY_PREFIXES:
             drop_keys(client, prefix)
+            drop_keys(client, f"{prefix}-*")  # prefixes a test derives from its own, e.g. one per run or builder
     finally:
         client.close()
 
