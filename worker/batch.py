@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 import numpy as np
-import redis
 
 from worker.labels import watermark
 from worker.model import ServingModel
@@ -25,13 +24,6 @@ from worker.pipeline import (
 )
 from worker.settings import Settings
 from worker.state import StateStore, StateWrites
-
-# Errors of a Redis that cannot take the batch now: the batch is built again once Redis answers. A Redis at its
-# maxmemory (noeviction) refuses the whole transaction (its ZADDs and RPUSHes are refused when queued, so EXEC
-# applies nothing): the worker pauses until memory is freed or raised, rather than crash again and again.
-REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
-                       redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
-
 
 class Resolved(NamedTuple):
     """The labels a saved batch resolved, to be scored once it is committed: for each, the version that

@@ -35,11 +35,11 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from worker.batch import REDIS_OUTAGE_ERRORS, BatchBuilder, Built, Resolved, Unsaved
+from worker.batch import BatchBuilder, Built, Resolved, Unsaved
 from worker.model import ServingModel
 from worker.pipeline import InputRecord, builder_of
 from worker.settings import Settings
-from worker.state import StateStore, StateWrites, WindowPolicy, connect
+from worker.state import REDIS_OUTAGE_ERRORS, StateStore, StateWrites, WindowPolicy, connect
 
 log = logging.getLogger(__name__)
 

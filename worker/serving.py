@@ -21,7 +21,7 @@ from kafka import TopicPartition
 from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
 
 from worker import kafka_io
-from worker.batch import REDIS_OUTAGE_ERRORS, Built, Resolved
+from worker.batch import Built, Resolved
 from worker.builder import BuilderFailed, Builders
 from worker.hotswap import ModelFollower
 from worker.kafka_io import ServingConsumer, ServingProducer
@@ -30,6 +30,7 @@ from worker.model import ServingModel
 from worker.pipeline import InputRecord, first_offsets, next_offsets
 from worker.quality import QualityMonitor
 from worker.settings import Settings
+from worker.state import REDIS_OUTAGE_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,13 @@ from worker.examples import Example, window_start
 from worker.features import UserState
 from worker.settings import RedisSettings, TrainingSettings
 
+# Errors of a Redis that cannot answer now: the worker builds the batch again, the trainer tries its round again,
+# once Redis answers. A Redis at its maxmemory (noeviction) refuses a batch's whole transaction (its ZADDs and
+# RPUSHes are refused when queued, so EXEC applies nothing): the worker pauses until memory is freed or raised,
+# rather than crash again and again.
+REDIS_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+                       redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError)
+
 # SET with a TTL for many keys in one command: KEYS are the keys, ARGV[1] the TTL in seconds and
 # ARGV[i + 1] the value of KEYS[i]. One command instead of one per key is what makes the batch write cheap.
 # Sent with EVAL, not EVALSHA: a pipeline of registered scripts costs a SCRIPT EXISTS round trip per batch,

@@ -25,11 +25,12 @@ from worker.metrics import WorkerMetrics
 from worker.model import ModelMeta
 from worker.registry import Registry, encode_weights
 from worker.settings import Settings
-from worker.state import StateStore
+from worker.state import REDIS_OUTAGE_ERRORS, StateStore
 
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+REDIS_RETRY_S = 5.0  # after Redis failed the trainer, on top of the tick
 
 
 class LeaseKeeper:
@@ -82,14 +83,24 @@ class Trainer:
         self._source_registered = False
 
     def run(self, stop: threading.Event) -> None:
+        """Lead when the lease says so: a round whenever one is due. While Redis cannot answer, the round in
+        hand is dropped and tried again once it does (the lease keeper gives the lease up meanwhile)."""
         while not stop.is_set():
             token = self._lease.token
             if token is not None:
-                if not self._source_registered:
-                    self._register_source(token)
-                reason = self._due()
-                if reason:
-                    self.run_once(token, reason)
+                last_round = self._last_run, self._last_examples
+                try:
+                    if not self._source_registered:
+                        self._register_source(token)
+                    reason = self._due()
+                    if reason:
+                        self.run_once(token, reason)
+                except REDIS_OUTAGE_ERRORS as error:
+                    self._last_run, self._last_examples = last_round  # the round is due again once Redis answers
+                    self._metrics.dependency_errors.labels("redis").inc()
+                    log.warning("Redis cannot answer the trainer (%s: %s); trying again in %.0f s",
+                                type(error).__name__, error, REDIS_RETRY_S)
+                    stop.wait(REDIS_RETRY_S)
             stop.wait(TICK_S)
 
     def _register_source(self, token: str) -> None:

@@ -86,3 +86,24 @@ def test_worker_pauses_while_redis_is_full_and_resumes_once_memory_is_raised(sta
         redis_process.kill()
     assert "OutOfMemoryError" in (tmp_path / "worker.log").read_text()
     assert check_every_event_predicted(bodies, records) == 0
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
+def test_trainer_waits_out_a_redis_outage_and_leads_again(stack, names, checkpoint, tmp_path):
+    port = free_port()
+    redis_process = start_aof_redis(port, tmp_path)
+    env = {"STREAMADAPT_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMADAPT_NO_FINETUNE": "false",
+           "STREAMADAPT_ROLE": "trainer"}  # the default lease: renewed every 5 s, so the loop meets the outage first
+    try:
+        with WorkerProcess(stack, names, checkpoint, tmp_path / "trainer.log", **env) as trainer:
+            trainer.wait_metric("streamadapt_trainer_leader", 1, timeout_s=30)
+            redis_process.send_signal(signal.SIGKILL)
+            redis_process.wait(timeout=10)
+            trainer.wait_until(lambda: trainer.metric("streamadapt_trainer_leader") == 0, 30, "the lease given up")
+            time.sleep(3)  # many ticks of the trainer's loop, each of which reads Redis
+            assert trainer.process.poll() is None, "the trainer exited during the outage"
+            redis_process = start_aof_redis(port, tmp_path)
+            trainer.wait_metric("streamadapt_trainer_leader", 1, timeout_s=30)
+            assert trainer.stop() == 0
+    finally:
+        redis_process.kill()
