@@ -84,8 +84,10 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
     quality = {}
     for mode in ("static", "adapted"):
         names = new_names()
+        # A round also every 10 s: the stream pauses after its first part, and a round that started while that
+        # part was still being labelled leaves fewer than 2,000 new examples to trigger the next one.
         env = {"STREAMADAPT_NO_FINETUNE": "true"} if mode == "static" else {
-            "STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all",
+            "STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_EVERY_S": "10",
             "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "2000", "STREAMADAPT_TRAINING_MIN_EXAMPLES": "1000"}
         kafka = KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic)
         with WorkerProcess(stack, names, checkpoint, tmp_path / f"{mode}.log", **env) as worker:
