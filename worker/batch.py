@@ -25,6 +25,7 @@ from worker.pipeline import (
 from worker.settings import Settings
 from worker.state import StateStore, StateWrites
 
+
 class Resolved(NamedTuple):
     """The labels a saved batch resolved, to be scored once it is committed: for each, the version that
     served the prediction, the probabilities it served, the label's class index, and the event time at
@@ -81,7 +82,7 @@ class BatchBuilder:
     def __init__(self, settings: Settings, store: StateStore, model: ServingModel, index: int = 0,
                  clock=lambda: datetime.now(timezone.utc)):
         """Builder `index` of `settings.builders`: when a batch is split, it is handed the records whose key is
-        its own (`builder_of`)."""
+        its own (`builder_of`); the first builder is handed the batches that are not split."""
         self._settings = settings
         self._store = store
         self._model = model
