@@ -84,11 +84,12 @@ class Trainer:
 
     def run(self, stop: threading.Event) -> None:
         """Lead when the lease says so: a round whenever one is due. While Redis cannot answer, the round in
-        hand is dropped and tried again once it does (the lease keeper gives the lease up meanwhile)."""
+        hand is dropped and is due again once it does (the lease keeper gives the lease up meanwhile); a drift
+        alarm it had already taken is not raised again, but the regime start it set stays in Redis."""
         while not stop.is_set():
             token = self._lease.token
             if token is not None:
-                last_round = self._last_run, self._last_examples
+                last_round = self._last_run, self._last_examples, self._wanted_examples
                 try:
                     if not self._source_registered:
                         self._register_source(token)
@@ -96,7 +97,7 @@ class Trainer:
                     if reason:
                         self.run_once(token, reason)
                 except REDIS_OUTAGE_ERRORS as error:
-                    self._last_run, self._last_examples = last_round  # the round is due again once Redis answers
+                    self._last_run, self._last_examples, self._wanted_examples = last_round
                     self._metrics.dependency_errors.labels("redis").inc()
                     log.warning("Redis cannot answer the trainer (%s: %s); trying again in %.0f s",
                                 type(error).__name__, error, REDIS_RETRY_S)
