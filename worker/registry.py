@@ -5,6 +5,7 @@ Keys under `{prefix}:models:{name}:`
   versions            hash: version -> ModelVersion JSON (every run, promoted or not)
   artifact:{version}  the weights (numpy .npz bytes); its sha256 is in the version record
   champion            the version every replica should serve
+  unannounced         set: versions stored but not yet published on the model-versions topic
 Trainer lease: `{prefix}:trainer:lease` holds "{fence}:{uuid}" with a TTL; `{prefix}:trainer:fence`
 counts acquisitions. Renewing and promoting are Lua scripts that act only while the caller still holds
 the lease, so a trainer that lost it (paused, partitioned, killed) cannot promote.
@@ -59,6 +60,7 @@ class Registry:
         self._client = client
         base = f"{key_prefix}:models:{model_name}"
         self._seq, self._versions, self._champion = f"{base}:seq", f"{base}:versions", f"{base}:champion"
+        self._unannounced = f"{base}:unannounced"
         self._artifact_prefix = f"{base}:artifact:"
         self._lease, self._fence = f"{key_prefix}:trainer:lease", f"{key_prefix}:trainer:fence"
         self._renew = client.register_script(_RENEW)
@@ -72,9 +74,30 @@ class Registry:
         return self._artifact_prefix + version
 
     def put(self, record: ModelVersion, artifact: bytes) -> None:
-        """Store the artifact, then its record (a record never points at a missing artifact)."""
+        """Store the artifact, then its record (a record never points at a missing artifact), together with
+        a note that it is still to be announced."""
         self._client.set(self.artifact_ref(record.version), artifact)
-        self._client.hset(self._versions, record.version, record.model_dump_json())
+        with self._client.pipeline() as transaction:
+            transaction.hset(self._versions, record.version, record.model_dump_json())
+            transaction.sadd(self._unannounced, record.version)
+            transaction.execute()
+
+    def unannounced(self) -> list[ModelVersion]:
+        """The records not yet announced on the model-versions topic, as they stand now, oldest first."""
+        records = []
+        for version in self._client.smembers(self._unannounced):
+            record = self.get(version.decode())
+            if record is None:  # deleted by hand: nothing left to announce
+                self.mark_announced(version.decode())
+            else:
+                records.append(record)
+        return sorted(records, key=lambda r: r.created_at)
+
+    def mark_announced(self, version: str) -> None:
+        self._client.srem(self._unannounced, version)
+
+    def mark_unannounced(self, version: str) -> None:
+        self._client.sadd(self._unannounced, version)
 
     def get(self, version: str) -> ModelVersion | None:
         raw = self._client.hget(self._versions, version)

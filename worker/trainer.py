@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timezone
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 
 from schemas import ModelVersion, TrainedOn
 from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 REDIS_RETRY_S = 5.0  # after Redis failed the trainer, on top of the tick
+KAFKA_RETRY_S = 5.0  # after Kafka refused a model version, on top of the tick
+ANNOUNCE_TIMEOUT_S = 30.0  # for Kafka to acknowledge one model version
 
 
 class LeaseKeeper:
@@ -83,9 +86,12 @@ class Trainer:
         self._source_registered = False
 
     def run(self, stop: threading.Event) -> None:
-        """Lead when the lease says so: a round whenever one is due. While Redis cannot answer, the round in
-        hand is dropped and is due again once it does (the lease keeper gives the lease up meanwhile); a drift
-        alarm it had already taken is not raised again, but the regime start it set stays in Redis."""
+        """Lead when the lease says so: a round whenever one is due, and every stored version announced.
+
+        While Redis cannot answer, the round in hand is dropped and is due again once it does (the lease
+        keeper gives the lease up meanwhile); a drift alarm it had already taken is not raised again, but the
+        regime start it set stays in Redis. While Kafka refuses a version, the version stays in the registry's
+        unannounced set, and the leader (this trainer, or the next one) announces it once Kafka takes it."""
         while not stop.is_set():
             token = self._lease.token
             if token is not None:
@@ -96,12 +102,18 @@ class Trainer:
                     reason = self._due()
                     if reason:
                         self.run_once(token, reason)
+                    self._announce()
                 except REDIS_OUTAGE_ERRORS as error:
                     self._last_run, self._last_examples, self._wanted_examples = last_round
                     self._metrics.dependency_errors.labels("redis").inc()
                     log.warning("Redis cannot answer the trainer (%s: %s); trying again in %.0f s",
                                 type(error).__name__, error, REDIS_RETRY_S)
                     stop.wait(REDIS_RETRY_S)
+                except KafkaError as error:
+                    self._metrics.dependency_errors.labels("kafka").inc()
+                    log.warning("Kafka did not take a model version (%s: %s); announcing it again in %.0f s",
+                                type(error).__name__, error, KAFKA_RETRY_S)
+                    stop.wait(KAFKA_RETRY_S)
             stop.wait(TICK_S)
 
     def _register_source(self, token: str) -> None:
@@ -114,7 +126,7 @@ class Trainer:
         if self._registry.champion() is None:
             record = self._registry.get(self._meta.version)
             if self._registry.promote_if_leader(token, record):
-                self._publish(record)
+                self._registry.mark_unannounced(record.version)  # champion now: announced again if it was before
         self._source_registered = True
 
     def _due(self) -> str | None:
@@ -173,7 +185,6 @@ class Trainer:
                 record = promoted
             else:
                 log.warning("%s passed the gate but this trainer no longer holds the lease: not promoted", version)
-        self._publish(record)
         outcome = "promoted" if record.promoted else "rejected"
         self._metrics.finetune_runs.labels(outcome).inc()
         self._metrics.finetune_duration.observe(time.monotonic() - started)
@@ -208,11 +219,15 @@ class Trainer:
                             promoted=promoted, artifact_sha256=hashlib.sha256(artifact).hexdigest(),
                             artifact_ref=self._registry.artifact_ref(version), strategy=strategy, decision=decision)
 
-    def _publish(self, record: ModelVersion) -> None:
-        future = self._producer.send(self._settings.kafka.model_versions_topic, key=record.model.encode(),
-                                     value=record.model_dump_json().encode())
-        self._producer.flush(timeout=30)
-        future.get(timeout=30)
+    def _announce(self) -> None:
+        """Publish every stored version not yet on the model-versions topic, oldest first, each as the registry
+        holds it now; a version leaves the unannounced set only once Kafka has acknowledged it."""
+        for record in self._registry.unannounced():
+            future = self._producer.send(self._settings.kafka.model_versions_topic, key=record.model.encode(),
+                                         value=record.model_dump_json().encode())
+            self._producer.flush(timeout=ANNOUNCE_TIMEOUT_S)
+            future.get(timeout=ANNOUNCE_TIMEOUT_S)
+            self._registry.mark_announced(record.version)
 
 
 def _utc(ts_s: float) -> datetime:

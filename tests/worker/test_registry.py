@@ -74,3 +74,23 @@ def test_missing_artifact_is_refused(registry, stack):
     redis.Redis.from_url(stack.redis_url).delete(registry.artifact_ref("v1"))
     with pytest.raises(ArtifactError, match="missing"):
         registry.weights(registry.get("v1"))
+
+
+def test_a_stored_version_is_unannounced_until_marked_and_is_read_as_it_stands(stack, names):
+    client = redis.Redis.from_url(stack.redis_url)
+    registry = Registry(client, names.key_prefix, "purchases")
+    artifact = encode_weights([np.ones(2, np.float32)])
+    registry.put(record("v1", artifact), artifact)
+    registry.put(record("v2", artifact), artifact)
+    assert [r.version for r in registry.unannounced()] == ["v1", "v2"]  # oldest first
+    token = registry.acquire_lease(ttl_s=10)
+    assert registry.promote_if_leader(token, record("v2", artifact, promoted=True))
+    assert [r.promoted for r in registry.unannounced()] == [False, True]
+    registry.mark_announced("v1")
+    assert [r.version for r in registry.unannounced()] == ["v2"]
+    registry.mark_unannounced("v1")
+    client.hdel(f"{names.key_prefix}:models:purchases:versions", "v2")
+    assert [r.version for r in registry.unannounced()] == ["v1"]  # a record deleted by hand is dropped
+    registry.mark_announced("v1")
+    assert registry.unannounced() == []
+    client.close()
