@@ -5,7 +5,9 @@ from kafka.errors import (
     UnknownMemberIdError,
 )
 
-from worker.kafka_io import KeyPartitioner, ProducerFenced, ServingProducer, TransactionAborted, commit
+from worker.kafka_io import (
+    KeyPartitioner, ProducerFenced, ServingProducer, TransactionAborted, _drain_fetches_that_land_late, commit,
+)
 
 
 class RefusingConsumer:
@@ -129,3 +131,32 @@ def test_a_refused_transaction_is_aborted_and_a_fenced_producer_says_so():
     with pytest.raises(ProducerFenced, match="own --kafka-transactional-id"):
         ServingProducer(fenced).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "g")
     assert "abort" not in fenced.calls
+
+
+class RacedFetcher:
+    """kafka-python 3.0's `Fetcher.fetch_records` contract, (records, idle): the first call reports idle although
+    a response landed meanwhile, as in the race; later calls drain what landed."""
+
+    def __init__(self, landed: dict):
+        self.landed, self.calls = landed, 0
+
+    def fetch_records(self, max_records=None, update_offsets=True, timeout_ms=None):
+        self.calls += 1
+        if self.calls == 1:
+            return {}, True
+        landed, self.landed = self.landed, {}
+        return landed, not landed
+
+
+def test_records_that_land_while_a_poll_looks_idle_are_returned_at_once():
+    landed = {TopicPartition("t", 0): ["record"]}
+    fetcher = RacedFetcher(landed)
+    _drain_fetches_that_land_late(fetcher)
+    assert fetcher.fetch_records(2000, timeout_ms=200) == (landed, False)
+    assert fetcher.calls == 2
+
+
+def test_a_consumer_idle_in_truth_is_still_reported_idle():
+    fetcher = RacedFetcher({})
+    _drain_fetches_that_land_late(fetcher)
+    assert fetcher.fetch_records(2000, timeout_ms=200) == ({}, True)  # so that kafka-python's poll sleeps
