@@ -34,13 +34,16 @@ def models_command(settings: Settings, action: str, version: str | None) -> str:
 
 
 def _table(registry: Registry, champion: str | None) -> str:
-    rows = [f"{'version':<19}promoted  strategy  examples  candidate_log_loss  champion_log_loss  created_at"]
+    waiting = {r.version for r in registry.unannounced()}
+    rows = [f"{'version':<19}promoted  announced  strategy  examples  candidate_log_loss  champion_log_loss  created_at"]
     for r in registry.all():
         mark = "*" if r.version == champion else " "
         cand = r.metrics.get("candidate", {}).get("log_loss")
         champ = r.metrics.get("champion", {}).get("log_loss")
-        rows.append(f"{mark}{r.version:<18}{str(r.promoted):<10}{(r.strategy or '-'):<10}{r.trained_on.examples:<10}"
+        rows.append(f"{mark}{r.version:<18}{str(r.promoted):<10}{'no' if r.version in waiting else 'yes':<11}"
+                    f"{(r.strategy or '-'):<10}{r.trained_on.examples:<10}"
                     f"{'-' if cand is None else f'{cand:.4f}':<20}{'-' if champ is None else f'{champ:.4f}':<19}"
                     f"{r.created_at.isoformat(timespec='seconds')}")
-    rows.append("(* = champion)")
+    rows.append("(* = champion; announced no = not yet on the model-versions topic: the leading trainer publishes it "
+                "once Kafka takes it)")
     return "\n".join(rows)

@@ -11,6 +11,7 @@ from kafka.errors import KafkaTimeoutError
 from worker import trainer as trainer_module
 from worker.metrics import WorkerMetrics
 from worker.model import load_checkpoint
+from worker.operator import models_command
 from worker.registry import Registry
 from worker.settings import load_settings
 from worker.state import StateStore
@@ -46,6 +47,13 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def announced_column(listing: str, version: str) -> str:
+    """The `announced` column of `streamadapt models list` for `version`."""
+    header, *rows = listing.splitlines()
+    column = header.split().index("announced")
+    return next(row[1:].split()[column] for row in rows if row[1:].split()[0] == version)
+
+
 def test_a_version_kafka_refuses_is_announced_once_kafka_takes_it(stack, names, checkpoint, monkeypatch):
     monkeypatch.setattr(trainer_module, "KAFKA_RETRY_S", 0.2)
     monkeypatch.setattr(trainer_module, "TICK_S", 0.05)
@@ -64,8 +72,10 @@ def test_a_version_kafka_refuses_is_announced_once_kafka_takes_it(stack, names, 
         assert registry.champion() == meta.version  # the source checkpoint was registered all the same
         assert [r.version for r in registry.unannounced()] == [meta.version]
         assert metrics.registry.get_sample_value("streamadapt_dependency_errors_total", {"dependency": "kafka"}) >= 3
+        assert announced_column(models_command(settings, "list", None), meta.version) == "no"
         producer.back = True
         wait_until(lambda: producer.delivered, 10, "the announcement once Kafka takes it")
+        assert announced_column(models_command(settings, "list", None), meta.version) == "yes"
     finally:
         stop.set()
         thread.join(timeout=10)
