@@ -49,6 +49,7 @@ class DrainResult:
 
 
 def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events: int, timeout_s: float) -> DrainResult:
+    kafka_io.ensure_topics(kafka, [output_topic])  # as many partitions as the worker's outputs, and no error logged
     consumer = KafkaConsumer(input_topic, **kafka_io.client_options(kafka, "bare"),
                              group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
                              auto_offset_reset="earliest", max_poll_records=kafka.max_poll_records)
