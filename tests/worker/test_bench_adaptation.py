@@ -70,3 +70,11 @@ def test_goals_are_judged_from_the_figures():
     table[0] = row("adapted-l2sp", 0.32, 0.34)
     oracle_goal, river_goal = goals(table, [], "l2sp")
     assert not oracle_goal["met"] and not river_goal["met"]
+
+
+def test_a_stream_too_short_after_the_drift_leaves_the_oracle_goal_unjudged():
+    nan = float("nan")
+    table = [row("adapted-l2sp", 0.34, nan), row("river-softmax-regression", 0.31, nan), row("oracle", 0.36, nan)]
+    oracle_goal, river_goal = goals(table, [], "l2sp")
+    assert oracle_goal["met"] is None and oracle_goal["figures"].startswith("the stream has no more than")
+    assert river_goal["met"] and "later" not in river_goal["figures"]  # judged on the first 5k labels alone
