@@ -178,11 +178,11 @@ def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str
         swaps = _swaps(_scrape(port)) if finetune else None
     first = min(sent.values())
     kept = {e: t for e, t in sent.items() if t >= first + warmup_s}
-    latencies = [received[e] - t for e, t in kept.items() if e in received]
     during, between = [], []
     for event_id, sent_at in kept.items():
         if event_id in received:
             (during if any(a <= sent_at <= b for a, b in training) else between).append(received[event_id] - sent_at)
+    latencies = during + between
 
     def summary(latencies_s: list[float]) -> dict:
         return dict(zip(("events", "p50_ms", "p99_ms", "p999_ms"), (len(latencies_s), *_percentiles_ms(latencies_s))))
