@@ -195,6 +195,11 @@ def put_version(registry: Registry, version: str, weights, source_sha: str, prom
     return record
 
 
+# Tests that run a redis-server of their own (start_redis) are skipped where there is none.
+needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                        reason="needs redis-server (scripts/dev-stack installs it)")
+
+
 def start_redis(directory, *args: str) -> subprocess.Popen:
     """A redis-server of a test's own, on 127.0.0.1 with its files in `directory`; `args` say the port and
     the rest. Returns at once: wait_for_redis tells when it answers."""

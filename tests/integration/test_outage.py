@@ -2,7 +2,6 @@
 resumes by itself when Redis is back; every event still gets its prediction.
 
 The test runs its own redis-server (AOF, fsync on every write) so that it can kill and restart it."""
-import shutil
 import signal
 import subprocess
 import time
@@ -11,7 +10,8 @@ import pytest
 import redis
 
 from tests.integration.conftest import (
-    WorkerProcess, check_every_event_predicted, dumps, event, free_port, produce, read_topic, start_redis, wait_for_redis,
+    WorkerProcess, check_every_event_predicted, dumps, event, free_port, needs_redis_server, produce, read_topic,
+    start_redis, wait_for_redis,
 )
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def start_aof_redis(port: int, directory) -> subprocess.Popen:
     return process
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
+@needs_redis_server
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, checkpoint, tmp_path, client):
     port = free_port()
@@ -56,7 +56,7 @@ def test_worker_pauses_while_redis_is_down_and_resumes_by_itself(stack, names, c
     assert check_every_event_predicted(bodies, records) == 0  # the retried batch was re-emitted only if it was sent
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
+@needs_redis_server
 def test_worker_pauses_while_redis_is_full_and_resumes_once_memory_is_raised(stack, names, checkpoint, tmp_path):
     port = free_port()
     redis_process = start_redis(tmp_path, "--port", str(port), "--maxmemory-policy", "noeviction")
@@ -89,7 +89,7 @@ def test_worker_pauses_while_redis_is_full_and_resumes_once_memory_is_raised(sta
     assert check_every_event_predicted(bodies, records) == 0
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/dev-stack installs it)")
+@needs_redis_server
 def test_trainer_waits_out_a_redis_outage_and_leads_again(stack, names, checkpoint, tmp_path):
     port = free_port()
     redis_process = start_aof_redis(port, tmp_path)

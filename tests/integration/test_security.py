@@ -11,14 +11,14 @@ import pytest
 import redis
 
 from tests.integration.conftest import (
-    WorkerProcess, check_every_event_predicted, dumps, event, free_port, produce, read_topic, start_redis, wait_for_redis,
+    WorkerProcess, check_every_event_predicted, dumps, event, free_port, needs_redis_server, produce, read_topic,
+    start_redis, wait_for_redis,
 )
 
 pytestmark = pytest.mark.integration
 
 DEV_SASL_USER, DEV_SASL_PASSWORD = "streamadapt", "streamadapt-dev-secret"  # scripts/dev-stack's SASL listener
 REDIS_PASSWORD = "redis-test-secret-4f1c"
-needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
 
 def sasl_bootstrap(bootstrap: str) -> str:

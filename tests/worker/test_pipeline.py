@@ -101,8 +101,6 @@ def test_a_replay_writes_the_first_predictions_bytes(rows, task, predicted_at):
         assert replayed_prediction(EventClaim.decode(claim.encode()), event, meta) == body
 
 
-
-
 def test_multiclass_predictions_carry_top_classes():
     fresh = [(rec(0), ev("a")), (rec(1), ev("b"))]
     probabilities = np.array([[0.2, 0.7, 0.1], [0.5, 0.2, 0.3]], dtype=np.float32)
