@@ -17,6 +17,7 @@ from kafka.errors import (
     CommitFailedError, IllegalGenerationError, KafkaError, KafkaTimeoutError, ProducerFencedError,
     RebalanceInProgressError, TopicAlreadyExistsError, UnknownMemberIdError,
 )
+from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
@@ -26,6 +27,32 @@ from worker.settings import KafkaSettings, SettingsError
 ACK_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
+
+
+def _hand_over_bytes_read_before_a_close(transport_class) -> None:
+    """Work around kafka-python 3.0's transports losing the bytes they read just before the peer closed the
+    connection: `_sock_recv` returns them together with the close, and the reader aborts without passing them
+    on. A broker that refuses SASL credentials answers "Authentication failed: Invalid username or password"
+    and then closes, so a wrong password was reported as a bare "socket disconnected" on about half of the
+    attempts (and, once in six start-ups here, on all of them). The bytes now go to the protocol first, and
+    the close is reported by the next read: a closed socket stays readable, so that read comes at once."""
+    sock_recv = transport_class.__dict__["_sock_recv"]
+
+    def sock_recv_bytes_first(transport):
+        held_error = transport.__dict__.pop("_streamadapt_held_error", None)
+        if held_error is not None:
+            return b"", held_error
+        data, error = sock_recv(transport)
+        if data and error is not None:
+            transport._streamadapt_held_error = error
+            return data, None
+        return data, error
+
+    transport_class._sock_recv = sock_recv_bytes_first
+
+
+for _transport_class in (KafkaTCPTransport, KafkaSSLTransport):  # each defines its own _sock_recv
+    _hand_over_bytes_read_before_a_close(_transport_class)
 
 
 def client_options(settings: KafkaSettings, role: str = "") -> dict:

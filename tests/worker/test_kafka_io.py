@@ -1,9 +1,12 @@
+import socket
+
 import pytest
 from kafka import TopicPartition
 from kafka.errors import (
     CommitFailedError, IllegalGenerationError, KafkaConnectionError, ProducerFencedError, RebalanceInProgressError,
     UnknownMemberIdError,
 )
+from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 
 from worker.kafka_io import (
     KeyPartitioner, ProducerFenced, ServingProducer, TransactionAborted, _drain_fetches_that_land_late, commit,
@@ -160,3 +163,40 @@ def test_a_consumer_idle_in_truth_is_still_reported_idle():
     fetcher = RacedFetcher({})
     _drain_fetches_that_land_late(fetcher)
     assert fetcher.fetch_records(2000, timeout_ms=200) == ({}, True)  # so that kafka-python's poll sleeps
+
+
+class SocketEnd:
+    """What a kafka-python transport's `_sock_recv` reads through: its `_sock`, a non-blocking socket."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self._sock = sock
+
+
+def test_bytes_read_just_before_the_broker_closes_reach_the_protocol_before_the_close():
+    for transport_class in (KafkaTCPTransport, KafkaSSLTransport):
+        ours, brokers = socket.socketpair()
+        with ours:
+            brokers.sendall(b"Authentication failed: Invalid username or password")
+            brokers.close()  # the answer and the close arrive together, as from a broker refusing credentials
+            transport = SocketEnd(ours)
+            assert transport_class._sock_recv(transport) == (b"Authentication failed: Invalid username or password", None)
+            data, error = transport_class._sock_recv(transport)
+            assert data == b"" and isinstance(error, KafkaConnectionError)
+
+
+def test_a_close_with_no_bytes_before_it_is_reported_at_once():
+    ours, brokers = socket.socketpair()
+    with ours:
+        brokers.close()
+        data, error = KafkaTCPTransport._sock_recv(SocketEnd(ours))
+        assert data == b"" and isinstance(error, KafkaConnectionError)
+
+
+def test_bytes_of_an_open_connection_pass_as_they_come():
+    ours, brokers = socket.socketpair()
+    with ours, brokers:
+        brokers.sendall(b"response")
+        transport = SocketEnd(ours)
+        assert KafkaTCPTransport._sock_recv(transport) == (b"response", None)
+        assert KafkaTCPTransport._sock_recv(transport) == (b"", None)  # nothing more yet, and still open
