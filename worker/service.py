@@ -118,6 +118,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
 # What kafka-python only logs while it retries (then it reports a bare timeout): worth the error line.
 _KAFKA_CAUSE = re.compile(r"(\w*(?:Authentication|Authorization|SSL|Certificate)\w*Error: .*?)(?: \(backoff [^)]*\))?$",
                           re.IGNORECASE)
+_REPEATED_ERROR_NAME = re.compile(r"\b(\w+Error: )\1+")  # kafka-python names some errors twice
 
 
 @contextmanager
@@ -140,10 +141,11 @@ def _kafka_client_warnings() -> Iterator[list[str]]:
 
 
 def _cause(warnings: list[str]) -> str:
+    """The last handshake error among kafka-python's warnings, as " (Error: why)", or "" when none was logged."""
     for message in reversed(warnings):
         found = _KAFKA_CAUSE.search(message)
         if found:
-            return f" ({found.group(1)})"
+            return " (" + _REPEATED_ERROR_NAME.sub(r"\1", found.group(1)) + ")"
     return ""
 
 
