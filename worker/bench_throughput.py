@@ -49,6 +49,8 @@ class DrainResult:
 
 
 def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events: int, timeout_s: float) -> DrainResult:
+    """Drain time of the least any worker on kafka-python must do: consume, produce, wait for the
+    acknowledgements, commit. Both topics are deleted when it is done."""
     kafka_io.ensure_topics(kafka, [output_topic])  # as many partitions as the worker's outputs, and no error logged
     consumer = KafkaConsumer(input_topic, **kafka_io.client_options(kafka, "bare"),
                              group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
@@ -70,6 +72,7 @@ def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events
     finally:
         consumer.close()
         producer.close(timeout=10)
+        kafka_io.delete_topics(kafka, [input_topic, output_topic])
     return DrainResult("bare kafka-python consume+produce", consumed, elapsed)
 
 
@@ -83,7 +86,7 @@ SCRAPE_INTERVAL_S = 0.2
 def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_path: Path,
                    extra_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """A real `streamadapt run` process on its own topics, group and Redis prefix: (process, metrics port).
-    Its Redis keys are deleted when it stops."""
+    Its topics, the input topic included, and its Redis keys are deleted when it stops."""
     run = uuid.uuid4().hex[:8]
     port = _free_port()
     env = {**os.environ, **settings.as_environment(), "STREAMADAPT_KAFKA_INPUT_TOPIC": input_topic,
@@ -103,6 +106,8 @@ def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_p
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+        kafka_io.delete_topics(settings.kafka, [input_topic, *(env[f"STREAMADAPT_KAFKA_{name}_TOPIC"]
+                                                              for name in ("PREDICTIONS", "DLQ", "MODEL_VERSIONS"))])
         _drop_redis_keys(settings, f"bench-{run}")
 
 
@@ -318,7 +323,7 @@ def _wait_ready(process: subprocess.Popen, port: int, log_path: Path, timeout_s:
 
 
 def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
-    """The benchmark's own Redis state goes when it is done (its topics expire with the broker's retention)."""
+    """The benchmark's own Redis state goes when it is done."""
     with closing(connect(settings.redis)) as client:
         drop_keys(client, key_prefix)
 

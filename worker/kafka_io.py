@@ -93,6 +93,19 @@ def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: 
         admin.close()
 
 
+def delete_topics(settings: KafkaSettings, topics: list[str]) -> None:
+    """Delete those of `topics` that exist (for tools that make topics of their own and should not leave
+    them behind: a topic's last segment outlives the retention period until it rolls, after a week)."""
+    admin = KafkaAdminClient(**client_options(settings, "admin"))
+    try:
+        present = sorted(set(topics) & set(admin.list_topics()))
+        if present:
+            admin.delete_topics(present)
+            log.info("deleted topics %s", ", ".join(present))
+    finally:
+        admin.close()
+
+
 def open_consumer(settings: KafkaSettings, before_revoke: Callable[[], None],
                   metadata_timeout_s: float = 60.0) -> KafkaConsumer:
     """A consumer subscribed to the input topic, once the topic's partitions are visible to it; a rebalance
