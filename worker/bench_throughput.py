@@ -145,6 +145,7 @@ class LatencyResult:
     while_training: dict | None = None  # the same percentiles over events sent while a fine-tune ran
     between_training: dict | None = None  # ... and over those sent while none ran, in the same run
     swaps: dict | None = None  # hot-swaps the worker made: count, mean and max bucket bound in ms
+    redis_rewrites: int = 0  # AOF rewrites and snapshots Redis began meanwhile: each forks and takes a core for seconds
 
 
 def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str, str, bytes]], rate: float,
@@ -162,6 +163,7 @@ def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str
              "STREAMADAPT_TRAINING_EVERY_S": str(FINETUNE_EVERY_S), "STREAMADAPT_TRAINING_EVERY_EXAMPLES": str(10**9),
              "STREAMADAPT_TRAINING_MIN_EXAMPLES": "500"} if finetune else {}
     kafka_io.ensure_topics(settings.kafka, [input_topic, f"{input_topic}.predictions", f"{input_topic}.dlq"])
+    redis_before = _redis_housekeeping(settings)
     with worker_process(settings, checkpoint, input_topic, log_path, extra) as (process, port):
         _wait_ready(process, port, log_path)
         received: dict[str, float] = {}
@@ -181,6 +183,7 @@ def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str
         stop.set()
         reader.join(timeout=10)
         swaps = _swaps(_scrape(port)) if finetune else None
+        redis_after = _redis_housekeeping(settings)
     first = min(sent.values())
     kept = {e: t for e, t in sent.items() if t >= first + warmup_s}
     during, between = [], []
@@ -195,7 +198,8 @@ def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str
     return LatencyResult("worker with its trainer" if finetune else "worker (--no-finetune)", rate, len(kept),
                          len(latencies), *_percentiles_ms(latencies),
                          while_training=summary(during) if finetune else None,
-                         between_training=summary(between) if finetune else None, swaps=swaps)
+                         between_training=summary(between) if finetune else None, swaps=swaps,
+                         redis_rewrites=_rewrites_between(redis_before, redis_after))
 
 
 def _percentiles_ms(latencies_s: list[float]) -> tuple[float, float, float]:
@@ -328,6 +332,10 @@ def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
         drop_keys(client, key_prefix)
 
 
+def _rewrites_between(before: dict[str, float], after: dict[str, float]) -> int:
+    return int(after["aof_rewrites"] - before["aof_rewrites"] + after["rdb_saves"] - before["rdb_saves"])
+
+
 def _redis_housekeeping(settings: Settings) -> dict[str, float]:
     """What Redis holds, and how often it has rewritten its AOF or saved a snapshot: both fork and write the
     whole dataset, on the cores the drains are measured on."""
@@ -439,6 +447,8 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                              ("  and sent between fine-tunes", r.between_training)):
                 if t is not None:
                     echo(f"{label:38}{'':>9}{t['events']:>10}{t['p50_ms']:>9.1f}{t['p99_ms']:>9.1f}{t['p999_ms']:>10.1f}")
+            if r.redis_rewrites:
+                echo(f"  Redis began {r.redis_rewrites} AOF rewrite(s) or snapshot(s) meanwhile: latency spikes for seconds")
             if r.swaps is not None:
                 echo(f"  hot-swaps: {r.swaps['count']}, mean {r.swaps['mean_ms']:.2f} ms, slowest <= {r.swaps['max_bucket_ms']:g} ms")
     if out is not None:
