@@ -50,7 +50,7 @@ class DrainResult:
 
 def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events: int, timeout_s: float) -> DrainResult:
     """Drain time of the least any worker on kafka-python must do: consume, produce, wait for the
-    acknowledgements, commit. Both topics are deleted when it is done."""
+    acknowledgements, commit."""
     kafka_io.ensure_topics(kafka, [output_topic])  # as many partitions as the worker's outputs, and no error logged
     consumer = KafkaConsumer(input_topic, **kafka_io.client_options(kafka, "bare"),
                              group_id=f"bench-bare-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
@@ -72,7 +72,6 @@ def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events
     finally:
         consumer.close()
         producer.close(timeout=10)
-        kafka_io.delete_topics(kafka, [input_topic, output_topic])
     return DrainResult("bare kafka-python consume+produce", consumed, elapsed)
 
 
@@ -82,16 +81,33 @@ def drain_bare(kafka: KafkaSettings, input_topic: str, output_topic: str, events
 SCRAPE_INTERVAL_S = 0.2
 
 
+def topics_of(input_topic: str) -> list[str]:
+    """The topics of a bench worker reading `input_topic`: input, predictions, dead letters, model versions."""
+    return [input_topic, f"{input_topic}.predictions", f"{input_topic}.dlq", f"{input_topic}.model-versions"]
+
+
+@contextmanager
+def deleted_when_done(kafka: KafkaSettings) -> Iterator[list[str]]:
+    """A list to name topics in; they are deleted at the end, after every measurement (a deletion makes the
+    broker delete files a minute later, which should not land in a drain)."""
+    made: list[str] = []
+    try:
+        yield made
+    finally:
+        kafka_io.delete_topics(kafka, made)
+
+
 @contextmanager
 def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_path: Path,
                    extra_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """A real `streamadapt run` process on its own topics, group and Redis prefix: (process, metrics port).
-    Its topics, the input topic included, and its Redis keys are deleted when it stops."""
+    Its Redis keys are deleted when it stops; its topics, `topics_of(input_topic)`, are left to the caller."""
     run = uuid.uuid4().hex[:8]
     port = _free_port()
+    _, predictions, dlq, model_versions = topics_of(input_topic)
     env = {**os.environ, **settings.as_environment(), "STREAMADAPT_KAFKA_INPUT_TOPIC": input_topic,
-           "STREAMADAPT_KAFKA_PREDICTIONS_TOPIC": f"{input_topic}.predictions", "STREAMADAPT_KAFKA_DLQ_TOPIC": f"{input_topic}.dlq",
-           "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": f"{input_topic}.model-versions",
+           "STREAMADAPT_KAFKA_PREDICTIONS_TOPIC": predictions, "STREAMADAPT_KAFKA_DLQ_TOPIC": dlq,
+           "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": model_versions,
            "STREAMADAPT_KAFKA_GROUP_ID": f"bench-worker-{run}", "STREAMADAPT_REDIS_KEY_PREFIX": f"bench-{run}",
            "STREAMADAPT_METRICS_HOST": "127.0.0.1", "STREAMADAPT_METRICS_PORT": str(port),
            "STREAMADAPT_SOURCE_CHECKPOINT": str(checkpoint), "STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_ROLE": "worker",
@@ -106,8 +122,6 @@ def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_p
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-        kafka_io.delete_topics(settings.kafka, [input_topic, *(env[f"STREAMADAPT_KAFKA_{name}_TOPIC"]
-                                                              for name in ("PREDICTIONS", "DLQ", "MODEL_VERSIONS"))])
         _drop_redis_keys(settings, f"bench-{run}")
 
 
@@ -148,9 +162,10 @@ class LatencyResult:
     redis_rewrites: int = 0  # AOF rewrites and snapshots Redis began meanwhile: each forks and takes a core for seconds
 
 
-def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str, str, bytes]], rate: float,
-                    log_path: Path, *, finetune: bool = False, warmup_s: float = 2.0) -> LatencyResult:
-    """Send `values` (event_id, user_id, JSON) at `rate` events/s, keyed by user_id, to a fresh worker and
+def measure_latency(settings: Settings, checkpoint: Path, input_topic: str, values: list[tuple[str, str, bytes]],
+                    rate: float, log_path: Path, *, finetune: bool = False, warmup_s: float = 2.0) -> LatencyResult:
+    """Send `values` (event_id, user_id, JSON) at `rate` events/s, keyed by user_id, to a fresh worker on
+    `input_topic` (and the other `topics_of` it, all new) and
     time each prediction from the moment its event was sent to the moment a consumer of the predictions
     topic received it.
 
@@ -158,7 +173,6 @@ def measure_latency(settings: Settings, checkpoint: Path, values: list[tuple[str
     FINETUNE_EVERY_S; latencies of events sent while the trainer's `streamadapt_finetune_running` gauge was
     1 are reported apart from those of events sent while it was 0: the interference of a fine-tune, measured
     on one worker at one time. Events of the first `warmup_s` are left out (connections and the first trace)."""
-    input_topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
     extra = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_ON_DRIFT": "false",
              "STREAMADAPT_TRAINING_EVERY_S": str(FINETUNE_EVERY_S), "STREAMADAPT_TRAINING_EVERY_EXAMPLES": str(10**9),
              "STREAMADAPT_TRAINING_MIN_EXAMPLES": "500"} if finetune else {}
@@ -361,7 +375,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
     bare_runs: list[DrainResult] = []
     worker_runs: dict[str, list[DrainResult]] = {client: [] for client in clients}
     rss: dict[str, list[float]] = {client: [] for client in clients}
-    with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch, deleted_when_done(settings.kafka) as made:
         scratch_dir = Path(scratch)
         stream = scratch_dir / "events.jsonl"
         write_events(stream, events=events, market="target", seed=99)
@@ -371,6 +385,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
         for attempt in range(1, repeat + 1):
             run = uuid.uuid4().hex[:8]
             topics = {"bare": f"bench-bare-{run}", **{client: f"bench-worker-{client}-{run}" for client in clients}}
+            made += [topics["bare"], f"{topics['bare']}.out", *(t for c in clients for t in topics_of(topics[c]))]
             for topic in topics.values():
                 replay(stream, settings.kafka.model_copy(update={"input_topic": topic}))
             echo(f"run {attempt}/{repeat}: backlog of {events} events produced; draining with the bare loop")
@@ -399,8 +414,10 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             for share, finetune in [(share, False) for share in LOAD_SHARES] + [(0.5, True)]:
                 rate = worker.events_per_s * share
                 echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")
-                latencies.append(measure_latency(settings, checkpoint, values[: int(rate * latency_s)], rate,
-                                                 scratch_dir / "latency.log", finetune=finetune))
+                input_topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
+                made += topics_of(input_topic)
+                latencies.append(measure_latency(settings, checkpoint, input_topic, values[: int(rate * latency_s)],
+                                                 rate, scratch_dir / "latency.log", finetune=finetune))
     by_client = {client: {"events": w.events, "events_per_s": w.events_per_s,
                           "ratio_to_bare": w.events_per_s / bare.events_per_s,
                           "runs_events_per_s": [r.events_per_s for r in worker_runs[client]],

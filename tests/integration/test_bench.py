@@ -6,7 +6,7 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from worker.bench_throughput import measure_latency, run_throughput_bench
+from worker.bench_throughput import deleted_when_done, measure_latency, run_throughput_bench, topics_of
 from worker.generate import write_events
 from worker.settings import load_settings
 
@@ -18,7 +18,7 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
     out = tmp_path / "bench.json"
     lines = []
-    topics_before = bench_topics(stack)
+    bench_topics_before = {t for t in topics(stack) if t.startswith("bench-")}
     result = run_throughput_bench(load_settings(), 2000, checkpoint, out, repeat=1, timeout_s=180, latency_s=0,
                                   echo=lines.append)
     assert result["bare"]["events"] == result["worker"]["events"] == 2000
@@ -39,30 +39,31 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     # with confluent-kafka installed (the bench extra) the worker also drained on librdkafka
     assert set(result["workers_by_client"]) == {"kafka-python", "confluent"}
     assert all(w["events"] == 2000 and w["ratio_to_bare"] > 0 for w in result["workers_by_client"].values())
-    assert bench_topics(stack) == topics_before  # the bench leaves no topic of its own behind
+    assert {t for t in topics(stack) if t.startswith("bench-")} == bench_topics_before  # it leaves none of its own
 
 
-def bench_topics(stack) -> set[str]:
+def topics(stack) -> set[str]:
     admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
     try:
-        return {topic for topic in admin.list_topics() if topic.startswith("bench-")}
+        return set(admin.list_topics())
     finally:
         admin.close()
 
 
-def test_latency_run_times_every_event_it_sends(stack, checkpoint, tmp_path, monkeypatch):
+def test_latency_run_times_every_event_it_sends(stack, names, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMADAPT_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
     monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
     stream = tmp_path / "events.jsonl"
     write_events(stream, events=600, market="target", seed=5)
     values = [(event["event_id"], event["user_id"], line) for line in stream.read_bytes().splitlines()
               for event in [json.loads(line)]]
-    topics_before = bench_topics(stack)
     rewrite = threading.Timer(2.0, lambda: redis.Redis.from_url(stack.redis_url).bgrewriteaof())  # the worker is starting
     rewrite.start()
-    result = measure_latency(load_settings(), checkpoint, values, rate=200.0, log_path=tmp_path / "worker.log",
-                             warmup_s=1.0)
+    with deleted_when_done(load_settings().kafka) as made:
+        made += topics_of(names.input_topic)
+        result = measure_latency(load_settings(), checkpoint, names.input_topic, values, rate=200.0,
+                                 log_path=tmp_path / "worker.log", warmup_s=1.0)
     assert result.received == result.events > 300  # every event after the warm-up came back as a prediction
     assert 0 < result.p50_ms <= result.p99_ms <= result.p999_ms < 30_000
     assert result.redis_rewrites >= 1  # a rewrite Redis began meanwhile is reported beside the row it may have spiked
-    assert bench_topics(stack) == topics_before
+    assert not set(topics_of(names.input_topic)) & topics(stack)
