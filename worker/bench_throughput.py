@@ -176,7 +176,7 @@ def measure_latency(settings: Settings, checkpoint: Path, input_topic: str, valu
     extra = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_ON_DRIFT": "false",
              "STREAMADAPT_TRAINING_EVERY_S": str(FINETUNE_EVERY_S), "STREAMADAPT_TRAINING_EVERY_EXAMPLES": str(10**9),
              "STREAMADAPT_TRAINING_MIN_EXAMPLES": "500"} if finetune else {}
-    kafka_io.ensure_topics(settings.kafka, [input_topic, f"{input_topic}.predictions", f"{input_topic}.dlq"])
+    kafka_io.ensure_topics(settings.kafka, topics_of(input_topic)[:3])  # the worker makes its one-partition model-versions
     redis_before = _redis_housekeeping(settings)
     with worker_process(settings, checkpoint, input_topic, log_path, extra) as (process, port):
         _wait_ready(process, port, log_path)
