@@ -34,7 +34,7 @@ def models_command(settings: Settings, action: str, version: str | None) -> str:
 
 
 def _table(registry: Registry, champion: str | None) -> str:
-    waiting = {r.version for r in registry.unannounced()}
+    waiting = registry.unannounced_versions()
     rows = [f"{'version':<19}promoted  announced  strategy  examples  candidate_log_loss  champion_log_loss  created_at"]
     for r in registry.all():
         mark = "*" if r.version == champion else " "

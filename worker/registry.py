@@ -82,13 +82,17 @@ class Registry:
             transaction.sadd(self._unannounced, record.version)
             transaction.execute()
 
+    def unannounced_versions(self) -> set[str]:
+        """The versions not yet announced on the model-versions topic (a version deleted by hand may linger)."""
+        return {version.decode() for version in self._client.smembers(self._unannounced)}
+
     def unannounced(self) -> list[ModelVersion]:
         """The records not yet announced on the model-versions topic, as they stand now, oldest first."""
         records = []
-        for version in self._client.smembers(self._unannounced):
-            record = self.get(version.decode())
+        for version in self.unannounced_versions():
+            record = self.get(version)
             if record is None:  # deleted by hand: nothing left to announce
-                self.mark_announced(version.decode())
+                self.mark_announced(version)
             else:
                 records.append(record)
         return sorted(records, key=lambda r: r.created_at)
