@@ -34,8 +34,9 @@ def _hand_over_bytes_read_before_a_close(transport_class) -> None:
     connection: `_sock_recv` returns them together with the close, and the reader aborts without passing them
     on. A broker that refuses SASL credentials answers "Authentication failed: Invalid username or password"
     and then closes, so a wrong password was reported as a bare "socket disconnected" on 30 of 39 attempts
-    in four start-ups here (and a start-up whose every attempt lost it said only "Unable to bootstrap"). The bytes now go to the protocol first, and
-    the close is reported by the next read: a closed socket stays readable, so that read comes at once."""
+    in four start-ups here (and a start-up whose every attempt lost it said only "Unable to bootstrap").
+    The bytes now go to the protocol first, and the close is reported by the next read: a closed socket
+    stays readable, so that read comes at once."""
     sock_recv = transport_class.__dict__["_sock_recv"]
 
     def sock_recv_bytes_first(transport):
