@@ -124,16 +124,18 @@ def connect(settings: RedisSettings) -> redis.Redis:
                                 **tls)
 
 
-def drop_keys(client: redis.Redis, key_prefix: str) -> None:
-    """Delete every key under `key_prefix` (a benchmark's or a test's own state), a thousand at a time."""
-    batch = []
+def drop_keys(client: redis.Redis, key_prefix: str) -> int:
+    """Delete every key under `key_prefix` (a benchmark's or a test's own state), a thousand at a time; how
+    many. The prefix may be a glob: `demo-*` is every demo run's."""
+    batch, dropped = [], 0
     for key in client.scan_iter(f"{key_prefix}:*", count=1000):
         batch.append(key)
         if len(batch) >= 1000:
-            client.unlink(*batch)
+            dropped += client.unlink(*batch)
             batch.clear()
     if batch:
-        client.unlink(*batch)
+        dropped += client.unlink(*batch)
+    return dropped
 
 
 class StateStore:

@@ -92,3 +92,17 @@ def test_a_drift_alarm_is_taken_once_and_its_regime_start_is_kept(store):
     store.raise_drift_alarm(1_750_000_000.25)
     assert store.take_drift_alarm() and not store.take_drift_alarm()
     assert store.regime_since_ts() == 1_750_000_000.25  # a trainer that takes over later trains on the same regime
+
+
+def test_drop_keys_takes_a_glob_of_prefixes_and_counts_what_it_dropped(stack):
+    client = redis.Redis.from_url(stack.redis_url)
+    run = uuid.uuid4().hex[:8]
+    for prefix in (f"test-drop-{run}-a", f"test-drop-{run}-b", f"test-keep-{run}"):
+        client.mset({f"{prefix}:k{i}": i for i in range(1500)})  # over one UNLINK's thousand
+    try:
+        assert drop_keys(client, f"test-drop-{run}-*") == 3000
+        assert not list(client.scan_iter(f"test-drop-{run}-*", count=1000))
+        assert len(list(client.scan_iter(f"test-keep-{run}:*", count=1000))) == 1500
+    finally:
+        drop_keys(client, f"test-keep-{run}")
+        drop_keys(client, f"test-drop-{run}-*")
