@@ -359,6 +359,32 @@ def _redis_housekeeping(settings: Settings) -> dict[str, float]:
                 "aof_rewrites": persistence.get("aof_rewrites", 0), "rdb_saves": persistence.get("rdb_saves", 0)}
 
 
+REDIS_AT_REST_TIMEOUT_S = 300.0
+
+
+def wait_for_redis_at_rest(settings: Settings, echo=print, timeout_s: float = REDIS_AT_REST_TIMEOUT_S) -> float:
+    """Wait while Redis rewrites its AOF or saves a snapshot, so that a measurement does not carry the tail of
+    one that the measurement before it began (each forks and takes most of a core for seconds; the worker's
+    writes decide when one begins, not the measurement it lands in). The seconds waited; after `timeout_s`
+    the measurement goes ahead, with a note."""
+    started = time.monotonic()
+    with closing(connect(settings.redis)) as client:
+        while _redis_forked(client.info("persistence")):
+            if time.monotonic() - started > timeout_s:
+                echo(f"note: Redis is still rewriting or saving after {timeout_s:.0f} s; measuring anyway")
+                break
+            time.sleep(0.1)
+    waited_s = time.monotonic() - started
+    if waited_s >= 0.1:
+        echo(f"waited {waited_s:.1f} s for Redis to finish an AOF rewrite or snapshot before measuring")
+    return waited_s
+
+
+def _redis_forked(persistence: dict) -> bool:
+    return bool(persistence.get("aof_rewrite_in_progress") or persistence.get("aof_rewrite_scheduled")
+                or persistence.get("rdb_bgsave_in_progress"))
+
+
 LOAD_SHARES = (0.25, 0.5, 0.75)
 
 
@@ -389,9 +415,11 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             for topic in topics.values():
                 replay(stream, settings.kafka.model_copy(update={"input_topic": topic}))
             echo(f"run {attempt}/{repeat}: backlog of {events} events produced; draining with the bare loop")
+            wait_for_redis_at_rest(settings, echo)
             bare_runs.append(drain_bare(settings.kafka, topics["bare"], f"{topics['bare']}.out", events, timeout_s))
             for client in clients:
                 echo(f"run {attempt}/{repeat}: draining with the worker on {client}")
+                wait_for_redis_at_rest(settings, echo)
                 on_client = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client": client})})
                 worker_run, peak_rss_mib = drain_worker(on_client, checkpoint, topics[client], events, timeout_s,
                                                         scratch_dir / "worker.log")
@@ -416,6 +444,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                 echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")
                 input_topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
                 made += topics_of(input_topic)
+                wait_for_redis_at_rest(settings, echo)
                 latencies.append(measure_latency(settings, checkpoint, input_topic, values[: int(rate * latency_s)],
                                                  rate, scratch_dir / "latency.log", finetune=finetune))
     by_client = {client: {"events": w.events, "events_per_s": w.events_per_s,

@@ -6,9 +6,12 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from worker.bench_throughput import deleted_when_done, measure_latency, run_throughput_bench, topics_of
+from worker.bench_throughput import (
+    deleted_when_done, measure_latency, run_throughput_bench, topics_of, wait_for_redis_at_rest,
+)
 from worker.generate import write_events
 from worker.settings import load_settings
+from worker.state import drop_keys
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +43,25 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     assert set(result["workers_by_client"]) == {"kafka-python", "confluent"}
     assert all(w["events"] == 2000 and w["ratio_to_bare"] > 0 for w in result["workers_by_client"].values())
     assert {t for t in topics(stack) if t.startswith("bench-")} == bench_topics_before  # it leaves none of its own
+
+
+def test_a_measurement_waits_for_a_rewrite_begun_before_it(stack, names, monkeypatch):
+    monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
+    client = redis.Redis.from_url(stack.redis_url)
+    client.mset({f"{names.key_prefix}:k{i}": i for i in range(2000)})
+    client.config_set("rdb-key-save-delay", max(1, 2_000_000 // client.dbsize()))  # µs a key: a rewrite of ~2 s
+    try:
+        wait_for_redis_at_rest(load_settings())  # none of another test's
+        client.bgrewriteaof()
+        assert client.info("persistence")["aof_rewrite_in_progress"] == 1
+        lines = []
+        waited_s = wait_for_redis_at_rest(load_settings(), echo=lines.append)
+        assert client.info("persistence")["aof_rewrite_in_progress"] == 0
+        assert waited_s > 0.5 and lines and lines[0].startswith("waited ")
+    finally:
+        client.config_set("rdb-key-save-delay", 0)
+        wait_for_redis_at_rest(load_settings())
+        drop_keys(client, names.key_prefix)
 
 
 def topics(stack) -> set[str]:
