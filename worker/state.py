@@ -126,7 +126,7 @@ def connect(settings: RedisSettings) -> redis.Redis:
 
 def drop_keys(client: redis.Redis, key_prefix: str) -> int:
     """Delete every key under `key_prefix` (a benchmark's or a test's own state), a thousand at a time; how
-    many. The prefix may be a glob: `demo-*` is every demo run's."""
+    many. The prefix may be a glob: `demo-[0-9]*` is every demo run's."""
     batch, dropped = [], 0
     for key in client.scan_iter(f"{key_prefix}:*", count=1000):
         batch.append(key)
