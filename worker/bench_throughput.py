@@ -28,6 +28,7 @@ import numpy as np
 from kafka import KafkaConsumer
 
 from worker import kafka_io
+from worker.bench_json import write_json
 from worker.generate import write_events
 from worker.builder import Builders
 from worker.model import ServingModel
@@ -498,7 +499,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             if r.swaps is not None:
                 echo(f"  hot-swaps: {r.swaps['count']}, mean {r.swaps['mean_ms']:.2f} ms, slowest <= {r.swaps['max_bucket_ms']:g} ms")
     if out is not None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
         echo(f"wrote {out}")
     return result
 

@@ -1,0 +1,24 @@
+import json
+import math
+
+import numpy as np
+
+from worker.bench_json import finite_or_null, write_json
+
+
+def test_figures_that_could_not_be_measured_are_written_as_null(tmp_path):
+    result = {"p99_ms": float("nan"), "rows": [{"later": np.float64("nan"), "before": 0.25}, (float("inf"), 3)],
+              "name": "static", "count": 0, "met": None}
+    path = tmp_path / "bench.json"
+    write_json(path, result)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "p99_ms": None, "rows": [{"later": None, "before": 0.25}, [None, 3]], "name": "static", "count": 0, "met": None}
+    assert math.isnan(result["p99_ms"])  # the result itself is left as it was
+
+
+def test_finite_values_pass_unchanged():
+    assert finite_or_null({"a": [1, 2.5, "x", True], "b": {"c": -0.0}}) == {"a": [1, 2.5, "x", True], "b": {"c": -0.0}}
