@@ -8,8 +8,9 @@ with `--kafka-client confluent`, those of `worker/kafka_confluent.py` on librdka
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -94,15 +95,18 @@ def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: 
         admin.close()
 
 
-def delete_topics(settings: KafkaSettings, topics: list[str]) -> None:
-    """Delete those of `topics` that exist (for tools that make topics of their own and should not leave
-    them behind: a topic's last segment outlives the retention period until it rolls, after a week)."""
+def delete_topics(settings: KafkaSettings, topics: Iterable[str] = (), matching: re.Pattern | None = None) -> list[str]:
+    """Delete those of `topics` that exist, and every topic whose whole name `matching` matches; the names
+    deleted. For tools that make topics of their own and should not leave them behind: a topic's last
+    segment outlives the retention period until it rolls, after a week."""
     admin = KafkaAdminClient(**client_options(settings, "admin"))
     try:
-        present = sorted(set(topics) & set(admin.list_topics()))
+        wanted = set(topics)
+        present = sorted(t for t in admin.list_topics() if t in wanted or (matching is not None and matching.fullmatch(t)))
         if present:
             admin.delete_topics(present)
             log.info("deleted topics %s", ", ".join(present))
+        return present
     finally:
         admin.close()
 

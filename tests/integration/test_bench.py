@@ -1,11 +1,13 @@
 """The throughput benchmark runs end to end and reports what it measured (no speed is asserted here)."""
 import json
+import re
 import threading
 
 import pytest
 import redis
 from kafka import KafkaAdminClient
 
+from worker import kafka_io
 from worker.bench_throughput import (
     deleted_when_done, measure_latency, run_throughput_bench, topics_of, wait_for_redis_at_rest,
 )
@@ -62,6 +64,20 @@ def test_a_measurement_waits_for_a_rewrite_begun_before_it(stack, names, monkeyp
         client.config_set("rdb-key-save-delay", 0)
         wait_for_redis_at_rest(load_settings())
         drop_keys(client, names.key_prefix)
+
+
+def test_delete_topics_takes_names_and_a_pattern_and_says_what_it_deleted(stack, names, monkeypatch):
+    monkeypatch.setenv("STREAMADAPT_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
+    kafka = load_settings().kafka
+    base = names.input_topic
+    kafka_io.ensure_topics(kafka, [f"{base}.a-1", f"{base}.a-2", f"{base}.named", f"{base}.kept"])
+    try:
+        deleted = kafka_io.delete_topics(kafka, [f"{base}.named", f"{base}.never-made"],
+                                         matching=re.compile(re.escape(base) + r"\.a-[0-9]"))
+        assert deleted == [f"{base}.a-1", f"{base}.a-2", f"{base}.named"]
+        assert {t for t in topics(stack) if t.startswith(base)} == {f"{base}.kept"}
+    finally:
+        kafka_io.delete_topics(kafka, [f"{base}.kept"])
 
 
 def topics(stack) -> set[str]:
