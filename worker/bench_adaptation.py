@@ -89,7 +89,7 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
     labels came in or when the drift detector alarms on the served predictions' log-loss, on the examples
     since the change point it estimated (the `every_s` trigger has no meaning offline)."""
     started = time.perf_counter()
-    serving = ServingModel(source_model, meta)
+    serving = ServingModel.of_keras(source_model, meta)
     scorer = Scorer(source_model, meta)
     champion = [w.copy() for w in source_model.get_weights()]
     window: deque[Example] = deque(maxlen=training.max_examples)
@@ -316,7 +316,7 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
     if unknown > UNKNOWN_LABELS_WARNING_SHARE:
         echo(f"warning: {unknown:.0%} of the labels are categories the source checkpoint does not know; they all count "
              f"as one class, {OTHER!r}, so accuracy says little. Was the checkpoint pretrained on this market's categories?")
-    outcomes = [run_static("static", ServingModel(source_model, meta), stream)]
+    outcomes = [run_static("static", ServingModel.of_keras(source_model, meta), stream)]
     for strategy in strategies:
         echo(f"replaying the trainer with strategy {strategy}")
         outcomes.append(run_fine_tuned(f"adapted-{strategy}", source_model, meta, stream,

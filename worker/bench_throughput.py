@@ -287,7 +287,7 @@ def measure_swap(settings: Settings, checkpoint: Path, swaps: int = 200) -> dict
     checks they fit, then handing them to the worker's real builder processes (the follower thread fetches
     and verifies them beforehand, off the serving path; each builder applies them between two batches)."""
     model = ServingModel.from_checkpoint(checkpoint)
-    versions = [[w * (1.0 + 0.01 * i) for w in model.keras_model.get_weights()] for i in range(2)]
+    versions = [[w * (1.0 + 0.01 * i) for w in model.weights] for i in range(2)]
     builders = Builders(settings, model)
     durations = []
     try:

@@ -36,7 +36,7 @@ class Scorer:
     (a private ServingModel), so the gate judges exactly what replicas would serve."""
 
     def __init__(self, model, meta: ModelMeta):
-        self._serving = ServingModel(model, meta)
+        self._serving = ServingModel.of_keras(model, meta)
 
     def __call__(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
         self._serving.swap(weights, "scored")

@@ -2,13 +2,17 @@
 
 A checkpoint is a directory with `model.keras` (Keras v3 format, loaded in safe mode) and
 `metadata.json` (task, classes, feature spec, training summary, and the sha256 of model.keras,
-verified at load).
+verified at load). Training loads it with Keras; serving reads the same file without TensorFlow (its
+layer configs and weights), so a serving process starts in about a second instead of the ten that
+importing TensorFlow takes, and holds none of TensorFlow's memory.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +116,9 @@ def save_checkpoint(model, directory: Path, *, task: Task, classes: tuple[str, .
     return meta
 
 
-def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
-    """Load and verify a checkpoint. Raises CheckpointError with a readable reason."""
+def read_metadata(directory: Path) -> ModelMeta:
+    """A checkpoint's metadata, after checking that its model file is the one the metadata was written for.
+    Raises CheckpointError with a readable reason."""
     model_path, meta_path = directory / MODEL_FILE, directory / METADATA_FILE
     if not model_path.is_file() or not meta_path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: it needs {MODEL_FILE} and {METADATA_FILE}")
@@ -133,12 +138,23 @@ def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
     actual = file_sha256(model_path)
     if actual != meta.sha256:
         raise CheckpointError(f"{model_path}: sha256 {actual[:12]}… does not match the metadata's {meta.sha256[:12]}…")
+    return meta
+
+
+def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
+    """The checkpoint as a Keras model (for training) and its metadata. Raises CheckpointError."""
+    meta = read_metadata(directory)
     keras = _tf().keras
-    model = keras.models.load_model(model_path, compile=False, safe_mode=True)
-    expected_outputs = 1 if meta.task == "repurchase" else len(meta.classes)
-    if model.input_shape[-1] != meta.feature_spec.n_features or model.output_shape[-1] != expected_outputs:
-        raise CheckpointError(f"{directory}: model shape {model.input_shape}->{model.output_shape} does not fit its metadata")
+    model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
+    _check_shape(directory, meta, model.input_shape[-1], model.output_shape[-1])
     return model, meta
+
+
+def _check_shape(directory: Path, meta: ModelMeta, n_inputs: int, n_outputs: int) -> None:
+    expected_outputs = 1 if meta.task == "repurchase" else len(meta.classes)
+    if n_inputs != meta.feature_spec.n_features or n_outputs != expected_outputs:
+        raise CheckpointError(f"{directory}: model of {n_inputs} inputs and {n_outputs} outputs does not fit its "
+                              f"metadata ({meta.feature_spec.n_features} features, {expected_outputs} outputs)")
 
 
 def class_probabilities(raw: np.ndarray, task: Task) -> np.ndarray:
@@ -150,7 +166,7 @@ def class_probabilities(raw: np.ndarray, task: Task) -> np.ndarray:
 
 
 class ServingModel:
-    """A loaded model, served by a NumPy forward pass over its weights.
+    """A checkpoint served by a NumPy forward pass over its weights, without TensorFlow.
 
     The network build_model makes (normalisation, dense layers) is a few matrix products. Calling Keras
     for them cost about 1.5 ms a batch whatever its size, which at moderate load was a tenth of the
@@ -158,31 +174,33 @@ class ServingModel:
     tests/worker/test_model.py checks it agrees with Keras, also after a swap.
     """
 
-    def __init__(self, model, meta: ModelMeta):
+    def __init__(self, meta: ModelMeta, shift: np.ndarray, scale: np.ndarray, activations: list,
+                 weights: list[np.ndarray]):
         self.meta = meta
         self.version = meta.version
-        self._model = model
-        self._shift, self._scale, self._activations = _forward_plan(model)
-        self._weights = [np.asarray(w, np.float64) for w in model.get_weights()]
+        self._shift, self._scale, self._activations = shift, scale, activations
+        self._weights = [np.asarray(w, np.float64) for w in weights]
         self._shapes = [w.shape for w in self._weights]
-        if len(self._weights) != 2 * len(self._activations):
-            raise CheckpointError(f"{model.name}: expected a kernel and a bias for each dense layer")
 
     @classmethod
     def from_checkpoint(cls, directory: Path) -> ServingModel:
-        return cls(*load_checkpoint(directory))
+        """Read a checkpoint without TensorFlow (what a serving process does)."""
+        meta = read_metadata(directory)
+        layers, variables = _read_keras_file(directory / MODEL_FILE)
+        model = cls(meta, *_serving_plan(layers, variables, directory / MODEL_FILE))
+        _check_shape(directory, meta, model._shapes[0][0], model._shapes[-1][-1])
+        return model
+
+    @classmethod
+    def of_keras(cls, model, meta: ModelMeta) -> ServingModel:
+        """Serve a Keras model already loaded (the trainer's gate scores candidates by this forward pass)."""
+        variables = {layer.name: layer.get_weights() for layer in model.layers}
+        return cls(meta, *_serving_plan(model.get_config()["layers"], variables, model.name))
 
     @property
-    def keras_model(self):
-        """The Keras model as loaded from the checkpoint (the trainer clones it); swaps do not change it."""
-        if self._model is None:
-            raise RuntimeError("this copy of the serving model was sent to another process without its Keras model")
-        return self._model
-
-    def __getstate__(self) -> dict:
-        """Pickled (for the builder process) without the Keras model: the NumPy forward pass needs only
-        the weights, and the other process then needs no TensorFlow."""
-        return {**self.__dict__, "_model": None}
+    def weights(self) -> list[np.ndarray]:
+        """The weights served now, in the order of the Keras model's get_weights()."""
+        return list(self._weights)
 
     def swap(self, weights: list[np.ndarray], version: str) -> None:
         """Serve `weights` (in the order of the Keras model's get_weights()) from now on."""
@@ -222,21 +240,43 @@ def _linear(x: np.ndarray) -> np.ndarray:
 _ACTIVATIONS = {"relu": _relu, "sigmoid": _sigmoid, "softmax": _softmax, "linear": _linear}
 
 
-def _forward_plan(model) -> tuple[np.ndarray, np.ndarray, list]:
-    """(shift, scale, activations) for the layers of build_model's network; anything else is refused."""
-    shift, scale, activations = None, None, []
-    for layer in model.layers:
-        kind, config = type(layer).__name__, layer.get_config()
+def _read_keras_file(model_path: Path) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
+    """A Keras v3 model file's layer configs and each layer's variables by layer name, read without
+    TensorFlow: the file is a zip of the model's config (JSON) and its weights (HDF5, a group of variables
+    per layer, which names the layer in an attribute)."""
+    import h5py  # installed with Keras; imported here so that only serving pays for it
+
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            layers = json.loads(archive.read("config.json"))["config"]["layers"]
+            weights_file = io.BytesIO(archive.read("model.weights.h5"))
+        with h5py.File(weights_file, "r") as h5:
+            variables = {group["vars"].attrs["name"]: [group["vars"][str(i)][()] for i in range(len(group["vars"]))]
+                         for group in h5["layers"].values()}
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{model_path}: not a Keras model file of the expected layout ({error!r})") from error
+    return layers, variables
+
+
+def _serving_plan(layers: list[dict], variables: dict[str, list[np.ndarray]],
+                  origin) -> tuple[np.ndarray, np.ndarray, list, list[np.ndarray]]:
+    """(shift, scale, activations, weights) of build_model's network, from its layer configs (as Keras
+    serialises them) and each layer's variables; any other network is refused, naming `origin`."""
+    shift, scale, activations, weights = None, None, [], []
+    for layer in layers:
+        kind, config = layer["class_name"], layer["config"]
         if kind == "InputLayer":
             continue
-        if kind == "Normalization" and shift is None and not activations:
+        if kind == "Normalization" and shift is None and not activations and config.get("mean") is not None:
             shift = np.asarray(config["mean"], np.float64)
             # Keras divides by max(sqrt(variance), epsilon) with epsilon = 1e-7
             scale = np.maximum(np.sqrt(np.asarray(config["variance"], np.float64)), 1e-7)
-        elif kind == "Dense" and config.get("activation") in _ACTIVATIONS and config.get("use_bias", True):
+        elif (kind == "Dense" and config.get("activation") in _ACTIVATIONS and config.get("use_bias", True)
+              and len(variables.get(config["name"], ())) == 2):
             activations.append(_ACTIVATIONS[config["activation"]])
+            weights.extend(variables[config["name"]])  # kernel, then bias
         else:
-            raise CheckpointError(f"{model.name}: layer {layer.name} ({kind}) cannot be served")
+            raise CheckpointError(f"{origin}: layer {config.get('name')} ({kind}) cannot be served")
     if shift is None or not activations:
-        raise CheckpointError(f"{model.name}: expected a normalisation layer and dense layers")
-    return shift, scale, activations
+        raise CheckpointError(f"{origin}: expected a normalisation layer and dense layers")
+    return shift, scale, activations, weights

@@ -26,7 +26,7 @@ from worker import kafka_io
 from worker.builder import Builders
 from worker.hotswap import ModelFollower
 from worker.metrics import HealthServer, WorkerMetrics
-from worker.model import ServingModel, limit_cpu_threads
+from worker.model import ServingModel, limit_cpu_threads, load_checkpoint
 from worker.registry import Registry
 from worker.serving import ServingLoop
 from worker.settings import Settings, SettingsError
@@ -67,8 +67,11 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             # Fine-tuning yields the CPU to serving on a shared host: fewer threads, and a lower priority.
             limit_cpu_threads(settings.training.threads)
             os.nice(TRAINER_NICENESS)
-        model = ServingModel.from_checkpoint(settings.source_checkpoint)
-        log.info("source model %s (%s, %d classes)", model.version, model.meta.task, len(model.meta.classes))
+            source_model, meta = load_checkpoint(settings.source_checkpoint)  # Keras, to fine-tune
+        else:
+            model = ServingModel.from_checkpoint(settings.source_checkpoint)  # NumPy: no TensorFlow to import
+            meta = model.meta
+        log.info("source model %s (%s, %d classes)", meta.version, meta.task, len(meta.classes))
         _check_redis(store, settings)
         k = settings.kafka
         with _kafka_client_warnings() as client_trouble:
@@ -88,7 +91,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             except KafkaError as error:
                 raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}{_cause(client_trouble)}") from error
         if settings.role == "trainer":
-            _run_trainer(settings, stack, store, registry, trainer_producer, model, metrics, ready, stop)
+            _run_trainer(settings, stack, store, registry, trainer_producer, source_model, meta, metrics, ready, stop)
             return
         follower = None
         if not settings.no_finetune:
@@ -103,9 +106,9 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         loop = ServingLoop(settings, consumer, producer, builders, model, metrics, follower, store.raise_drift_alarm)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
-        # TensorFlow leaves ~350k tracked objects that live as long as the process; each full collection
-        # walked them all (a third of the serving loop's time in `bench throughput`). Frozen, they are
-        # never walked again; objects created from here on are collected as usual. The serving loop's
+        # What start-up created lives as long as the process (when serving still imported TensorFlow, 350k
+        # tracked objects, and full collections walking them were a third of the serving loop's time).
+        # Frozen, it is never walked again; objects created from here on are collected as usual. The loop's
         # objects are freed by reference counting, so young collections found nearly nothing but cost
         # 5-10 us an event; 50k net allocations between them keeps memory bounded all the same.
         gc.freeze()
@@ -149,11 +152,11 @@ def _cause(warnings: list[str]) -> str:
     return ""
 
 
-def _run_trainer(settings, stack, store, registry, producer, model, metrics, ready, stop) -> None:
+def _run_trainer(settings, stack, store, registry, producer, source_model, meta, metrics, ready, stop) -> None:
     from worker.trainer import LeaseKeeper, Trainer
 
     lease = stack.enter_context(LeaseKeeper(registry, settings.training.lease_ttl_s, metrics))
-    trainer = Trainer(settings, store, registry, producer, model.keras_model, model.meta, metrics, lease)
+    trainer = Trainer(settings, store, registry, producer, source_model, meta, metrics, lease)
     ready.polled = time.monotonic  # the trainer reads no topic; it is ready once Redis answers
     log.info("trainer running (strategy %s); one trainer leads across the fleet", settings.training.strategy)
     trainer.run(stop)

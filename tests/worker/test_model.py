@@ -1,11 +1,14 @@
 """The model contract: checkpoint round trip and verification, batched serving."""
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from worker.model import CheckpointError, ServingModel, load_checkpoint
+from worker.model import CheckpointError, ServingModel, load_checkpoint, save_checkpoint
 
 
 def test_checkpoint_round_trip_and_batch_invariance(checkpoint):
@@ -61,7 +64,7 @@ def test_swap_changes_predictions_and_refuses_other_shapes(checkpoint):
     serving = ServingModel.from_checkpoint(checkpoint)
     x = np.ones((4, serving.meta.feature_spec.n_features), dtype=np.float32)
     before = serving.predict_many(x)
-    original = serving.keras_model.get_weights()
+    original = serving.weights
     serving.swap([w * 0.5 for w in original], "v-test")
     assert serving.version == "v-test" and not np.allclose(serving.predict_many(x), before)
     with pytest.raises(ValueError, match="do not fit"):
@@ -71,10 +74,15 @@ def test_swap_changes_predictions_and_refuses_other_shapes(checkpoint):
 
 def test_numpy_serving_agrees_with_keras_also_after_a_swap(checkpoint):
     serving = ServingModel.from_checkpoint(checkpoint)
-    keras_model = serving.keras_model
+    keras_model, _ = load_checkpoint(checkpoint)
+    for served, loaded in zip(serving.weights, keras_model.get_weights(), strict=True):
+        np.testing.assert_array_equal(served, loaded)  # read from the file without Keras, bit for bit
     x = np.random.default_rng(2).normal(size=(257, serving.meta.feature_spec.n_features)).astype(np.float32) * 4
     # Keras computes in float32 and NumPy serving in float64: on these wide inputs they differ below 2e-4
     np.testing.assert_allclose(serving.predict_many(x), keras_model.predict(x, verbose=0), atol=2e-4)
+    # the trainer's gate serves the Keras model it holds by the same forward pass, to the same bits
+    np.testing.assert_array_equal(ServingModel.of_keras(keras_model, serving.meta).predict_many(x),
+                                  serving.predict_many(x))
     rng = np.random.default_rng(3)
     moved = [w + rng.normal(scale=0.05, size=w.shape).astype(np.float32) for w in keras_model.get_weights()]
     serving.swap(moved, "v-moved")
@@ -86,5 +94,42 @@ def test_a_binary_model_is_served_as_two_class_probabilities(repurchase_checkpoi
     serving = ServingModel.from_checkpoint(repurchase_checkpoint)
     x = np.random.default_rng(4).normal(size=(50, serving.meta.feature_spec.n_features)).astype(np.float32)
     p = serving.predict_many(x)
-    np.testing.assert_allclose(p[:, 1], serving.keras_model.predict(x, verbose=0)[:, 0], atol=1e-5)
+    keras_model, _ = load_checkpoint(repurchase_checkpoint)
+    np.testing.assert_allclose(p[:, 1], keras_model.predict(x, verbose=0)[:, 0], atol=1e-5)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_serving_a_checkpoint_does_not_import_tensorflow(checkpoint):
+    """The serving process reads the model file itself: importing TensorFlow took about ten seconds of its
+    start-up."""
+    code = (f"import sys; from pathlib import Path; from worker.model import ServingModel; "
+            f"m = ServingModel.from_checkpoint(Path({str(checkpoint)!r})); "
+            f"print(m.version, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [ServingModel.from_checkpoint(checkpoint).version, "False", "False"]
+
+
+def test_a_network_serving_cannot_compute_is_refused_with_its_layer(checkpoint, tmp_path):
+    import tensorflow as tf
+
+    model, meta = load_checkpoint(checkpoint)
+    n = meta.feature_spec.n_features
+    inputs = tf.keras.Input(shape=(n,))
+    x = tf.keras.layers.Normalization(mean=[0.0] * n, variance=[1.0] * n)(inputs)
+    x = tf.keras.layers.Dropout(0.5, name="dropout_here")(x)
+    other = tf.keras.Model(inputs, tf.keras.layers.Dense(len(meta.classes), activation="softmax")(x))
+    save_checkpoint(other, tmp_path / "other", task=meta.task, classes=meta.classes, feature_spec=meta.feature_spec,
+                    horizon_days=meta.horizon_days, extra={})
+    with pytest.raises(CheckpointError, match="dropout_here .Dropout. cannot be served"):
+        ServingModel.from_checkpoint(tmp_path / "other")
+
+
+def test_a_model_file_that_is_not_a_keras_archive_is_a_readable_error(checkpoint, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    (copy / "model.keras").write_bytes(b"not a zip")
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["model_sha256"] = hashlib.sha256(b"not a zip").hexdigest()
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="not a Keras model file"):
+        ServingModel.from_checkpoint(copy)
