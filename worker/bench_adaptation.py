@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas import PurchaseEvent
-from worker.bench_json import write_json
+from worker.bench_json import cell, write_json
 from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples
 from worker.examples import Example
 from worker.features import OTHER, encode_stream
@@ -341,8 +341,8 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
               "goals": checked, "training": training.model_dump()}
     echo(f"{'prequential accuracy':32}{'before drift':>14}{'first 5k after':>16}{'later after':>13}{'promotions':>12}")
     for row in table:
-        echo(f"{row['name']:32}{_accuracy(row['before_drift']):>14}{_accuracy(row['first_5k_after_drift']):>16}"
-             f"{_accuracy(row['later_after_drift']):>13}{row['promotions']:>12}")
+        echo(f"{row['name']:32}{cell(row['before_drift'], '.3f'):>14}{cell(row['first_5k_after_drift'], '.3f'):>16}"
+             f"{cell(row['later_after_drift'], '.3f'):>13}{row['promotions']:>12}")
     echo(f"{'transfer curve':16}{'examples':>10}{'transfer':>10}{'scratch':>10}{'difference':>12}")
     for row in curve:
         echo(f"{row['span'].replace('_', ' '):16}{row['examples']:>10,}{row['transfer_accuracy']:>10.3f}"
@@ -361,11 +361,6 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
         write_json(out, result)
         echo(f"wrote {out}")
     return result
-
-
-def _accuracy(value: float) -> str:
-    """A table cell: the accuracy, or a dash for a span the stream does not reach."""
-    return "–" if np.isnan(value) else f"{value:.3f}"
 
 
 def _reveals(stream: Stream) -> dict[int, list[int]]:

@@ -1,6 +1,7 @@
-"""Benchmark results as strict JSON. A figure that could not be measured is NaN in the result (accuracy over
-a span with no labels, percentiles of no events) and is written as null: Python's default `NaN` token is
-not JSON, and jq, JavaScript's JSON.parse and most other readers refuse the whole file for it."""
+"""Benchmark results as strict JSON and as table cells. A figure that could not be measured is NaN in the
+result (accuracy over a span with no labels, percentiles of no events). It is written as null in the JSON
+(Python's default `NaN` token is not JSON, and jq, JavaScript's JSON.parse and most other readers refuse
+the whole file for it) and as a dash in the printed table."""
 from __future__ import annotations
 
 import json
@@ -21,3 +22,8 @@ def finite_or_null(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_null(item) for item in value]
     return value
+
+
+def cell(value: float, spec: str) -> str:
+    """A figure for a printed table, formatted by `spec`, or a dash where it could not be measured."""
+    return "–" if math.isnan(value) else format(value, spec)

@@ -28,7 +28,7 @@ import numpy as np
 from kafka import KafkaConsumer
 
 from worker import kafka_io
-from worker.bench_json import write_json
+from worker.bench_json import cell, write_json
 from worker.generate import write_events
 from worker.builder import Builders
 from worker.model import ServingModel
@@ -489,11 +489,13 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
         echo(f"{'event to prediction latency (' + settings.kafka.client + ')':38}{'events/s':>9}{'received':>10}"
              f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
         for r in latencies:
-            echo(f"{r.name:38}{r.offered_events_per_s:>9.0f}{r.received:>10}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}{r.p999_ms:>10.1f}")
+            echo(f"{r.name:38}{r.offered_events_per_s:>9.0f}{r.received:>10}{cell(r.p50_ms, '.1f'):>9}"
+                 f"{cell(r.p99_ms, '.1f'):>9}{cell(r.p999_ms, '.1f'):>10}")
             for label, t in (("  of which sent during a fine-tune", r.while_training),
                              ("  and sent between fine-tunes", r.between_training)):
                 if t is not None:
-                    echo(f"{label:38}{'':>9}{t['events']:>10}{t['p50_ms']:>9.1f}{t['p99_ms']:>9.1f}{t['p999_ms']:>10.1f}")
+                    echo(f"{label:38}{'':>9}{t['events']:>10}{cell(t['p50_ms'], '.1f'):>9}{cell(t['p99_ms'], '.1f'):>9}"
+                         f"{cell(t['p999_ms'], '.1f'):>10}")
             if r.redis_rewrites:
                 echo(f"  Redis began {r.redis_rewrites} AOF rewrite(s) or snapshot(s) meanwhile: latency spikes for seconds")
             if r.swaps is not None:

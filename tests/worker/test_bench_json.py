@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from worker.bench_json import finite_or_null, write_json
+from worker.bench_json import cell, finite_or_null, write_json
 
 
 def test_figures_that_could_not_be_measured_are_written_as_null(tmp_path):
@@ -22,3 +22,9 @@ def test_figures_that_could_not_be_measured_are_written_as_null(tmp_path):
 
 def test_finite_values_pass_unchanged():
     assert finite_or_null({"a": [1, 2.5, "x", True], "b": {"c": -0.0}}) == {"a": [1, 2.5, "x", True], "b": {"c": -0.0}}
+
+
+def test_a_table_cell_is_the_formatted_figure_or_a_dash():
+    assert cell(12.345, ".1f") == "12.3"
+    assert cell(np.float64(0.5), ".3f") == "0.500"
+    assert cell(float("nan"), ".1f") == "–"
