@@ -126,10 +126,17 @@ def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_p
         _drop_redis_keys(settings, f"bench-{run}")
 
 
+@dataclass(frozen=True)
+class WorkerDrain:
+    drain: DrainResult  # from its first consumed record to its last prediction
+    peak_rss_mib: float  # its processes' peak resident memory, summed
+    start_up_s: float  # from launching the process to its first consumed record (to within SCRAPE_INTERVAL_S)
+
+
 def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events: int, timeout_s: float,
-                 log_path: Path) -> tuple[DrainResult, float]:
-    """Drain time of a real worker process (on the client library settings.kafka.client), and its peak
-    resident memory in MiB."""
+                 log_path: Path) -> WorkerDrain:
+    """A real worker process (on the client library settings.kafka.client) drains the backlog."""
+    launched = time.perf_counter()
     with worker_process(settings, checkpoint, input_topic, log_path) as (process, port):
         started, handled, deadline = None, 0.0, time.monotonic() + timeout_s
         while handled < events and time.monotonic() < deadline:
@@ -141,9 +148,11 @@ def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events:
             handled = (metrics.get("streamadapt_predictions_total", 0.0)
                        + metrics.get("streamadapt_events_dead_lettered_total", 0.0))
             time.sleep(SCRAPE_INTERVAL_S)
-        elapsed = time.perf_counter() - (started or time.perf_counter())
+        finished = time.perf_counter()
         peak_rss_mib = _peak_rss_mib(process.pid)
-    return DrainResult(f"streamadapt worker ({settings.kafka.client})", int(handled), elapsed), peak_rss_mib
+    started = started or finished
+    return WorkerDrain(DrainResult(f"streamadapt worker ({settings.kafka.client})", int(handled), finished - started),
+                       peak_rss_mib, started - launched)
 
 
 @dataclass(frozen=True)
@@ -402,6 +411,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
     bare_runs: list[DrainResult] = []
     worker_runs: dict[str, list[DrainResult]] = {client: [] for client in clients}
     rss: dict[str, list[float]] = {client: [] for client in clients}
+    start_up: dict[str, list[float]] = {client: [] for client in clients}
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch, deleted_when_done(settings.kafka) as made:
         scratch_dir = Path(scratch)
         stream = scratch_dir / "events.jsonl"
@@ -422,10 +432,10 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                 echo(f"run {attempt}/{repeat}: draining with the worker on {client}")
                 wait_for_redis_at_rest(settings, echo)
                 on_client = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client": client})})
-                worker_run, peak_rss_mib = drain_worker(on_client, checkpoint, topics[client], events, timeout_s,
-                                                        scratch_dir / "worker.log")
-                worker_runs[client].append(worker_run)
-                rss[client].append(peak_rss_mib)
+                run_ = drain_worker(on_client, checkpoint, topics[client], events, timeout_s, scratch_dir / "worker.log")
+                worker_runs[client].append(run_.drain)
+                rss[client].append(run_.peak_rss_mib)
+                start_up[client].append(run_.start_up_s)
         redis_after = _redis_housekeeping(settings)
         bare = _median(bare_runs)
         workers = {client: _median(runs) for client, runs in worker_runs.items()}
@@ -452,7 +462,8 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
                           "ratio_to_bare": w.events_per_s / bare.events_per_s,
                           "runs_events_per_s": [r.events_per_s for r in worker_runs[client]],
                           "ratio_per_run": [r.events_per_s / b.events_per_s for r, b in zip(worker_runs[client], bare_runs)],
-                          "peak_rss_mib": max(rss[client])}
+                          "peak_rss_mib": max(rss[client]), "start_up_s": float(np.median(start_up[client])),
+                          "start_up_s_per_run": start_up[client]}
                  for client, w in workers.items()}
     chosen = by_client[settings.kafka.client]
     result = {"events": events, "repeat": repeat, "client": settings.kafka.client,
@@ -461,6 +472,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
               "worker": {**asdict(worker), "events_per_s": worker.events_per_s,
                          "runs_events_per_s": chosen["runs_events_per_s"]},
               "ratio_worker_to_bare": chosen["ratio_to_bare"], "worker_peak_rss_mib": chosen["peak_rss_mib"],
+              "worker_start_up_s": chosen["start_up_s"],
               "ratio_per_run": chosen["ratio_per_run"],
               "workers_by_client": by_client,
               "hot_swap": swap,
@@ -476,7 +488,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
     for client, figures in by_client.items():
         per_run = " ".join(f"{ratio:.3f}" for ratio in figures["ratio_per_run"])
         echo(f"ratio worker ({client}) / bare kafka-python: {figures['ratio_to_bare']:.3f} (per run: {per_run})"
-             f"    worker peak RSS: {figures['peak_rss_mib']:.0f} MiB")
+             f"    worker peak RSS: {figures['peak_rss_mib']:.0f} MiB, start-up: {figures['start_up_s']:.1f} s")
     housekeeping = result["redis"]
     if housekeeping["aof_rewrites_during_drains"] or housekeeping["snapshots_during_drains"]:
         echo(f"note: Redis rewrote its append-only file {housekeeping['aof_rewrites_during_drains']} time(s) and saved "

@@ -32,6 +32,9 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     assert result["ratio_worker_to_bare"] == pytest.approx(
         result["worker"]["events_per_s"] / result["bare"]["events_per_s"])
     assert result["worker_peak_rss_mib"] > 50
+    # launch to first consumed record: imports, the checkpoint, the builders, joining the group
+    assert 0 < result["worker_start_up_s"] < 60
+    assert result["workers_by_client"]["kafka-python"]["start_up_s_per_run"] == [result["worker_start_up_s"]]
     assert result["worker"]["runs_events_per_s"] == [result["worker"]["events_per_s"]]
     assert result["ratio_per_run"] == [pytest.approx(result["ratio_worker_to_bare"])]
     assert result["hot_swap"]["swaps"] == 200 and 0 < result["hot_swap"]["median_ms"] <= result["hot_swap"]["max_ms"]
