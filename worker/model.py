@@ -199,8 +199,9 @@ class ServingModel:
 
     @property
     def weights(self) -> list[np.ndarray]:
-        """The weights served now, in the order of the Keras model's get_weights()."""
-        return list(self._weights)
+        """The weights served now, in the order and dtype (float32) of the Keras model's get_weights(), as a
+        version's artifact holds them (the forward pass computes in float64)."""
+        return [w.astype(np.float32) for w in self._weights]
 
     def swap(self, weights: list[np.ndarray], version: str) -> None:
         """Serve `weights` (in the order of the Keras model's get_weights()) from now on."""

@@ -77,6 +77,7 @@ def test_numpy_serving_agrees_with_keras_also_after_a_swap(checkpoint):
     keras_model, _ = load_checkpoint(checkpoint)
     for served, loaded in zip(serving.weights, keras_model.get_weights(), strict=True):
         np.testing.assert_array_equal(served, loaded)  # read from the file without Keras, bit for bit
+        assert served.dtype == loaded.dtype == np.float32
     x = np.random.default_rng(2).normal(size=(257, serving.meta.feature_spec.n_features)).astype(np.float32) * 4
     # Keras computes in float32 and NumPy serving in float64: on these wide inputs they differ below 2e-4
     np.testing.assert_allclose(serving.predict_many(x), keras_model.predict(x, verbose=0), atol=2e-4)
