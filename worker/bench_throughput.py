@@ -511,7 +511,8 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             if r.redis_rewrites:
                 echo(f"  Redis began {r.redis_rewrites} AOF rewrite(s) or snapshot(s) meanwhile: latency spikes for seconds")
             if r.swaps is not None:
-                echo(f"  hot-swaps: {r.swaps['count']}, mean {r.swaps['mean_ms']:.2f} ms, slowest <= {r.swaps['max_bucket_ms']:g} ms")
+                echo(f"  hot-swaps: {r.swaps['count']}, mean {cell(r.swaps['mean_ms'], '.2f')} ms, "
+                     f"slowest <= {cell(r.swaps['max_bucket_ms'], 'g')} ms")
     if out is not None:
         write_json(out, result)
         echo(f"wrote {out}")
