@@ -48,6 +48,9 @@ class BuilderFailed(RuntimeError):
     """The builder process died or hit a bug; the worker stops and its uncommitted batch is replayed."""
 
 
+START_TIMEOUT_S = 120.0  # a builder process's start: Python, our modules, a Redis connection
+
+
 class BuilderProcess:
     def __init__(self, settings: Settings, model: ServingModel, index: int = 0):
         """Builder `index` of `settings.builders`: when a batch is split, it is handed the records whose key is
@@ -64,8 +67,24 @@ class BuilderProcess:
         # that the new process reads only once it has imported our modules, so each start waited ~0.3 s
         # for that; the widened pipe takes the model at once, and the builders start side by side.
         self._conn.send(model)
+        self._started = False  # whether its "started" came back (the first thing it sends)
         self.in_flight = 0  # batches submitted and not yet collected
         log.info("batch builder process %d started (pid %d)", index, self._process.pid)
+
+    def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait until the process has the model and a Redis connection; raise BuilderFailed if it died or
+        took longer than `timeout_s`."""
+        if self._started:
+            return
+        try:
+            if not self._conn.poll(timeout_s):
+                raise BuilderFailed(f"the batch builder process did not start within {timeout_s:.0f} s")
+            kind = self._conn.recv()[0]
+        except (EOFError, OSError) as error:
+            raise self._died() from error
+        if kind != "started":
+            raise BuilderFailed(f"the batch builder process said {kind!r} before it started")
+        self._started = True
 
     @property
     def pid(self) -> int:
@@ -83,6 +102,10 @@ class BuilderProcess:
 
     def ready(self) -> bool:
         """Whether `collect` would return without waiting."""
+        if not self._started:
+            if not self._conn.poll(0):
+                return False
+            self.wait_started()
         return self.in_flight > 0 and self._conn.poll(0)
 
     def collect(self) -> Built:
@@ -90,6 +113,7 @@ class BuilderProcess:
         that stopped the batch it was built on."""
         if not self.in_flight:
             raise RuntimeError("no batch in flight")
+        self.wait_started()
         try:
             kind, payload = self._conn.recv()
         except (EOFError, OSError) as error:
@@ -149,6 +173,8 @@ class Builders:
         try:
             for index in range(settings.builders):
                 self._processes.append(BuilderProcess(settings, model, index))
+            for process in self._processes:  # they start side by side
+                process.wait_started()
         except BaseException:
             self.close()
             raise
@@ -310,6 +336,7 @@ def _serve(conn: Connection, settings: Settings, index: int, log_level: int) -> 
     client = connect(settings.redis)
     store = StateStore(client, settings.redis, WindowPolicy.of(settings.training))
     builds = _Builds(conn, BatchBuilder(settings, store, model, index))
+    conn.send(("started",))
     inbox = _inbox(conn)
     gc.freeze()  # as in the serving process: what exists now lives as long as the process
     gc.set_threshold(50_000)

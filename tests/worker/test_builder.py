@@ -119,6 +119,9 @@ class FakeProcess:
         return Built([("p", r.key, b"{}") for r in share], np.zeros(len(share)), predicted=len(share),
                      keyed_by_user=all(r.key.startswith(b"user-") for r in share))
 
+    def wait_started(self):
+        pass
+
     def close(self, timeout_s=10.0):
         pass
 
