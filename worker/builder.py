@@ -67,9 +67,9 @@ class BuilderProcess:
         # that the new process reads only once it has imported our modules, so each start waited ~0.3 s
         # for that; the widened pipe takes the model at once, and the builders start side by side.
         self._conn.send(model)
+        self._index = index
         self._started = False  # whether its "started" came back (the first thing it sends)
         self.in_flight = 0  # batches submitted and not yet collected
-        log.info("batch builder process %d started (pid %d)", index, self._process.pid)
 
     def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Wait until the process has the model and a Redis connection; raise BuilderFailed if it died or
@@ -85,6 +85,7 @@ class BuilderProcess:
         if kind != "started":
             raise BuilderFailed(f"the batch builder process said {kind!r} before it started")
         self._started = True
+        log.info("batch builder process %d started (pid %d)", self._index, self._process.pid)
 
     @property
     def pid(self) -> int:
