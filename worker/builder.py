@@ -68,14 +68,12 @@ class BuilderProcess:
         # for that; the widened pipe takes the model at once, and the builders start side by side.
         self._conn.send(model)
         self._index = index
-        self._started = False  # whether its "started" came back (the first thing it sends)
         self.in_flight = 0  # batches submitted and not yet collected
 
     def wait_started(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Wait until the process has the model and a Redis connection; raise BuilderFailed if it died or
-        took longer than `timeout_s`."""
-        if self._started:
-            return
+        """Wait until the process has the model and a Redis connection (its first message, which nothing
+        else reads: call this once, before handing it a batch); raise BuilderFailed if it died or took
+        longer than `timeout_s`."""
         try:
             if not self._conn.poll(timeout_s):
                 raise BuilderFailed(f"the batch builder process did not start within {timeout_s:.0f} s")
@@ -84,7 +82,6 @@ class BuilderProcess:
             raise self._died() from error
         if kind != "started":
             raise BuilderFailed(f"the batch builder process said {kind!r} before it started")
-        self._started = True
         log.info("batch builder process %d started (pid %d)", self._index, self._process.pid)
 
     @property
@@ -103,10 +100,6 @@ class BuilderProcess:
 
     def ready(self) -> bool:
         """Whether `collect` would return without waiting."""
-        if not self._started:
-            if not self._conn.poll(0):
-                return False
-            self.wait_started()
         return self.in_flight > 0 and self._conn.poll(0)
 
     def collect(self) -> Built:
@@ -114,7 +107,6 @@ class BuilderProcess:
         that stopped the batch it was built on."""
         if not self.in_flight:
             raise RuntimeError("no batch in flight")
-        self.wait_started()
         try:
             kind, payload = self._conn.recv()
         except (EOFError, OSError) as error:

@@ -33,7 +33,9 @@ def settings_for(stack, names, builders: int = 1, redis_url=None):
 
 
 def open_builder(stack, names, model, redis_url=None) -> BuilderProcess:
-    return BuilderProcess(settings_for(stack, names, redis_url=redis_url), model)
+    builder = BuilderProcess(settings_for(stack, names, redis_url=redis_url), model)
+    builder.wait_started()
+    return builder
 
 
 def open_builders(stack, names, model, count: int, redis_url=None) -> Builders:
