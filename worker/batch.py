@@ -70,6 +70,21 @@ class Built:
     def labels_resolved(self) -> int:
         return len(self.resolved.labels) if self.resolved is not None else 0
 
+    @classmethod
+    def joined(cls, parts: list[Built]) -> Built:
+        """Built parts as one, in their order: a batch's shares (a key's messages are all in one), or
+        consecutive batches produced together (a key's messages keep the batches' order)."""
+        if len(parts) == 1:
+            return parts[0]
+        resolved = [part.resolved for part in parts if part.resolved is not None and part.resolved.labels]
+        return cls(messages=[message for part in parts for message in part.messages],
+                   input_timestamps_ms=np.concatenate([part.input_timestamps_ms for part in parts]),
+                   dead_letter_reasons=[reason for part in parts for reason in part.dead_letter_reasons],
+                   duplicates=sum(part.duplicates for part in parts), replayed=sum(part.replayed for part in parts),
+                   predicted=sum(part.predicted for part in parts),
+                   keyed_by_user=all(part.keyed_by_user for part in parts),
+                   resolved=Resolved.joined(resolved) if resolved else None)
+
 
 class Unsaved(NamedTuple):
     """The writes of the batch before, while its transaction may still be on its way to Redis."""

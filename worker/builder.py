@@ -33,9 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-import numpy as np
 
-from worker.batch import BatchBuilder, Built, Resolved, Unsaved
+from worker.batch import BatchBuilder, Built, Unsaved
 from worker.model import ServingModel
 from worker.pipeline import InputRecord, builder_of
 from worker.settings import Settings
@@ -211,7 +210,7 @@ class Builders:
                 outage = outage or error
         if outage is not None:
             raise outage
-        built = parts[0] if len(parts) == 1 else joined(parts)
+        built = Built.joined(parts)
         self._check_keys(built)
         self._hand_over()
         return built
@@ -286,17 +285,6 @@ def key_shares(records: list[InputRecord], builders: int) -> dict[int, list[Inpu
     for record in records:
         shares.setdefault(builder_of(record.key, builders), []).append(record)
     return shares
-
-
-def joined(parts: list[Built]) -> Built:
-    """One batch's shares as one Built: each share's messages keep their order (a key's are all in one)."""
-    resolved = [part.resolved for part in parts if part.resolved is not None and part.resolved.labels]
-    return Built(messages=[message for part in parts for message in part.messages],
-                 input_timestamps_ms=np.concatenate([part.input_timestamps_ms for part in parts]),
-                 dead_letter_reasons=[reason for part in parts for reason in part.dead_letter_reasons],
-                 duplicates=sum(part.duplicates for part in parts), replayed=sum(part.replayed for part in parts),
-                 predicted=sum(part.predicted for part in parts), keyed_by_user=all(part.keyed_by_user for part in parts),
-                 resolved=Resolved.joined(resolved) if resolved else None)
 
 
 # A batch share is a few hundred kB each way. With the socket's default buffers (208 kB) the serving

@@ -127,28 +127,42 @@ class ServingLoop:
         self._in_flight.append((records, time.perf_counter()))
 
     def _commit_oldest(self, stop: threading.Event | None) -> None:
-        """Take the oldest batch in flight back from the builder, produce it and commit its offsets.
+        """Take the oldest batch in flight back from the builder, with those after it that are built already,
+        produce them together and commit their offsets: one flush and one wait for acknowledgements however
+        many batches a slow one held up.
 
-        While Redis or Kafka is unavailable the batch is retried with backoff and consumption is paused
-        (memory stays at the batches in flight; the group membership is kept), until it goes through or
-        `stop` is set; the batches built on top of it, and records polled meanwhile, are read again later. Any other error
-        is a bug and propagates."""
+        While Redis or Kafka is unavailable the batches are retried with backoff and consumption is paused
+        (memory stays at the batches in flight; the group membership is kept), until they go through or
+        `stop` is set; the batches built on top of them, and records polled meanwhile, are read again later.
+        Any other error is a bug and propagates."""
+        taken = [self._take_back(stop)]
+        while self._in_flight and self._builder.ready():
+            taken.append(self._take_back(stop))
+        records = taken[0][0] if len(taken) == 1 else [record for batch, _, _ in taken for record in batch]
+        built = Built.joined([built for _, built, _ in taken])
+        try:
+            self._produce_through_outage(records, built, stop)
+        except BatchAborted as aborted:
+            log.warning("%s", aborted)
+            self._rewind(records + self._drop_in_flight())  # the batches built on the aborted ones are read again too
+        else:
+            self._account(built)
+        self._resume_after_outage()
+        now = time.perf_counter()
+        for batch, _, started in taken:
+            self._metrics.batch_duration.observe(now - started)
+            self._metrics.batch_size.observe(len(batch))
+
+    def _take_back(self, stop: threading.Event | None) -> tuple[list[InputRecord], Built, float]:
+        """The oldest batch in flight, built and saved (through a Redis outage: the batches on top of it are
+        dropped and read again); with the perf_counter when it was handed over."""
         batch, started = self._in_flight.popleft()
         try:
             built = self._builder.collect()
         except REDIS_OUTAGE_ERRORS as error:
             self._rewind(self._drop_in_flight())
             built = self._build_through_outage(batch, error, stop)
-        try:
-            self._produce_through_outage(batch, built, stop)
-        except BatchAborted as aborted:
-            log.warning("%s", aborted)
-            self._rewind(batch + self._drop_in_flight())  # the batches built on the aborted one are read again too
-        else:
-            self._account(built)
-        self._resume_after_outage()
-        self._metrics.batch_duration.observe(time.perf_counter() - started)
-        self._metrics.batch_size.observe(len(batch))
+        return batch, built, started
 
     def _drop_in_flight(self) -> list[InputRecord]:
         """Take every batch in flight back unused, because the batch under them is read again; their records."""

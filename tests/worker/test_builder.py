@@ -11,7 +11,7 @@ import redis
 
 from tests.integration.conftest import dumps, event
 from worker.batch import BatchBuilder, Built, Resolved
-from worker.builder import SPLIT_AFTER_EVENTS, BuilderFailed, BuilderProcess, Builders, _Builds, joined, key_shares
+from worker.builder import SPLIT_AFTER_EVENTS, BuilderFailed, BuilderProcess, Builders, _Builds, key_shares
 from worker.model import ServingModel
 from worker.pipeline import InputRecord, builder_of
 from worker.settings import load_settings
@@ -65,13 +65,13 @@ def test_the_shares_of_a_batch_join_into_one():
                   resolved=Resolved(["v1"], np.array([[0.2, 0.8]], np.float32), [1], [10.0]))
     second = Built([("p", b"b", b"3")], np.array([7.0]), replayed=1, predicted=1,
                    resolved=Resolved(["v2", "v2"], np.array([[0.5, 0.5], [0.9, 0.1]], np.float32), [0, 0], [11.0, 12.0]))
-    both = joined([first, second])
+    both = Built.joined([first, second])
     assert [value for _, _, value in both.messages] == [b"1", b"2", b"x", b"3"]
     assert both.input_timestamps_ms.tolist() == [5.0, 6.0, 7.0]
     assert (both.dead_letter_reasons, both.duplicates, both.replayed, both.predicted) == (["invalid_json"], 1, 1, 3)
     assert both.resolved.versions == ["v1", "v2", "v2"] and both.resolved.labels == [1, 0, 0]
     assert both.resolved.probabilities.shape == (3, 2) and both.resolved.resolved_ts_s == [10.0, 11.0, 12.0]
-    assert joined([Built([]), Built([])]).resolved is None
+    assert Built.joined([Built([]), Built([])]).resolved is None
 
 
 def test_builders_share_a_batch_by_key_and_each_user_is_built_in_order(stack, names, model, monkeypatch):

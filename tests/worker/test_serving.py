@@ -153,6 +153,32 @@ def test_batches_are_handed_to_the_builder_before_the_ones_before_them_are_taken
     assert log[-1] == ("commit", {P0: 13, P1: 6})  # a clean stop confirms the last offsets synchronously
 
 
+class ReadyBuilder(FakeBuilder):
+    """Builds the batches behind the oldest while the loop waits for it: they are ready once it is back."""
+
+    def ready(self):
+        return bool(self.queue) and self.log[-1][0] == "collect"
+
+
+def test_batches_built_while_the_loop_waited_for_the_oldest_are_produced_and_committed_with_it():
+    log, stop, metrics = Log(), threading.Event(), WorkerMetrics()
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
+    make_loop(consumer, FakeProducer(log), ReadyBuilder(log), metrics=metrics).run(stop)
+    assert log[:7] == [("submit", 10), ("submit", 12), ("submit", 4), ("collect", 10), ("collect", 12), ("collect", 4),
+                       ("send", 4)]  # one flush for the three
+    assert consumer.committed == {P0: 13, P1: 5}
+    assert metrics.total("streamadapt_batch_records_count") == 3 and metrics.total("streamadapt_predictions_total") == 4
+
+
+def test_batches_produced_together_are_one_transaction_and_rewound_together_when_it_aborts():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
+    producer = FakeProducer(log, [kafka_io.TransactionAborted("CommitFailedError: generation is stale")])
+    make_loop(consumer, producer, ReadyBuilder(log), exactly_once=True).run(stop)
+    assert producer.transactions[0] == (4, {P0: 13, P1: 5}, "generation-7")
+    assert consumer.seeks == {P0: 10, P1: 4}
+
+
 def test_a_redis_outage_rewinds_the_batch_built_on_top_and_builds_the_batch_again():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12, 13), []], stop=stop)
