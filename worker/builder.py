@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-
 from worker.batch import BatchBuilder, Built, Unsaved
 from worker.model import ServingModel
 from worker.pipeline import InputRecord, builder_of
