@@ -179,6 +179,28 @@ def test_batches_produced_together_are_one_transaction_and_rewound_together_when
     assert consumer.seeks == {P0: 10, P1: 4}
 
 
+def test_a_redis_outage_behind_the_oldest_batch_builds_that_batch_again_and_produces_both_together():
+    log, stop = Log(), threading.Event()
+
+    class FailsOnce(ReadyBuilder):
+        def collect(self):
+            if self.queue[0][0][0].offset == 12 and not any(entry == ("collect", 12) for entry in log):
+                self.queue.pop(0)
+                log.append(("collect", 12))
+                raise redis.ConnectionError("Redis is away")
+            return super().collect()
+
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
+    loop = make_loop(consumer, FakeProducer(log), FailsOnce(log))
+    loop.run(stop)
+    # 4, built on the failed 12, is dropped and read again; 12 is built again and goes out with 10
+    assert log[:8] == [("submit", 10), ("submit", 12), ("submit", 4), ("collect", 10), ("collect", 12),
+                       ("collect", 4), ("seek", 1, 4), ("submit", 12)]
+    assert log[8:10] == [("collect", 12), ("send", 3)]
+    assert consumer.committed[P0] == 13 and P1 not in consumer.committed
+    assert not loop.paused
+
+
 def test_a_redis_outage_rewinds_the_batch_built_on_top_and_builds_the_batch_again():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12, 13), []], stop=stop)
