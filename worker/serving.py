@@ -138,7 +138,7 @@ class ServingLoop:
         taken = [self._take_back(stop)]
         while self._in_flight and self._builder.ready():
             taken.append(self._take_back(stop))
-        records = taken[0][0] if len(taken) == 1 else [record for batch, _, _ in taken for record in batch]
+        records = [record for batch, _, _ in taken for record in batch]
         built = Built.joined([built for _, built, _ in taken])
         try:
             self._produce_through_outage(records, built, stop)

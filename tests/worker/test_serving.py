@@ -184,7 +184,7 @@ def test_a_redis_outage_behind_the_oldest_batch_builds_that_batch_again_and_prod
 
     class FailsOnce(ReadyBuilder):
         def collect(self):
-            if self.queue[0][0][0].offset == 12 and not any(entry == ("collect", 12) for entry in log):
+            if self.queue[0][0][0].offset == 12 and ("collect", 12) not in log:
                 self.queue.pop(0)
                 log.append(("collect", 12))
                 raise redis.ConnectionError("Redis is away")
