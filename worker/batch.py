@@ -20,7 +20,7 @@ from worker.model import ServingModel
 from worker.parsing import Rejection, parse_event
 from worker.pipeline import (
     InputRecord, Message, builder_of, expire_pendings, make_dead_letter, make_predictions, newest_event_times,
-    plan_batch, resolution_times, resolved_examples, served_examples,
+    plan_batch, resolved_examples, served_examples,
 )
 from worker.settings import Settings
 from worker.state import StateStore, StateWrites
@@ -42,7 +42,7 @@ class Resolved(NamedTuple):
         probabilities = (np.stack([e.probabilities for e in examples]) if examples
                          else np.zeros((0, 0), np.float32))
         return cls([e.model_version for e in examples], probabilities, [e.label for e in examples],
-                   list(writes.resolved_ts_s))
+                   [e.resolved_ts_s for e in examples])
 
     @classmethod
     def joined(cls, parts: list[Resolved]) -> Resolved:
@@ -142,7 +142,6 @@ class BatchBuilder:
                                        + [record.timestamp_ms for record, _ in plan.replays], dtype=np.float64)
         served = served_examples(plan, probabilities, model.version)
         writes.examples = resolved_examples(plan, served)
-        writes.resolved_ts_s = resolution_times(plan)
         writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
         writes.newest_by_partition = newest_event_times(plan.fresh)
         if meta.task == "repurchase":
@@ -189,7 +188,6 @@ class BatchBuilder:
             states, pendings = self._store.load_profiles(users)
             negatives, cleared, requeue = expire_pendings(pendings, now_watermark, horizon_days, replaced)
             writes.examples.extend(negatives)
-            writes.resolved_ts_s.extend(now_watermark for _ in negatives)  # known to be negative once the watermark passed
             writes.cleared_pendings.update({user: states.get(user) for user in cleared})
             writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
             if requeue:

@@ -101,7 +101,7 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
     for i in range(len(stream.events)):
         for j in reveals.get(i, ()):
             window.append(Example(stream.events[j].event_id, stream.events[j].ts_s, "", stream.features[j],
-                                  served[j], int(stream.labels[j])))
+                                  served[j], int(stream.labels[j]), stream.events[i].ts_s))
             since_round += 1
             change = monitor.observe(serving.version, served[j], int(stream.labels[j]), stream.events[i].ts_s)
             if training.on_drift and change is not None:

@@ -2,7 +2,7 @@
 
 Shared by the trainer (which adds Redis, the registry and Kafka around it) and by the adaptation
 benchmark (which replays a stream offline), so both choose examples and judge candidates the same way:
-- a round takes the newest examples of the current regime: those served since the change point the
+- a round takes the newest examples of the current regime: those labelled since the change point the
   last drift alarm estimated (older ones taught the model the regime that ended);
 - the examples are split in event-time order: the newest `holdout_share` is held out;
 - the candidate is fine-tuned from the source weights on the rest, with recency weights;
@@ -44,10 +44,12 @@ class Scorer:
 
 
 def regime_examples(examples: list[Example], regime_since_ts: float | None) -> list[Example]:
-    """The examples served from the start of the current regime on (all when no drift alarmed yet)."""
+    """The examples whose labels became known from the start of the current regime on (all when no drift
+    alarmed yet). By the label's time, not the prediction's: a prediction served just before the change
+    is labelled by a purchase made under the new regime, and those are the first examples of it."""
     if regime_since_ts is None:
         return examples
-    return [e for e in examples if e.ts_s >= regime_since_ts]
+    return [e for e in examples if e.resolved_ts_s >= regime_since_ts]
 
 
 def examples_before_next_round(used: int, training: TrainingSettings) -> int:

@@ -17,6 +17,11 @@ from pydantic_core import from_json, to_json
 class Example(NamedTuple):
     """A served prediction and (once resolved) its label. `label` is a class index, -1 while pending.
 
+    `ts_s` is the event time of the purchase the prediction was served for; `resolved_ts_s` the event time
+    at which its label became known (the user's next purchase, or the watermark passing a repurchase
+    deadline), None while pending. A label belongs to the regime of the time it became known: a purchase
+    made just before a drift is followed by one made after it, under the new regime.
+
     A NamedTuple: immutable, and cheap to build once per event on the hot path.
     """
 
@@ -26,25 +31,31 @@ class Example(NamedTuple):
     features: np.ndarray  # float32 (n_features,)
     probabilities: np.ndarray  # float32 (n_classes,) as served
     label: int = -1
+    resolved_ts_s: float | None = None
 
-    def with_label(self, label: int) -> Example:
-        return Example(self.event_id, self.ts_s, self.model_version, self.features, self.probabilities, label)
+    def with_label(self, label: int, resolved_ts_s: float) -> Example:
+        return Example(self.event_id, self.ts_s, self.model_version, self.features, self.probabilities, label,
+                       resolved_ts_s)
 
     def encode(self) -> bytes:
-        """A JSON header line (ids, time, label, sizes) then the float32 features and probabilities."""
+        """A JSON header line (ids, times, label, sizes) then the float32 features and probabilities."""
         header = to_json([self.event_id, self.ts_s, self.model_version, self.label, len(self.features),
-                          len(self.probabilities)])
+                          len(self.probabilities), self.resolved_ts_s])
         return b"".join((header, b"\n", np.asarray(self.features, np.float32).tobytes(),
                          np.asarray(self.probabilities, np.float32).tobytes()))
 
     @classmethod
     def decode(cls, raw: bytes) -> Example:
         header, _, body = raw.partition(b"\n")
-        event_id, ts_s, version, label, n_features, n_classes = from_json(header)
+        fields = from_json(header)
+        event_id, ts_s, version, label, n_features, n_classes = fields[:6]
+        # written before the resolution time was kept: its label became known no earlier than the event
+        resolved_ts_s = fields[6] if len(fields) > 6 else (ts_s if label >= 0 else None)
         values = np.frombuffer(body, dtype=np.float32)
         if len(values) != n_features + n_classes:
             raise ValueError("example body does not match its header")
-        return cls(event_id, ts_s, version, values[:n_features].copy(), values[n_features:].copy(), label)
+        return cls(event_id, ts_s, version, values[:n_features].copy(), values[n_features:].copy(), label,
+                   resolved_ts_s)
 
 
 def window_start(ts_s: float, window_s: int) -> int:

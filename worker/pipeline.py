@@ -120,13 +120,8 @@ def served_examples(plan: BatchPlan, probabilities: np.ndarray, model_version: s
 
 def resolved_examples(plan: BatchPlan, served: list[Example]) -> list[Example]:
     """The labelled examples this batch's purchases resolved."""
-    return [(served[source] if isinstance(source, int) else source).with_label(label)
-            for source, label, _ in plan.resolutions]
-
-
-def resolution_times(plan: BatchPlan) -> list[float]:
-    """When each of resolved_examples' labels became known: the event time of the purchase that resolved it."""
-    return [resolved_ts_s for _, _, resolved_ts_s in plan.resolutions]
+    return [(served[source] if isinstance(source, int) else source).with_label(label, resolved_ts_s)
+            for source, label, resolved_ts_s in plan.resolutions]
 
 
 def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: float,
@@ -144,7 +139,7 @@ def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: f
             continue
         deadline = pending.ts_s + horizon_s
         if deadline < watermark_s:
-            negatives.append(pending.with_label(0))
+            negatives.append(pending.with_label(0, watermark_s))  # known to be negative once the watermark passed
             cleared.append(user)
         else:
             requeue[user] = deadline

@@ -93,7 +93,6 @@ class StateWrites:
     settled_deadlines: dict[str, list[str]] = field(default_factory=dict)  # "{topic}/{partition}" -> users
     cleared_pendings: dict[str, UserState | None] = field(default_factory=dict)  # user -> the state to keep
     examples: list[Example] = field(default_factory=list)
-    resolved_ts_s: list[float] = field(default_factory=list)  # when each example's label became known (not written)
     newest_by_partition: dict[str, float] = field(default_factory=dict)  # "{topic}/{partition}" -> event time
 
     def profiles(self) -> dict[str, tuple[UserState | None, Example | None]]:

@@ -6,15 +6,16 @@ from worker.examples import Example
 from worker.settings import TrainingSettings
 
 
-def example(ts_s):
-    return Example(f"e{ts_s}", ts_s, "v1", np.zeros(2, np.float32), np.array([0.5, 0.5], np.float32), 1)
+def example(ts_s, resolved_ts_s):
+    return Example(f"e{ts_s}", ts_s, "v1", np.zeros(2, np.float32), np.array([0.5, 0.5], np.float32), 1, resolved_ts_s)
 
 
-def test_a_round_trains_on_the_examples_since_the_estimated_change():
-    examples = [example(t) for t in (10.0, 20.0, 30.0, 40.0)]
+def test_a_round_trains_on_the_examples_labelled_since_the_estimated_change():
+    examples = [example(10.0, 15.0), example(20.0, 28.0), example(30.0, 31.0), example(40.0, 45.0)]
     assert regime_examples(examples, None) == examples
-    assert [e.ts_s for e in regime_examples(examples, 25.0)] == [30.0, 40.0]
-    assert [e.ts_s for e in regime_examples(examples, 30.0)] == [30.0, 40.0]
+    # served at 20, before the change at 25, but labelled at 28 under the new regime: it counts
+    assert [e.ts_s for e in regime_examples(examples, 25.0)] == [20.0, 30.0, 40.0]
+    assert [e.ts_s for e in regime_examples(examples, 31.0)] == [30.0, 40.0]
     assert regime_examples(examples, 99.0) == []
 
 

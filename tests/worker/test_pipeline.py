@@ -12,7 +12,7 @@ from worker.parsing import Rejection
 from worker.examples import Example
 from worker.pipeline import (
     InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, newest_event_times, next_offsets,
-    plan_batch, replayed_prediction, resolution_times, resolved_examples, served_examples,
+    plan_batch, replayed_prediction, resolved_examples, served_examples,
 )
 from worker.state import EventClaim, LegacyClaim
 
@@ -157,7 +157,8 @@ def test_each_purchase_resolves_the_users_previous_prediction():
     # u1's stored prediction is resolved by "a" (music); "a" is resolved by "c" (books); u2 has nothing pending
     assert [(e.event_id, e.label, e.model_version) for e in resolved] == [("old", 1, "v0"), ("a", 0, "v1")]
     # each label became known with the purchase that resolved it
-    assert resolution_times(plan) == [plan.fresh[0][1].ts_s, plan.fresh[2][1].ts_s]
+    assert [e.resolved_ts_s for e in resolved] == [plan.fresh[0][1].ts_s, plan.fresh[2][1].ts_s]
+    assert all(e.resolved_ts_s is None for e in served)  # pending: no label yet
     assert plan.last_fresh_of_user == {"u1": 2, "u2": 1}
 
 
@@ -181,5 +182,5 @@ def test_expire_pendings_by_watermark():
 
     due = {"old": pending(0), "fresh": pending(9), "bought": pending(0)}
     negatives, cleared, requeue = expire_pendings(due, watermark_s=10 * 86400.0, horizon_days=7.0, replaced={"bought"})
-    assert [(e.event_id, e.label) for e in negatives] == [("p0", 0)]
+    assert [(e.event_id, e.label, e.resolved_ts_s) for e in negatives] == [("p0", 0, 10 * 86400.0)]  # known at the watermark
     assert cleared == ["old"] and requeue == {"fresh": 16 * 86400.0}
