@@ -20,6 +20,8 @@ read as LegacyClaims and their JSON re-emitted as stored, until they expire.
 Earlier versions kept the state and the pending prediction in two keys, {p}:user:{user_id} and
 {p}:pending:{user_id}. They are read for users who have no profile yet, and never written, so an upgrade
 keeps every user's state while they expire. (One key per user is a third fewer writes per event.)
+Examples written by earlier versions lack the event time their label became known, and read as labelled at
+their own event time (worker.examples).
 """
 from __future__ import annotations
 
