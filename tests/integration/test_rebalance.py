@@ -13,8 +13,10 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from tests.integration.conftest import (
     WorkerProcess, check_every_event_predicted, dumps, event, produce, put_version, read_topic,
 )
+from worker import kafka_io
 from worker.model import load_checkpoint
 from worker.registry import Registry
+from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +85,40 @@ def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp
     print(f"predictions {len(records)} for {len(bodies)} events: {duplicates} re-emitted across 4 rebalances")
     # Each rebalance can leave each worker's polled, uncommitted batch (and one asynchronously committed) to replay.
     assert duplicates <= 4 * 3 * 2 * BATCH, duplicates
+
+
+def test_a_rebalance_begun_by_new_topic_metadata_completes_though_the_revoke_outlasts_the_poll(stack, names):
+    """kafka-python joins the group with the partitions its first metadata after subscribing shows; when that
+    metadata comes after the first join (a poll right after subscribing), or shows new partitions later, the
+    leader rebalances again. The worker's revoke callback first finishes its batches in flight, which can take
+    longer than the poll: without kafka_io's workaround the join then completed between two polls and was
+    never finished, and the consumer read nothing more (a stalled worker at start-up)."""
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin.create_topics([NewTopic(names.input_topic, 4, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=stack.kafka_bootstrap)
+
+    def send(value: bytes) -> None:
+        for partition in range(4):
+            for _ in range(50):
+                producer.send(names.input_topic, value=value, partition=partition)
+        producer.flush()
+
+    send(b"first")
+    revokes = []
+    settings = load_settings(names.env(stack)).kafka
+    consumer = kafka_io.open_consumer(settings, before_revoke=lambda: (revokes.append(1), time.sleep(0.3)))
+    seen = {partition: 0 for partition in range(4)}
+    try:
+        began = time.monotonic()
+        while time.monotonic() < began + 20 and (min(seen.values()) < 100 or not revokes):
+            if time.monotonic() > began + 3 and sum(seen.values()) == 200:
+                send(b"second")  # after the rebalance: read only if its join was seen through
+            for tp, records in consumer.poll(timeout_ms=settings.poll_timeout_ms).items():
+                seen[tp.partition] += len(records)
+            time.sleep(0.05)  # the serving loop's work between two polls
+    finally:
+        consumer.close()
+        producer.close()
+    assert revokes, "no rebalance took partitions away: the case this test is about did not arise"
+    assert seen == {partition: 100 for partition in range(4)}, seen
