@@ -560,21 +560,24 @@ def _max_bucket_ms(metrics: dict[str, float]) -> float:
 
 
 def _peak_rss_mib(pid: int) -> float:
-    """Peak resident memory of a worker: the VmHWM of its process and of its children (the builders, and the
-    trainer when there is one), summed. Their peaks need not coincide, so this is an upper bound."""
+    """Peak resident memory of a worker: the VmHWM of its process and of every process under it (the server
+    the builders fork from, the builders, and the trainer when there is one), summed. Their peaks need not
+    coincide, and the builders share the pages they were forked with, counted here once per process: this
+    is an upper bound."""
     total_kib = 0
-    for process in [pid, *_children(pid)]:
+    for process in [pid, *_descendants(pid)]:
         for line in Path(f"/proc/{process}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 total_kib += int(line.split()[1])
     return total_kib / 1024.0
 
 
-def _children(pid: int) -> list[int]:
-    children = []
+def _descendants(pid: int) -> list[int]:
+    found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(child) for child in (task / "children").read_text().split()]
-    return children
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
 
 
 def _free_port() -> int:

@@ -194,9 +194,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"sent {sent} records to {settings.kafka.input_topic} in {seconds:.1f} s "
               f"({sent / max(seconds, 1e-9):.0f} records/s)")
     elif args.command == "run":
+        settings = load_settings(_settings_overrides(args))
+        if settings.role != "trainer":
+            from worker import forkserver
+
+            forkserver.start()  # it imports the builders' modules while this process imports its own
         from worker.service import run
 
-        settings = load_settings(_settings_overrides(args))
         logging.getLogger().setLevel(settings.log_level)
         run(settings)
     elif args.command == "models":

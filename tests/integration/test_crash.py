@@ -62,9 +62,14 @@ def test_a_killed_builder_ends_its_worker_and_the_next_one_loses_no_event(stack,
 
 
 def builder_of(worker_pid: int) -> int:
-    """The worker's builder process (multiprocessing also starts a resource tracker beside it)."""
-    for task in Path(f"/proc/{worker_pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
-                return int(child)
+    """A builder process of the worker: a child of the server the builders fork from, which is the worker's
+    child (beside multiprocessing's resource tracker)."""
+    for server in children(worker_pid):
+        if "forkserver" in Path(f"/proc/{server}/cmdline").read_text():
+            for builder in children(server):
+                return builder
     raise AssertionError(f"worker {worker_pid} has no builder process")
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
