@@ -8,10 +8,10 @@ import time
 import pytest
 import redis
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 
 from tests.integration.conftest import (
-    WorkerProcess, check_every_event_predicted, dumps, event, produce, put_version, read_topic,
+    WorkerProcess, check_every_event_predicted, committed_offsets, dumps, event, produce, put_version, read_topic,
 )
 from worker import kafka_io
 from worker.model import load_checkpoint
@@ -122,3 +122,29 @@ def test_a_rebalance_begun_by_new_topic_metadata_completes_though_the_revoke_out
         producer.close()
     assert revokes, "no rebalance took partitions away: the case this test is about did not arise"
     assert seen == {partition: 100 for partition in range(4)}, seen
+
+
+def test_partitions_added_to_the_input_topic_are_read_and_every_event_predicted(stack, names, checkpoint, tmp_path):
+    """Adding partitions is how a busy input topic is scaled out. A serving worker picks them up at its next
+    metadata refresh (within 30 s) and rebalances onto them; every event, on old partitions and new, gets its
+    prediction, and the worker commits its place on the new partitions."""
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin.create_topics([NewTopic(names.input_topic, 2, 1)])
+    bodies = [event(i, user=f"user-{i % 211}") for i in range(6_000)]
+    first, second = bodies[:3_000], bodies[3_000:]
+    env = {"STREAMADAPT_ROLE": "worker", "STREAMADAPT_NO_FINETUNE": "true"}
+    try:
+        with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", **env) as worker:
+            produce(stack, names.input_topic, [dumps(b) for b in first], keys=[b["user_id"].encode() for b in first])
+            worker.wait_metric("streamadapt_predictions_total", len(first), timeout_s=120)
+            admin.create_partitions({names.input_topic: NewPartitions(4)})
+            placed = produce(stack, names.input_topic, [dumps(b) for b in second], keys=[b["user_id"].encode() for b in second])
+            assert {partition for partition, _ in placed} == {0, 1, 2, 3}, "the new partitions got no events"
+            records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=120, settle_s=2)
+            assert worker.stop() == 0
+    finally:
+        admin.close()
+    check_every_event_predicted(bodies, records)
+    committed = committed_offsets(stack, names.group_id, names.input_topic)
+    on_new = sum(1 for partition, _ in placed if partition >= 2)
+    assert committed[2] + committed[3] == on_new, committed
