@@ -153,10 +153,11 @@ class Builders:
     SPLIT_AFTER_EVENTS valid events came back all keyed by their user_id, and never again once a record keyed
     otherwise (or not at all) came back. And only batches of some size are split: a backlog's, where the split
     doubles the rate, and a steady stream's once a stall has let a few hundred records gather, which then take
-    half as long to build (at 10,000 events/s, 150 rather than 500 as the threshold took 10 to 25 % off p50 and
-    p99); a small batch is built by the first builder alone, sooner than two shares would be. Between the two,
-    a switch waits until every batch handed over before it has come back (its writes are in Redis): later
-    batches are held until then, so no builder reads a user's state while another still writes it."""
+    half as long to build (whether 150 rather than 500 as the threshold pays at 10,000 events/s, a proper A/B
+    could not tell: BENCHMARKS.md); a small batch is built by the first builder alone, sooner than two shares
+    would be. Between the two, a switch waits until every batch handed over before it has come back (its
+    writes are in Redis): later batches are held until then, so no builder reads a user's state while another
+    still writes it."""
 
     def __init__(self, settings: Settings, model: ServingModel):
         self._keyed = "waiting"  # whether the input is keyed by user: "waiting" for enough events, "yes", "no"
