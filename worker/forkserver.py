@@ -29,4 +29,8 @@ def start() -> None:
     """Start the server now, without waiting for it: the first builder to start waits until it has imported
     PRELOADED_MODULES. (Without this call, the first builder to start starts it.)"""
     context()
-    multiprocessing.forkserver.ensure_running()
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except FileNotFoundError as error:  # tempfile found no writable directory for the server's socket
+        raise OSError(f"the builder processes need a writable temporary directory for their fork server's socket "
+                      f"(set TMPDIR, or mount one at /tmp): {error}") from error
