@@ -166,6 +166,10 @@ class ServingConsumer:
                 lag[TopicPartition(position.topic, position.partition)] = max(0, high - position.offset)
         return lag
 
+    def fetching(self) -> None:
+        """Not known: librdkafka fetches on threads of its own and does not say (kafka_io.ServingConsumer)."""
+        return None
+
     def group_metadata(self):
         return self._consumer.consumer_group_metadata()
 

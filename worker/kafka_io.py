@@ -372,6 +372,12 @@ class ServingConsumer:
     def lag(self) -> dict[TopicPartition, int]:
         return consumer_lag(self._consumer)
 
+    def fetching(self) -> bool:
+        """Whether the client sent a fetch within its metrics window (two samples of 30 s): kafka-python's
+        `fetch-rate` is then above zero. A consumer with partitions fetches at least every fetch wait
+        (`--kafka-fetch-max-wait-ms`), even from an idle topic."""
+        return self._consumer.metrics().get("consumer-fetch-manager-metrics", {}).get("fetch-rate", 0.0) > 0.0
+
     def group_metadata(self):
         return self._consumer.group_metadata()
 

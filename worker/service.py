@@ -106,6 +106,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         loop = ServingLoop(settings, consumer, producer, builders, model, metrics, follower, store.raise_drift_alarm)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
+        ready.stalled = lambda: loop.stalled
         # What start-up created lives as long as the process (when serving still imported TensorFlow, 350k
         # tracked objects, and full collections walking them were a third of the serving loop's time).
         # Frozen, it is never walked again; objects created from here on are collected as usual. The loop's
@@ -163,17 +164,18 @@ def _run_trainer(settings, stack, store, registry, producer, source_model, meta,
 
 
 class _Readiness:
-    """Ready = model loaded, Redis answers and (for the serving role) Kafka was polled recently and the
-    loop is not paused by an outage of Redis or Kafka."""
+    """Ready = model loaded, Redis answers and (for the serving role) Kafka was polled recently, the loop
+    is not paused by an outage of Redis or Kafka, and its consumer has not stalled."""
 
     def __init__(self, store: StateStore):
         self._store = store
         self.polled: Callable[[], float | None] = lambda: None
         self.paused: Callable[[], bool] = lambda: False
+        self.stalled: Callable[[], bool] = lambda: False
 
     def __call__(self) -> bool:
         last = self.polled()
-        if last is None or time.monotonic() - last > READY_POLL_AGE_S or self.paused():
+        if last is None or time.monotonic() - last > READY_POLL_AGE_S or self.paused() or self.stalled():
             return False
         try:
             return self._store.ping()

@@ -47,6 +47,9 @@ class BatchAborted(Exception):
 
 
 GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
+# A consumer that owns partitions, is not paused, and has not fetched for this long has stalled inside the client
+# (ServingLoop.stalled). Its fetch rate covers about a minute, so a stall shows about two minutes after it began.
+STALLED_AFTER_S = 60.0
 # Batches left in the builder while the loop produces the oldest: one being saved, one being built.
 PIPELINE_DEPTH = 2
 
@@ -66,6 +69,8 @@ class ServingLoop:
         self._model = model  # the version served; swaps are checked against it before the builder gets them
         self._metrics = metrics
         self.last_poll_ok_monotonic: float | None = None
+        self.stalled = False  # see _check_fetching
+        self._not_fetching_since: float | None = None
         self._outage_since: float | None = None  # monotonic time the current outage began
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
         # batches in the builder, oldest first, with the perf_counter when each was handed over
@@ -101,6 +106,7 @@ class ServingLoop:
             now = time.monotonic()
             if now >= next_lag_at:
                 self._refresh_lag()
+                self._check_fetching(now)
                 self._refresh_quality()
                 self._builder.check_alive()  # a dead builder ends the worker even on a quiet stream
                 next_lag_at = now + GAUGE_REFRESH_S
@@ -338,6 +344,25 @@ class ServingLoop:
             self._latest_offsets.update(offsets)
         sent_ms = built.input_timestamps_ms
         observe_many(self._metrics.latency, np.maximum(0.0, time.time() * 1000.0 - sent_ms[sent_ms >= 0]) / 1000.0)
+
+    def _check_fetching(self, now: float) -> None:
+        """Whether the consumer has stalled: it owns partitions, consumption is not paused, and the client sent
+        no fetch for STALLED_AFTER_S. Every poll then succeeds and returns nothing, and the lag gauge (the last
+        fetch's high-water mark) can read 0, so nothing else would show it: kafka-python 3.0 once left a
+        rebalance unfinished that way (worker/kafka_io.py). A stalled worker is not ready, and says so once."""
+        fetching = self._consumer.fetching()
+        if fetching is not False or self._outage_since is not None or not self._consumer.assignment():
+            self._not_fetching_since = None
+        elif self._not_fetching_since is None:
+            self._not_fetching_since = now
+        stalled = self._not_fetching_since is not None and now - self._not_fetching_since >= STALLED_AFTER_S
+        if stalled and not self.stalled:
+            log.error("the Kafka consumer owns %d partitions but has fetched nothing for over a minute, though every "
+                      "poll succeeds: /readyz reports not ready; restart the worker if it does not recover",
+                      len(self._consumer.assignment()))
+        elif self.stalled and not stalled:
+            log.info("the Kafka consumer fetches again")
+        self.stalled = stalled
 
     def _refresh_lag(self) -> None:
         try:

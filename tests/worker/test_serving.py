@@ -1,5 +1,6 @@
 """The serving loop with fake clients and a fake builder: the pipeline's order, outages, exactly-once aborts,
 rebalances and a clean stop."""
+import logging
 import threading
 from types import SimpleNamespace
 
@@ -108,6 +109,9 @@ class FakeConsumer:
 
     def lag(self):
         return {}
+
+    def fetching(self):
+        return True
 
     def group_metadata(self):
         return "generation-7"
@@ -339,3 +343,32 @@ def test_a_drift_alarm_that_cannot_reach_redis_is_logged_and_serving_goes_on(cap
     make_loop(consumer, FakeProducer(log), builder, raise_drift_alarm=unreachable).run(stop)
     assert consumer.committed == {P0: 4}
     assert "could not pass the drift alarm to the trainer" in caplog.text
+
+
+def test_a_consumer_that_owns_partitions_and_stops_fetching_makes_the_loop_stalled_until_it_fetches_again(caplog):
+    caplog.set_level(logging.INFO, logger="worker.serving")
+    consumer = FakeConsumer(Log(), [])
+    consumer.fetching = lambda: fetching
+    loop = make_loop(consumer, FakeProducer(Log()), FakeBuilder(Log()))
+    fetching = False
+    for now in (100.0, 130.0, 159.0):  # not fetching, but not yet for STALLED_AFTER_S
+        loop._check_fetching(now)
+        assert not loop.stalled
+    loop._check_fetching(160.0)
+    assert loop.stalled
+    assert "has fetched nothing for over a minute" in caplog.text
+    fetching = True
+    loop._check_fetching(165.0)
+    assert not loop.stalled and "fetches again" in caplog.text
+
+
+@pytest.mark.parametrize("why", ["no partitions owned", "consumption paused by an outage", "client does not say"])
+def test_a_consumer_that_does_not_fetch_for_a_reason_or_cannot_say_is_not_stalled(why):
+    consumer = FakeConsumer(Log(), [], owned=() if why == "no partitions owned" else (P0, P1))
+    consumer.fetching = lambda: None if why == "client does not say" else False
+    loop = make_loop(consumer, FakeProducer(Log()), FakeBuilder(Log()))
+    if why == "consumption paused by an outage":
+        loop._outage_since = 0.0
+    for now in (0.0, 60.0, 600.0):
+        loop._check_fetching(now)
+        assert not loop.stalled
