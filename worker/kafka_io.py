@@ -372,11 +372,14 @@ class ServingConsumer:
     def lag(self) -> dict[TopicPartition, int]:
         return consumer_lag(self._consumer)
 
-    def fetching(self) -> bool:
+    def fetching(self) -> bool | None:
         """Whether the client sent a fetch within its metrics window (two samples of 30 s): kafka-python's
         `fetch-rate` is then above zero. A consumer with partitions fetches at least every fetch wait
-        (`--kafka-fetch-max-wait-ms`), even from an idle topic."""
-        return self._consumer.metrics().get("consumer-fetch-manager-metrics", {}).get("fetch-rate", 0.0) > 0.0
+        (`--kafka-fetch-max-wait-ms`), even from an idle topic. None when the client does not report that
+        metric (kafka-python calls its metrics an unstable interface): a renamed metric must not read as a
+        stall."""
+        rate = (self._consumer.metrics() or {}).get("consumer-fetch-manager-metrics", {}).get("fetch-rate")
+        return None if rate is None else rate > 0.0
 
     def group_metadata(self):
         return self._consumer.group_metadata()

@@ -350,7 +350,11 @@ class ServingLoop:
         no fetch for STALLED_AFTER_S. Every poll then succeeds and returns nothing, and the lag gauge (the last
         fetch's high-water mark) can read 0, so nothing else would show it: kafka-python 3.0 once left a
         rebalance unfinished that way (worker/kafka_io.py). A stalled worker is not ready, and says so once."""
-        fetching = self._consumer.fetching()
+        try:
+            fetching = self._consumer.fetching()
+        except Exception as error:  # an observation, as the lag: a failed look-up must not stop serving
+            log.warning("could not read whether the Kafka consumer fetches: %s", error)
+            fetching = None
         if fetching is not False or self._outage_since is not None or not self._consumer.assignment():
             self._not_fetching_since = None
         elif self._not_fetching_since is None:

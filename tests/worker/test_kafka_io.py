@@ -1,4 +1,5 @@
 import socket
+from types import SimpleNamespace
 
 import pytest
 from kafka import TopicPartition
@@ -9,7 +10,8 @@ from kafka.errors import (
 from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 
 from worker.kafka_io import (
-    KeyPartitioner, ProducerFenced, ServingProducer, TransactionAborted, _drain_fetches_that_land_late, commit,
+    KeyPartitioner, ProducerFenced, ServingConsumer, ServingProducer, TransactionAborted, _drain_fetches_that_land_late,
+    commit,
 )
 
 
@@ -200,3 +202,14 @@ def test_bytes_of_an_open_connection_pass_as_they_come():
         transport = SocketEnd(ours)
         assert KafkaTCPTransport._sock_recv(transport) == (b"response", None)
         assert KafkaTCPTransport._sock_recv(transport) == (b"", None)  # nothing more yet, and still open
+
+
+@pytest.mark.parametrize("metrics, fetching", [
+    ({"consumer-fetch-manager-metrics": {"fetch-rate": 1.9}}, True),
+    ({"consumer-fetch-manager-metrics": {"fetch-rate": 0.0}}, False),
+    ({"consumer-fetch-manager-metrics": {}}, None),  # a renamed metric must not read as a stall
+    (None, None),  # metrics switched off
+])
+def test_whether_the_consumer_fetches_comes_from_kafka_pythons_fetch_rate(metrics, fetching):
+    consumer = ServingConsumer(SimpleNamespace(metrics=lambda: metrics))
+    assert consumer.fetching() is fetching

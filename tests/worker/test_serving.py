@@ -362,10 +362,17 @@ def test_a_consumer_that_owns_partitions_and_stops_fetching_makes_the_loop_stall
     assert not loop.stalled and "fetches again" in caplog.text
 
 
-@pytest.mark.parametrize("why", ["no partitions owned", "consumption paused by an outage", "client does not say"])
+@pytest.mark.parametrize("why", ["no partitions owned", "consumption paused by an outage", "client does not say",
+                                 "the look-up fails"])
 def test_a_consumer_that_does_not_fetch_for_a_reason_or_cannot_say_is_not_stalled(why):
     consumer = FakeConsumer(Log(), [], owned=() if why == "no partitions owned" else (P0, P1))
-    consumer.fetching = lambda: None if why == "client does not say" else False
+
+    def fetching():
+        if why == "the look-up fails":
+            raise RuntimeError("metrics changed under us")
+        return None if why == "client does not say" else False
+
+    consumer.fetching = fetching
     loop = make_loop(consumer, FakeProducer(Log()), FakeBuilder(Log()))
     if why == "consumption paused by an outage":
         loop._outage_since = 0.0
