@@ -3,8 +3,9 @@
 A builder started afresh ("spawn") runs a new interpreter that imports NumPy, pydantic, redis-py and our modules
 before it can build: about 0.45 s of CPU per builder, taken from the cores the worker's own start-up needs
 (its first record was consumed 1.2 to 1.7 s after launch; 0.9 to 1.3 s now, BENCHMARKS.md). Forked from a
-server that imported them once, a builder starts in about 10 ms. A fork of the worker itself would be quicker still, but the worker runs threads
-(Kafka's, the metrics server's), and a fork copies whatever lock one of them holds; the server runs one thread.
+server that imported them once, a builder starts in about 10 ms. A fork of the worker itself would be quicker
+still, but the worker runs threads (Kafka's, the metrics server's), and a fork copies whatever lock one of
+them holds; the server runs one thread.
 
 This module imports nothing heavy, so that `streamadapt run` can start the server first and let it import
 our modules on one core while the worker imports its own on the other.
