@@ -355,15 +355,15 @@ class ServingLoop:
         except Exception as error:  # an observation, as the lag: a failed look-up must not stop serving
             log.warning("could not read whether the Kafka consumer fetches: %s", error)
             fetching = None
-        if fetching is not False or self._outage_since is not None or not self._consumer.assignment():
+        owned = self._consumer.assignment() if fetching is False and self._outage_since is None else set()
+        if not owned:
             self._not_fetching_since = None
         elif self._not_fetching_since is None:
             self._not_fetching_since = now
         stalled = self._not_fetching_since is not None and now - self._not_fetching_since >= STALLED_AFTER_S
         if stalled and not self.stalled:
             log.error("the Kafka consumer owns %d partitions but has fetched nothing for over a minute, though every "
-                      "poll succeeds: /readyz reports not ready; restart the worker if it does not recover",
-                      len(self._consumer.assignment()))
+                      "poll succeeds: /readyz reports not ready; restart the worker if it does not recover", len(owned))
         elif self.stalled and not stalled:
             log.info("the Kafka consumer fetches again")
         self.stalled = stalled
