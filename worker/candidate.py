@@ -3,7 +3,8 @@
 Shared by the trainer (which adds Redis, the registry and Kafka around it) and by the adaptation
 benchmark (which replays a stream offline), so both choose examples and judge candidates the same way:
 - a round takes the newest examples of the current regime: those labelled since the change point the
-  last drift alarm estimated (older ones taught the model the regime that ended);
+  last drift alarm estimated (older ones taught the model the regime that ended); for repurchase, only
+  those the watermark has left fully resolved;
 - the examples are split in event-time order: the newest `holdout_share` is held out;
 - the candidate is fine-tuned from the source weights on the rest, with recency weights;
 - candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules.
@@ -50,6 +51,19 @@ def regime_examples(examples: list[Example], regime_since_ts: float | None) -> l
     if regime_since_ts is None:
         return examples
     return [e for e in examples if e.resolved_ts_s >= regime_since_ts]
+
+
+def resolved_period(examples: list[Example], task: str, horizon_days: float | None,
+                    watermark_s: float | None) -> list[Example]:
+    """Repurchase labels resolve late for negatives (at the deadline) and early for positives, so the newest
+    examples over-represent positives. Train and judge only on event time the watermark has left fully
+    resolved: older than watermark - horizon. Other tasks' labels carry no such bias: all examples."""
+    if task != "repurchase" or not examples:
+        return examples
+    if watermark_s is None:
+        return []
+    cutoff = watermark_s - (horizon_days or 0.0) * 86400.0
+    return [e for e in examples if e.ts_s <= cutoff]
 
 
 def examples_before_next_round(used: int, training: TrainingSettings) -> int:

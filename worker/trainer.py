@@ -18,7 +18,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from schemas import ModelVersion, TrainedOn
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples, resolved_period
 from worker.examples import expired_windows
 from worker.finetune import FineTuneError
 from worker.labels import watermark
@@ -151,7 +151,7 @@ class Trainer:
         self._expire_windows(now_watermark)
         regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None
         examples = regime_examples(self._store.recent_examples(self._t.max_examples), regime_since_ts)
-        examples = self._resolved_period(examples, now_watermark)
+        examples = resolved_period(examples, self._meta.task, self._meta.horizon_days, now_watermark)
         self._wanted_examples = examples_before_next_round(len(examples), self._t)
         if len(examples) < self._t.min_examples:
             log.info("fine-tune skipped (%s): %d examples%s < %d; next round after %d new ones", reason, len(examples),
@@ -190,17 +190,6 @@ class Trainer:
         self._metrics.finetune_duration.observe(time.monotonic() - started)
         log.info("%s %s: %s", version, outcome, decision.reason)
         return record
-
-    def _resolved_period(self, examples: list, now_watermark: float | None) -> list:
-        """Repurchase labels resolve late for negatives (at the deadline) and early for positives, so the
-        newest examples over-represent positives. Train and judge only on event time the watermark has
-        left fully resolved: older than watermark - horizon."""
-        if self._meta.task != "repurchase" or not examples:
-            return examples
-        if now_watermark is None:
-            return []
-        cutoff = now_watermark - (self._meta.horizon_days or 0.0) * 86400.0
-        return [e for e in examples if e.ts_s <= cutoff]
 
     def _expire_windows(self, now_watermark: float | None) -> None:
         sizes = self._store.window_sizes()

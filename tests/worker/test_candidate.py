@@ -1,7 +1,7 @@
 """Which examples a round trains on, and when the next round is due."""
 import numpy as np
 
-from worker.candidate import examples_before_next_round, regime_examples
+from worker.candidate import examples_before_next_round, regime_examples, resolved_period
 from worker.examples import Example
 from worker.settings import TrainingSettings
 
@@ -24,3 +24,12 @@ def test_after_a_round_short_of_examples_the_next_waits_only_for_the_shortfall()
     assert examples_before_next_round(300, training) == 700
     assert examples_before_next_round(1000, training) == 2000
     assert examples_before_next_round(15000, training) == 2000
+
+
+def test_repurchase_rounds_keep_only_event_time_the_watermark_has_fully_resolved():
+    day = 86400.0
+    examples = [example(0.0, 1.0), example(2 * day, 2 * day + 5), example(6 * day, 6 * day + 5)]
+    # horizon 3 days, watermark at day 6: purchases up to day 3 have had their whole horizon
+    assert [e.ts_s for e in resolved_period(examples, "repurchase", 3.0, 6 * day)] == [0.0, 2 * day]
+    assert resolved_period(examples, "repurchase", 3.0, None) == []  # no event time seen yet: nothing is resolved
+    assert resolved_period(examples, "next_category", None, 0.0) == examples  # its labels carry no such bias
