@@ -1,18 +1,21 @@
 """`streamadapt bench adaptation`: prequential quality on a drifting stream, against static, scratch,
-River's online learners and an oracle.
+River's online learners and an oracle, for the task of the source checkpoint.
 
 Offline and deterministic: the stream is replayed in event-time order through the worker's own feature
-code, label rule (next_category: a purchase's label is the user's next purchase, known only then) and
-fine-tune rounds (worker.candidate, as the trainer runs them). Every contender predicts each event
-before its label exists, and learns a label only when the user's next purchase reveals it.
+code, label rule and fine-tune rounds (worker.candidate, as the trainer runs them). Every contender
+predicts each event before its label exists, and learns a label only when the stream reveals it, as in
+the worker: next_category, at the user's next purchase; repurchase, at the next purchase when it comes
+within the horizon, else when the watermark (event time less the allowed lateness) passes the deadline
+or a later purchase comes, whichever is first. Quality is accuracy for next_category and AUC for
+repurchase, with log-loss for both.
 
 Contenders:
 - static: the source model, unchanged;
 - adapted-<strategy>: the trainer's loop: every `every_examples` new labels, a round on the newest
   `max_examples`, promoted only through the gate;
 - scratch: the same loop and gate, each round from random weights (no transfer);
-- River: adaptive random forest, Hoeffding adaptive tree, softmax regression, learning label by label
-  (when River is installed: pip install 'streamadapt[bench]');
+- River: adaptive random forest, Hoeffding adaptive tree, and softmax (next_category) or logistic
+  (repurchase) regression, learning label by label (when River is installed: pip install 'streamadapt[bench]');
 - oracle: models trained offline on the labelled events after the drift, each event predicted by one
   that did not train on it (cross-fitted): the ceiling the others are measured against.
 """
@@ -27,17 +30,20 @@ import numpy as np
 
 from schemas import PurchaseEvent
 from worker.bench_json import cell, write_json
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples, resolved_period
 from worker.examples import Example
 from worker.features import OTHER, encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
-from worker.labels import file_labels, next_of_same_user
-from worker.model import ServingModel, load_checkpoint
-from worker.quality import QualityMonitor
+from worker.labels import next_of_same_user
+from worker.model import ModelMeta, ServingModel, load_checkpoint
+from worker.quality import QualityMonitor, auc, scores
 from worker.settings import TrainingSettings
 
-ROLLING_LABELS = 1000  # labelled events in the rolling accuracy of the plot
+ROLLING_LABELS = 1000  # labelled events in the rolling quality of the plot
 AFTER_DRIFT_LABELS = 5000  # the goal: within 2 points of the oracle within this many labels after a drift
+MEASURE = {"next_category": "accuracy", "repurchase": "auc"}  # each task's quality measure; log-loss for both too
+SPANS = ("before_drift", "first_5k_after_drift", "later_after_drift")
+_MEASURE_NAME = {"accuracy": "accuracy", "auc": "AUC"}
 UNKNOWN_LABELS_WARNING_SHARE = 0.2  # above this share of labels outside the checkpoint's categories, say so
 TOO_FEW_LABELS = f"the stream has no more than {AFTER_DRIFT_LABELS:,} labels after the drift"
 CURVE_SIZES = (250, 500, 1000, 2000, 5000)
@@ -48,26 +54,53 @@ ORACLE_MAX_EPOCHS = 60  # early stopping ends it sooner
 @dataclass
 class Stream:
     """A stream turned into what every contender sees: features before each event, its label's class
-    index (-1 if never revealed) and the index of the event that reveals it (-1 if none)."""
+    index (-1 if never revealed) and the index of the event at which the label is revealed (-1 if none)."""
 
+    task: str
     events: list[PurchaseEvent]
     features: np.ndarray
     labels: np.ndarray
-    revealed_by: np.ndarray
+    revealed_at: np.ndarray
     drift_at: int
 
     @property
     def ts_s(self) -> np.ndarray:
         return np.array([e.ts_s for e in self.events])
 
+    @property
+    def measure(self) -> str:
+        return MEASURE[self.task]
 
-def build_stream(events: list[PurchaseEvent], spec, drift_at: int | None) -> Stream:
+
+def build_stream(events: list[PurchaseEvent], meta: ModelMeta, drift_at: int | None,
+                 allowed_lateness_s: float = 3600.0) -> Stream:
+    """The events in event-time order, labelled for the checkpoint's task as the worker labels them."""
     ordered = sorted(events, key=lambda e: e.ts_s)
-    revealed_by = np.array(next_of_same_user([e.user_id for e in ordered]), dtype=np.int64)
-    labels = np.array([spec.index_of(label) if label is not None else -1
-                       for label in file_labels(ordered, "next_category", 0.0)], dtype=np.int64)
-    return Stream(ordered, encode_stream(ordered, spec), labels, revealed_by,
+    following = np.array(next_of_same_user([e.user_id for e in ordered]), dtype=np.int64)
+    if meta.task == "next_category":
+        labels = np.array([meta.feature_spec.index_of(ordered[j].category) if j >= 0 else -1 for j in following],
+                          dtype=np.int64)
+        revealed_at = following
+    else:
+        labels, revealed_at = _repurchase_labels(np.array([e.ts_s for e in ordered]), following,
+                                                 (meta.horizon_days or 0.0) * 86400.0, allowed_lateness_s)
+    return Stream(meta.task, ordered, encode_stream(ordered, meta.feature_spec), labels, revealed_at,
                   drift_at if drift_at is not None else len(ordered) // 2)
+
+
+def _repurchase_labels(ts_s: np.ndarray, following: np.ndarray, horizon_s: float, allowed_lateness_s: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Each purchase's repurchase label and the index of the event that reveals it (worker.labels): 1 at the
+    next purchase within the horizon; else 0 at the first event after which the watermark has passed the
+    deadline, or at the next purchase if that comes first. -1 where the stream ends before either."""
+    deadlines = ts_s + horizon_s
+    watermark_passes = np.searchsorted(ts_s, deadlines + allowed_lateness_s, side="right")
+    within = (following >= 0) & (ts_s[np.maximum(following, 0)] <= deadlines)
+    revealed_at = np.where(within, following,
+                           np.where(following >= 0, np.minimum(watermark_passes, following), watermark_passes))
+    revealed_at = np.where(revealed_at < len(ts_s), revealed_at, -1)
+    labels = np.where(revealed_at < 0, -1, within.astype(np.int64))
+    return labels, revealed_at
 
 
 @dataclass
@@ -87,7 +120,8 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
                    from_scratch: bool = False, progress=None) -> Outcome:
     """The trainer's loop, replayed: serve, collect revealed labels, and run a round when enough new
     labels came in or when the drift detector alarms on the served predictions' log-loss, on the examples
-    since the change point it estimated (the `every_s` trigger has no meaning offline)."""
+    the trainer would take (worker.candidate: the current regime's; for repurchase, those the watermark has
+    fully resolved; the `every_s` trigger has no meaning offline)."""
     started = time.perf_counter()
     serving = ServingModel.of_keras(source_model, meta)
     scorer = Scorer(source_model, meta)
@@ -108,7 +142,8 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
                 alarmed, regime_since_ts = True, change
         if since_round >= wanted or alarmed:
             since_round, alarmed = 0, False
-            examples = regime_examples(list(window), regime_since_ts)
+            examples = resolved_period(regime_examples(sorted(window, key=lambda e: e.ts_s), regime_since_ts),
+                                       meta.task, meta.horizon_days, stream.events[i].ts_s - training.allowed_lateness_s)
             wanted = examples_before_next_round(len(examples), training)
             if len(examples) >= training.min_examples:
                 promoted = _round(source_model, champion, examples, meta, training, scorer, from_scratch)
@@ -142,7 +177,7 @@ def run_river(name: str, model, stream: Stream, n_classes: int, feature_names: l
     for i, x in enumerate(rows):
         for j in reveals.get(i, ()):
             model.learn_one(rows[j], int(stream.labels[j]))
-        for label, p in model.predict_proba_one(x).items():
+        for label, p in model.predict_proba_one(x).items():  # class index, or False/True for a binary model
             served[i, int(label)] = p
     return Outcome(name, served, seconds=time.perf_counter() - started)
 
@@ -170,7 +205,7 @@ def run_oracle(source_model, meta, stream: Stream, folds: int = ORACLE_FOLDS) ->
 
 
 def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=(0, 1, 2)) -> list[dict]:
-    """Accuracy on a fixed later holdout after fine-tuning on the first N labelled events of a span: from
+    """Quality (the task's measure) on a fixed later holdout after fine-tuning on the first N labelled events of a span: from
     the source (l2sp) against the same fine-tuning from random weights. Two spans: the target market
     before the drift (a source checkpoint from another market, the product's case) and the regime after
     it (where part of what the source knew has become wrong)."""
@@ -185,41 +220,62 @@ def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=
             if size > len(train_pool):
                 break
             chosen = train_pool[:size]
-            accuracies = {"transfer": [], "scratch": []}
+            measured = {"transfer": [], "scratch": []}
             for seed in seeds:
                 for name, config in (("transfer", FineTuneConfig(strategy="l2sp", seed=seed)),
                                      ("scratch", FineTuneConfig(strategy="full", seed=seed, from_scratch=True))):
                     weights = fine_tune(source_model, stream.features[chosen], stream.labels[chosen],
                                         np.ones(size, np.float32), meta.task, config)
                     p = scorer(weights, stream.features[holdout])
-                    accuracies[name].append(float(np.mean(np.argmax(p, axis=1) == stream.labels[holdout])))
-            transfer, scratch = float(np.mean(accuracies["transfer"])), float(np.mean(accuracies["scratch"]))
-            rows.append({"span": span, "examples": size, "transfer_accuracy": transfer, "scratch_accuracy": scratch,
-                         "transfer_minus_scratch": transfer - scratch, "seeds": len(seeds), "holdout": int(len(holdout))})
+                    measured[name].append(scores(stream.task, p, stream.labels[holdout])[stream.measure])
+            transfer, scratch = float(np.mean(measured["transfer"])), float(np.mean(measured["scratch"]))
+            rows.append({"span": span, "examples": size, f"transfer_{stream.measure}": transfer,
+                         f"scratch_{stream.measure}": scratch, "transfer_minus_scratch": transfer - scratch,
+                         "seeds": len(seeds), "holdout": int(len(holdout))})
     return rows
 
 
 def summarise(outcome: Outcome, stream: Stream) -> dict:
-    """Prequential accuracy before the drift, in the first AFTER_DRIFT_LABELS labels after it, and after that."""
+    """Prequential quality before the drift, in the first AFTER_DRIFT_LABELS labels after it, and after that:
+    the task's measure under each span's name, its log-loss under `<span>_log_loss`."""
     labelled = stream.labels >= 0
     index = np.arange(len(stream.events))
-    correct = np.argmax(outcome.probabilities, axis=1) == stream.labels
     after = np.flatnonzero(labelled & (index >= stream.drift_at))
     spans = {"before_drift": np.flatnonzero(labelled & (index < stream.drift_at)),
              "first_5k_after_drift": after[:AFTER_DRIFT_LABELS], "later_after_drift": after[AFTER_DRIFT_LABELS:]}
     result = {"name": outcome.name, "promotions": len(outcome.promotions), "seconds": round(outcome.seconds, 1)}
     for span, rows in spans.items():
-        result[span] = float(np.mean(correct[rows])) if len(rows) else float("nan")
+        measured = scores(stream.task, outcome.probabilities[rows], stream.labels[rows]) if len(rows) else {}
+        result[span] = measured.get(stream.measure, float("nan"))
+        result[f"{span}_log_loss"] = measured.get("log_loss", float("nan"))
     return result
 
 
-def goals(table: list[dict], curve: list[dict], strategy: str) -> list[dict]:
-    """The issue's three adaptation goals, each with its figures and whether it is met."""
+def goals(table: list[dict], curve: list[dict], strategy: str, task: str = "next_category") -> list[dict]:
+    """The issue's adaptation goals, and adapted against static, each with its figures and whether it is met.
+    For repurchase, "beats" means a higher AUC *and* a lower log-loss; for next_category, a higher accuracy."""
     by_name = {row["name"]: row for row in table}
-    adapted, oracle = by_name.get(f"adapted-{strategy}"), by_name.get("oracle")
+    adapted, oracle, static = by_name.get(f"adapted-{strategy}"), by_name.get("oracle"), by_name.get("static")
     river = [row for row in table if row["name"].startswith("river-")]
     checked = []
     later_labels = bool(adapted) and not np.isnan(adapted["later_after_drift"])
+    after_spans = ("first_5k_after_drift", "later_after_drift") if later_labels else ("first_5k_after_drift",)
+    both = task == "repurchase"
+
+    def beats(row: dict, other: dict, span: str) -> bool:
+        return row[span] > other[span] and (not both or row[f"{span}_log_loss"] < other[f"{span}_log_loss"])
+
+    def figures(row: dict, other: dict, span: str) -> str:
+        measured = f"{row[span]:.3f} against {other[span]:.3f}"
+        if both:
+            measured = (f"AUC {measured}, log-loss {row[f'{span}_log_loss']:.4f} against "
+                        f"{other[f'{span}_log_loss']:.4f}")
+        return f"{span.replace('_', ' ')} {measured} ({other['name']})"
+
+    if adapted and static:
+        checked.append({"goal": f"adapted-{strategy} beats static serving after the drift",
+                        "figures": "; ".join(figures(adapted, static, span) for span in after_spans),
+                        "met": all(beats(adapted, static, span) for span in after_spans)})
     if adapted and oracle:
         goal = (f"adapted-{strategy} within 2 points of the oracle from the {AFTER_DRIFT_LABELS:,}th label after the "
                 "drift on")
@@ -231,12 +287,10 @@ def goals(table: list[dict], curve: list[dict], strategy: str) -> list[dict]:
         else:
             checked.append({"goal": goal, "figures": TOO_FEW_LABELS, "met": None})
     if adapted and river:
-        spans = ("first_5k_after_drift", "later_after_drift") if later_labels else ("first_5k_after_drift",)
-        best = {span: max(river, key=lambda row: row[span]) for span in spans}
+        strongest = {span: max(river, key=lambda row: row[span]) for span in after_spans}
         checked.append({"goal": f"adapted-{strategy} beats every River contender after the drift",
-                        "figures": "; ".join(f"{span.replace('_', ' ')} {adapted[span]:.3f} against "
-                                             f"{best[span][span]:.3f} ({best[span]['name']})" for span in spans),
-                        "met": all(adapted[span] > best[span][span] for span in spans)})
+                        "figures": "; ".join(figures(adapted, strongest[span], span) for span in after_spans),
+                        "met": all(beats(adapted, row, span) for span in after_spans for row in river)})
     for span in ("before_drift", "after_drift"):
         small = [row for row in curve if row["span"] == span and row["examples"] <= 2000]
         if small:
@@ -247,9 +301,14 @@ def goals(table: list[dict], curve: list[dict], strategy: str) -> list[dict]:
     return checked
 
 
-def rolling_accuracy(outcome: Outcome, stream: Stream, window: int = ROLLING_LABELS) -> tuple[np.ndarray, np.ndarray]:
-    """(event time, accuracy over the `window` labelled events up to it), from the first full window on."""
+def rolling_quality(outcome: Outcome, stream: Stream, window: int = ROLLING_LABELS) -> tuple[np.ndarray, np.ndarray]:
+    """(event time, the task's measure over the `window` labelled events up to it), from the first full window
+    on: at every label for accuracy, every tenth of a window for AUC (a ranking per point)."""
     labelled = np.flatnonzero(stream.labels >= 0)
+    if stream.measure == "auc":
+        ends = np.arange(window, len(labelled) + 1, max(1, window // 10))
+        p, y = outcome.probabilities[labelled, 1], stream.labels[labelled]
+        return stream.ts_s[labelled][ends - 1], np.array([auc(p[end - window:end], y[end - window:end]) for end in ends])
     correct = (np.argmax(outcome.probabilities[labelled], axis=1) == stream.labels[labelled]).astype(float)
     cumulative = np.concatenate([[0.0], np.cumsum(correct)])
     ends = np.arange(window, len(correct) + 1)  # full windows only
@@ -257,7 +316,7 @@ def rolling_accuracy(outcome: Outcome, stream: Stream, window: int = ROLLING_LAB
 
 
 def plot(outcomes: list[Outcome], stream: Stream, path: Path) -> bool:
-    """Rolling accuracy over event time, with the drift and the adapted model's promotions marked.
+    """Rolling quality over event time, with the drift and the adapted model's promotions marked.
     Returns False when matplotlib is not installed."""
     try:
         import matplotlib
@@ -273,7 +332,7 @@ def plot(outcomes: list[Outcome], stream: Stream, path: Path) -> bool:
 
     figure, axes = plt.subplots(figsize=(11, 5.5))
     for outcome in outcomes:
-        ts_s, rolling = rolling_accuracy(outcome, stream)
+        ts_s, rolling = rolling_quality(outcome, stream)
         style = {"linewidth": 2.2} if outcome.name.startswith("adapted-l2sp") else {"linewidth": 1.2}
         axes.plot(when(ts_s), rolling, label=outcome.name, **style)
         if outcome.name.startswith("adapted-l2sp") and outcome.promotions:
@@ -282,8 +341,8 @@ def plot(outcomes: list[Outcome], stream: Stream, path: Path) -> bool:
                          label="promotion (adapted-l2sp)", zorder=5)
     axes.axvline(when([stream.ts_s[stream.drift_at]])[0], color="red", linestyle="--", label="drift")
     axes.set_xlabel("event time")
-    axes.set_ylabel(f"prequential accuracy (last {ROLLING_LABELS} labels)")
-    axes.set_title("next_category on the generated drifting stream")
+    axes.set_ylabel(f"prequential {_MEASURE_NAME[stream.measure]} (last {ROLLING_LABELS} labels)")
+    axes.set_title(f"{stream.task}: rolling prequential quality")
     axes.legend(loc="lower left", fontsize=8, ncol=2)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,27 +351,28 @@ def plot(outcomes: list[Outcome], stream: Stream, path: Path) -> bool:
     return True
 
 
-def river_contenders(seed: int = 0) -> list[tuple[str, object]]:
-    """River's online learners, or none when River is not installed."""
+def river_contenders(task: str = "next_category", seed: int = 0) -> list[tuple[str, object]]:
+    """River's online learners for the task, or none when River is not installed."""
     try:
         from river import forest, linear_model, preprocessing, tree
     except ImportError:
         return []
+    linear = (("river-softmax-regression", preprocessing.StandardScaler() | linear_model.SoftmaxRegression())
+              if task == "next_category" else
+              ("river-logistic-regression", preprocessing.StandardScaler() | linear_model.LogisticRegression()))
     return [("river-adaptive-random-forest", forest.ARFClassifier(n_models=10, seed=seed)),
-            ("river-hoeffding-adaptive-tree", tree.HoeffdingAdaptiveTreeClassifier(seed=seed)),
-            ("river-softmax-regression", preprocessing.StandardScaler() | linear_model.SoftmaxRegression())]
+            ("river-hoeffding-adaptive-tree", tree.HoeffdingAdaptiveTreeClassifier(seed=seed)), linear]
 
 
 def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at: int | None, training: TrainingSettings,
                          out: Path | None = None, plot_path: Path | None = None, strategies=("l2sp", "head", "full"),
                          with_river: bool = True, curve_sizes=CURVE_SIZES, curve_seeds=(0, 1, 2), echo=print) -> dict:
     source_model, meta = load_checkpoint(checkpoint)
-    if meta.task != "next_category":
-        raise ValueError("bench adaptation judges the next_category task; this checkpoint is for " + meta.task)
-    stream = build_stream(events, meta.feature_spec, drift_at)
+    stream = build_stream(events, meta, drift_at, training.allowed_lateness_s)
     labelled = int((stream.labels >= 0).sum())
-    echo(f"{len(stream.events):,} events, {labelled:,} labelled, drift at event {stream.drift_at:,}")
-    unknown = float(np.mean(stream.labels[stream.labels >= 0] == len(meta.feature_spec.categories))) if labelled else 0.0
+    echo(f"{len(stream.events):,} events, {labelled:,} labelled for {meta.task}, drift at event {stream.drift_at:,}")
+    unknown = (float(np.mean(stream.labels[stream.labels >= 0] == len(meta.feature_spec.categories)))
+               if labelled and meta.task == "next_category" else 0.0)
     if unknown > UNKNOWN_LABELS_WARNING_SHARE:
         echo(f"warning: {unknown:.0%} of the labels are categories the source checkpoint does not know; they all count "
              f"as one class, {OTHER!r}, so accuracy says little. Was the checkpoint pretrained on this market's categories?")
@@ -324,7 +384,7 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
     echo("replaying the trainer from random weights (scratch)")
     outcomes.append(run_fine_tuned("scratch", source_model, meta, stream, training.model_copy(update={"strategy": "full"}),
                                    from_scratch=True, progress=echo))
-    river = river_contenders() if with_river else []
+    river = river_contenders(meta.task) if with_river else []
     if with_river and not river:
         echo("River is not installed (pip install 'streamadapt[bench]'): its contenders are skipped")
     for name, model in river:
@@ -335,18 +395,20 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
     echo("transfer against scratch over window sizes")
     curve = transfer_curve(source_model, meta, stream, curve_sizes, curve_seeds)
     table = [summarise(o, stream) for o in outcomes]
-    checked = goals(table, curve, training.strategy)
+    checked = goals(table, curve, training.strategy, meta.task)
     result = {"events": len(stream.events), "labelled": labelled, "drift_at": stream.drift_at,
               "source_checkpoint_sha256": meta.sha256, "contenders": table, "transfer_curve": curve,
               "goals": checked, "training": training.model_dump()}
-    echo(f"{'prequential accuracy':32}{'before drift':>14}{'first 5k after':>16}{'later after':>13}{'promotions':>12}")
-    for row in table:
-        echo(f"{row['name']:32}{cell(row['before_drift'], '.3f'):>14}{cell(row['first_5k_after_drift'], '.3f'):>16}"
-             f"{cell(row['later_after_drift'], '.3f'):>13}{row['promotions']:>12}")
-    echo(f"{'transfer curve':16}{'examples':>10}{'transfer':>10}{'scratch':>10}{'difference':>12}")
+    for title, suffix, digits in ((f"prequential {_MEASURE_NAME[stream.measure]}", "", ".3f"),
+                                  ("prequential log-loss", "_log_loss", ".4f")):
+        echo(f"{title:32}{'before drift':>14}{'first 5k after':>16}{'later after':>13}{'promotions':>12}")
+        for row in table:
+            echo(f"{row['name']:32}" + "".join(f"{cell(row[span + suffix], digits):>{width}}"
+                                               for span, width in zip(SPANS, (14, 16, 13))) + f"{row['promotions']:>12}")
+    echo(f"{'transfer curve':16}{'examples':>10}{'transfer':>10}{'scratch':>10}{'difference':>12}  ({_MEASURE_NAME[stream.measure]})")
     for row in curve:
-        echo(f"{row['span'].replace('_', ' '):16}{row['examples']:>10,}{row['transfer_accuracy']:>10.3f}"
-             f"{row['scratch_accuracy']:>10.3f}{row['transfer_minus_scratch']:>+12.3f}")
+        echo(f"{row['span'].replace('_', ' '):16}{row['examples']:>10,}{row[f'transfer_{stream.measure}']:>10.3f}"
+             f"{row[f'scratch_{stream.measure}']:>10.3f}{row['transfer_minus_scratch']:>+12.3f}")
     for goal in checked:
         verdict = "not judged" if goal["met"] is None else "met" if goal["met"] else "MISSED"
         echo(f"goal {verdict}: {goal['goal']}: {goal['figures']}")
@@ -366,7 +428,7 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
 def _reveals(stream: Stream) -> dict[int, list[int]]:
     """event index -> indices of earlier events whose label it reveals."""
     reveals: dict[int, list[int]] = {}
-    for j, i in enumerate(stream.revealed_by.tolist()):
+    for j, i in enumerate(stream.revealed_at.tolist()):
         if i >= 0:
             reveals.setdefault(i, []).append(j)
     return reveals

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--latency-seconds", type=float, default=20.0,
                             help="length of each latency run at 25/50/75%% load (0 skips them)")
     _add_settings_flags(throughput, {"kafka", "redis"})
-    adaptation = benches.add_parser("adaptation", help="prequential accuracy on a drifting stream against static, "
-                                                      "scratch, River and an oracle (offline; next_category)")
+    adaptation = benches.add_parser("adaptation", help="prequential quality on a drifting stream against static, "
+                                                      "scratch, River and an oracle (offline; the checkpoint's task)")
     adaptation.add_argument("--events", type=Path, default=None,
                             help="JSONL events to replay (default: generate a drifting target stream)")
     adaptation.add_argument("--generate", type=int, default=30_000, help="events to generate when --events is not given")
@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="event index where the regime changes (default: 12,000 of a generated stream, "
                                  "else the middle)")
     adaptation.add_argument("--source-checkpoint", type=Path, default=None,
-                            help="next_category checkpoint (default: pretrain one on 60k generated source events)")
+                            help="source checkpoint, next_category or repurchase: the task judged (default: pretrain a "
+                                 "next_category one on 60k generated source events)")
     adaptation.add_argument("--strategies", default="l2sp,head,full", help="fine-tune strategies to replay")
     adaptation.add_argument("--no-river", action="store_true", help="skip River's learners (the slowest contenders)")
     adaptation.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
