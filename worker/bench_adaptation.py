@@ -34,7 +34,7 @@ from worker.candidate import Scorer, examples_before_next_round, fine_tune_round
 from worker.examples import Example
 from worker.features import OTHER, encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
-from worker.labels import next_of_same_user
+from worker.labels import next_of_same_user, repurchase_label, resolve_on_purchase
 from worker.model import ModelMeta, ServingModel, load_checkpoint
 from worker.quality import QualityMonitor, auc, scores
 from worker.settings import TrainingSettings
@@ -83,24 +83,26 @@ def build_stream(events: list[PurchaseEvent], meta: ModelMeta, drift_at: int | N
         revealed_at = following
     else:
         labels, revealed_at = _repurchase_labels(np.array([e.ts_s for e in ordered]), following,
-                                                 (meta.horizon_days or 0.0) * 86400.0, allowed_lateness_s)
+                                                 meta.horizon_days or 0.0, allowed_lateness_s)
     return Stream(meta.task, ordered, encode_stream(ordered, meta.feature_spec), labels, revealed_at,
                   drift_at if drift_at is not None else len(ordered) // 2)
 
 
-def _repurchase_labels(ts_s: np.ndarray, following: np.ndarray, horizon_s: float, allowed_lateness_s: float
+def _repurchase_labels(ts_s: np.ndarray, following: np.ndarray, horizon_days: float, allowed_lateness_s: float
                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Each purchase's repurchase label and the index of the event that reveals it (worker.labels): 1 at the
-    next purchase within the horizon; else 0 at the first event after which the watermark has passed the
-    deadline, or at the next purchase if that comes first. -1 where the stream ends before either."""
-    deadlines = ts_s + horizon_s
+    """Each purchase's repurchase label (worker.labels' rule) and the index of the event at which the worker
+    learns it: the user's next purchase, or, if that is not within the horizon, the first event that takes
+    the watermark past the deadline, whichever comes first. -1 where the stream ends before either."""
+    deadlines = ts_s + horizon_days * 86400.0
     watermark_passes = np.searchsorted(ts_s, deadlines + allowed_lateness_s, side="right")
     within = (following >= 0) & (ts_s[np.maximum(following, 0)] <= deadlines)
-    revealed_at = np.where(within, following,
-                           np.where(following >= 0, np.minimum(watermark_passes, following), watermark_passes))
+    revealed_at = np.where(within | ((following >= 0) & (following < watermark_passes)), following, watermark_passes)
     revealed_at = np.where(revealed_at < len(ts_s), revealed_at, -1)
-    labels = np.where(revealed_at < 0, -1, within.astype(np.int64))
-    return labels, revealed_at
+    labels = [-1 if k < 0 else
+              resolve_on_purchase("repurchase", ts_s[i], ts_s[k], 1, horizon_days) if k == following[i] else
+              int(repurchase_label(ts_s[i], None, ts_s[k] - allowed_lateness_s, horizon_days) == "1")
+              for i, k in enumerate(revealed_at.tolist())]
+    return np.array(labels, dtype=np.int64), revealed_at
 
 
 @dataclass
