@@ -117,3 +117,21 @@ def test_a_stream_too_short_after_the_drift_leaves_the_oracle_goal_unjudged():
     oracle_goal, river_goal = goals(table, [], "l2sp")
     assert oracle_goal["met"] is None and oracle_goal["figures"].startswith("the stream has no more than")
     assert river_goal["met"] and "later" not in river_goal["figures"]  # judged on the first 5k labels alone
+
+
+def test_a_repurchase_span_whose_labels_are_one_class_leaves_its_goals_unjudged():
+    nan = float("nan")
+
+    def binary(name, auc, log_loss):
+        return {"name": name, "first_5k_after_drift": auc, "first_5k_after_drift_log_loss": log_loss,
+                "later_after_drift": nan, "later_after_drift_log_loss": nan}
+
+    table = [binary("static", nan, 0.50), binary("adapted-l2sp", nan, 0.40), binary("river-logistic-regression", nan, 0.45)]
+    static_goal, river_goal = goals(table, [], "l2sp", "repurchase")
+    assert static_goal["met"] is None and river_goal["met"] is None
+    table = [binary("static", 0.70, 0.50), binary("adapted-l2sp", 0.75, 0.52), binary("river-logistic-regression", 0.72, 0.45)]
+    static_goal, river_goal = goals(table, [], "l2sp", "repurchase")
+    assert static_goal["met"] is False and river_goal["met"] is False  # a higher AUC alone is not enough
+    table[1] = binary("adapted-l2sp", 0.75, 0.44)
+    static_goal, river_goal = goals(table, [], "l2sp", "repurchase")
+    assert static_goal["met"] and river_goal["met"]
