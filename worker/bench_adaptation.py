@@ -48,6 +48,7 @@ UNKNOWN_LABELS_WARNING_SHARE = 0.2  # above this share of labels outside the che
 TOO_FEW_LABELS = f"the stream has no more than {AFTER_DRIFT_LABELS:,} labels after the drift"
 CURVE_SIZES = (250, 500, 1000, 2000, 5000)
 ORACLE_FOLDS = 5
+MIN_LABELS_AFTER_DRIFT = 100  # the oracle trains on them in ORACLE_FOLDS folds; fewer cannot judge anything
 ORACLE_MAX_EPOCHS = 60  # early stopping ends it sooner
 
 
@@ -380,6 +381,7 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
                          with_river: bool = True, curve_sizes=CURVE_SIZES, curve_seeds=(0, 1, 2), echo=print) -> dict:
     source_model, meta = load_checkpoint(checkpoint)
     stream = build_stream(events, meta, drift_at, training.allowed_lateness_s)
+    _check_judgeable(stream)
     labelled = int((stream.labels >= 0).sum())
     echo(f"{len(stream.events):,} events, {labelled:,} labelled for {meta.task}, drift at event {stream.drift_at:,}")
     unknown = (float(np.mean(stream.labels[stream.labels >= 0] == len(meta.feature_spec.categories)))
@@ -434,6 +436,17 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
         write_json(out, result)
         echo(f"wrote {out}")
     return result
+
+
+def _check_judgeable(stream: Stream) -> None:
+    """Refuse, before any replay, a stream the bench cannot judge: ValueError with what to change."""
+    if not 0 <= stream.drift_at < len(stream.events):
+        raise ValueError(f"--drift-at {stream.drift_at:,} is outside the stream's {len(stream.events):,} events")
+    after = int(np.sum(stream.labels[stream.drift_at:] >= 0))
+    if after < MIN_LABELS_AFTER_DRIFT:
+        raise ValueError(f"only {after:,} events from the drift at event {stream.drift_at:,} on get a {stream.task} label in "
+                         f"this stream; the bench needs at least {MIN_LABELS_AFTER_DRIFT} (a longer stream, or an earlier "
+                         "--drift-at)")
 
 
 def _reveals(stream: Stream) -> dict[int, list[int]]:

@@ -135,3 +135,11 @@ def test_a_repurchase_span_whose_labels_are_one_class_leaves_its_goals_unjudged(
     table[1] = binary("adapted-l2sp", 0.75, 0.44)
     static_goal, river_goal = goals(table, [], "l2sp", "repurchase")
     assert static_goal["met"] and river_goal["met"]
+
+
+def test_a_stream_the_bench_cannot_judge_is_refused_before_any_replay(drifting_events, checkpoint):
+    training = TrainingSettings()
+    with pytest.raises(ValueError, match="--drift-at 5,000 is outside the stream's 3,000 events"):
+        run_adaptation_bench(drifting_events, checkpoint, 5000, training, echo=lambda line: None)
+    with pytest.raises(ValueError, match=r"only \d+ events from the drift at event 30 on get a next_category label"):
+        run_adaptation_bench(drifting_events[:60], checkpoint, 30, training, echo=lambda line: None)
