@@ -30,7 +30,7 @@ import numpy as np
 
 from schemas import PurchaseEvent
 from worker.bench_json import cell, write_json
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples, resolved_period
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, round_examples
 from worker.examples import Example
 from worker.features import OTHER, encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
@@ -145,8 +145,8 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
                 alarmed, regime_since_ts = True, change
         if since_round >= wanted or alarmed:
             since_round, alarmed = 0, False
-            examples = resolved_period(regime_examples(sorted(window, key=lambda e: e.ts_s), regime_since_ts),
-                                       meta.task, meta.horizon_days, stream.events[i].ts_s - training.allowed_lateness_s)
+            examples = round_examples(sorted(window, key=lambda e: e.ts_s), regime_since_ts, meta.task, meta.horizon_days,
+                                      stream.events[i].ts_s - training.allowed_lateness_s)  # the trainer's order
             wanted = examples_before_next_round(len(examples), training)
             if len(examples) >= training.min_examples:
                 promoted = _round(source_model, champion, examples, meta, training, scorer, from_scratch)
@@ -244,8 +244,8 @@ def summarise(outcome: Outcome, stream: Stream) -> dict:
     labelled = stream.labels >= 0
     index = np.arange(len(stream.events))
     after = np.flatnonzero(labelled & (index >= stream.drift_at))
-    spans = {"before_drift": np.flatnonzero(labelled & (index < stream.drift_at)),
-             "first_5k_after_drift": after[:AFTER_DRIFT_LABELS], "later_after_drift": after[AFTER_DRIFT_LABELS:]}
+    spans = dict(zip(SPANS, (np.flatnonzero(labelled & (index < stream.drift_at)), after[:AFTER_DRIFT_LABELS],
+                             after[AFTER_DRIFT_LABELS:])))
     result = {"name": outcome.name, "promotions": len(outcome.promotions), "seconds": round(outcome.seconds, 1)}
     for span, rows in spans.items():
         measured = scores(stream.task, outcome.probabilities[rows], stream.labels[rows]) if len(rows) else {}

@@ -66,6 +66,13 @@ def resolved_period(examples: list[Example], task: str, horizon_days: float | No
     return [e for e in examples if e.ts_s <= cutoff]
 
 
+def round_examples(examples: list[Example], regime_since_ts: float | None, task: str, horizon_days: float | None,
+                   watermark_s: float | None) -> list[Example]:
+    """The examples a round takes, oldest first: the current regime's (`regime_examples`), and for repurchase
+    only those the watermark has fully resolved (`resolved_period`). The trainer and the bench both call this."""
+    return resolved_period(regime_examples(examples, regime_since_ts), task, horizon_days, watermark_s)
+
+
 def examples_before_next_round(used: int, training: TrainingSettings) -> int:
     """New examples to wait for before the next round: after a round skipped for want of examples (just
     after a drift, say), only the shortfall, so the first round on a new regime runs as soon as it can."""

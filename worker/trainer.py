@@ -18,7 +18,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from schemas import ModelVersion, TrainedOn
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, regime_examples, resolved_period
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, round_examples
 from worker.examples import expired_windows
 from worker.finetune import FineTuneError
 from worker.labels import watermark
@@ -150,8 +150,8 @@ class Trainer:
         now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
         self._expire_windows(now_watermark)
         regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None
-        examples = regime_examples(self._store.recent_examples(self._t.max_examples), regime_since_ts)
-        examples = resolved_period(examples, self._meta.task, self._meta.horizon_days, now_watermark)
+        examples = round_examples(self._store.recent_examples(self._t.max_examples), regime_since_ts, self._meta.task,
+                                  self._meta.horizon_days, now_watermark)
         self._wanted_examples = examples_before_next_round(len(examples), self._t)
         if len(examples) < self._t.min_examples:
             log.info("fine-tune skipped (%s): %d examples%s < %d; next round after %d new ones", reason, len(examples),
