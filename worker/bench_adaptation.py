@@ -12,7 +12,7 @@ repurchase, with log-loss for both.
 Contenders:
 - static: the source model, unchanged;
 - adapted-<strategy>: the trainer's loop: every `every_examples` new labels, a round on the newest
-  `max_examples`, promoted only through the gate;
+  `max_examples` its windows still hold (they age as the trainer's do), promoted only through the gate;
 - scratch: the same loop and gate, each round from random weights (no transfer);
 - River: adaptive random forest, Hoeffding adaptive tree, and softmax (next_category) or logistic
   (repurchase) regression, learning label by label (when River is installed: pip install 'streamadapt[bench]');
@@ -22,7 +22,6 @@ Contenders:
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +29,8 @@ import numpy as np
 
 from schemas import PurchaseEvent
 from worker.bench_json import cell, write_json
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, round_examples
-from worker.examples import Example
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, labels_known_until, round_examples
+from worker.examples import Example, expired_windows, window_start
 from worker.features import OTHER, encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
 from worker.labels import next_of_same_user, repurchase_label, resolve_on_purchase
@@ -129,7 +128,7 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
     serving = ServingModel.of_keras(source_model, meta)
     scorer = Scorer(source_model, meta)
     champion = [w.copy() for w in source_model.get_weights()]
-    window: deque[Example] = deque(maxlen=training.max_examples)
+    window: list[Example] = []  # as the trainer's windows hold them: dropped by age at each round
     reveals = _reveals(stream)
     served = np.zeros((len(stream.events), len(meta.classes)), dtype=np.float32)
     monitor = QualityMonitor(meta.task, training.quality_window)
@@ -145,8 +144,10 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
                 alarmed, regime_since_ts = True, change
         if since_round >= wanted or alarmed:
             since_round, alarmed = 0, False
+            watermark_s = stream.events[i].ts_s - training.allowed_lateness_s
+            window = _unexpired(window, labels_known_until(meta.task, meta.horizon_days, watermark_s), training)
             examples = round_examples(sorted(window, key=lambda e: e.ts_s), regime_since_ts, meta.task, meta.horizon_days,
-                                      stream.events[i].ts_s - training.allowed_lateness_s)  # the trainer's order
+                                      watermark_s, training.max_examples)  # the trainer's order
             wanted = examples_before_next_round(len(examples), training)
             if len(examples) >= training.min_examples:
                 promoted = _round(source_model, champion, examples, meta, training, scorer, from_scratch)
@@ -159,6 +160,13 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
                              f"{'promoted' if promoted is not None else 'kept the champion'}")
         served[i] = serving.predict_many(stream.features[i:i + 1])[0]
     return Outcome(name, served, promotions, time.perf_counter() - started)
+
+
+def _unexpired(window: list[Example], known_until_s: float, training: TrainingSettings) -> list[Example]:
+    """The examples whose event-time window the trainer would not have dropped for age yet."""
+    expired = set(expired_windows(sorted({window_start(e.ts_s, training.window_s) for e in window}), known_until_s,
+                                  training.window_s, training.window_max_age_s))
+    return [e for e in window if window_start(e.ts_s, training.window_s) not in expired] if expired else window
 
 
 def _round(source_model, champion, examples, meta, training, scorer, from_scratch) -> list[np.ndarray] | None:

@@ -53,24 +53,32 @@ def regime_examples(examples: list[Example], regime_since_ts: float | None) -> l
     return [e for e in examples if e.resolved_ts_s >= regime_since_ts]
 
 
+def labels_known_until(task: str, horizon_days: float | None, watermark_s: float | None) -> float | None:
+    """The event time up to which every purchase's label is as known as it will be: the watermark, and for
+    repurchase the watermark less the horizon (a negative resolves only at its deadline). None before any
+    event time was seen. Rounds train on examples up to it, and windows age from it."""
+    if watermark_s is None:
+        return None
+    return watermark_s - (horizon_days or 0.0) * 86400.0 if task == "repurchase" else watermark_s
+
+
 def resolved_period(examples: list[Example], task: str, horizon_days: float | None,
                     watermark_s: float | None) -> list[Example]:
     """Repurchase labels resolve late for negatives (at the deadline) and early for positives, so the newest
     examples over-represent positives. Train and judge only on event time the watermark has left fully
-    resolved: older than watermark - horizon. Other tasks' labels carry no such bias: all examples."""
+    resolved (`labels_known_until`). Other tasks' labels carry no such bias: all examples."""
     if task != "repurchase" or not examples:
         return examples
-    if watermark_s is None:
-        return []
-    cutoff = watermark_s - (horizon_days or 0.0) * 86400.0
-    return [e for e in examples if e.ts_s <= cutoff]
+    until = labels_known_until(task, horizon_days, watermark_s)
+    return [] if until is None else [e for e in examples if e.ts_s <= until]
 
 
 def round_examples(examples: list[Example], regime_since_ts: float | None, task: str, horizon_days: float | None,
-                   watermark_s: float | None) -> list[Example]:
-    """The examples a round takes, oldest first: the current regime's (`regime_examples`), and for repurchase
-    only those the watermark has fully resolved (`resolved_period`). The trainer and the bench both call this."""
-    return resolved_period(regime_examples(examples, regime_since_ts), task, horizon_days, watermark_s)
+                   watermark_s: float | None, max_examples: int) -> list[Example]:
+    """The examples a round takes, oldest first: of the current regime's (`regime_examples`), and for
+    repurchase of those the watermark has fully resolved (`resolved_period`), the newest `max_examples`.
+    The trainer and the bench both call this."""
+    return resolved_period(regime_examples(examples, regime_since_ts), task, horizon_days, watermark_s)[-max_examples:]
 
 
 def examples_before_next_round(used: int, training: TrainingSettings) -> int:

@@ -72,9 +72,10 @@ def window_start(ts_s: float, window_s: int) -> int:
     return int(math.floor(ts_s / window_s) * window_s)
 
 
-def expired_windows(starts: list[int], watermark_s: float, window_s: int, max_age_s: int) -> list[int]:
-    """Windows that ended more than `max_age_s` before the watermark."""
-    return [s for s in starts if s + window_s + max_age_s <= watermark_s]
+def expired_windows(starts: list[int], known_until_s: float, window_s: int, max_age_s: int) -> list[int]:
+    """Windows that ended more than `max_age_s` before `known_until_s`, the event time up to which labels
+    are known (worker.candidate.labels_known_until)."""
+    return [s for s in starts if s + window_s + max_age_s <= known_until_s]
 
 
 def recency_weights(ts_s: np.ndarray, half_life_s: float) -> np.ndarray:

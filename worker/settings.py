@@ -157,7 +157,8 @@ class TrainingSettings(BaseSettings):
     lease_ttl_s: float = Field(15.0, gt=1, description="trainer lease; another trainer takes over after it")
     window_s: int = Field(86400, ge=60, description="event-time tumbling window length")
     window_max_examples: int = Field(20000, ge=100, description="examples kept per window")
-    window_max_age_s: int = Field(30 * 86400, ge=60, description="windows older than this behind the watermark go")
+    window_max_age_s: int = Field(30 * 86400, ge=60, description="windows go this long after their labels are known "
+                                  "(the watermark; for repurchase, less the horizon)")
     allowed_lateness_s: float = Field(3600.0, ge=0, description="watermark = newest event time less this")
     quality_window: int = Field(2000, ge=10, description="predictions in the rolling live-quality window")
     threads: int = Field(1, ge=0, description="CPU threads a fine-tune may use (0 = all; the trainer also runs niced)")

@@ -25,6 +25,8 @@ their own event time (worker.examples).
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -262,13 +264,14 @@ class StateStore:
         raw = self._client.get(f"{self._p}:regime_since_ts")
         return float(raw) if raw is not None else None
 
-    def recent_examples(self, max_examples: int) -> list[Example]:
-        """The newest labelled examples across windows, oldest first."""
-        starts = [int(s) for s in self._client.zrevrange(f"{self._p}:windows", 0, -1)]
+    def recent_examples(self, max_examples: int, until_ts_s: float = math.inf) -> list[Example]:
+        """The newest `max_examples` labelled examples of event time up to `until_ts_s`, oldest first."""
+        highest = "+inf" if until_ts_s == math.inf else until_ts_s  # windows start at or before it
+        starts = [int(s) for s in self._client.zrevrangebyscore(f"{self._p}:windows", highest, "-inf")]
         collected: list[Example] = []
         for start in starts:
             raws = self._client.lrange(f"{self._p}:window:{start}", 0, -1)
-            collected.extend(Example.decode(raw) for raw in raws)
+            collected.extend(e for e in map(Example.decode, raws) if e.ts_s <= until_ts_s)
             if len(collected) >= max_examples:
                 break
         collected.sort(key=lambda e: e.ts_s)

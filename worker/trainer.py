@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from datetime import datetime, timezone
@@ -18,7 +19,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from schemas import ModelVersion, TrainedOn
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, round_examples
+from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, labels_known_until, round_examples
 from worker.examples import expired_windows
 from worker.finetune import FineTuneError
 from worker.labels import watermark
@@ -148,10 +149,12 @@ class Trainer:
         started = time.monotonic()
         self._last_run, self._last_examples = started, self._store.examples_total()
         now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
-        self._expire_windows(now_watermark)
+        known_until = labels_known_until(self._meta.task, self._meta.horizon_days, now_watermark)
+        self._expire_windows(known_until)
         regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None
-        examples = round_examples(self._store.recent_examples(self._t.max_examples), regime_since_ts, self._meta.task,
-                                  self._meta.horizon_days, now_watermark)
+        stored = self._store.recent_examples(self._t.max_examples, math.inf if known_until is None else known_until)
+        examples = round_examples(stored, regime_since_ts, self._meta.task, self._meta.horizon_days, now_watermark,
+                                  self._t.max_examples)
         self._wanted_examples = examples_before_next_round(len(examples), self._t)
         if len(examples) < self._t.min_examples:
             log.info("fine-tune skipped (%s): %d examples%s < %d; next round after %d new ones", reason, len(examples),
@@ -191,10 +194,13 @@ class Trainer:
         log.info("%s %s: %s", version, outcome, decision.reason)
         return record
 
-    def _expire_windows(self, now_watermark: float | None) -> None:
+    def _expire_windows(self, known_until: float | None) -> None:
+        """Drop the windows whose labels have all been known for longer than window_max_age_s. Aged from when
+        their labels are known, not from the watermark: a repurchase horizon as long as the maximum age
+        would otherwise drop every window before a round could use it."""
         sizes = self._store.window_sizes()
-        if now_watermark is not None:
-            old = expired_windows(list(sizes), now_watermark, self._t.window_s, self._t.window_max_age_s)
+        if known_until is not None:
+            old = expired_windows(list(sizes), known_until, self._t.window_s, self._t.window_max_age_s)
             self._store.drop_windows(old)
             sizes = {s: n for s, n in sizes.items() if s not in old}
         self._metrics.windows.set(len(sizes))

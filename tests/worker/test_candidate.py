@@ -1,7 +1,8 @@
 """Which examples a round trains on, and when the next round is due."""
 import numpy as np
 
-from worker.candidate import examples_before_next_round, regime_examples, resolved_period
+from worker.candidate import (examples_before_next_round, labels_known_until, regime_examples, resolved_period,
+                              round_examples)
 from worker.examples import Example
 from worker.settings import TrainingSettings
 
@@ -33,3 +34,19 @@ def test_repurchase_rounds_keep_only_event_time_the_watermark_has_fully_resolved
     assert [e.ts_s for e in resolved_period(examples, "repurchase", 3.0, 6 * day)] == [0.0, 2 * day]
     assert resolved_period(examples, "repurchase", 3.0, None) == []  # no event time seen yet: nothing is resolved
     assert resolved_period(examples, "next_category", None, 0.0) == examples  # its labels carry no such bias
+
+
+def test_labels_are_known_up_to_the_watermark_and_for_repurchase_up_to_a_horizon_before_it():
+    day = 86400.0
+    assert labels_known_until("repurchase", 30.0, 40 * day) == 10 * day
+    assert labels_known_until("next_category", None, 40 * day) == 40 * day
+    assert labels_known_until("repurchase", 30.0, None) is None
+
+
+def test_a_round_takes_the_newest_max_examples_of_the_resolved_period_not_of_all_it_is_given():
+    day = 86400.0
+    examples = [example(k * day, k * day + 5) for k in range(10)]
+    # horizon 3 days, watermark day 9: days 0 to 6 are resolved, and the newest 2 of those are 5 and 6
+    taken = round_examples(examples, None, "repurchase", 3.0, 9 * day, max_examples=2)
+    assert [e.ts_s / day for e in taken] == [5.0, 6.0]
+    assert [e.ts_s / day for e in round_examples(examples, 7.5 * day, "next_category", None, 9 * day, 5)] == [8.0, 9.0]

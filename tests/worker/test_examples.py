@@ -57,7 +57,7 @@ def test_every_time_falls_in_its_window(ts_s, window_s):
 
 @pytest.mark.parametrize("watermark, expected", [(100, []), (250, [0]), (350, [0, 100]), (10_000, [0, 100, 200])])
 def test_expired_windows_by_watermark(watermark, expected):
-    assert expired_windows([0, 100, 200], watermark_s=watermark, window_s=100, max_age_s=150) == expected
+    assert expired_windows([0, 100, 200], known_until_s=watermark, window_s=100, max_age_s=150) == expected
 
 
 def test_recency_weights_halve_per_half_life_and_average_one():

@@ -82,7 +82,8 @@ def test_the_watermark_never_passes_the_slowest_partition(newest, lateness_s):
 
 @given(st.lists(st.integers(0, 10**6), max_size=30, unique=True), st.integers(0, 2 * 10**6), st.integers(1, 10**5),
        st.integers(0, 10**5))
-def test_a_window_expires_exactly_when_its_end_plus_max_age_is_behind_the_watermark(starts, mark, window_s, max_age_s):
+def test_a_window_expires_exactly_when_its_end_plus_max_age_is_behind_its_labels_known_time(starts, mark, window_s,
+                                                                                          max_age_s):
     starts = sorted({window_start(s, window_s) for s in starts})
     expired = set(expired_windows(starts, mark, window_s, max_age_s))
     for start in starts:

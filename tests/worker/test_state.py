@@ -106,3 +106,15 @@ def test_drop_keys_takes_a_glob_of_prefixes_and_counts_what_it_dropped(stack):
     finally:
         drop_keys(client, f"test-keep-{run}")
         drop_keys(client, f"test-drop-{run}-*")
+
+
+def test_the_trainer_reads_the_newest_examples_up_to_a_time_skipping_newer_windows(store):
+    day = 86400.0
+    labelled = [Example(f"e{k}", k * day / 4, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 1,
+                        k * day / 4 + 1) for k in range(12)]  # three days, four examples a day
+    store.save(StateWrites(examples=labelled))
+    assert [e.event_id for e in store.recent_examples(5)] == ["e7", "e8", "e9", "e10", "e11"]
+    # up to the middle of the second day: the third day's window is not read, the second's newer half is left out
+    assert [e.event_id for e in store.recent_examples(3, until_ts_s=1.5 * day)] == ["e4", "e5", "e6"]
+    assert [e.event_id for e in store.recent_examples(100, until_ts_s=1.5 * day)] == [f"e{k}" for k in range(7)]
+    assert store.recent_examples(100, until_ts_s=-1.0) == []

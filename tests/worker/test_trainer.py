@@ -1,20 +1,23 @@
 """The trainer's announcements against the real Redis of the dev stack, with a producer that plays a broker
 that is away: a model version Kafka does not take stays due, and is announced once Kafka takes it, by the
 same trainer or by the next leader."""
+import dataclasses
 import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import redis
 from kafka.errors import KafkaTimeoutError
 
 from worker import trainer as trainer_module
+from worker.examples import Example
 from worker.metrics import WorkerMetrics
 from worker.model import load_checkpoint
 from worker.operator import models_command
 from worker.registry import Registry
 from worker.settings import load_settings
-from worker.state import StateStore
+from worker.state import StateStore, StateWrites
 from worker.trainer import Trainer
 
 
@@ -99,5 +102,27 @@ def test_a_version_kafka_refuses_is_announced_once_kafka_takes_it(stack, names, 
         stop.set()
         thread.join(timeout=10)
     assert [value for _, _, value in successor.delivered] == [stored.model_dump_json().encode()]
+    registry.release_lease(lease.token)
+    client.close()
+
+
+def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_its_examples(stack, names, checkpoint):
+    """Windows age from when their labels are all known: for repurchase, a horizon behind the watermark. Aged
+    from the watermark itself, a 30-day horizon and 30-day windows left a round one day of examples."""
+    day = 86400.0
+    settings = load_settings({**names.env(stack), "STREAMADAPT_TRAINING_MIN_EXAMPLES": "100000"})
+    client = redis.Redis.from_url(stack.redis_url)
+    store, registry = StateStore(client, settings.redis), Registry(client, names.key_prefix, settings.model_name)
+    model, meta = load_checkpoint(checkpoint)
+    meta = dataclasses.replace(meta, task="repurchase", horizon_days=30.0)
+    store.save(StateWrites(examples=[Example(f"e{d}", d * day, "v1", np.zeros(3, np.float32),
+                                             np.array([0.5, 0.5], np.float32), 0, (d + 30) * day) for d in range(71)],
+                           newest_by_partition={"in/0": 70 * day + settings.training.allowed_lateness_s}))
+    lease = SimpleNamespace(token=registry.acquire_lease(ttl_s=60))
+    trainer = Trainer(settings, store, registry, AwayBroker(back=True), model, meta, WorkerMetrics(), lease)
+    assert trainer.run_once(lease.token, "test") is None  # skipped: fewer than min_examples
+    # labels known up to day 40; the windows that ended 30 days or more before that (days 0 to 9) went
+    assert sorted(store.window_sizes()) == [int(d * day) for d in range(10, 71)]
+    assert len(store.recent_examples(1000, until_ts_s=40 * day)) == 31  # days 10 to 40: a round's examples
     registry.release_lease(lease.token)
     client.close()
