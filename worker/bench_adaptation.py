@@ -54,7 +54,11 @@ ORACLE_MAX_EPOCHS = 60  # early stopping ends it sooner
 @dataclass
 class Stream:
     """A stream turned into what every contender sees: features before each event, its label's class
-    index (-1 if never revealed) and the index of the event at which the label is revealed (-1 if none)."""
+    index (-1 if never revealed) and the index of the event at which the label is revealed (-1 if none).
+
+    `scored` marks the events every contender is judged on: those whose label the stream settles either way.
+    A repurchase label of the stream's last horizon is revealed only when it is positive (the negatives'
+    deadlines fall after the end), so scoring those would judge on positives alone."""
 
     task: str
     events: list[PurchaseEvent]
@@ -62,6 +66,7 @@ class Stream:
     labels: np.ndarray
     revealed_at: np.ndarray
     drift_at: int
+    scored: np.ndarray
 
     @property
     def ts_s(self) -> np.ndarray:
@@ -80,19 +85,20 @@ def build_stream(events: list[PurchaseEvent], meta: ModelMeta, drift_at: int | N
     if meta.task == "next_category":
         labels = np.array([meta.feature_spec.index_of(ordered[j].category) if j >= 0 else -1 for j in following],
                           dtype=np.int64)
-        revealed_at = following
+        revealed_at, settled = following, following >= 0
     else:
-        labels, revealed_at = _repurchase_labels(np.array([e.ts_s for e in ordered]), following,
-                                                 meta.horizon_days or 0.0, allowed_lateness_s)
+        labels, revealed_at, settled = _repurchase_labels(np.array([e.ts_s for e in ordered]), following,
+                                                          meta.horizon_days or 0.0, allowed_lateness_s)
     return Stream(meta.task, ordered, encode_stream(ordered, meta.feature_spec), labels, revealed_at,
-                  drift_at if drift_at is not None else len(ordered) // 2)
+                  drift_at if drift_at is not None else len(ordered) // 2, settled & (labels >= 0))
 
 
 def _repurchase_labels(ts_s: np.ndarray, following: np.ndarray, horizon_days: float, allowed_lateness_s: float
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Each purchase's repurchase label (worker.labels' rule) and the index of the event at which the worker
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each purchase's repurchase label (worker.labels' rule), the index of the event at which the worker
     learns it: the user's next purchase, or, if that is not within the horizon, the first event that takes
-    the watermark past the deadline, whichever comes first. -1 where the stream ends before either."""
+    the watermark past the deadline, whichever comes first (-1 where the stream ends before either), and
+    whether the stream settles it either way: whether the watermark passes its deadline before the end."""
     deadlines = ts_s + horizon_days * 86400.0
     watermark_passes = np.searchsorted(ts_s, deadlines + allowed_lateness_s, side="right")
     within = (following >= 0) & (ts_s[np.maximum(following, 0)] <= deadlines)
@@ -102,7 +108,7 @@ def _repurchase_labels(ts_s: np.ndarray, following: np.ndarray, horizon_days: fl
               resolve_on_purchase("repurchase", ts_s[i], ts_s[k], 1, horizon_days) if k == following[i] else
               int(repurchase_label(ts_s[i], None, ts_s[k] - allowed_lateness_s, horizon_days) == "1")
               for i, k in enumerate(revealed_at.tolist())]
-    return np.array(labels, dtype=np.int64), revealed_at
+    return np.array(labels, dtype=np.int64), revealed_at, watermark_passes < len(ts_s)
 
 
 @dataclass
@@ -201,7 +207,7 @@ def run_oracle(source_model, meta, stream: Stream, folds: int = ORACLE_FOLDS) ->
     allows: on the bench's stream that in-sample score is about 4 points higher. Every other event is
     predicted by a model trained on all of them."""
     started = time.perf_counter()
-    after = np.flatnonzero((np.arange(len(stream.events)) >= stream.drift_at) & (stream.labels >= 0))
+    after = np.flatnonzero((np.arange(len(stream.events)) >= stream.drift_at) & stream.scored)
     scorer = Scorer(source_model, meta)
 
     def trained_on(rows: np.ndarray) -> list[np.ndarray]:
@@ -221,7 +227,7 @@ def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=
     before the drift (a source checkpoint from another market, the product's case) and the regime after
     it (where part of what the source knew has become wrong)."""
     index = np.arange(len(stream.events))
-    labelled = stream.labels >= 0
+    labelled = stream.scored
     scorer = Scorer(source_model, meta)
     rows = []
     for span, rows_of_span in (("before_drift", np.flatnonzero(labelled & (index < stream.drift_at))),
@@ -248,8 +254,8 @@ def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=
 
 def summarise(outcome: Outcome, stream: Stream) -> dict:
     """Prequential quality before the drift, in the first AFTER_DRIFT_LABELS labels after it, and after that:
-    the task's measure under each span's name, its log-loss under `<span>_log_loss`."""
-    labelled = stream.labels >= 0
+    the task's measure under each span's name, its log-loss under `<span>_log_loss`. On the scored events only."""
+    labelled = stream.scored
     index = np.arange(len(stream.events))
     after = np.flatnonzero(labelled & (index >= stream.drift_at))
     spans = dict(zip(SPANS, (np.flatnonzero(labelled & (index < stream.drift_at)), after[:AFTER_DRIFT_LABELS],
@@ -324,7 +330,7 @@ def goals(table: list[dict], curve: list[dict], strategy: str, task: str = "next
 def rolling_quality(outcome: Outcome, stream: Stream, window: int = ROLLING_LABELS) -> tuple[np.ndarray, np.ndarray]:
     """(event time, the task's measure over the `window` labelled events up to it), from the first full window
     on: at every label for accuracy, every tenth of a window for AUC (a ranking per point)."""
-    labelled = np.flatnonzero(stream.labels >= 0)
+    labelled = np.flatnonzero(stream.scored)
     if stream.measure == "auc":
         ends = np.arange(window, len(labelled) + 1, max(1, window // 10))
         p, y = outcome.probabilities[labelled, 1], stream.labels[labelled]
@@ -390,9 +396,9 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
     source_model, meta = load_checkpoint(checkpoint)
     stream = build_stream(events, meta, drift_at, training.allowed_lateness_s)
     _check_judgeable(stream)
-    labelled = int((stream.labels >= 0).sum())
-    echo(f"{len(stream.events):,} events, {labelled:,} labelled for {meta.task}, drift at event {stream.drift_at:,}")
-    unknown = (float(np.mean(stream.labels[stream.labels >= 0] == len(meta.feature_spec.categories)))
+    labelled = int(stream.scored.sum())
+    echo(f"{len(stream.events):,} events, {labelled:,} labelled for {meta.task} and scored, drift at event {stream.drift_at:,}")
+    unknown = (float(np.mean(stream.labels[stream.scored] == len(meta.feature_spec.categories)))
                if labelled and meta.task == "next_category" else 0.0)
     if unknown > UNKNOWN_LABELS_WARNING_SHARE:
         echo(f"warning: {unknown:.0%} of the labels are categories the source checkpoint does not know; they all count "
@@ -450,9 +456,9 @@ def _check_judgeable(stream: Stream) -> None:
     """Refuse, before any replay, a stream the bench cannot judge: ValueError with what to change."""
     if not 0 <= stream.drift_at < len(stream.events):
         raise ValueError(f"--drift-at {stream.drift_at:,} is outside the stream's {len(stream.events):,} events")
-    after = int(np.sum(stream.labels[stream.drift_at:] >= 0))
+    after = int(np.sum(stream.scored[stream.drift_at:]))
     if after < MIN_LABELS_AFTER_DRIFT:
-        raise ValueError(f"only {after:,} events from the drift at event {stream.drift_at:,} on get a {stream.task} label in "
+        raise ValueError(f"only {after:,} events from the drift at event {stream.drift_at:,} on get a {stream.task} label the stream settles in "
                          f"this stream; the bench needs at least {MIN_LABELS_AFTER_DRIFT} (a longer stream, or an earlier "
                          "--drift-at)")
 

@@ -63,14 +63,17 @@ def purchase(n, user, day):
 def test_repurchase_labels_are_revealed_when_the_worker_would_know_them(repurchase_checkpoint):
     _, meta = load_checkpoint(repurchase_checkpoint)  # a 7-day horizon
     events = [purchase(0, "a", 0), purchase(1, "b", 0), purchase(2, "a", 2), purchase(3, "c", 4),
-              purchase(4, "c", 8), purchase(5, "b", 9), purchase(6, "d", 20)]
+              purchase(4, "c", 8), purchase(5, "b", 9), purchase(6, "d", 20), purchase(7, "d", 21)]
     stream = build_stream(events, meta, drift_at=None, allowed_lateness_s=3600.0)
     # a's purchase on day 0 is repurchased on day 2 (event 2); b's on day 0 is not within 7 days, and the
     # watermark passes its deadline (day 7, plus an hour) at c's purchase on day 8 (event 4), before b comes
     # back on day 9; c's on day 4 is repurchased on day 8; the deadlines of a's on day 2, c's on day 8 and
-    # b's on day 9 have passed by d's purchase on day 20, whose own is still open when the stream ends
-    assert stream.labels.tolist() == [1, 0, 0, 1, 0, 0, -1]
-    assert stream.revealed_at.tolist() == [2, 4, 6, 4, 6, 6, -1]
+    # b's on day 9 have passed by d's purchase on day 20; d's on day 20 is repurchased on day 21, and the
+    # one on day 21 is still open when the stream ends
+    assert stream.labels.tolist() == [1, 0, 0, 1, 0, 0, 1, -1]
+    assert stream.revealed_at.tolist() == [2, 4, 6, 4, 6, 6, 7, -1]
+    # d's positive on day 20 is known, but a negative there would not be by the end: it is not scored
+    assert stream.scored.tolist() == [True] * 6 + [False, False]
 
 
 def test_a_repurchase_checkpoint_is_judged_on_auc_and_log_loss(drifting_events, repurchase_checkpoint, tmp_path):
