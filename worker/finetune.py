@@ -1,12 +1,14 @@
-"""Fine-tuning from the source checkpoint, with three strategies.
+"""Fine-tuning from the source checkpoint, with four strategies.
 
 - `head`: the base (normalisation and hidden layers) stays frozen; only the output layer learns.
 - `full`: every layer learns, with a small learning rate.
 - `l2sp`: every layer learns, and a penalty `l2sp_weight * ||w - w_source||^2` on the base pulls it
   toward the source weights (L2-SP, Li et al. 2018), so little target data cannot drag it far.
+- `calibrate`: nothing is learnt but one scale of the source's output logits and one offset per class
+  (temperature and class-rate recalibration), fitted by Newton's method: the source's ranking is kept.
 Every run starts from the source weights, never from the current champion, so errors do not compound.
 
-A run stops early: a random `validation_share` of its examples is kept aside, and training ends once
+A gradient run stops early: a random `validation_share` of its examples is kept aside, and training ends once
 the loss on it has not improved for `patience` epochs, with the weights of its best epoch. The right
 number of steps differs by an order of magnitude between a thousand examples just after a drift and a
 full window, and a fixed epoch count undertrains the one or overfits the other.
@@ -18,8 +20,8 @@ from typing import Literal
 
 import numpy as np
 
-Strategy = Literal["head", "full", "l2sp"]
-STRATEGIES: tuple[Strategy, ...] = ("head", "full", "l2sp")
+Strategy = Literal["head", "full", "l2sp", "calibrate"]
+STRATEGIES: tuple[Strategy, ...] = ("head", "full", "l2sp", "calibrate")
 MIN_VALIDATION_ROWS = 50  # fewer held-out rows judge an epoch by noise: train all epochs on everything
 
 
@@ -49,6 +51,10 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
         raise ValueError(f"unknown fine-tune strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if len(labels) == 0:
         raise FineTuneError("no training examples")
+    if config.strategy == "calibrate":
+        if config.from_scratch:
+            raise ValueError("calibrate refits the source's output layer: it has no from-scratch form")
+        return calibrate(source_model, features, labels, sample_weights, task)
     tf.keras.utils.set_random_seed(config.seed)
     model = tf.keras.models.clone_model(source_model)  # a clone has freshly initialised weights
     if not config.from_scratch:
@@ -119,3 +125,52 @@ def _validation_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.n
         return np.arange(n), np.arange(0)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+CALIBRATION_RIDGE = 1.0  # pull of the scale toward 1 and of the offsets toward 0, worth about one example
+CALIBRATION_MAX_STEPS = 25  # Newton steps; a handful usually converge
+
+
+def calibrate(source_model, features: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray,
+              task: str) -> list[np.ndarray]:
+    """The source's weights with only its output recalibrated: its logits z become scale * z + offsets (one
+    scale, one offset per class), fitted by Newton's method to the weighted log-loss. The ranking the source
+    learnt within each class is kept; only its confidence and its class rates move, so a few hundred
+    examples cannot overfit it. A sigmoid head is the two-class case with logits (0, z)."""
+    import tensorflow as tf
+
+    head = source_model.get_layer("head")
+    hidden = tf.keras.Model(source_model.inputs, head.input).predict(features.astype(np.float32), verbose=0,
+                                                                       batch_size=4096).astype(np.float64)
+    kernel, bias = (w.astype(np.float64) for w in head.get_weights())
+    z = hidden @ kernel + bias
+    binary = task == "repurchase"
+    if binary:
+        z = np.concatenate([np.zeros_like(z), z], axis=1)
+    n_classes = z.shape[1]
+    y = np.eye(n_classes)[labels]
+    w = sample_weights.astype(np.float64)[:, None]
+    theta = np.concatenate([[1.0], np.zeros(n_classes)])  # scale, then the offsets; the ridge pulls toward this
+    identity = theta.copy()
+    for _ in range(CALIBRATION_MAX_STEPS):
+        logits = theta[0] * z + theta[1:]
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        gradient = np.concatenate([[np.sum(w * (p - y) * z)], np.sum(w * (p - y), axis=0)])
+        pz = np.sum(p * z, axis=1, keepdims=True)  # each row's expected logit
+        hessian = np.empty((n_classes + 1, n_classes + 1))
+        hessian[0, 0] = np.sum(w * (p * z * z)) - np.sum(w * pz * pz)
+        hessian[0, 1:] = hessian[1:, 0] = np.sum(w * p * (z - pz), axis=0)
+        hessian[1:, 1:] = np.diag(np.sum(w * p, axis=0)) - (w * p).T @ p
+        step = np.linalg.solve(hessian + CALIBRATION_RIDGE * np.eye(n_classes + 1),
+                               gradient + CALIBRATION_RIDGE * (theta - identity))
+        theta -= step
+        if not np.all(np.isfinite(theta)):
+            raise FineTuneError("calibration did not converge")
+        if np.max(np.abs(step)) < 1e-7:
+            break
+    scale, offsets = theta[0], theta[1:]
+    weights = source_model.get_weights()
+    new_bias = scale * bias + (offsets[1] - offsets[0] if binary else offsets)
+    weights[-2:] = [(scale * kernel).astype(np.float32), np.asarray(new_bias, np.float32).reshape(bias.shape)]
+    return weights

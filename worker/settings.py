@@ -16,6 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.finetune import Strategy
+
 ENV_PREFIX = "STREAMADAPT_"
 
 
@@ -141,7 +143,7 @@ class TrainingSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "TRAINING_", frozen=True, extra="forbid")
 
-    strategy: Literal["head", "full", "l2sp"] = Field("l2sp", description="fine-tune strategy (see README)")
+    strategy: Strategy = Field("l2sp", description="fine-tune strategy (see README)")
     every_examples: int = Field(2000, ge=1, description="fine-tune after this many new resolved examples")
     every_s: float = Field(600.0, gt=0, description="fine-tune at least this often (seconds, wall time)")
     on_drift: bool = Field(True, description="fine-tune when the drift detector alarms")

@@ -21,6 +21,14 @@ def setup(checkpoint, source_events, tmp_path_factory):
     return model, meta, examples
 
 
+def predictions(model, weights, x):
+    import tensorflow as tf
+
+    copy = tf.keras.models.clone_model(model)
+    copy.set_weights(weights)
+    return copy.predict(x, verbose=0, batch_size=4096).astype(np.float64)
+
+
 def run(model, x, y, **changes):
     return fine_tune(model, x, y, np.ones(len(y), np.float32), "next_category", FineTuneConfig(**{"epochs": 2, **changes}))
 
@@ -108,3 +116,52 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected_by_the_gate(setup):
     champion = run(model, examples.features[:split], examples.labels[:split])  # an adapted model serving now
     assert decide(score(champion), score(model.get_weights()), prior, 0.01).promote  # the gate is not merely closed
     assert not decide(score(candidate), score(champion), prior, 0.01).promote
+
+
+def test_calibrate_moves_only_the_output_and_refits_its_scale_and_class_rates(setup):
+    """`calibrate` keeps the source's logits up to one scale and per-class offsets: fitted to labels drawn from
+    the source's own probabilities it stays the source; fitted to labels drawn from sharper, shifted
+    probabilities it finds them again."""
+    model, meta, examples = setup
+    x = examples.features[:5000]
+    rng = np.random.default_rng(0)
+    source_p = model.predict(x, verbose=0, batch_size=4096).astype(np.float64)
+    source_logits = np.log(source_p)
+
+    def draw(logits):
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        return np.array([rng.choice(p.shape[1], p=row) for row in p]), p
+
+    def served(weights):
+        return predictions(model, weights, x)
+
+    own_labels, _ = draw(source_logits)
+    kept = run(model, x, own_labels, strategy="calibrate")
+    assert all(np.array_equal(a, b) for a, b in zip(kept[:-2], model.get_weights()[:-2]))  # the base is the source's
+    assert np.mean(np.abs(served(kept) - source_p)) < 0.01
+
+    offsets = rng.normal(0.0, 0.7, source_p.shape[1])
+    shifted_labels, shifted_p = draw(1.6 * source_logits + offsets)
+    refit = served(run(model, x, shifted_labels, strategy="calibrate"))
+    assert np.mean(np.abs(refit - shifted_p)) < 0.25 * np.mean(np.abs(source_p - shifted_p))
+    # the ranking within each class is the source's: log-odds against class 0 are affine in the source's
+    for k in range(1, source_p.shape[1]):
+        a, b = np.polyfit(source_logits[:, k] - source_logits[:, 0], np.log(refit[:, k] / refit[:, 0]), 1)
+        np.testing.assert_allclose(np.log(refit[:, k] / refit[:, 0]), a * (source_logits[:, k] - source_logits[:, 0]) + b,
+                                   atol=1e-3)
+
+
+def test_calibrate_on_a_binary_head_refits_its_rate_and_keeps_the_order(repurchase_checkpoint, source_events):
+    model, meta = load_checkpoint(repurchase_checkpoint)
+    events, _ = read_events(source_events)
+    x = build_examples(events, meta.feature_spec, "repurchase", 7.0).features[:4000]
+    source_p = model.predict(x, verbose=0, batch_size=4096)[:, 0].astype(np.float64)
+    logit = np.log(source_p / (1 - source_p))
+    wanted = 1 / (1 + np.exp(-(0.7 * logit - 0.8)))  # flatter and rarer than the source says
+    labels = (np.random.default_rng(1).random(len(x)) < wanted).astype(np.int64)
+    weights = fine_tune(model, x, labels, np.ones(len(x), np.float32), "repurchase", FineTuneConfig(strategy="calibrate"))
+    refit = predictions(model, weights, x)[:, 0]
+    assert np.mean(np.abs(refit - wanted)) < 0.25 * np.mean(np.abs(source_p - wanted))
+    order = np.argsort(source_p, kind="stable")
+    assert np.all(np.diff(refit[order]) >= -1e-6)  # the source's ranking, so its AUC, is kept
