@@ -227,11 +227,10 @@ def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=
     before the drift (a source checkpoint from another market, the product's case) and the regime after
     it (where part of what the source knew has become wrong)."""
     index = np.arange(len(stream.events))
-    labelled = stream.scored
     scorer = Scorer(source_model, meta)
     rows = []
-    for span, rows_of_span in (("before_drift", np.flatnonzero(labelled & (index < stream.drift_at))),
-                               ("after_drift", np.flatnonzero(labelled & (index >= stream.drift_at)))):
+    for span, rows_of_span in (("before_drift", np.flatnonzero(stream.scored & (index < stream.drift_at))),
+                               ("after_drift", np.flatnonzero(stream.scored & (index >= stream.drift_at)))):
         train_pool, holdout = rows_of_span[: int(len(rows_of_span) * 0.7)], rows_of_span[int(len(rows_of_span) * 0.7):]
         for size in sizes:
             if size > len(train_pool):
@@ -255,10 +254,9 @@ def transfer_curve(source_model, meta, stream: Stream, sizes=CURVE_SIZES, seeds=
 def summarise(outcome: Outcome, stream: Stream) -> dict:
     """Prequential quality before the drift, in the first AFTER_DRIFT_LABELS labels after it, and after that:
     the task's measure under each span's name, its log-loss under `<span>_log_loss`. On the scored events only."""
-    labelled = stream.scored
     index = np.arange(len(stream.events))
-    after = np.flatnonzero(labelled & (index >= stream.drift_at))
-    spans = dict(zip(SPANS, (np.flatnonzero(labelled & (index < stream.drift_at)), after[:AFTER_DRIFT_LABELS],
+    after = np.flatnonzero(stream.scored & (index >= stream.drift_at))
+    spans = dict(zip(SPANS, (np.flatnonzero(stream.scored & (index < stream.drift_at)), after[:AFTER_DRIFT_LABELS],
                              after[AFTER_DRIFT_LABELS:])))
     result = {"name": outcome.name, "promotions": len(outcome.promotions), "seconds": round(outcome.seconds, 1)}
     for span, rows in spans.items():
@@ -328,17 +326,17 @@ def goals(table: list[dict], curve: list[dict], strategy: str, task: str = "next
 
 
 def rolling_quality(outcome: Outcome, stream: Stream, window: int = ROLLING_LABELS) -> tuple[np.ndarray, np.ndarray]:
-    """(event time, the task's measure over the `window` labelled events up to it), from the first full window
+    """(event time, the task's measure over the `window` scored events up to it), from the first full window
     on: at every label for accuracy, every tenth of a window for AUC (a ranking per point)."""
-    labelled = np.flatnonzero(stream.scored)
+    scored = np.flatnonzero(stream.scored)
     if stream.measure == "auc":
-        ends = np.arange(window, len(labelled) + 1, max(1, window // 10))
-        p, y = outcome.probabilities[labelled, 1], stream.labels[labelled]
-        return stream.ts_s[labelled][ends - 1], np.array([auc(p[end - window:end], y[end - window:end]) for end in ends])
-    correct = (np.argmax(outcome.probabilities[labelled], axis=1) == stream.labels[labelled]).astype(float)
+        ends = np.arange(window, len(scored) + 1, max(1, window // 10))
+        p, y = outcome.probabilities[scored, 1], stream.labels[scored]
+        return stream.ts_s[scored][ends - 1], np.array([auc(p[end - window:end], y[end - window:end]) for end in ends])
+    correct = (np.argmax(outcome.probabilities[scored], axis=1) == stream.labels[scored]).astype(float)
     cumulative = np.concatenate([[0.0], np.cumsum(correct)])
     ends = np.arange(window, len(correct) + 1)  # full windows only
-    return stream.ts_s[labelled][ends - 1], (cumulative[ends] - cumulative[ends - window]) / window
+    return stream.ts_s[scored][ends - 1], (cumulative[ends] - cumulative[ends - window]) / window
 
 
 def plot(outcomes: list[Outcome], stream: Stream, path: Path) -> bool:
@@ -458,9 +456,9 @@ def _check_judgeable(stream: Stream) -> None:
         raise ValueError(f"--drift-at {stream.drift_at:,} is outside the stream's {len(stream.events):,} events")
     after = int(np.sum(stream.scored[stream.drift_at:]))
     if after < MIN_LABELS_AFTER_DRIFT:
-        raise ValueError(f"only {after:,} events from the drift at event {stream.drift_at:,} on get a {stream.task} label the stream settles in "
-                         f"this stream; the bench needs at least {MIN_LABELS_AFTER_DRIFT} (a longer stream, or an earlier "
-                         "--drift-at)")
+        raise ValueError(f"only {after:,} events from the drift at event {stream.drift_at:,} on get a {stream.task} label "
+                         f"the stream settles; the bench needs at least {MIN_LABELS_AFTER_DRIFT} (a longer stream, or an "
+                         "earlier --drift-at)")
 
 
 def _reveals(stream: Stream) -> dict[int, list[int]]:

@@ -7,7 +7,8 @@ benchmark (which replays a stream offline), so both choose examples and judge ca
   those the watermark has left fully resolved;
 - the examples are split in event-time order: the newest `holdout_share` is held out;
 - the candidate is fine-tuned from the source weights on the rest, with recency weights;
-- candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules.
+- candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules
+  (for a binary task, with the candidate's and the champion's AUC: it must not rank worse).
 """
 from __future__ import annotations
 
@@ -103,10 +104,12 @@ def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: 
     held_x, held_y = features[held], labels[held]
     candidate_p, champion_p = scorer(weights, held_x), scorer(champion_weights, held_x)
     prior_p = prior_probabilities(labels[train], n_classes, holdout)
-    decision = decide(example_losses(candidate_p, held_y), example_losses(champion_p, held_y),
-                      example_losses(prior_p, held_y), training.promotion_margin)
     measured = {name: _finite(scores(task, p, held_y))
                 for name, p in (("candidate", candidate_p), ("champion", champion_p), ("label_prior", prior_p))}
+    aucs = measured["candidate"].get("auc"), measured["champion"].get("auc")  # binary tasks, both classes held out
+    decision = decide(example_losses(candidate_p, held_y), example_losses(champion_p, held_y),
+                      example_losses(prior_p, held_y), training.promotion_margin,
+                      ranking=aucs if None not in aucs else None)
     return Round(weights, decision, measured, len(examples) - holdout, (float(ts_s[0]), float(ts_s[train.stop - 1])))
 
 

@@ -27,13 +27,16 @@ def prior_probabilities(train_labels: np.ndarray, n_classes: int, n_rows: int) -
 
 
 def decide(candidate: np.ndarray, champion: np.ndarray, prior: np.ndarray, min_relative_gain: float,
-           z: float = 2.0) -> Decision:
+           z: float = 2.0, ranking: tuple[float, float] | None = None) -> Decision:
     """Promote only when, on the same holdout, the candidate beats both the champion and the label-prior
     baseline: its mean log-loss must be lower by `min_relative_gain` of theirs, and the paired gain must
     exceed `z` standard errors, so a holdout's noise cannot promote a candidate.
 
     The prior test keeps a candidate that learned only base rates (say, from shuffled labels) from
     replacing a champion that is badly calibrated for the target.
+
+    `ranking`, for a binary task, is (candidate AUC, champion AUC) on the holdout: a candidate that ranks
+    worse than the champion is not promoted, whatever it gains in log-loss by calibration alone.
     """
     if len(candidate) == 0 or not np.all(np.isfinite(candidate)):
         return Decision(False, "candidate log-loss is not finite")
@@ -47,4 +50,7 @@ def decide(candidate: np.ndarray, champion: np.ndarray, prior: np.ndarray, min_r
             return Decision(False, f"log-loss gain over the {name} {mean_gain:+.4f} (needs > {needed:.4f} and "
                                    f"> {z:g} x SE {standard_error:.4f}; candidate {np.mean(candidate):.4f})")
         reasons.append(f"{name} by {mean_gain:.4f} (SE {standard_error:.4f})")
+    if ranking is not None and ranking[0] < ranking[1]:
+        return Decision(False, f"log-loss {np.mean(candidate):.4f} beats the " + " and the ".join(reasons)
+                        + f", but it ranks worse than the champion: AUC {ranking[0]:.4f} against {ranking[1]:.4f}")
     return Decision(True, f"log-loss {np.mean(candidate):.4f} beats the " + " and the ".join(reasons))

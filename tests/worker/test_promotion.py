@@ -34,3 +34,12 @@ def test_example_losses_and_prior():
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8]])
     np.testing.assert_allclose(example_losses(probabilities, np.array([0, 1])), -np.log([0.9, 0.8]))
     np.testing.assert_allclose(prior_probabilities(np.array([0, 0, 2]), 3, 2), [[0.5, 1 / 6, 1 / 3]] * 2)
+
+
+def test_a_binary_candidate_that_ranks_worse_than_the_champion_is_not_promoted_for_its_log_loss():
+    better_log_loss = BASE - 0.2
+    assert decide(better_log_loss, BASE, PRIOR, 0.01, ranking=(0.78, 0.77)).promote
+    assert decide(better_log_loss, BASE, PRIOR, 0.01, ranking=(0.77, 0.77)).promote  # ranking as well is enough
+    refused = decide(better_log_loss, BASE, PRIOR, 0.01, ranking=(0.7785, 0.7792))
+    assert not refused.promote and "ranks worse than the champion: AUC 0.7785 against 0.7792" in refused.reason
+    assert not decide(BASE + 0.1, BASE, PRIOR, 0.01, ranking=(0.9, 0.7)).promote  # ranking alone never promotes
