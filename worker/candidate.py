@@ -12,6 +12,7 @@ benchmark (which replays a stream offline), so both choose examples and judge ca
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,21 +58,28 @@ def regime_examples(examples: list[Example], regime_since_ts: float | None) -> l
 def labels_known_until(task: str, horizon_days: float | None, watermark_s: float | None) -> float | None:
     """The event time up to which every purchase's label is as known as it will be: the watermark, and for
     repurchase the watermark less the horizon (a negative resolves only at its deadline). None before any
-    event time was seen. Rounds train on examples up to it, and windows age from it."""
+    event time was seen. Windows age from it."""
     if watermark_s is None:
         return None
     return watermark_s - (horizon_days or 0.0) * 86400.0 if task == "repurchase" else watermark_s
 
 
+def newest_trainable_ts(task: str, horizon_days: float | None, watermark_s: float | None) -> float:
+    """The newest event time a round may train on. Repurchase labels resolve late for negatives (at the
+    deadline) and early for positives, so the newest examples over-represent positives: only event time
+    the watermark has left fully resolved (`labels_known_until`; nothing before any event time was seen).
+    Other tasks' labels carry no such bias: no limit."""
+    if task != "repurchase":
+        return math.inf
+    known_until = labels_known_until(task, horizon_days, watermark_s)
+    return -math.inf if known_until is None else known_until
+
+
 def resolved_period(examples: list[Example], task: str, horizon_days: float | None,
                     watermark_s: float | None) -> list[Example]:
-    """Repurchase labels resolve late for negatives (at the deadline) and early for positives, so the newest
-    examples over-represent positives. Train and judge only on event time the watermark has left fully
-    resolved (`labels_known_until`). Other tasks' labels carry no such bias: all examples."""
-    if task != "repurchase" or not examples:
-        return examples
-    until = labels_known_until(task, horizon_days, watermark_s)
-    return [] if until is None else [e for e in examples if e.ts_s <= until]
+    """The examples a round may train on (`newest_trainable_ts`)."""
+    newest = newest_trainable_ts(task, horizon_days, watermark_s)
+    return examples if newest == math.inf else [e for e in examples if e.ts_s <= newest]
 
 
 def round_examples(examples: list[Example], regime_since_ts: float | None, task: str, horizon_days: float | None,

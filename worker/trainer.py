@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from datetime import datetime, timezone
@@ -19,7 +18,8 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from schemas import ModelVersion, TrainedOn
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, labels_known_until, round_examples
+from worker.candidate import (Scorer, examples_before_next_round, fine_tune_round, labels_known_until,
+                              newest_trainable_ts, round_examples)
 from worker.examples import expired_windows
 from worker.finetune import FineTuneError
 from worker.labels import watermark
@@ -152,7 +152,8 @@ class Trainer:
         known_until = labels_known_until(self._meta.task, self._meta.horizon_days, now_watermark)
         self._expire_windows(known_until)
         regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None
-        stored = self._store.recent_examples(self._t.max_examples, math.inf if known_until is None else known_until)
+        stored = self._store.recent_examples(self._t.max_examples,
+                                             newest_trainable_ts(self._meta.task, self._meta.horizon_days, now_watermark))
         examples = round_examples(stored, regime_since_ts, self._meta.task, self._meta.horizon_days, now_watermark,
                                   self._t.max_examples)
         self._wanted_examples = examples_before_next_round(len(examples), self._t)

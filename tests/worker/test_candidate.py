@@ -1,8 +1,10 @@
 """Which examples a round trains on, and when the next round is due."""
+import math
+
 import numpy as np
 
-from worker.candidate import (examples_before_next_round, labels_known_until, regime_examples, resolved_period,
-                              round_examples)
+from worker.candidate import (examples_before_next_round, labels_known_until, newest_trainable_ts, regime_examples,
+                              resolved_period, round_examples)
 from worker.examples import Example
 from worker.settings import TrainingSettings
 
@@ -41,6 +43,10 @@ def test_labels_are_known_up_to_the_watermark_and_for_repurchase_up_to_a_horizon
     assert labels_known_until("repurchase", 30.0, 40 * day) == 10 * day
     assert labels_known_until("next_category", None, 40 * day) == 40 * day
     assert labels_known_until("repurchase", 30.0, None) is None
+    # what a round may train on: repurchase up to that time (nothing before any event time); other tasks, all
+    assert newest_trainable_ts("repurchase", 30.0, 40 * day) == 10 * day
+    assert newest_trainable_ts("repurchase", 30.0, None) == -math.inf
+    assert newest_trainable_ts("next_category", None, 40 * day) == math.inf
 
 
 def test_a_round_takes_the_newest_max_examples_of_the_resolved_period_not_of_all_it_is_given():

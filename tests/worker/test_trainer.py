@@ -106,7 +106,8 @@ def test_a_version_kafka_refuses_is_announced_once_kafka_takes_it(stack, names, 
     client.close()
 
 
-def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_its_examples(stack, names, checkpoint):
+def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_its_examples(stack, names, checkpoint,
+                                                                                            caplog):
     """Windows age from when their labels are all known: for repurchase, a horizon behind the watermark. Aged
     from the watermark itself, a 30-day horizon and 30-day windows left a round one day of examples."""
     day = 86400.0
@@ -115,14 +116,26 @@ def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_
     store, registry = StateStore(client, settings.redis), Registry(client, names.key_prefix, settings.model_name)
     model, meta = load_checkpoint(checkpoint)
     meta = dataclasses.replace(meta, task="repurchase", horizon_days=30.0)
-    store.save(StateWrites(examples=[Example(f"e{d}", d * day, "v1", np.zeros(3, np.float32),
-                                             np.array([0.5, 0.5], np.float32), 0, (d + 30) * day) for d in range(71)],
-                           newest_by_partition={"in/0": 70 * day + settings.training.allowed_lateness_s}))
+    lateness_s = settings.training.allowed_lateness_s
+    stored = [Example(f"e{d}", d * day, "v1", np.zeros(3, np.float32), np.array([0.5, 0.5], np.float32), 0,
+                      (d + 30) * day) for d in range(71)]
+    stored.append(stored[-1]._replace(event_id="newer", ts_s=70 * day + lateness_s / 2))  # past the watermark
+    store.save(StateWrites(examples=stored, newest_by_partition={"in/0": 70 * day + lateness_s}))
     lease = SimpleNamespace(token=registry.acquire_lease(ttl_s=60))
     trainer = Trainer(settings, store, registry, AwayBroker(back=True), model, meta, WorkerMetrics(), lease)
-    assert trainer.run_once(lease.token, "test") is None  # skipped: fewer than min_examples
+    with caplog.at_level("INFO", logger="worker.trainer"):
+        assert trainer.run_once(lease.token, "test") is None  # skipped: fewer than min_examples
     # labels known up to day 40; the windows that ended 30 days or more before that (days 0 to 9) went
     assert sorted(store.window_sizes()) == [int(d * day) for d in range(10, 71)]
-    assert len(store.recent_examples(1000, until_ts_s=40 * day)) == 31  # days 10 to 40: a round's examples
+    assert "fine-tune skipped (test): 31 examples" in caplog.text  # days 10 to 40
+
+    # next_category labels carry no deadline: a round takes examples newer than the watermark too, and
+    # windows age from the watermark itself (days 40 to 70 and the newer one are left)
+    caplog.clear()
+    next_category = Trainer(settings, store, registry, AwayBroker(back=True), model, load_checkpoint(checkpoint)[1],
+                            WorkerMetrics(), lease)
+    with caplog.at_level("INFO", logger="worker.trainer"):
+        assert next_category.run_once(lease.token, "test") is None
+    assert "fine-tune skipped (test): 32 examples" in caplog.text
     registry.release_lease(lease.token)
     client.close()
