@@ -12,7 +12,8 @@ repurchase, with log-loss for both.
 Contenders:
 - static: the source model, unchanged;
 - adapted-<strategy>: the trainer's loop: every `every_examples` new labels, a round on the newest
-  `max_examples` its windows still hold (they age as the trainer's do), promoted only through the gate;
+  `max_examples` its windows still hold (they age as the trainer's do), promoted only through the gate,
+  and back to the source when the source beats the champion;
 - scratch: the same loop and gate, each round from random weights (no transfer);
 - River: adaptive random forest, Hoeffding adaptive tree, and softmax (next_category) or logistic
   (repurchase) regression, learning label by label (when River is installed: pip install 'streamadapt[bench]');
@@ -29,7 +30,8 @@ import numpy as np
 
 from schemas import PurchaseEvent
 from worker.bench_json import cell, write_json
-from worker.candidate import Scorer, examples_before_next_round, fine_tune_round, labels_known_until, round_examples
+from worker.candidate import (Round, Scorer, examples_before_next_round, fine_tune_round, labels_known_until,
+                              round_examples)
 from worker.examples import Example, expired_windows, window_start
 from worker.features import OTHER, encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
@@ -115,7 +117,7 @@ def _repurchase_labels(ts_s: np.ndarray, following: np.ndarray, horizon_days: fl
 class Outcome:
     name: str
     probabilities: np.ndarray  # (n, C) what was served for each event
-    promotions: list[int] = field(default_factory=list)  # event indices at which a new version took over
+    promotions: list[int] = field(default_factory=list)  # event indices at which another version took over
     seconds: float = 0.0
 
 
@@ -133,7 +135,7 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
     started = time.perf_counter()
     serving = ServingModel.of_keras(source_model, meta)
     scorer = Scorer(source_model, meta)
-    champion = [w.copy() for w in source_model.get_weights()]
+    champion = None  # the source's weights serve
     window: list[Example] = []  # as the trainer's windows hold them: dropped by age at each round
     reveals = _reveals(stream)
     served = np.zeros((len(stream.events), len(meta.classes)), dtype=np.float32)
@@ -156,14 +158,16 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
                                       watermark_s, training.max_examples)  # the trainer's order
             wanted = examples_before_next_round(len(examples), training)
             if len(examples) >= training.min_examples:
-                promoted = _round(source_model, champion, examples, meta, training, scorer, from_scratch)
-                if promoted is not None:
-                    champion = promoted
-                    serving.swap(champion, f"{name}-{len(promotions) + 1}")
+                round_ = _round(source_model, champion, examples, meta, training, scorer, from_scratch)
+                outcome = ("kept the champion" if round_ is None else "back to the source" if round_.back_to_source
+                           else "promoted" if round_.decision.promote else "kept the champion")
+                if outcome != "kept the champion":
+                    champion = None if round_.back_to_source else round_.weights
+                    serving.swap(source_model.get_weights() if champion is None else champion,
+                                 f"{name}-{len(promotions) + 1}")
                     promotions.append(i)
                 if progress:
-                    progress(f"{name}: round at event {i:,}/{len(stream.events):,} on {len(examples):,} examples, "
-                             f"{'promoted' if promoted is not None else 'kept the champion'}")
+                    progress(f"{name}: round at event {i:,}/{len(stream.events):,} on {len(examples):,} examples, {outcome}")
         served[i] = serving.predict_many(stream.features[i:i + 1])[0]
     return Outcome(name, served, promotions, time.perf_counter() - started)
 
@@ -175,14 +179,13 @@ def _unexpired(window: list[Example], known_until_s: float, training: TrainingSe
     return [e for e in window if window_start(e.ts_s, training.window_s) not in expired] if expired else window
 
 
-def _round(source_model, champion, examples, meta, training, scorer, from_scratch) -> list[np.ndarray] | None:
-    """One replayed round: the candidate's weights when the gate promotes it, else None."""
+def _round(source_model, champion, examples, meta, training, scorer, from_scratch) -> Round | None:
+    """One replayed round (None when the fine-tune failed, which changes nothing)."""
     try:
-        round_ = fine_tune_round(source_model, champion, examples, meta.task, len(meta.classes), training, scorer,
-                                 from_scratch=from_scratch)
+        return fine_tune_round(source_model, champion, examples, meta.task, len(meta.classes), training, scorer,
+                               from_scratch=from_scratch)
     except FineTuneError:
         return None
-    return round_.weights if round_.decision.promote else None
 
 
 def run_river(name: str, model, stream: Stream, n_classes: int, feature_names: list[str]) -> Outcome:

@@ -8,7 +8,9 @@ benchmark (which replays a stream offline), so both choose examples and judge ca
 - the examples are split in event-time order: the newest `holdout_share` is held out;
 - the candidate is fine-tuned from the source weights on the rest, with recency weights;
 - candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules
-  (for a binary task, with the candidate's and the champion's AUC: it must not rank worse).
+  (for a binary task, with the candidate's and the champion's AUC: it must not rank worse); while a
+  promoted version is champion, the source checkpoint is judged against it the same way, and wins the
+  fleet back when it beats it.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ from worker.settings import TrainingSettings
 class Round:
     weights: list[np.ndarray]
     decision: Decision
-    scores: dict[str, dict[str, float]]  # "candidate", "champion", "label_prior" -> measures on the holdout
+    scores: dict[str, dict[str, float]]  # "candidate", "champion", "label_prior" (and "source") -> holdout measures
     trained_examples: int
     trained_ts_s: tuple[float, float]  # event-time range of the training part
+    back_to_source: bool = False  # the source checkpoint beat the champion (and the candidate): serve it again
 
 
 class Scorer:
@@ -96,9 +99,15 @@ def examples_before_next_round(used: int, training: TrainingSettings) -> int:
     return training.min_examples - used if used < training.min_examples else training.every_examples
 
 
-def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: list[Example], task: str,
+def fine_tune_round(source_model, champion_weights: list[np.ndarray] | None, examples: list[Example], task: str,
                     n_classes: int, training: TrainingSettings, scorer: Scorer, from_scratch: bool = False) -> Round:
-    """Fine-tune on `examples` (oldest first) and decide on the candidate. Raises FineTuneError."""
+    """Fine-tune on `examples` (oldest first) and decide on the candidate. Raises FineTuneError.
+
+    `champion_weights` is None while the source checkpoint is champion. Otherwise the source is a contender
+    too: when it passes the gate against the champion on the same holdout, and the candidate does not or
+    scores worse than it, the round sends the fleet back to the source (`Round.back_to_source`). A promoted
+    champion that the stream has left behind is so replaced at the next round, not kept until a fine-tune
+    happens to beat it."""
     features = np.stack([e.features for e in examples])
     labels = np.array([e.label for e in examples], dtype=np.int64)
     ts_s = np.array([e.ts_s for e in examples])
@@ -110,15 +119,27 @@ def fine_tune_round(source_model, champion_weights: list[np.ndarray], examples: 
     weights = fine_tune(source_model, features[train], labels[train],
                         recency_weights(ts_s[train], training.recency_half_life_s), task, config)
     held_x, held_y = features[held], labels[held]
-    candidate_p, champion_p = scorer(weights, held_x), scorer(champion_weights, held_x)
-    prior_p = prior_probabilities(labels[train], n_classes, holdout)
-    measured = {name: _finite(scores(task, p, held_y))
-                for name, p in (("candidate", candidate_p), ("champion", champion_p), ("label_prior", prior_p))}
-    aucs = measured["candidate"].get("auc"), measured["champion"].get("auc")  # binary tasks, both classes held out
-    decision = decide(example_losses(candidate_p, held_y), example_losses(champion_p, held_y),
-                      example_losses(prior_p, held_y), training.promotion_margin,
+    source_weights = source_model.get_weights()
+    probabilities = {"candidate": scorer(weights, held_x),
+                     "champion": scorer(source_weights if champion_weights is None else champion_weights, held_x),
+                     "label_prior": prior_probabilities(labels[train], n_classes, holdout)}
+    if champion_weights is not None:
+        probabilities["source"] = scorer(source_weights, held_x)
+    measured = {name: _finite(scores(task, p, held_y)) for name, p in probabilities.items()}
+    losses = {name: example_losses(p, held_y) for name, p in probabilities.items()}
+
+    def gate(contender: str) -> Decision:
+        aucs = measured[contender].get("auc"), measured["champion"].get("auc")  # binary tasks, both classes held out
+        return decide(losses[contender], losses["champion"], losses["label_prior"], training.promotion_margin,
                       ranking=aucs if None not in aucs else None)
-    return Round(weights, decision, measured, len(examples) - holdout, (float(ts_s[0]), float(ts_s[train.stop - 1])))
+
+    decision, back_to_source = gate("candidate"), False
+    if champion_weights is not None:
+        source = gate("source")
+        if source.promote and (not decision.promote or np.mean(losses["source"]) <= np.mean(losses["candidate"])):
+            decision, back_to_source = Decision(False, f"back to the source checkpoint: its {source.reason}"), True
+    return Round(weights, decision, measured, len(examples) - holdout, (float(ts_s[0]), float(ts_s[train.stop - 1])),
+                 back_to_source)
 
 
 def _finite(measures: dict[str, float]) -> dict[str, float]:

@@ -165,7 +165,8 @@ class Trainer:
             return None
         champion_version = self._registry.champion() or self._meta.version
         champion_record = self._registry.get(champion_version)
-        champion_weights = self._registry.weights(champion_record) if champion_record else self._source.get_weights()
+        champion_weights = (self._registry.weights(champion_record)
+                            if champion_record and champion_version != self._meta.version else None)  # None: the source
         log.info("fine-tune (%s): %s on %d examples, champion %s", reason, self._t.strategy, len(examples),
                  champion_version)
         try:
@@ -193,7 +194,19 @@ class Trainer:
         self._metrics.finetune_runs.labels(outcome).inc()
         self._metrics.finetune_duration.observe(time.monotonic() - started)
         log.info("%s %s: %s", version, outcome, decision.reason)
+        if round_.back_to_source:
+            self._back_to_source(token, champion_version, decision.reason)
         return record
+
+    def _back_to_source(self, token: str, champion_version: str, reason: str) -> None:
+        """Make the source checkpoint champion again and announce it, as an operator's rollback would."""
+        source = self._registry.get(self._meta.version)
+        back = source.model_copy(update={"promoted": True, "decision": f"{reason} (was {champion_version})"})
+        if self._registry.promote_if_leader(token, back):
+            self._registry.mark_unannounced(back.version)
+            log.warning("%s is champion again: it beat %s on the newest holdout", back.version, champion_version)
+        else:
+            log.warning("the source beat %s, but this trainer no longer holds the lease: not promoted", champion_version)
 
     def _expire_windows(self, known_until: float | None) -> None:
         """Drop the windows whose labels have all been known for longer than window_max_age_s. Aged from when

@@ -165,3 +165,28 @@ def test_calibrate_on_a_binary_head_refits_its_rate_and_keeps_the_order(repurcha
     assert np.mean(np.abs(refit - wanted)) < 0.25 * np.mean(np.abs(source_p - wanted))
     order = np.argsort(source_p, kind="stable")
     assert np.all(np.diff(refit[order]) >= -1e-6)  # the source's ranking, so its AUC, is kept
+
+
+def test_a_round_sends_the_fleet_back_to_the_source_when_the_source_beats_the_champion(setup):
+    """A champion gone bad (its output scrambled) and a candidate taught nonsense (every training label the
+    same class): the source checkpoint beats both on the holdout, so the round returns to it; with the
+    source as champion there is nothing to go back to."""
+    from worker.candidate import Scorer, fine_tune_round
+    from worker.examples import Example
+    from worker.settings import TrainingSettings
+
+    model, meta, examples = setup
+    n = 3000
+    window = [Example(f"e{i}", float(examples.ts_s[i]), "v1", examples.features[i], np.zeros(len(meta.classes)),
+                      0 if i < int(n * 0.8) else int(examples.labels[i]), float(examples.ts_s[i]))
+              for i in range(n)]  # one class to train on, the true labels held out
+    bad = model.get_weights()
+    bad[-2] = np.random.default_rng(1).normal(0.0, 1.0, bad[-2].shape).astype(np.float32)
+    training = TrainingSettings(epochs=2)
+    scorer = Scorer(model, meta)
+    gone_bad = fine_tune_round(model, bad, window, "next_category", len(meta.classes), training, scorer)
+    assert gone_bad.back_to_source and not gone_bad.decision.promote
+    assert gone_bad.decision.reason.startswith("back to the source checkpoint")
+    assert gone_bad.scores["source"]["log_loss"] < gone_bad.scores["champion"]["log_loss"]
+    source_champion = fine_tune_round(model, None, window, "next_category", len(meta.classes), training, scorer)
+    assert not source_champion.back_to_source and "source" not in source_champion.scores

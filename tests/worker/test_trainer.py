@@ -2,6 +2,7 @@
 that is away: a model version Kafka does not take stays due, and is announced once Kafka takes it, by the
 same trainer or by the next leader."""
 import dataclasses
+import hashlib
 import threading
 import time
 from types import SimpleNamespace
@@ -9,6 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import redis
 from kafka.errors import KafkaTimeoutError
+
+from schemas import ModelVersion
 
 from worker import trainer as trainer_module
 from worker.examples import Example
@@ -137,5 +140,50 @@ def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_
     with caplog.at_level("INFO", logger="worker.trainer"):
         assert next_category.run_once(lease.token, "test") is None
     assert "fine-tune skipped (test): 32 examples" in caplog.text
+    registry.release_lease(lease.token)
+    client.close()
+
+
+def test_a_champion_the_source_beats_on_the_newest_holdout_hands_the_fleet_back_to_the_source(stack, names, checkpoint,
+                                                                                               tmp_path):
+    """A promoted version gone bad, and a round whose candidate is no better: the trainer makes the source
+    checkpoint champion again and announces it, as an operator's rollback would."""
+    from worker.generate import write_events
+    from worker.pretrain import build_examples, read_events
+    from worker.registry import encode_weights
+
+    settings = load_settings({**names.env(stack), "STREAMADAPT_TRAINING_EPOCHS": "2"})
+    client = redis.Redis.from_url(stack.redis_url)
+    store, registry = StateStore(client, settings.redis), Registry(client, names.key_prefix, settings.model_name)
+    model, meta = load_checkpoint(checkpoint)
+    write_events(tmp_path / "target.jsonl", events=3000, market="target", seed=8)
+    examples = build_examples(read_events(tmp_path / "target.jsonl")[0], meta.feature_spec, "next_category", 7.0)
+    n = len(examples.labels)
+    # the older 80 % (what the candidate trains on) all labelled with one class: the candidate learns nonsense
+    store.save(StateWrites(examples=[Example(f"e{i}", float(examples.ts_s[i]), "v1", examples.features[i],
+                                             np.zeros(len(meta.classes), np.float32),
+                                             0 if i < int(n * 0.8) else int(examples.labels[i]), float(examples.ts_s[i]))
+                                     for i in range(n)]))
+    lease = SimpleNamespace(token=registry.acquire_lease(ttl_s=60))
+    broker = AwayBroker(back=True)
+    trainer = Trainer(settings, store, registry, broker, model, meta, WorkerMetrics(), lease)
+    trainer._register_source(lease.token)
+    bad = model.get_weights()
+    bad[-2] = np.random.default_rng(1).normal(0.0, 1.0, bad[-2].shape).astype(np.float32)
+    artifact, version = encode_weights(bad), f"v{registry.next_version_number()}"  # v1; the round's will be v2
+    gone_bad = registry.get(meta.version).model_copy(update={
+        "version": version, "parent_version": meta.version, "artifact_ref": registry.artifact_ref(version),
+        "artifact_sha256": hashlib.sha256(artifact).hexdigest()})
+    registry.put(gone_bad, artifact)
+    assert registry.promote_if_leader(lease.token, gone_bad) and registry.champion() == "v1"
+
+    record = trainer.run_once(lease.token, "test")
+    assert record.version == "v2" and not record.promoted and record.decision.startswith("back to the source checkpoint")
+    assert registry.champion() == meta.version
+    source = registry.get(meta.version)
+    assert source.promoted and "(was v1)" in source.decision
+    trainer._announce()
+    announced = {v.version: v for v in (ModelVersion.model_validate_json(value) for _, _, value in broker.delivered)}
+    assert announced[meta.version].promoted and "(was v1)" in announced[meta.version].decision  # replicas swap back
     registry.release_lease(lease.token)
     client.close()
