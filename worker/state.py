@@ -26,7 +26,6 @@ their own event time (worker.examples).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
