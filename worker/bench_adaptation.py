@@ -35,7 +35,7 @@ from worker.candidate import (Round, Scorer, examples_before_next_round, fine_tu
 from worker.examples import Example, expired_windows, window_start
 from worker.features import OTHER, encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
-from worker.labels import next_of_same_user, repurchase_label, resolve_on_purchase
+from worker.labels import file_labels, next_of_same_user, repurchase_label, resolve_on_purchase
 from worker.model import ModelMeta, ServingModel, load_checkpoint
 from worker.quality import QualityMonitor, auc, scores
 from worker.settings import TrainingSettings
@@ -85,8 +85,8 @@ def build_stream(events: list[PurchaseEvent], meta: ModelMeta, drift_at: int | N
     ordered = sorted(events, key=lambda e: e.ts_s)
     following = np.array(next_of_same_user([e.user_id for e in ordered]), dtype=np.int64)
     if meta.task == "next_category":
-        labels = np.array([meta.feature_spec.index_of(ordered[j].category) if j >= 0 else -1 for j in following],
-                          dtype=np.int64)
+        labels = np.array([meta.feature_spec.index_of(label) if label is not None else -1
+                           for label in file_labels(ordered, "next_category", 0.0)], dtype=np.int64)
         revealed_at, settled = following, following >= 0
     else:
         labels, revealed_at, settled = _repurchase_labels(np.array([e.ts_s for e in ordered]), following,
@@ -159,14 +159,15 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
             wanted = examples_before_next_round(len(examples), training)
             if len(examples) >= training.min_examples:
                 round_ = _round(source_model, champion, examples, meta, training, scorer, from_scratch)
-                outcome = ("kept the champion" if round_ is None else "back to the source" if round_.back_to_source
-                           else "promoted" if round_.decision.promote else "kept the champion")
-                if outcome != "kept the champion":
+                took_over = round_ is not None and (round_.back_to_source or round_.decision.promote)
+                if took_over:
                     champion = None if round_.back_to_source else round_.weights
                     serving.swap(source_model.get_weights() if champion is None else champion,
                                  f"{name}-{len(promotions) + 1}")
                     promotions.append(i)
                 if progress:
+                    outcome = ("kept the champion" if not took_over else
+                               "back to the source" if round_.back_to_source else "promoted")
                     progress(f"{name}: round at event {i:,}/{len(stream.events):,} on {len(examples):,} examples, {outcome}")
         served[i] = serving.predict_many(stream.features[i:i + 1])[0]
     return Outcome(name, served, promotions, time.perf_counter() - started)
