@@ -125,10 +125,11 @@ class BatchBuilder:
                 reasons.append(parsed.reason.value)
             else:
                 valid.append((record, parsed))
-        claims, states, pendings = self._store.load([e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
-                                                    unsaved=unsaved and unsaved.writes)
+        claims, states, pendings, observed_since_s = self._store.load(
+            [e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
+            min((e.ts_s for _, e in valid), default=0.0), unsaved=unsaved and unsaved.writes)
         model, meta = self._model, self._model.meta
-        plan = plan_batch(valid, claims, states, pendings, meta)
+        plan = plan_batch(valid, claims, states, pendings, meta, observed_since_s)
         probabilities = model.predict_many(plan.features)
         predictions, claims = make_predictions(plan.fresh, probabilities, meta, model.version, now)
         writes = StateWrites(states=plan.states)

@@ -30,7 +30,9 @@ _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 NUMERIC_FEATURES = (
     "log_price", "log_quantity", "log_price_vs_user_mean", "log_hours_since_last", "is_first_purchase",
     "log_purchases_before", "user_mean_log_gap_hours", "hour_sin", "hour_cos", "weekday_sin", "weekday_cos",
+    "log_days_observed",
 )
+OBSERVED_CAP_DAYS = 365.0  # history watched for longer than this counts as complete
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +65,13 @@ class FeatureSpec:
 
     @classmethod
     def from_json(cls, payload: dict) -> FeatureSpec:
-        if tuple(payload.get("numeric_features", ())) != NUMERIC_FEATURES:
-            raise ValueError("checkpoint was built with other feature code (numeric features differ)")
+        theirs = tuple(payload.get("numeric_features", ()))
+        if theirs != NUMERIC_FEATURES:
+            missing, unknown = set(NUMERIC_FEATURES) - set(theirs), set(theirs) - set(NUMERIC_FEATURES)
+            raise ValueError("checkpoint was built with other feature code"
+                             + (f" (without {', '.join(sorted(missing))})" if missing else "")
+                             + (f" (with {', '.join(sorted(unknown))}, unknown here)" if unknown else "")
+                             + ": pretrain it again with this version")
         return cls(categories=tuple(payload["categories"]))
 
 
@@ -92,8 +99,12 @@ class UserState(NamedTuple):
         return cls(purchases, last_ts_s, last_category, weights, mean_log_price, mean_log_gap_hours)
 
 
-def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec) -> np.ndarray:
+def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, observed_since_s: float) -> np.ndarray:
     """Features of each event given its user's state before it: float32 (len(pairs), n_features).
+
+    `observed_since_s` is the event time from which the states were kept (the stream's first event):
+    a user first seen a week after it may well have bought before, one first seen a year after it
+    probably has not.
 
     Vectorised over the batch; the per-event Python is limited to reading attributes.
     """
@@ -137,6 +148,7 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec) 
         np.log1p(purchases),
         mean_log_gap_hours,
         np.sin(hour), np.cos(hour), np.sin(weekday), np.cos(weekday),
+        np.log1p(np.clip((ts_s - observed_since_s) / _SECONDS_PER_DAY, 0.0, OBSERVED_CAP_DAYS)),
     ], axis=1)
     return out
 
@@ -150,7 +162,7 @@ def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec) -> np.nda
         state = states.get(event.user_id, UserState())
         pairs.append((state, event))
         states[event.user_id] = advance(state, event)
-    return encode(pairs, spec)
+    return encode(pairs, spec, ordered[0].ts_s if ordered else 0.0)
 
 
 def advance(state: UserState, event: PurchaseEvent) -> UserState:

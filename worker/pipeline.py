@@ -71,7 +71,8 @@ class BatchPlan:
 
 
 def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim | LegacyClaim],
-               states: dict[str, UserState], pendings: dict[str, Example], meta: ModelMeta) -> BatchPlan:
+               states: dict[str, UserState], pendings: dict[str, Example], meta: ModelMeta,
+               observed_since_s: float) -> BatchPlan:
     """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
 
     - replay: Redis says this very record (same topic/partition/offset) was already predicted, so its
@@ -79,6 +80,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
     - duplicate: another record already carried this event_id (earlier in Redis or in this batch);
     - fresh: features from the user's state before the event, then the state advances; and the event
       resolves the label of the user's previous prediction (stored in `pendings`, or earlier in this batch).
+    `observed_since_s` is the event time from which the states have been kept (worker.features.encode).
     Events of one user are handled in arrival order, so the result does not depend on batch boundaries.
     """
     spec = meta.feature_spec
@@ -108,7 +110,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
             plan.last_fresh_of_user[user] = index
             plan.fresh.append((record, event))
             claimed_here.add(event.event_id)
-    plan.features = encode(before, spec)
+    plan.features = encode(before, spec, observed_since_s)
     return plan
 
 

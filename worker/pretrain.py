@@ -2,6 +2,11 @@
 
 Features come from worker.features and labels from worker.labels, exactly as the worker computes
 them on the stream. The split is by event time: the newest 10 % of examples is the validation set.
+
+A worker starts with no user state, so for a while every returning customer looks new to it. The
+features say how long the states have been kept (`log_days_observed`), and pretraining shows the model
+what that means: besides the file read from its start, it reads the file's training part again from
+`RESTARTS - 1` later points with no state, as a worker started there would have seen it.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_CATEGORIES = 64
 MIN_CATEGORY_SHARE = 0.001
 VALIDATION_SHARE = 0.1
+RESTARTS = 4  # readings of the training part: from its start, and from 1/4, 2/4 and 3/4 of its time span
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,20 @@ def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, h
     return Examples(encode_stream(ordered, spec)[keep], labels[keep], ts_s[keep])
 
 
+def restarted(ordered: list[PurchaseEvent], examples: Examples, split: int, spec: FeatureSpec, task: Task,
+              horizon_days: float) -> tuple[np.ndarray, np.ndarray]:
+    """The training part (the first `split` examples) and its readings from later starts, stacked."""
+    end_s = examples.ts_s[split - 1]
+    features, labels = [examples.features[:split]], [examples.labels[:split]]
+    for k in range(1, RESTARTS):
+        start_s = ordered[0].ts_s + (end_s - ordered[0].ts_s) * k / RESTARTS
+        again = build_examples([e for e in ordered if e.ts_s >= start_s], spec, task, horizon_days)
+        keep = again.ts_s <= end_s
+        features.append(again.features[keep])
+        labels.append(again.labels[keep])
+    return np.concatenate(features), np.concatenate(labels)
+
+
 def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, epochs: int = 12,
              seed: int = 0) -> tuple[ModelMeta, dict[str, float]]:
     """Train and save the source checkpoint; returns its metadata and validation metrics."""
@@ -84,12 +104,13 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
         raise ValueError(f"{events_path} has {len(events)} valid events; pretraining needs at least 100")
     spec = category_spec(events)
     classes = classes_for(task, spec)
-    examples = build_examples(events, spec, task, horizon_days)
+    ordered = sorted(events, key=lambda e: e.ts)
+    examples = build_examples(ordered, spec, task, horizon_days)
     split = int(len(examples.labels) * (1 - VALIDATION_SHARE))
-    train_x, train_y = examples.features[:split], examples.labels[:split]
+    train_x, train_y = restarted(ordered, examples, split, spec, task, horizon_days)
     val_x, val_y = examples.features[split:], examples.labels[split:]
-    log.info("pretraining %s on %d examples (%d held out) from %d events, %d refused lines",
-             task, split, len(val_y), len(events), refused)
+    log.info("pretraining %s on %d examples (%d of them read again from later starts; %d held out) from %d events, "
+             "%d refused lines", task, len(train_y), len(train_y) - split, len(val_y), len(events), refused)
 
     tf.config.experimental.enable_op_determinism()
     model = build_model(train_x.mean(axis=0), train_x.var(axis=0), task, len(classes), seed=seed)

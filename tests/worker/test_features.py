@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import PurchaseEvent
-from worker.features import MAX_TRACKED_CATEGORIES, NUMERIC_FEATURES, OTHER, FeatureSpec, UserState, advance, encode
+from worker.features import (MAX_TRACKED_CATEGORIES, NUMERIC_FEATURES, OBSERVED_CAP_DAYS, OTHER, FeatureSpec, UserState,
+                             advance, encode, encode_stream)
 
 SPEC = FeatureSpec(("books", "music", "toys"))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)  # a Monday
@@ -29,8 +30,14 @@ def test_spec_layout():
     assert FeatureSpec.from_json(SPEC.to_json()) == SPEC
 
 
+def test_a_spec_of_other_feature_code_is_refused_with_what_differs():
+    older = {**SPEC.to_json(), "numeric_features": list(NUMERIC_FEATURES[:-1])}
+    with pytest.raises(ValueError, match=f"without {NUMERIC_FEATURES[-1]}\\): pretrain it again"):
+        FeatureSpec.from_json(older)
+
+
 def test_first_purchase_features():
-    f = named(encode([(UserState(), event("music", price=math.e - 1, quantity=3))], SPEC)[0])
+    f = named(encode([(UserState(), event("music", price=math.e - 1, quantity=3))], SPEC, 0.0)[0])
     assert f["category=music"] == 1.0 and f["category=books"] == 0.0
     assert all(f[f"user_share={c}"] == 0.0 for c in SPEC.vocabulary)
     assert f["is_first_purchase"] == 1.0 and f["log_purchases_before"] == 0.0
@@ -48,24 +55,36 @@ def test_user_category_shares_decay_with_age(history, expected_shares):
     state = UserState()
     for i, category in enumerate(history):
         state = advance(state, event(category, hours=i))
-    f = named(encode([(state, event(hours=len(history)))], SPEC)[0])
+    f = named(encode([(state, event(hours=len(history)))], SPEC, 0.0)[0])
     for category in SPEC.vocabulary:
         assert f[f"user_share={category}"] == pytest.approx(expected_shares.get(category, 0.0))
 
 
+@pytest.mark.parametrize("days_after, expected_days", [(10.0, 10.0), (-2.0, 0.0), (OBSERVED_CAP_DAYS + 50, OBSERVED_CAP_DAYS)])
+def test_the_history_watched_is_counted_from_when_states_were_first_kept(days_after, expected_days):
+    observed_since_s = event().ts_s - days_after * 86400.0
+    f = named(encode([(UserState(), event())], SPEC, observed_since_s)[0])
+    assert f["log_days_observed"] == pytest.approx(math.log1p(expected_days))
+
+
+def test_a_stream_is_watched_from_its_first_event():
+    rows = [named(row) for row in encode_stream([event(hours=0, event_id="a"), event(hours=48, event_id="b")], SPEC)]
+    assert [f["log_days_observed"] for f in rows] == [0.0, pytest.approx(math.log1p(2))]
+
+
 def test_gap_and_counts_come_from_event_time():
     state = advance(UserState(), event(hours=0))
-    f = named(encode([(state, event(hours=24))], SPEC)[0])
+    f = named(encode([(state, event(hours=24))], SPEC, 0.0)[0])
     assert f["log_hours_since_last"] == pytest.approx(math.log1p(24))
     assert f["is_first_purchase"] == 0.0 and f["log_purchases_before"] == pytest.approx(math.log(2))
-    late = named(encode([(state, event(hours=-5))], SPEC)[0])  # an out-of-order event does not give a negative gap
+    late = named(encode([(state, event(hours=-5))], SPEC, 0.0)[0])  # an out-of-order event does not give a negative gap
     assert late["log_hours_since_last"] == 0.0
 
 
 def test_encode_does_not_mutate_state_and_advance_returns_new_state():
     state = advance(UserState(), event())
     before = state.to_json()
-    encode([(state, event("toys"))], SPEC)[0]
+    encode([(state, event("toys"))], SPEC, 0.0)[0]
     advanced = advance(state, event("toys"))
     assert state.to_json() == before and advanced is not state
 
@@ -82,7 +101,7 @@ def test_state_stays_bounded_and_features_finite(purchases):
     state = UserState()
     for category, price, quantity, hours in purchases:
         e = event(category, price=price, quantity=quantity, hours=hours)
-        row = encode([(state, e)], SPEC)[0]
+        row = encode([(state, e)], SPEC, 0.0)[0]
         assert row.dtype == np.float32 and np.all(np.isfinite(row))
         state = advance(state, e)
     assert len(state.category_weights) <= MAX_TRACKED_CATEGORIES
@@ -95,10 +114,10 @@ def test_a_batch_encodes_each_row_as_if_alone():
     for e in history:
         pairs.append((state, e))
         state = advance(state, e)
-    together = encode(pairs, SPEC)
+    together = encode(pairs, SPEC, 0.0)
     for i, pair in enumerate(pairs):
-        np.testing.assert_array_equal(together[i], encode([pair], SPEC)[0])
-    assert encode([], SPEC).shape == (0, SPEC.n_features)
+        np.testing.assert_array_equal(together[i], encode([pair], SPEC, 0.0)[0])
+    assert encode([], SPEC, 0.0).shape == (0, SPEC.n_features)
 
 
 def test_weekday_is_read_in_the_events_own_time_zone():
@@ -106,7 +125,7 @@ def test_weekday_is_read_in_the_events_own_time_zone():
     utc = PurchaseEvent(event_id="e", user_id="u", item_id="i", price=1.0, quantity=1, ts=T0.replace(hour=23, minute=30))
     india = utc.model_copy(update={"ts": utc.ts.astimezone(timezone(timedelta(hours=5, minutes=30)))})
     for e, weekday in ((utc, 0 + 23.5 / 24), (india, 1 + 5 / 24)):
-        f = named(encode([(UserState(), e)], SPEC)[0])
+        f = named(encode([(UserState(), e)], SPEC, 0.0)[0])
         angle = weekday / 7 * 2 * math.pi
         assert (f["weekday_sin"], f["weekday_cos"]) == (pytest.approx(math.sin(angle), abs=1e-6),
                                                         pytest.approx(math.cos(angle), abs=1e-6))

@@ -37,10 +37,10 @@ def ev(event_id, user="u1", category="books", hours=0):
 
 def test_fresh_events_chain_each_users_state_in_order():
     valid = [(rec(0), ev("a", hours=0)), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="music", hours=2))]
-    plan = plan_batch(valid, {}, {}, {}, META)
+    plan = plan_batch(valid, {}, {}, {}, META, 0.0)
     assert [e.event_id for _, e in plan.fresh] == ["a", "b", "c"]
     after_a = advance(UserState(), valid[0][1])
-    np.testing.assert_array_equal(plan.features[2], encode([(after_a, valid[2][1])], SPEC)[0])
+    np.testing.assert_array_equal(plan.features[2], encode([(after_a, valid[2][1])], SPEC, 0.0)[0])
     assert plan.states["u1"] == advance(after_a, valid[2][1]) and plan.states["u2"].purchases == 1
 
 
@@ -50,11 +50,11 @@ def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases,
     valid = [(rec(i), ev(f"e{i}", user=f"u{user}", category=category, hours=i))
              for i, (user, category) in enumerate(purchases)]
     split = data.draw(st.integers(1, len(valid) - 1))
-    whole = plan_batch(valid, {}, {}, {}, META)
-    first = plan_batch(valid[:split], {}, {}, {}, META)
+    whole = plan_batch(valid, {}, {}, {}, META, 0.0)
+    first = plan_batch(valid[:split], {}, {}, {}, META, 0.0)
     pendings = {user: served_examples(first, np.full((len(first.fresh), 3), 1 / 3), "v")[i]
                 for user, i in first.last_fresh_of_user.items()}
-    second = plan_batch(valid[split:], {}, first.states, pendings, META)
+    second = plan_batch(valid[split:], {}, first.states, pendings, META, 0.0)
     np.testing.assert_array_equal(whole.features, np.vstack([first.features, second.features]))
     assert {**first.states, **second.states} == whole.states
     # every purchase but each user's first resolves a label, whichever batch its pending was served in
@@ -66,16 +66,16 @@ def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases,
 def test_duplicates_in_batch_and_in_redis_are_dropped():
     claims = {"old": claim("purchases/0/99")}
     valid = [(rec(0), ev("a")), (rec(1), ev("a")), (rec(2), ev("old"))]
-    plan = plan_batch(valid, claims, {}, {}, META)
+    plan = plan_batch(valid, claims, {}, {}, META, 0.0)
     assert [e.event_id for _, e in plan.fresh] == ["a"]
     assert [(r.offset, e.event_id) for r, e in plan.duplicates] == [(1, "a"), (2, "old")]
 
 
 def test_replayed_record_re_emits_its_prediction_without_touching_state():
-    first = plan_batch([(rec(7), ev("a"))], {}, {}, {}, META)
+    first = plan_batch([(rec(7), ev("a"))], {}, {}, {}, META, 0.0)
     [body], [stored] = make_predictions(first.fresh, np.array([[0.2, 0.7, 0.1]], np.float32), META, "v1", T0)
     state = UserState(purchases=3)
-    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim.decode(stored.encode())}, {"u1": state}, {}, META)
+    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim.decode(stored.encode())}, {"u1": state}, {}, META, 0.0)
     assert plan.replays == [(rec(7), body)] and plan.fresh == [] and plan.states == {}
     assert plan.features.shape == (0, SPEC.n_features)
 
@@ -84,7 +84,7 @@ def test_a_claim_of_an_earlier_version_re_emits_its_stored_json():
     stored = b'{"event_id":"a","stored":true}'
     legacy = EventClaim.decode(b"purchases/0/7\n" + stored)
     assert legacy == LegacyClaim("purchases/0/7", stored)
-    plan = plan_batch([(rec(7), ev("a")), (rec(8), ev("a"))], {"a": legacy}, {}, {}, META)
+    plan = plan_batch([(rec(7), ev("a")), (rec(8), ev("a"))], {"a": legacy}, {}, {}, META, 0.0)
     assert plan.replays == [(rec(7), stored)] and [r.offset for r, _ in plan.duplicates] == [8]
 
 
@@ -150,7 +150,7 @@ REPURCHASE = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC,
 def test_each_purchase_resolves_the_users_previous_prediction():
     stored = Example("old", T0.timestamp() - 3600, "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.5, 0.5, 0.0]))
     valid = [(rec(0), ev("a", category="music")), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="books", hours=1))]
-    plan = plan_batch(valid, {}, {}, {"u1": stored}, META)
+    plan = plan_batch(valid, {}, {}, {"u1": stored}, META, 0.0)
     probabilities = np.full((3, 3), 1 / 3, dtype=np.float32)
     served = served_examples(plan, probabilities, "v1")
     resolved = resolved_examples(plan, served)
@@ -165,14 +165,14 @@ def test_each_purchase_resolves_the_users_previous_prediction():
 @pytest.mark.parametrize("gap_hours, label", [(24, 1), (24 * 8, 0)])
 def test_repurchase_resolution_on_purchase(gap_hours, label):
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
-    plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, {"u1": pending}, REPURCHASE)
+    plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, {"u1": pending}, REPURCHASE, 0.0)
     assert plan.resolutions == [(pending, label, plan.fresh[0][1].ts_s)]
 
 
 def test_replays_and_duplicates_resolve_nothing():
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
     claims = {"a": claim("purchases/0/0"), "b": claim("purchases/0/99")}
-    plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, {"u1": pending}, REPURCHASE)
+    plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, {"u1": pending}, REPURCHASE, 0.0)
     assert plan.resolutions == [] and plan.last_fresh_of_user == {}
 
 

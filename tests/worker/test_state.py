@@ -65,14 +65,21 @@ def test_writes_not_yet_landed_are_read_as_redis_will_hold_them(store):
     claim = EventClaim("in/0/7", "v1", "2026-03-02T09:00:00.25Z", 2, 0.625, [2, 0], [0.625, 0.25])
     unsaved = StateWrites(claims=[("e2", claim)], states={"a": new},
                           pendings={"a": pending("a2", 5.0)}, cleared_pendings={"b": old})
-    claims, states, pendings = store.load(["e1", "e2"], ["a", "b", "c"], unsaved=unsaved)
+    claims, states, pendings, _ = store.load(["e1", "e2"], ["a", "b", "c"], 0.0, unsaved=unsaved)
     assert claims == {"e2": claim}
     assert states == {"a": new, "b": old}
     assert {user: example.event_id for user, example in pendings.items()} == {"a": "e-a2"}  # b's was cleared
     store.save(unsaved)  # once landed, Redis says the same
-    landed_claims, landed_states, landed_pendings = store.load(["e1", "e2"], ["a", "b", "c"])
+    landed_claims, landed_states, landed_pendings, _ = store.load(["e1", "e2"], ["a", "b", "c"], 0.0)
     assert (landed_claims, landed_states) == (claims, states)
     assert {user: example.event_id for user, example in landed_pendings.items()} == {"a": "e-a2"}
+
+
+def test_states_are_kept_from_the_oldest_event_of_the_first_batch_whatever_later_batches_hold(store):
+    assert store.load(["e1"], ["a"], 1_000.5)[3] == 1_000.5
+    assert store.load(["e2"], ["b"], 500.0)[3] == 1_000.5  # a later batch with older events does not move it
+    assert store.load(["e3"], ["c"], 9_000.0)[3] == 1_000.5
+    assert store.load([], [], 7.0)[3] == 7.0  # a batch without valid events reads nothing
 
 
 def test_users_of_earlier_versions_are_read_from_their_two_keys_until_they_get_a_profile(store, stack):
@@ -80,11 +87,11 @@ def test_users_of_earlier_versions_are_read_from_their_two_keys_until_they_get_a
     legacy = UserState(purchases=1, last_ts_s=1.0, last_category="toys", category_weights={"toys": 1.0})
     client.set(f"{store._p}:user:old", json.dumps(legacy.to_json()))
     client.set(f"{store._p}:pending:old", pending("old", 1.0).encode())
-    claims, states, pendings = store.load(["e-1"], ["old", "new"])
+    claims, states, pendings, _ = store.load(["e-1"], ["old", "new"], 0.0)
     assert states == {"old": legacy} and set(pendings) == {"old"} and claims == {}
     newer = legacy._replace(purchases=2)
     store.save(StateWrites(states={"old": newer}, pendings={"old": pending("old", 2.0)}))
-    assert store.load(["e-2"], ["old"])[1] == {"old": newer}  # the profile wins over the old keys
+    assert store.load(["e-2"], ["old"], 0.0)[1] == {"old": newer}  # the profile wins over the old keys
 
 
 def test_a_drift_alarm_is_taken_once_and_its_regime_start_is_kept(store):
