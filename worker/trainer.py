@@ -20,7 +20,7 @@ from kafka.errors import KafkaError
 from schemas import ModelVersion, TrainedOn
 from worker.candidate import (Scorer, examples_before_next_round, fine_tune_round, labels_known_until,
                               newest_trainable_ts, round_examples)
-from worker.examples import expired_windows
+from worker.examples import Example, expired_windows
 from worker.finetune import FineTuneError
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
@@ -145,6 +145,18 @@ class Trainer:
         with self._metrics.finetune_running.track_inprogress():
             return self._run_once(token, reason)
 
+    def _fitting(self, stored: list[Example]) -> list[Example]:
+        """The examples made for the source checkpoint's features and classes. Those of another (a deployment
+        that changed its checkpoint, or its version's feature code, over the same Redis) are left out, with a
+        warning, until their windows age out: they cannot be trained or judged on."""
+        n_features, n_classes = self._meta.feature_spec.n_features, len(self._meta.classes)
+        fitting = [e for e in stored if len(e.features) == n_features and len(e.probabilities) == n_classes]
+        if len(fitting) < len(stored):
+            log.warning("%d of %d stored examples were made for another checkpoint's features or classes (not %d "
+                        "features and %d classes): left out", len(stored) - len(fitting), len(stored), n_features,
+                        n_classes)
+        return fitting
+
     def _run_once(self, token: str, reason: str) -> ModelVersion | None:
         started = time.monotonic()
         self._last_run, self._last_examples = started, self._store.examples_total()
@@ -152,8 +164,8 @@ class Trainer:
         known_until = labels_known_until(self._meta.task, self._meta.horizon_days, now_watermark)
         self._expire_windows(known_until)
         regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None
-        stored = self._store.recent_examples(self._t.max_examples,
-                                             newest_trainable_ts(self._meta.task, self._meta.horizon_days, now_watermark))
+        stored = self._fitting(self._store.recent_examples(
+            self._t.max_examples, newest_trainable_ts(self._meta.task, self._meta.horizon_days, now_watermark)))
         examples = round_examples(stored, regime_since_ts, self._meta.task, self._meta.horizon_days, now_watermark,
                                   self._t.max_examples)
         self._wanted_examples = examples_before_next_round(len(examples), self._t)

@@ -120,9 +120,13 @@ def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_
     model, meta = load_checkpoint(checkpoint)
     meta = dataclasses.replace(meta, task="repurchase", horizon_days=30.0)
     lateness_s = settings.training.allowed_lateness_s
-    stored = [Example(f"e{d}", d * day, "v1", np.zeros(3, np.float32), np.array([0.5, 0.5], np.float32), 0,
+    n_features, n_classes = meta.feature_spec.n_features, len(meta.classes)
+    stored = [Example(f"e{d}", d * day, "v1", np.zeros(n_features, np.float32), np.full(n_classes, 1 / n_classes,
+                                                                                       np.float32), 0,
                       (d + 30) * day) for d in range(71)]
     stored.append(stored[-1]._replace(event_id="newer", ts_s=70 * day + lateness_s / 2))  # past the watermark
+    # examples made for another checkpoint's features (an earlier source, or feature code): never trained on
+    stored += [e._replace(event_id=f"other-{e.event_id}", features=np.zeros(3, np.float32)) for e in stored[30:45]]
     store.save(StateWrites(examples=stored, newest_by_partition={"in/0": 70 * day + lateness_s}))
     lease = SimpleNamespace(token=registry.acquire_lease(ttl_s=60))
     trainer = Trainer(settings, store, registry, AwayBroker(back=True), model, meta, WorkerMetrics(), lease)
@@ -131,6 +135,8 @@ def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_
     # labels known up to day 40; the windows that ended 30 days or more before that (days 0 to 9) went
     assert sorted(store.window_sizes()) == [int(d * day) for d in range(10, 71)]
     assert "fine-tune skipped (test): 31 examples" in caplog.text  # days 10 to 40
+    # of the others, days 30 to 40 are read (the rest are newer than a round may take)
+    assert "11 of 42 stored examples were made for another checkpoint's features" in caplog.text
 
     # next_category labels carry no deadline: a round takes examples newer than the watermark too, and
     # windows age from the watermark itself (days 40 to 70 and the newer one are left)
