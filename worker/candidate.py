@@ -131,7 +131,7 @@ def fine_tune_round(source_model, champion_weights: list[np.ndarray] | None, exa
     def gate(contender: str) -> Decision:
         aucs = measured[contender].get("auc"), measured["champion"].get("auc")  # binary tasks, both classes held out
         return decide(losses[contender], losses["champion"], losses["label_prior"], training.promotion_margin,
-                      ranking=aucs if None not in aucs else None)
+                      z=training.promotion_z, ranking=aucs if None not in aucs else None)
 
     decision, back_to_source = gate("candidate"), False
     if champion_weights is not None:

@@ -27,10 +27,12 @@ def prior_probabilities(train_labels: np.ndarray, n_classes: int, n_rows: int) -
 
 
 def decide(candidate: np.ndarray, champion: np.ndarray, prior: np.ndarray, min_relative_gain: float,
-           z: float = 2.0, ranking: tuple[float, float] | None = None) -> Decision:
+           z: float, ranking: tuple[float, float] | None = None) -> Decision:
     """Promote only when, on the same holdout, the candidate beats both the champion and the label-prior
     baseline: its mean log-loss must be lower by `min_relative_gain` of theirs, and the paired gain must
-    exceed `z` standard errors, so a holdout's noise cannot promote a candidate.
+    exceed `z` standard errors, so a holdout's noise cannot promote a candidate. A trainer runs a round
+    every few thousand examples, each a new test: at two standard errors about one round in 40 of a
+    candidate no better than its champion passes, at three about one in 700 (`--training-promotion-z`).
 
     The prior test keeps a candidate that learned only base rates (say, from shuffled labels) from
     replacing a champion that is badly calibrated for the target.

@@ -114,8 +114,8 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected_by_the_gate(setup):
 
     prior = example_losses(prior_probabilities(shuffled, len(meta.classes), len(held_y)), held_y)
     champion = run(model, examples.features[:split], examples.labels[:split])  # an adapted model serving now
-    assert decide(score(champion), score(model.get_weights()), prior, 0.01).promote  # the gate is not merely closed
-    assert not decide(score(candidate), score(champion), prior, 0.01).promote
+    assert decide(score(champion), score(model.get_weights()), prior, 0.01, 3.0).promote  # the gate is not merely closed
+    assert not decide(score(candidate), score(champion), prior, 0.01, 3.0).promote
 
 
 def test_calibrate_moves_only_the_output_and_refits_its_scale_and_class_rates(setup):
