@@ -190,6 +190,8 @@ def measure_latency(settings: Settings, checkpoint: Path, input_topic: str, valu
     redis_before = _redis_housekeeping(settings)
     with worker_process(settings, checkpoint, input_topic, log_path, extra) as (process, port):
         _wait_ready(process, port, log_path)
+        if finetune:  # and its trainer child (metrics on the next port): it loads TensorFlow, which on a busy
+            _wait_ready(process, port + 1, log_path)  # machine took longer than the row, and no fine-tune ran in it
         received: dict[str, float] = {}
         stop = threading.Event()
         reader = threading.Thread(target=_read_predictions, args=(settings.kafka, f"{input_topic}.predictions", received, stop),
