@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_CATEGORIES = 64
 MIN_CATEGORY_SHARE = 0.001
 VALIDATION_SHARE = 0.1
+MIN_EXAMPLES = 100  # valid events, and labelled examples among them
 RESTARTS = 4  # readings of the training part: from its start, and from 1/4, 2/4 and 3/4 of its time span
 
 
@@ -100,12 +101,15 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
     import tensorflow as tf
 
     events, refused = read_events(events_path)
-    if len(events) < 100:
-        raise ValueError(f"{events_path} has {len(events)} valid events; pretraining needs at least 100")
+    if len(events) < MIN_EXAMPLES:
+        raise ValueError(f"{events_path} has {len(events)} valid events; pretraining needs at least {MIN_EXAMPLES}")
     spec = category_spec(events)
     classes = classes_for(task, spec)
     ordered = sorted(events, key=lambda e: e.ts)
     examples = build_examples(ordered, spec, task, horizon_days)
+    if len(examples.labels) < MIN_EXAMPLES:
+        raise ValueError(f"{events_path} gives {len(examples.labels)} labelled examples for {task} (purchases whose "
+                         f"label the file settles); pretraining needs at least {MIN_EXAMPLES}")
     split = int(len(examples.labels) * (1 - VALIDATION_SHARE))
     train_x, train_y = restarted(ordered, examples, split, spec, task, horizon_days)
     val_x, val_y = examples.features[split:], examples.labels[split:]

@@ -27,6 +27,15 @@ def test_bad_flags_and_values_stop_with_one_line(args, fragment):
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
 
 
+def test_a_file_that_labels_too_few_purchases_is_refused_by_pretrain_with_one_line(tmp_path):
+    events = tmp_path / "once-each.jsonl"  # 150 customers who buy once: no purchase has a next one
+    events.write_text("".join(f'{{"event_id":"e{i}","user_id":"u{i}","item_id":"i","price":5,"quantity":1,'
+                              f'"ts":"2025-01-{1 + i % 28:02d}T00:00:00Z"}}\n' for i in range(150)))
+    result = streamadapt("pretrain", "--events", str(events), "--out", str(tmp_path / "ckpt"), "--task", "next_category")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "gives 0 labelled examples for next_category" in result.stderr and "needs at least 100" in result.stderr
+
+
 def test_unreachable_broker_is_one_line(tmp_path):
     import os
 
