@@ -3,7 +3,7 @@ import re
 from pathlib import Path
 
 from schemas import RejectReason
-from worker.settings import OPTIONS
+from worker.settings import OPTIONS, Settings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -13,6 +13,15 @@ def test_every_setting_is_documented_and_no_stale_one():
         assert f"`{option.env}`" in README and f"`{option.flag}`" in README, option.env
     documented = set(re.findall(r"`(STREAMADAPT_[A-Z0-9_]+)`", README))
     assert documented <= {o.env for o in OPTIONS} | {"STREAMADAPT_KAFKA_BOOTSTRAP", "STREAMADAPT_REDIS_URL"}
+
+
+def test_every_settings_default_is_the_one_the_table_shows():
+    for option in OPTIONS:
+        fields = (Settings.model_fields[option.part].annotation if option.part else Settings).model_fields
+        default = fields[option.field].get_default(call_default_factory=True)
+        row = re.search(rf"^\| `{option.env}` \| `{re.escape(option.flag)}` \| `([^`]*)` \|", README, re.MULTILINE)
+        assert row is not None, option.env
+        assert row.group(1) == ('""' if str(default) == "" else str(default)), option.env
 
 
 def test_every_dead_letter_reason_is_documented():
