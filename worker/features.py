@@ -2,7 +2,9 @@
 
 A user's state is a small, bounded summary of their past purchases. `encode([(state, event), ...], spec)`
 gives the features of each event as seen *before* it is folded into its user's state; `advance(state,
-event)` folds it in. Both are pure.
+event)` folds it in; `spec.recall(state, ts_s)` is the state an event at `ts_s` is seen with: a user idle
+for longer than the model's memory counts as new. All are pure, and memory is counted in event time, so
+that pretraining on a file of years, a fast replay and a worker in real time forget the same users.
 """
 from __future__ import annotations
 
@@ -33,17 +35,23 @@ NUMERIC_FEATURES = (
     "log_days_observed",
 )
 OBSERVED_CAP_DAYS = 365.0  # history watched for longer than this counts as complete
+USER_MEMORY_DAYS = 365.0  # a user idle for longer is forgotten (the memory of the checkpoints pretrained now)
 
 
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
-    """Which categories the model knows; anything else maps to OTHER."""
+    """Which categories the model knows (anything else maps to OTHER), and how long it remembers an idle
+    user: `user_memory_days`, None for checkpoints pretrained before forgetting existed (they never forget)."""
 
     categories: tuple[str, ...]
+    user_memory_days: float | None = USER_MEMORY_DAYS
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _memory_s: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.categories)})
+        object.__setattr__(self, "_memory_s", math.inf if self.user_memory_days is None
+                           else self.user_memory_days * _SECONDS_PER_DAY)
 
     @property
     def vocabulary(self) -> tuple[str, ...]:
@@ -60,8 +68,16 @@ class FeatureSpec:
     def index_of(self, category: str) -> int:
         return self._index.get(category, len(self.categories))
 
+    def recall(self, state: UserState | None, ts_s: float) -> UserState:
+        """The state an event at `ts_s` is seen with: `state` (None: a user never seen), or a new user's
+        if `state` is older than the memory."""
+        if state is None or (state.last_ts_s is not None and ts_s - state.last_ts_s > self._memory_s):
+            return _NEW_USER
+        return state
+
     def to_json(self) -> dict:
-        return {"categories": list(self.categories), "numeric_features": list(NUMERIC_FEATURES)}
+        return {"categories": list(self.categories), "numeric_features": list(NUMERIC_FEATURES),
+                "user_memory_days": self.user_memory_days}
 
     @classmethod
     def from_json(cls, payload: dict) -> FeatureSpec:
@@ -72,7 +88,7 @@ class FeatureSpec:
                              + (f" (without {', '.join(sorted(missing))})" if missing else "")
                              + (f" (with {', '.join(sorted(unknown))}, unknown here)" if unknown else "")
                              + ": pretrain it again with this version")
-        return cls(categories=tuple(payload["categories"]))
+        return cls(categories=tuple(payload["categories"]), user_memory_days=payload.get("user_memory_days"))
 
 
 class UserState(NamedTuple):
@@ -97,6 +113,9 @@ class UserState(NamedTuple):
     def from_json(cls, payload: list) -> UserState:
         purchases, last_ts_s, last_category, weights, mean_log_price, mean_log_gap_hours = payload
         return cls(purchases, last_ts_s, last_category, weights, mean_log_price, mean_log_gap_hours)
+
+
+_NEW_USER = UserState()
 
 
 def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, observed_since_s: float) -> np.ndarray:
@@ -159,7 +178,7 @@ def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec) -> np.nda
     states: dict[str, UserState] = {}
     pairs = []
     for event in ordered:
-        state = states.get(event.user_id, UserState())
+        state = spec.recall(states.get(event.user_id), event.ts_s)
         pairs.append((state, event))
         states[event.user_id] = advance(state, event)
     return encode(pairs, spec, ordered[0].ts_s if ordered else 0.0)

@@ -96,7 +96,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
             plan.duplicates.append((record, event))
         else:
             user = event.user_id
-            state = plan.states.get(user) or states.get(user) or UserState()
+            state = spec.recall(plan.states.get(user) or states.get(user), event.ts_s)
             index = len(plan.fresh)
             before.append((state, event))
             plan.states[user] = advance(state, event)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from kafka.errors import KafkaError
 
 from worker import kafka_io
 from worker.builder import Builders
+from worker.features import FeatureSpec
 from worker.hotswap import ModelFollower
 from worker.metrics import HealthServer, WorkerMetrics
 from worker.model import ServingModel, limit_cpu_threads, load_checkpoint
@@ -72,6 +74,9 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             model = ServingModel.from_checkpoint(settings.source_checkpoint)  # NumPy: no TensorFlow to import
             meta = model.meta
         log.info("source model %s (%s, %d classes)", meta.version, meta.task, len(meta.classes))
+        if settings.role != "trainer" and (warning := user_state_ttl_warning(settings.redis.user_state_ttl_s,
+                                                                                meta.feature_spec)):
+            log.warning("%s", warning)
         _check_redis(store, settings)
         k = settings.kafka
         with _kafka_client_warnings() as client_trouble:
@@ -181,6 +186,17 @@ class _Readiness:
             return self._store.ping()
         except redis.RedisError:
             return False
+
+
+def user_state_ttl_warning(ttl_s: int, spec: FeatureSpec) -> str | None:
+    """What to tell the operator when user states expire (in wall-clock time) before the model forgets an idle
+    user (in event time): in real time, a customer who comes back in between looks new to the model, which
+    pretraining remembered. None when the TTL covers the memory."""
+    if spec.user_memory_days is None or ttl_s >= spec.user_memory_days * 86400:
+        return None
+    return (f"--redis-user-state-ttl-s is {ttl_s / 86400:g} days, shorter than the model's memory of an idle user "
+            f"({spec.user_memory_days:g} days): a customer who comes back in between will look new to the model, "
+            f"which pretraining remembered; raise it to {math.ceil(spec.user_memory_days * 86400)} or more")
 
 
 def _check_redis(store: StateStore, settings: Settings) -> None:

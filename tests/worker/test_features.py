@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import PurchaseEvent
-from worker.features import (MAX_TRACKED_CATEGORIES, NUMERIC_FEATURES, OBSERVED_CAP_DAYS, OTHER, FeatureSpec, UserState,
-                             advance, encode, encode_stream)
+from worker.features import (MAX_TRACKED_CATEGORIES, NUMERIC_FEATURES, OBSERVED_CAP_DAYS, OTHER, USER_MEMORY_DAYS,
+                             FeatureSpec, UserState, advance, encode, encode_stream)
 
 SPEC = FeatureSpec(("books", "music", "toys"))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)  # a Monday
@@ -70,6 +70,25 @@ def test_the_history_watched_is_counted_from_when_states_were_first_kept(days_af
 def test_a_stream_is_watched_from_its_first_event():
     rows = [named(row) for row in encode_stream([event(hours=0, event_id="a"), event(hours=48, event_id="b")], SPEC)]
     assert [f["log_days_observed"] for f in rows] == [0.0, pytest.approx(math.log1p(2))]
+
+
+@pytest.mark.parametrize("idle_days, remembered", [(30.0, True), (USER_MEMORY_DAYS, True), (USER_MEMORY_DAYS + 1, False)])
+def test_a_user_idle_for_longer_than_the_memory_is_seen_as_new(idle_days, remembered):
+    rows = [named(row) for row in encode_stream([event(hours=0, event_id="a"), event(hours=24 * idle_days, event_id="b")],
+                                                SPEC)]
+    assert rows[1]["is_first_purchase"] == (0.0 if remembered else 1.0)
+    assert rows[1]["log_purchases_before"] == pytest.approx(math.log(2) if remembered else 0.0)
+    assert rows[1]["log_days_observed"] == pytest.approx(math.log1p(min(idle_days, OBSERVED_CAP_DAYS)))  # still watched
+
+
+def test_a_checkpoint_pretrained_before_forgetting_existed_never_forgets():
+    older = {key: value for key, value in SPEC.to_json().items() if key != "user_memory_days"}
+    spec = FeatureSpec.from_json(older)
+    assert spec.user_memory_days is None and SPEC.user_memory_days == USER_MEMORY_DAYS
+    old_state = advance(UserState(), event(hours=0))
+    assert spec.recall(old_state, event(hours=24 * 10 * USER_MEMORY_DAYS).ts_s) is old_state
+    assert SPEC.recall(old_state, event(hours=24 * 10 * USER_MEMORY_DAYS).ts_s) == UserState()
+    assert SPEC.recall(None, 0.0) == UserState()
 
 
 def test_gap_and_counts_come_from_event_time():

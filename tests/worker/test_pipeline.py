@@ -44,6 +44,15 @@ def test_fresh_events_chain_each_users_state_in_order():
     assert plan.states["u1"] == advance(after_a, valid[2][1]) and plan.states["u2"].purchases == 1
 
 
+def test_a_stored_state_older_than_the_memory_is_forgotten_and_its_pending_still_resolved():
+    stored_state = advance(UserState(), ev("old", category="music", hours=-24 * 400))
+    pending = Example("old", stored_state.last_ts_s, "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.2, 0.8, 0.0]))
+    plan = plan_batch([(rec(0), ev("a"))], {}, {"u1": stored_state}, {"u1": pending}, META, 0.0)
+    np.testing.assert_array_equal(plan.features[0], encode([(UserState(), ev("a"))], SPEC, 0.0)[0])
+    assert plan.states["u1"] == advance(UserState(), ev("a"))
+    assert [(source.event_id, label) for source, label, _ in plan.resolutions] == [("old", 0)]  # books
+
+
 @given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["books", "music", "garden"])), min_size=2, max_size=25),
        st.data())
 def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases, data):
