@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from worker.features import USER_MEMORY_DAYS
 from worker.settings import OPTIONS, SettingsError, load_settings
 
 EXIT_USAGE = 2
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     pre.add_argument("--task", choices=("next_category", "repurchase"), default="next_category")
     pre.add_argument("--horizon-days", type=float, default=7.0, help="repurchase horizon in days")
+    pre.add_argument("--user-memory-days", type=float, default=USER_MEMORY_DAYS,
+                     help="a user idle for longer is forgotten, in pretraining and serving alike (event time; "
+                          "default: %(default)g, so that yearly customers are remembered)")
     pre.add_argument("--epochs", type=int, default=12, help="at most this many epochs (early stopping)")
     pre.add_argument("--seed", type=int, default=0)
 
@@ -182,8 +186,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "pretrain":
         from worker.pretrain import pretrain
 
+        if not (args.horizon_days > 0 and args.user_memory_days > 0):
+            raise SettingsError("--horizon-days and --user-memory-days must be positive")
         meta, metrics = pretrain(args.events, args.out, task=args.task, horizon_days=args.horizon_days,
-                                 epochs=args.epochs, seed=args.seed)
+                                 epochs=args.epochs, seed=args.seed, user_memory_days=args.user_memory_days)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "examples")
         print(f"wrote {args.task} checkpoint {meta.version} to {args.out} (validation: {shown})")
     elif args.command == "replay":

@@ -35,7 +35,8 @@ NUMERIC_FEATURES = (
     "log_days_observed",
 )
 OBSERVED_CAP_DAYS = 365.0  # history watched for longer than this counts as complete
-USER_MEMORY_DAYS = 365.0  # a user idle for longer is forgotten (the memory of the checkpoints pretrained now)
+USER_MEMORY_DAYS = 400.0  # by default a user idle for longer is forgotten: a year and a month, so that one who
+# buys about once a year is remembered (`pretrain --user-memory-days`)
 
 
 @dataclass(frozen=True, slots=True)

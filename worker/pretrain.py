@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas import PurchaseEvent
-from worker.features import FeatureSpec, encode_stream
+from worker.features import USER_MEMORY_DAYS, FeatureSpec, encode_stream
 from worker.labels import BINARY_CLASSES, Task, file_labels
 from worker.model import ModelMeta, build_model, class_probabilities, save_checkpoint
 from worker.parsing import Rejection, parse_event
@@ -58,11 +58,12 @@ def read_events(path: Path, *, max_payload_bytes: int = 1 << 20) -> tuple[list[P
     return events, refused
 
 
-def category_spec(events: list[PurchaseEvent]) -> FeatureSpec:
-    """The categories worth a class of their own: frequent ones, most frequent first."""
+def category_spec(events: list[PurchaseEvent], user_memory_days: float = USER_MEMORY_DAYS) -> FeatureSpec:
+    """The categories worth a class of their own: frequent ones, most frequent first; users idle for more
+    than `user_memory_days` are forgotten."""
     counts = Counter(e.category for e in events)
     floor = MIN_CATEGORY_SHARE * len(events)
-    return FeatureSpec(tuple(c for c, n in counts.most_common(MAX_CATEGORIES) if n >= floor))
+    return FeatureSpec(tuple(c for c, n in counts.most_common(MAX_CATEGORIES) if n >= floor), user_memory_days)
 
 
 def classes_for(task: Task, spec: FeatureSpec) -> tuple[str, ...]:
@@ -96,14 +97,14 @@ def restarted(ordered: list[PurchaseEvent], examples: Examples, split: int, spec
 
 
 def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, epochs: int = 12,
-             seed: int = 0) -> tuple[ModelMeta, dict[str, float]]:
+             seed: int = 0, user_memory_days: float = USER_MEMORY_DAYS) -> tuple[ModelMeta, dict[str, float]]:
     """Train and save the source checkpoint; returns its metadata and validation metrics."""
     import tensorflow as tf
 
     events, refused = read_events(events_path)
     if len(events) < MIN_EXAMPLES:
         raise ValueError(f"{events_path} has {len(events)} valid events; pretraining needs at least {MIN_EXAMPLES}")
-    spec = category_spec(events)
+    spec = category_spec(events, user_memory_days)
     classes = classes_for(task, spec)
     ordered = sorted(events, key=lambda e: e.ts)
     examples = build_examples(ordered, spec, task, horizon_days)

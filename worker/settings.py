@@ -99,8 +99,8 @@ class RedisSettings(BaseSettings):
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, may hold a password")
     key_prefix: str = Field("streamadapt", min_length=1, description="prefix of every key the worker writes")
     dedupe_ttl_s: int = Field(7 * 86400, ge=60, description="how long an event_id is remembered")
-    user_state_ttl_s: int = Field(365 * 86400, ge=60, description="idle time after which a user's state expires "
-                                  "(keep it at least the model's user memory, 365 days)")
+    user_state_ttl_s: int = Field(400 * 86400, ge=60, description="idle time after which a user's state expires "
+                                  "(keep it at least the model's user memory, 400 days by default)")
     tls_ca_file: Path | None = Field(None, description="PEM CA that signed the server's certificate, for rediss:// "
                                                        "(default: the system's trusted CAs)")
     tls_certfile: Path | None = Field(None, description="PEM client certificate, for servers with tls-auth-clients")

@@ -18,6 +18,7 @@ def streamadapt(*args, env=None):
     (["run", "--metrics-port", "notaport", "--source-checkpoint", "x"], "STREAMADAPT_METRICS_PORT"),
     (["run", "--source-checkpoint", "/nonexistent/ckpt", "--metrics-port", "0"], "is not a checkpoint"),
     (["generate", "--out", "/tmp/x.jsonl", "--events", "0"], "events must be >= 1"),
+    (["pretrain", "--events", "/tmp/x.jsonl", "--out", "/tmp/x", "--user-memory-days", "0"], "must be positive"),
 ])
 def test_bad_flags_and_values_stop_with_one_line(args, fragment):
     result = streamadapt(*args)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from worker.features import USER_MEMORY_DAYS
 from worker.model import CheckpointError, ServingModel, load_checkpoint, save_checkpoint
 
 
@@ -47,6 +48,7 @@ def test_pretraining_recorded_what_it_trained_on(checkpoint):
     assert meta["trained_on"]["examples"] > 1000
     assert 0.0 < meta["validation"]["accuracy"] <= 1.0
     assert meta["feature_spec"]["categories"]
+    assert meta["feature_spec"]["user_memory_days"] == USER_MEMORY_DAYS
 
 
 def test_a_clone_with_the_same_weights_serves_the_same_predictions(checkpoint):

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas import Prediction, PurchaseEvent, RejectReason
-from worker.features import FeatureSpec, UserState, advance, encode
+from worker.features import USER_MEMORY_DAYS, FeatureSpec, UserState, advance, encode
 from worker.model import ModelMeta
 from worker.parsing import Rejection
 from worker.examples import Example
@@ -45,7 +45,7 @@ def test_fresh_events_chain_each_users_state_in_order():
 
 
 def test_a_stored_state_older_than_the_memory_is_forgotten_and_its_pending_still_resolved():
-    stored_state = advance(UserState(), ev("old", category="music", hours=-24 * 400))
+    stored_state = advance(UserState(), ev("old", category="music", hours=-24 * (USER_MEMORY_DAYS + 30)))
     pending = Example("old", stored_state.last_ts_s, "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.2, 0.8, 0.0]))
     plan = plan_batch([(rec(0), ev("a"))], {}, {"u1": stored_state}, {"u1": pending}, META, 0.0)
     np.testing.assert_array_equal(plan.features[0], encode([(UserState(), ev("a"))], SPEC, 0.0)[0])

@@ -1,12 +1,13 @@
-"""Pretraining's examples: the training part is read again from later starts, as a worker started there sees it."""
+"""Pretraining's examples: the training part is read again from later starts, as a worker started there sees it;
+users idle for longer than the memory asked for are forgotten."""
 import math
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
 from schemas import PurchaseEvent
-from worker.features import FeatureSpec
-from worker.pretrain import RESTARTS, build_examples, restarted
+from worker.features import USER_MEMORY_DAYS, FeatureSpec
+from worker.pretrain import RESTARTS, build_examples, category_spec, restarted
 
 SPEC = FeatureSpec(("books",))
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -36,3 +37,14 @@ def test_a_returning_customer_is_also_shown_as_a_worker_started_later_sees_them(
     # and read up to day 70 only: the longest watch is from day 20 to day 70
     assert observed[again].max() == np.float32(math.log1p(50))
     np.testing.assert_array_equal(labels[again], np.concatenate([examples.labels[k:split] for k in (2, 4, 6)]))
+
+
+def test_the_memory_asked_for_is_the_checkpoints_and_forgets_in_its_examples():
+    events = [purchase("a", 0), purchase("a", 45), purchase("a", 50)]
+    assert category_spec(events).user_memory_days == USER_MEMORY_DAYS
+    short = category_spec(events, user_memory_days=30.0)
+    assert short.user_memory_days == 30.0 and short.categories == ("books",)
+    first = short.feature_names().index("is_first_purchase")
+    # the examples are the first two purchases (the third has no next one); the second comes after 45 idle days
+    assert build_examples(events, short, "next_category", 7.0).features[:, first].tolist() == [1.0, 1.0]
+    assert build_examples(events, SPEC, "next_category", 7.0).features[:, first].tolist() == [1.0, 0.0]
