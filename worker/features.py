@@ -47,11 +47,11 @@ class FeatureSpec:
     categories: tuple[str, ...]
     user_memory_days: float | None = USER_MEMORY_DAYS
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
-    _memory_s: float = field(init=False, repr=False, compare=False)
+    memory_s: float = field(init=False, repr=False, compare=False)  # user_memory_days in seconds; inf: never forgets
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.categories)})
-        object.__setattr__(self, "_memory_s", math.inf if self.user_memory_days is None
+        object.__setattr__(self, "memory_s", math.inf if self.user_memory_days is None
                            else self.user_memory_days * _SECONDS_PER_DAY)
 
     @property
@@ -72,7 +72,7 @@ class FeatureSpec:
     def recall(self, state: UserState | None, ts_s: float) -> UserState:
         """The state an event at `ts_s` is seen with: `state` (None: a user never seen), or a new user's
         if `state` is older than the memory."""
-        if state is None or (state.last_ts_s is not None and ts_s - state.last_ts_s > self._memory_s):
+        if state is None or (state.last_ts_s is not None and ts_s - state.last_ts_s > self.memory_s):
             return _NEW_USER
         return state
 

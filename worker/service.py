@@ -192,11 +192,11 @@ def user_state_ttl_warning(ttl_s: int, spec: FeatureSpec) -> str | None:
     """What to tell the operator when user states expire (in wall-clock time) before the model forgets an idle
     user (in event time): in real time, a customer who comes back in between looks new to the model, which
     pretraining remembered. None when the TTL covers the memory."""
-    if spec.user_memory_days is None or ttl_s >= spec.user_memory_days * 86400:
+    if math.isinf(spec.memory_s) or ttl_s >= spec.memory_s:
         return None
     return (f"--redis-user-state-ttl-s is {ttl_s / 86400:g} days, shorter than the model's memory of an idle user "
             f"({spec.user_memory_days:g} days): a customer who comes back in between will look new to the model, "
-            f"which pretraining remembered; raise it to {math.ceil(spec.user_memory_days * 86400)} or more")
+            f"which pretraining remembered; raise it to {math.ceil(spec.memory_s)} or more")
 
 
 def _check_redis(store: StateStore, settings: Settings) -> None:
