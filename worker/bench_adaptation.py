@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas import PurchaseEvent
-from worker.bench_json import cell, write_json
+from worker.bench_json import cell, goal_line, write_json
 from worker.candidate import (Round, Scorer, examples_before_next_round, fine_tune_round, labels_known_until,
                               round_examples)
 from worker.examples import Example, expired_windows, window_start
@@ -439,8 +439,7 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, drift_at
         echo(f"{row['span'].replace('_', ' '):16}{row['examples']:>10,}{row[f'transfer_{stream.measure}']:>10.3f}"
              f"{row[f'scratch_{stream.measure}']:>10.3f}{row['transfer_minus_scratch']:>+12.3f}")
     for goal in checked:
-        verdict = "not judged" if goal["met"] is None else "met" if goal["met"] else "MISSED"
-        echo(f"goal {verdict}: {goal['goal']}: {goal['figures']}")
+        echo(goal_line(goal))
     if plot_path is not None:
         shown = [o for o in outcomes if o.name in {"static", "adapted-l2sp", "scratch", "oracle"} or o.name.startswith("river")]
         if plot(shown, stream, plot_path):

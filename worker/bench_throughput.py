@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 from kafka import KafkaConsumer
 
 from worker import kafka_io
-from worker.bench_json import cell, write_json
+from worker.bench_json import cell, goal_line, write_json
 from worker.generate import write_events
 from worker.builder import Builders
 from worker.model import ServingModel
@@ -399,95 +400,183 @@ def _redis_forked(persistence: dict) -> bool:
 
 LOAD_SHARES = (0.25, 0.5, 0.75)
 
+# The issue's serving goals on the 2-core development machine, broker on the same machine.
+GOAL_DRAIN_RATIO = 0.6
+GOAL_DRAIN_EVENTS_PER_S = 15_000.0
+GOAL_P99_AT_HALF_LOAD_MS = 50.0
+GOAL_FINETUNE_P99_FACTOR = 1.5
+GOAL_HOT_SWAP_MS = 5.0
+GOAL_PEAK_RSS_MIB = 1.5 * 1024
+
+
+@dataclass(frozen=True)
+class Drains:
+    """Every drain of one bench run, in the order they ran, and what Redis did around them."""
+
+    bare: list[DrainResult]
+    workers: dict[str, list[WorkerDrain]]  # by client library; the configured client first
+    redis_before: dict[str, float]
+    redis_after: dict[str, float]
+
 
 def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | None, out: Path | None,
                          repeat: int = 3, timeout_s: float = 900.0, latency_s: float = 20.0, echo=print) -> dict:
     """Drain `events` with each contender, `repeat` times alternating, and report the medians; then, unless
-    `latency_s` is 0, latency at 25/50/75 % of the worker's drain rate, and at 50 % with a trainer.
+    `latency_s` is 0, latency at 25/50/75 % of the worker's drain rate, and at 50 % with a trainer. Prints
+    the figures and the issue's goals judged from them; writes them as JSON to `out`.
 
     The worker drains on the serving client of `settings` (kafka-python unless --kafka-client says
     otherwise); with confluent-kafka installed it also drains on the other one, as a second contender.
     Latency is measured on the configured client."""
     other = "confluent" if settings.kafka.client == "kafka-python" else "kafka-python"
     clients = [settings.kafka.client] + ([other] if other != "confluent" or _has_confluent_kafka() else [])
-    bare_runs: list[DrainResult] = []
-    worker_runs: dict[str, list[DrainResult]] = {client: [] for client in clients}
-    rss: dict[str, list[float]] = {client: [] for client in clients}
-    start_up: dict[str, list[float]] = {client: [] for client in clients}
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch, deleted_when_done(settings.kafka) as made:
         scratch_dir = Path(scratch)
         stream = scratch_dir / "events.jsonl"
         write_events(stream, events=events, market="target", seed=99)
         if checkpoint is None:
             checkpoint = _quick_checkpoint(scratch_dir, echo)
-        redis_before = _redis_housekeeping(settings)
-        for attempt in range(1, repeat + 1):
-            run = uuid.uuid4().hex[:8]
-            topics = {"bare": f"bench-bare-{run}", **{client: f"bench-worker-{client}-{run}" for client in clients}}
-            made += [topics["bare"], f"{topics['bare']}.out", *(t for c in clients for t in topics_of(topics[c]))]
-            for topic in topics.values():
-                replay(stream, settings.kafka.model_copy(update={"input_topic": topic}))
-            echo(f"run {attempt}/{repeat}: backlog of {events} events produced; draining with the bare loop")
-            wait_for_redis_at_rest(settings, echo)
-            bare_runs.append(drain_bare(settings.kafka, topics["bare"], f"{topics['bare']}.out", events, timeout_s))
-            for client in clients:
-                echo(f"run {attempt}/{repeat}: draining with the worker on {client}")
-                wait_for_redis_at_rest(settings, echo)
-                on_client = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client": client})})
-                drained = drain_worker(on_client, checkpoint, topics[client], events, timeout_s, scratch_dir / "worker.log")
-                worker_runs[client].append(drained.drain)
-                rss[client].append(drained.peak_rss_mib)
-                start_up[client].append(drained.start_up_s)
-        redis_after = _redis_housekeeping(settings)
-        bare = _median(bare_runs)
-        workers = {client: _median(runs) for client, runs in worker_runs.items()}
-        worker = workers[settings.kafka.client]
+        drains = drain_alternating(settings, clients, checkpoint, stream, events, repeat, timeout_s, scratch_dir,
+                                   made, echo)
         swap = measure_swap(settings, checkpoint)
-        latencies = []
+        latencies: list[dict] = []
         if latency_s > 0 and not _has_confluent_kafka():
             echo("latency runs skipped: they need confluent-kafka (pip install 'streamadapt[bench]')")
         elif latency_s > 0:
-            latency_stream = scratch_dir / "latency.jsonl"
-            write_events(latency_stream, events=int(worker.events_per_s * max(LOAD_SHARES) * latency_s) + 1,
-                         market="target", seed=97)
-            lines = latency_stream.read_bytes().splitlines()
-            values = [(event["event_id"], event["user_id"], line) for line in lines for event in [json.loads(line)]]
-            for share, finetune in [(share, False) for share in LOAD_SHARES] + [(0.5, True)]:
-                rate = worker.events_per_s * share
-                echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")
-                input_topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
-                made += topics_of(input_topic)
-                wait_for_redis_at_rest(settings, echo)
-                latencies.append(measure_latency(settings, checkpoint, input_topic, values[: int(rate * latency_s)],
-                                                 rate, scratch_dir / "latency.log", finetune=finetune))
-    by_client = {client: {"events": w.events, "events_per_s": w.events_per_s,
-                          "ratio_to_bare": w.events_per_s / bare.events_per_s,
-                          "runs_events_per_s": [r.events_per_s for r in worker_runs[client]],
-                          "ratio_per_run": [r.events_per_s / b.events_per_s for r, b in zip(worker_runs[client], bare_runs)],
-                          "peak_rss_mib": max(rss[client]), "start_up_s": float(np.median(start_up[client])),
-                          "start_up_s_per_run": start_up[client]}
-                 for client, w in workers.items()}
-    chosen = by_client[settings.kafka.client]
-    result = {"events": events, "repeat": repeat, "client": settings.kafka.client,
+            drain_rate = _median([d.drain for d in drains.workers[settings.kafka.client]]).events_per_s
+            latencies = latency_rows(settings, checkpoint, drain_rate, latency_s, scratch_dir, made, echo)
+    result = throughput_result(settings.kafka.client, events, repeat, drains, swap, latencies)
+    print_throughput(result, echo)
+    if out is not None:
+        write_json(out, result)
+        echo(f"wrote {out}")
+    return result
+
+
+def drain_alternating(settings: Settings, clients: list[str], checkpoint: Path, stream: Path, events: int,
+                      repeat: int, timeout_s: float, scratch_dir: Path, made: list[str], echo=print) -> Drains:
+    """`repeat` rounds, each draining a fresh copy of `stream` with the bare loop and then with the worker on
+    each client; every topic made is named in `made`."""
+    bare: list[DrainResult] = []
+    workers: dict[str, list[WorkerDrain]] = {client: [] for client in clients}
+    redis_before = _redis_housekeeping(settings)
+    for attempt in range(1, repeat + 1):
+        run = uuid.uuid4().hex[:8]
+        topics = {"bare": f"bench-bare-{run}", **{client: f"bench-worker-{client}-{run}" for client in clients}}
+        made += [topics["bare"], f"{topics['bare']}.out", *(t for c in clients for t in topics_of(topics[c]))]
+        for topic in topics.values():
+            replay(stream, settings.kafka.model_copy(update={"input_topic": topic}))
+        echo(f"run {attempt}/{repeat}: backlog of {events} events produced; draining with the bare loop")
+        wait_for_redis_at_rest(settings, echo)
+        bare.append(drain_bare(settings.kafka, topics["bare"], f"{topics['bare']}.out", events, timeout_s))
+        for client in clients:
+            echo(f"run {attempt}/{repeat}: draining with the worker on {client}")
+            wait_for_redis_at_rest(settings, echo)
+            on_client = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client": client})})
+            workers[client].append(drain_worker(on_client, checkpoint, topics[client], events, timeout_s,
+                                                scratch_dir / "worker.log"))
+    return Drains(bare, workers, redis_before, _redis_housekeeping(settings))
+
+
+def latency_rows(settings: Settings, checkpoint: Path, drain_rate: float, latency_s: float, scratch_dir: Path,
+                 made: list[str], echo=print) -> list[dict]:
+    """Latency at each of LOAD_SHARES of `drain_rate` (events/s), and at 50 % with the trainer: one
+    `LatencyResult` each, as a dict with its `load_share`."""
+    latency_stream = scratch_dir / "latency.jsonl"
+    write_events(latency_stream, events=int(drain_rate * max(LOAD_SHARES) * latency_s) + 1, market="target", seed=97)
+    lines = latency_stream.read_bytes().splitlines()
+    values = [(event["event_id"], event["user_id"], line) for line in lines for event in [json.loads(line)]]
+    rows = []
+    for share, finetune in [(share, False) for share in LOAD_SHARES] + [(0.5, True)]:
+        rate = drain_rate * share
+        echo(f"latency at {share:.0%} of the drain rate ({rate:.0f} events/s){' with the trainer' if finetune else ''}")
+        input_topic = f"bench-latency-{uuid.uuid4().hex[:8]}"
+        made += topics_of(input_topic)
+        wait_for_redis_at_rest(settings, echo)
+        measured = measure_latency(settings, checkpoint, input_topic, values[: int(rate * latency_s)], rate,
+                                   scratch_dir / "latency.log", finetune=finetune)
+        rows.append({"load_share": share, **asdict(measured)})
+    return rows
+
+
+def throughput_result(client: str, events: int, repeat: int, drains: Drains, swap: dict, latencies: list[dict]) -> dict:
+    """The bench's JSON: medians of the drains, each client's figures, the hot-swaps, the latency rows, what
+    Redis did during the drains, and the goals judged from them."""
+    bare = _median(drains.bare)
+    by_client = {}
+    for name, runs in drains.workers.items():
+        median = _median([run.drain for run in runs])
+        by_client[name] = {"name": median.name, "events": median.events, "seconds": median.seconds,
+                           "events_per_s": median.events_per_s, "ratio_to_bare": median.events_per_s / bare.events_per_s,
+                           "runs_events_per_s": [run.drain.events_per_s for run in runs],
+                           "ratio_per_run": [run.drain.events_per_s / b.events_per_s for run, b in zip(runs, drains.bare)],
+                           "peak_rss_mib": max(run.peak_rss_mib for run in runs),
+                           "start_up_s": float(np.median([run.start_up_s for run in runs])),
+                           "start_up_s_per_run": [run.start_up_s for run in runs]}
+    chosen = by_client[client]
+    before, after = drains.redis_before, drains.redis_after
+    result = {"events": events, "repeat": repeat, "client": client,
               "bare": {**asdict(bare), "events_per_s": bare.events_per_s,
-                       "runs_events_per_s": [r.events_per_s for r in bare_runs]},
-              "worker": {**asdict(worker), "events_per_s": worker.events_per_s,
-                         "runs_events_per_s": chosen["runs_events_per_s"]},
+                       "runs_events_per_s": [r.events_per_s for r in drains.bare]},
+              "worker": {key: chosen[key] for key in ("name", "events", "seconds", "events_per_s", "runs_events_per_s")},
               "ratio_worker_to_bare": chosen["ratio_to_bare"], "worker_peak_rss_mib": chosen["peak_rss_mib"],
               "worker_start_up_s": chosen["start_up_s"],
               "ratio_per_run": chosen["ratio_per_run"],
               "workers_by_client": by_client,
               "hot_swap": swap,
-              "latency": [asdict(r) for r in latencies],
-              "redis": {"keys_at_start": redis_before["keys"], "used_memory_mib_at_start": redis_before["used_memory_mib"],
-                        "aof_rewrites_during_drains": redis_after["aof_rewrites"] - redis_before["aof_rewrites"],
-                        "snapshots_during_drains": redis_after["rdb_saves"] - redis_before["rdb_saves"]},
+              "latency": latencies,
+              "redis": {"keys_at_start": before["keys"], "used_memory_mib_at_start": before["used_memory_mib"],
+                        "aof_rewrites_during_drains": after["aof_rewrites"] - before["aof_rewrites"],
+                        "snapshots_during_drains": after["rdb_saves"] - before["rdb_saves"]},
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
-    echo(f"{'median of ' + str(repeat) + ' runs':38}{'events':>8}{'seconds':>10}{'events/s':>11}   runs (events/s)")
-    for r, runs in [(bare, bare_runs)] + [(workers[c], worker_runs[c]) for c in clients]:
-        shown = " ".join(f"{x.events_per_s:.0f}" for x in runs)
-        echo(f"{r.name:38}{r.events:>8}{r.seconds:>10.2f}{r.events_per_s:>11.0f}   {shown}")
-    for client, figures in by_client.items():
+    result["goals"] = goals(result)
+    return result
+
+
+def goals(result: dict) -> list[dict]:
+    """The issue's serving goals, each with its figures and whether `result` meets it: True, False, or None
+    when the run did not measure it (latency skipped, or no fine-tune ran during the trainer's row)."""
+    chosen = result["workers_by_client"][result["client"]]
+    per_run = ", ".join(f"{ratio:.3f}" for ratio in chosen["ratio_per_run"])
+    checked = [
+        {"goal": f"drain rate at least {GOAL_DRAIN_RATIO} x bare kafka-python's",
+         "figures": f"{chosen['ratio_to_bare']:.3f} on {result['client']} (per run: {per_run})",
+         "met": chosen["ratio_to_bare"] >= GOAL_DRAIN_RATIO},
+        {"goal": f"drain rate at least {GOAL_DRAIN_EVENTS_PER_S:,.0f} events/s",
+         "figures": f"{chosen['events_per_s']:,.0f} events/s on {result['client']}",
+         "met": chosen["events_per_s"] >= GOAL_DRAIN_EVENTS_PER_S}]
+    rows = result["latency"]
+    half = next((row for row in rows if row["load_share"] == 0.5 and row["while_training"] is None), None)
+    p99 = float("nan") if half is None else half["p99_ms"]
+    checked.append({"goal": f"p99 at most {GOAL_P99_AT_HALF_LOAD_MS:g} ms at 50 % load",
+                    "figures": "not measured" if half is None else
+                    f"{cell(p99, '.1f')} ms at {half['offered_events_per_s']:,.0f} events/s",
+                    "met": None if math.isnan(p99) else p99 <= GOAL_P99_AT_HALF_LOAD_MS})
+    trainer = next((row for row in rows if row["while_training"] is not None), None)
+    during, between = ((trainer["while_training"]["p99_ms"], trainer["between_training"]["p99_ms"]) if trainer
+                       else (float("nan"), float("nan")))
+    measured = not (math.isnan(during) or math.isnan(between))
+    checked.append({"goal": f"p99 during a fine-tune at most {GOAL_FINETUNE_P99_FACTOR:g} x p99 between fine-tunes",
+                    "figures": (f"{during:.1f} against {between:.1f} ms ({during / between:.2f} x)" if measured else
+                                "not measured" if trainer is None else "no fine-tune ran during the row"),
+                    "met": during <= GOAL_FINETUNE_P99_FACTOR * between if measured else None})
+    swap = result["hot_swap"]
+    checked += [
+        {"goal": f"every hot-swap at most {GOAL_HOT_SWAP_MS:g} ms",
+         "figures": f"median {swap['median_ms']:.3f} ms, slowest {swap['max_ms']:.2f} ms of {swap['swaps']}",
+         "met": swap["max_ms"] <= GOAL_HOT_SWAP_MS},
+        {"goal": f"worker peak RSS at most {GOAL_PEAK_RSS_MIB / 1024:g} GiB",
+         "figures": f"{chosen['peak_rss_mib']:.0f} MiB", "met": chosen["peak_rss_mib"] <= GOAL_PEAK_RSS_MIB}]
+    return checked
+
+
+def print_throughput(result: dict, echo=print) -> None:
+    """The compact tables of a `throughput_result`, ending with its goals."""
+    echo(f"{'median of ' + str(result['repeat']) + ' runs':38}{'events':>8}{'seconds':>10}{'events/s':>11}   runs (events/s)")
+    for row in [result["bare"], *result["workers_by_client"].values()]:
+        shown = " ".join(f"{rate:.0f}" for rate in row["runs_events_per_s"])
+        echo(f"{row['name']:38}{row['events']:>8}{row['seconds']:>10.2f}{row['events_per_s']:>11.0f}   {shown}")
+    for client, figures in result["workers_by_client"].items():
         per_run = " ".join(f"{ratio:.3f}" for ratio in figures["ratio_per_run"])
         echo(f"ratio worker ({client}) / bare kafka-python: {figures['ratio_to_bare']:.3f} (per run: {per_run})"
              f"    worker peak RSS: {figures['peak_rss_mib']:.0f} MiB, start-up: {figures['start_up_s']:.1f} s")
@@ -497,28 +586,27 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
              f"{housekeeping['snapshots_during_drains']} snapshot(s) during the drains, with "
              f"{housekeeping['keys_at_start']} keys ({housekeeping['used_memory_mib_at_start']:.0f} MiB) in it at the "
              "start: the worker's runs carry that work (a fresh Redis does not)")
+    swap = result["hot_swap"]
     echo(f"hot-swap on the serving thread: median {swap['median_ms']:.3f} ms, p99 {swap['p99_ms']:.3f} ms, "
          f"max {swap['max_ms']:.3f} ms over {swap['swaps']} swaps")
-    if latencies:
-        echo(f"{'event to prediction latency (' + settings.kafka.client + ')':38}{'events/s':>9}{'received':>10}"
+    if result["latency"]:
+        echo(f"{'event to prediction latency (' + result['client'] + ')':38}{'events/s':>9}{'received':>10}"
              f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")
-        for r in latencies:
-            echo(f"{r.name:38}{r.offered_events_per_s:>9.0f}{r.received:>10}{cell(r.p50_ms, '.1f'):>9}"
-                 f"{cell(r.p99_ms, '.1f'):>9}{cell(r.p999_ms, '.1f'):>10}")
-            for label, t in (("  of which sent during a fine-tune", r.while_training),
-                             ("  and sent between fine-tunes", r.between_training)):
-                if t is not None:
-                    echo(f"{label:38}{'':>9}{t['events']:>10}{cell(t['p50_ms'], '.1f'):>9}{cell(t['p99_ms'], '.1f'):>9}"
-                         f"{cell(t['p999_ms'], '.1f'):>10}")
-            if r.redis_rewrites:
-                echo(f"  Redis began {r.redis_rewrites} AOF rewrite(s) or snapshot(s) meanwhile: latency spikes for seconds")
-            if r.swaps is not None:
-                echo(f"  hot-swaps: {r.swaps['count']}, mean {cell(r.swaps['mean_ms'], '.2f')} ms, "
-                     f"slowest <= {cell(r.swaps['max_bucket_ms'], 'g')} ms")
-    if out is not None:
-        write_json(out, result)
-        echo(f"wrote {out}")
-    return result
+    for row in result["latency"]:
+        echo(f"{row['name']:38}{row['offered_events_per_s']:>9.0f}{row['received']:>10}{cell(row['p50_ms'], '.1f'):>9}"
+             f"{cell(row['p99_ms'], '.1f'):>9}{cell(row['p999_ms'], '.1f'):>10}")
+        for label, part in (("  of which sent during a fine-tune", row["while_training"]),
+                            ("  and sent between fine-tunes", row["between_training"])):
+            if part is not None:
+                echo(f"{label:38}{'':>9}{part['events']:>10}{cell(part['p50_ms'], '.1f'):>9}"
+                     f"{cell(part['p99_ms'], '.1f'):>9}{cell(part['p999_ms'], '.1f'):>10}")
+        if row["redis_rewrites"]:
+            echo(f"  Redis began {row['redis_rewrites']} AOF rewrite(s) or snapshot(s) meanwhile: latency spikes for seconds")
+        if row["swaps"] is not None:
+            echo(f"  hot-swaps: {row['swaps']['count']}, mean {cell(row['swaps']['mean_ms'], '.2f')} ms, "
+                 f"slowest <= {cell(row['swaps']['max_bucket_ms'], 'g')} ms")
+    for goal in result["goals"]:
+        echo(goal_line(goal))
 
 
 def _median(runs: list[DrainResult]) -> DrainResult:

@@ -3,7 +3,9 @@ import math
 
 import numpy as np
 
-from worker.bench_json import cell, finite_or_null, write_json
+import pytest
+
+from worker.bench_json import cell, finite_or_null, goal_line, write_json
 
 
 def test_figures_that_could_not_be_measured_are_written_as_null(tmp_path):
@@ -28,3 +30,8 @@ def test_a_table_cell_is_the_formatted_figure_or_a_dash():
     assert cell(12.345, ".1f") == "12.3"
     assert cell(np.float64(0.5), ".3f") == "0.500"
     assert cell(float("nan"), ".1f") == "–"
+
+
+@pytest.mark.parametrize("met, verdict", [(True, "met"), (False, "MISSED"), (None, "not judged")])
+def test_a_goal_is_printed_with_its_verdict_and_figures(met, verdict):
+    assert goal_line({"goal": "p99 at most 50 ms", "figures": "41.0 ms", "met": met}) == f"goal {verdict}: p99 at most 50 ms: 41.0 ms"
