@@ -32,7 +32,7 @@ from worker import kafka_io
 from worker.bench_json import cell, goal_line, write_json
 from worker.generate import write_events
 from worker.builder import Builders
-from worker.model import ServingModel
+from worker.model import ServingModel, read_metadata
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
 from worker.state import connect, drop_keys
@@ -142,7 +142,7 @@ def drain_worker(settings: Settings, checkpoint: Path, input_topic: str, events:
         started, handled, deadline = None, 0.0, time.monotonic() + timeout_s
         while handled < events and time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"the worker exited with {process.returncode}; see {log_path}")
+                raise _exited(process, log_path)
             metrics = _scrape(port)
             if metrics.get("streamadapt_events_consumed_total", 0.0) > 0 and started is None:
                 started = time.perf_counter()
@@ -342,7 +342,7 @@ def _wait_ready(process: subprocess.Popen, port: int, log_path: Path, timeout_s:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the worker exited with {process.returncode}; see {log_path}")
+            raise _exited(process, log_path)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
                 if response.status == 200:
@@ -350,7 +350,18 @@ def _wait_ready(process: subprocess.Popen, port: int, log_path: Path, timeout_s:
         except OSError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"the worker was not ready after {timeout_s:.0f} s; see {log_path}")
+    raise RuntimeError(f"the worker was not ready after {timeout_s:.0f} s; it last logged: {_last_line(log_path)}")
+
+
+def _exited(process: subprocess.Popen, log_path: Path) -> RuntimeError:
+    """The error for a bench worker that exited. It names the last line the worker logged (its reason, when
+    it refused to start), since its log goes with the bench's scratch directory."""
+    return RuntimeError(f"the worker exited with {process.returncode}: {_last_line(log_path)}")
+
+
+def _last_line(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    return next((line.strip() for line in reversed(lines) if line.strip()), "(nothing logged)")
 
 
 def _drop_redis_keys(settings: Settings, key_prefix: str) -> None:
@@ -428,6 +439,8 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
     The worker drains on the serving client of `settings` (kafka-python unless --kafka-client says
     otherwise); with confluent-kafka installed it also drains on the other one, as a second contender.
     Latency is measured on the configured client."""
+    if checkpoint is not None:
+        read_metadata(checkpoint)  # a checkpoint the workers would refuse stops the bench before any backlog
     other = "confluent" if settings.kafka.client == "kafka-python" else "kafka-python"
     clients = [settings.kafka.client] + ([other] if other != "confluent" or _has_confluent_kafka() else [])
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch, deleted_when_done(settings.kafka) as made:

@@ -11,7 +11,7 @@ from kafka import KafkaAdminClient
 from worker import kafka_io
 from worker.bench_json import goal_line
 from worker.bench_throughput import (
-    deleted_when_done, measure_latency, run_throughput_bench, topics_of, wait_for_redis_at_rest,
+    deleted_when_done, drain_worker, measure_latency, run_throughput_bench, topics_of, wait_for_redis_at_rest,
 )
 from worker.generate import write_events
 from worker.settings import load_settings
@@ -54,6 +54,15 @@ def test_throughput_bench_drains_the_whole_backlog_both_ways(stack, checkpoint, 
     assert set(result["workers_by_client"]) == {"kafka-python", "confluent"}
     assert all(w["events"] == 2000 and w["ratio_to_bare"] > 0 for w in result["workers_by_client"].values())
     assert settled_topics(stack, "bench-", bench_topics_before) == bench_topics_before  # it leaves none of its own
+
+
+def test_a_worker_that_refuses_to_start_is_reported_with_its_reason(stack, names, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMADAPT_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
+    monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
+    with pytest.raises(RuntimeError) as raised:  # its log goes with the bench's scratch directory: the reason must not
+        drain_worker(load_settings(), tmp_path / "missing", names.input_topic, 100, 60, tmp_path / "worker.log")
+    assert str(raised.value) == (f"the worker exited with 1: streamadapt run: error: {tmp_path / 'missing'} is not a "
+                                 "checkpoint: it needs model.keras and metadata.json")
 
 
 def test_a_measurement_waits_for_a_rewrite_begun_before_it(stack, names, monkeypatch):

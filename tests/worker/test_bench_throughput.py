@@ -4,7 +4,11 @@ import math
 
 import pytest
 
-from worker.bench_throughput import Drains, DrainResult, WorkerDrain, print_throughput, throughput_result
+from worker.bench_throughput import (
+    Drains, DrainResult, WorkerDrain, print_throughput, run_throughput_bench, throughput_result,
+)
+from worker.model import CheckpointError
+from worker.settings import load_settings
 
 REDIS = {"keys": 1, "used_memory_mib": 2.0, "aof_rewrites": 0, "rdb_saves": 0}
 SWAP = {"swaps": 200, "median_ms": 0.1, "p99_ms": 1.0, "max_ms": 2.0}
@@ -91,3 +95,10 @@ def test_the_printout_ends_with_every_goal():
     assert "goal MISSED: p99 at most 50 ms at 50 % load: 400.0 ms at 8,000 events/s" in lines
     assert any(line.startswith("ratio worker (kafka-python) / bare kafka-python: 0.750 (per run: 0.667 1.000 0.562)")
                for line in lines)
+
+
+def test_a_checkpoint_the_workers_would_refuse_stops_the_bench_before_any_backlog(tmp_path):
+    # the bootstrap names a port nothing listens on: the bench must not get as far as Kafka
+    settings = load_settings({"STREAMADAPT_KAFKA_BOOTSTRAP": "127.0.0.1:9"})
+    with pytest.raises(CheckpointError, match="is not a checkpoint: it needs model.keras and metadata.json"):
+        run_throughput_bench(settings, 1000, tmp_path / "missing", None)
