@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
     watch.add_argument("--metrics-url", default="http://127.0.0.1:9400/metrics")
-    watch.add_argument("--until-consumed", type=int, default=None, help="stop once this many records are consumed")
-    watch.add_argument("--timeout-s", type=float, default=600.0)
+    watch.add_argument("--until-consumed", type=int, default=None,
+                       help="stop once this many records are consumed; exit 1 if --timeout-s passes first")
+    watch.add_argument("--timeout-s", type=float, default=600.0,
+                       help="stop after this long (a worker that stops answering for 30 s ends it sooner, with exit 1)")
     return parser
 
 

@@ -39,20 +39,31 @@ def scrape(url: str) -> dict[str, float]:
     return {name: totals.get(sample, 0.0) for name, sample in SHOWN.items()}
 
 
-def watch(url: str, until_consumed: int | None, timeout_s: float, interval_s: float = 1.0, out=print) -> dict[str, float]:
-    """Print a line per interval until `until_consumed` records are consumed or `timeout_s` passes."""
+# Once a worker has answered, this long without an answer means it is gone (a crash, a stop), not starting.
+LOST_AFTER_S = 30.0
+
+
+def watch(url: str, until_consumed: int | None, timeout_s: float, interval_s: float = 1.0, out=print,
+          lost_after_s: float = LOST_AFTER_S) -> dict[str, float]:
+    """Print a line per interval until `until_consumed` records are consumed or `timeout_s` passes; the last
+    totals. Raises RuntimeError when `until_consumed` is not reached in time, or when the worker, having
+    answered, stops answering for `lost_after_s`: a script waiting on it fails rather than carrying on."""
     started = time.monotonic()
     first: tuple[float, float] | None = None
     last = dict.fromkeys(SHOWN, 0.0)
     previous = (started, 0.0)
+    answered_at: float | None = None
     while time.monotonic() - started < timeout_s:
         try:
             last = scrape(url)
         except (urllib.error.URLError, OSError) as error:
+            if answered_at is not None and time.monotonic() - answered_at > lost_after_s:
+                raise RuntimeError(f"{url} has not answered for {lost_after_s:.0f} s (did the worker stop?); "
+                                   f"{_consumed(last)} records consumed before") from error
             out(f"waiting for {url}: {error}")
             time.sleep(interval_s)
             continue
-        now = time.monotonic()
+        now = answered_at = time.monotonic()
         if first is None and last["consumed"] > 0:
             first = (now, last["consumed"])
         rate = (last["consumed"] - previous[1]) / max(1e-9, now - previous[0])
@@ -61,6 +72,14 @@ def watch(url: str, until_consumed: int | None, timeout_s: float, interval_s: fl
         if until_consumed is not None and last["consumed"] >= until_consumed:
             break
         time.sleep(interval_s)
+    else:
+        if until_consumed is not None:
+            raise RuntimeError(f"{_consumed(last)} of {until_consumed:,} records consumed when --timeout-s "
+                               f"{timeout_s:g} ran out")
     if first is not None and previous[0] > first[0]:
         last["mean_rate_per_s"] = (last["consumed"] - first[1]) / (previous[0] - first[0])
     return last
+
+
+def _consumed(totals: dict[str, float]) -> str:
+    return f"{int(totals['consumed']):,}"
