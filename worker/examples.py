@@ -38,24 +38,17 @@ class Example(NamedTuple):
                        resolved_ts_s)
 
     def encode(self) -> bytes:
-        """A JSON header line (ids, times, label, sizes) then the float32 features and probabilities.
-
-        A pending prediction's header has no resolution time, so that it reads as before: the profiles
-        the serving path writes stay readable by a replica of the previous version during an upgrade."""
-        fields = [self.event_id, self.ts_s, self.model_version, self.label, len(self.features), len(self.probabilities)]
-        if self.resolved_ts_s is not None:
-            fields.append(self.resolved_ts_s)
-        header = to_json(fields)
+        """A JSON header line (ids, times, label, sizes) then the float32 features and probabilities."""
+        header = to_json([self.event_id, self.ts_s, self.model_version, self.label, len(self.features),
+                          len(self.probabilities), self.resolved_ts_s])
         return b"".join((header, b"\n", np.asarray(self.features, np.float32).tobytes(),
                          np.asarray(self.probabilities, np.float32).tobytes()))
 
     @classmethod
     def decode(cls, raw: bytes) -> Example:
+        """An encoded example; ValueError when `raw` is not one."""
         header, _, body = raw.partition(b"\n")
-        fields = from_json(header)
-        event_id, ts_s, version, label, n_features, n_classes = fields[:6]
-        # labelled, and written before the resolution time was kept: it became known no earlier than the event
-        resolved_ts_s = fields[6] if len(fields) > 6 else (ts_s if label >= 0 else None)
+        event_id, ts_s, version, label, n_features, n_classes, resolved_ts_s = from_json(header)
         values = np.frombuffer(body, dtype=np.float32)
         if len(values) != n_features + n_classes:
             raise ValueError("example body does not match its header")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 if TYPE_CHECKING:
     from schemas import PurchaseEvent
 
@@ -29,6 +31,24 @@ def repurchase_label(ts_s: float, next_ts_s: float | None, watermark_s: float, h
     if watermark_s > deadline_s:
         return "0"
     return None
+
+
+def settled(ts_s, horizon_days: float | None, watermark_s: float):
+    """Whether a purchase at `ts_s` (a float or an array) has a label that can no longer change: its deadline,
+    `ts_s` plus the horizon, is behind the watermark. Only such examples may train or judge a binary model with
+    a horizon, whatever their label: before the deadline a positive can be known (the user came back) and a
+    negative cannot, so the unsettled ones are mostly positives, and learning from them teaches the model that
+    everybody comes back. Without a horizon (next_category) every resolved label is settled.
+
+    Pretraining calls it with the file's last event time as the watermark, the trainer and the gate with the
+    stream's, and the adaptation benchmark with the replayed stream's.
+
+    >>> settled(0.0, 7.0, 7 * 86400.0 + 1), settled(0.0, 7.0, 7 * 86400.0), settled(0.0, None, -1.0)
+    (True, False, True)
+    """
+    if horizon_days is None:
+        return np.full(np.shape(ts_s), True) if np.ndim(ts_s) else True
+    return ts_s + horizon_days * 86400.0 < watermark_s  # as repurchase_label: a negative once the deadline is passed
 
 
 def next_of_same_user(user_ids: Sequence[str]) -> list[int]:

@@ -18,24 +18,6 @@ def test_example_round_trips_through_bytes():
     assert Example.decode(pending.encode()).resolved_ts_s is None
 
 
-def test_a_pending_prediction_is_written_as_the_previous_version_wrote_it():
-    """Profiles hold pending predictions and every serving replica reads them: during an upgrade the previous
-    version must still read what this one writes (its decoder takes exactly six header fields)."""
-    pending = Example("p", 2000.0, "v", np.ones(3, np.float32), np.ones(2, np.float32))
-    header = pending.encode().partition(b"\n")[0]
-    assert header == b'["p",2000.0,"v",-1,3,2]'
-
-
-def test_an_example_written_before_resolution_times_were_kept_still_reads():
-    """Windows in Redis outlive an upgrade: a header of six fields has no resolution time. A label is known
-    no earlier than its event, so that is the time it gets (a pending one gets none)."""
-    body = np.ones(3, np.float32).tobytes() + np.ones(2, np.float32).tobytes()
-    labelled = Example.decode(b'["e",1000.0,"v",1,3,2]\n' + body)
-    pending = Example.decode(b'["p",2000.0,"v",-1,3,2]\n' + body)
-    assert (labelled.label, labelled.resolved_ts_s) == (1, 1000.0)
-    assert (pending.label, pending.resolved_ts_s) == (-1, None)
-
-
 def test_corrupt_example_is_refused():
     raw = Example("e", 1.0, "v", np.ones(3, np.float32), np.ones(2, np.float32)).encode()
     with pytest.raises(ValueError):

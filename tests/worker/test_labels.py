@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.examples import expired_windows, window_start
-from worker.labels import next_of_same_user, repurchase_label, resolve_on_purchase, watermark
+from worker.labels import next_of_same_user, repurchase_label, resolve_on_purchase, settled, watermark
 
 DAY = 86400.0
 
@@ -19,6 +20,25 @@ DAY = 86400.0
 ])
 def test_repurchase_label(next_ts, watermark, expected):
     assert repurchase_label(0.0, next_ts, watermark, horizon_days=7) == expected
+
+
+@pytest.mark.parametrize("ts_days, horizon_days, watermark_days, expected", [
+    (0.0, 7.0, 8.0, True),        # the deadline (day 7) is behind the watermark: whatever happens, the label stands
+    (0.0, 7.0, 7.0, False),       # a watermark at the deadline has not passed it (as repurchase_label)
+    (0.0, 7.0, 3.0, False),       # a positive may be known already, a negative cannot: not usable either way
+    (16.0, 30.0, 45.0, False),    # a file of 45 days with a 30-day horizon settles only its first 15 days
+    (14.0, 30.0, 45.0, True),
+    (0.0, 90.0, 60.0, False),     # a file shorter than the horizon settles nothing
+    (50.0, None, 50.0, True),     # without a horizon every resolved label is settled
+])
+def test_settled(ts_days, horizon_days, watermark_days, expected):
+    assert settled(ts_days * DAY, horizon_days, watermark_days * DAY) is expected
+
+
+def test_settled_takes_arrays():
+    mask = settled(np.array([0.0, 10.0, 20.0]) * DAY, 15.0, 30.0 * DAY)
+    assert mask.tolist() == [True, True, False]
+    assert settled(np.array([0.0, 99.0]), None, 0.0).tolist() == [True, True]
 
 
 @pytest.mark.parametrize("task, gap_days, purchase_class, expected", [
