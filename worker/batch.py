@@ -105,8 +105,8 @@ class BatchBuilder:
         self._clock = clock
         self._progress: dict[str, float] = {}  # input partition -> newest event time of the records built here
 
-    def swap(self, weights, version: str) -> None:
-        self._model.swap(weights, version)
+    def swap(self, parameters, version: str) -> None:
+        self._model.swap(parameters, version)
 
     def build(self, records: list[InputRecord], unsaved: Unsaved | None = None, builders: int = 1
               ) -> tuple[Built, StateWrites]:

@@ -32,7 +32,7 @@ from worker import kafka_io
 from worker.bench_json import cell, goal_line, write_json
 from worker.generate import write_events
 from worker.builder import Builders
-from worker.model import ServingModel, read_metadata
+from worker.model import Parameters, ServingModel, read_metadata
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
 from worker.state import connect, drop_keys
@@ -299,7 +299,7 @@ def measure_swap(settings: Settings, checkpoint: Path, swaps: int = 200) -> dict
     checks they fit, then handing them to the worker's real builder processes (the follower thread fetches
     and verifies them beforehand, off the serving path; each builder applies them between two batches)."""
     model = ServingModel.from_checkpoint(checkpoint)
-    versions = [[w * (1.0 + 0.01 * i) for w in model.weights] for i in range(2)]
+    versions = [Parameters([w * (1.0 + 0.01 * i) for w in model.weights]) for i in range(2)]
     builders = Builders(settings, model)
     durations = []
     try:

@@ -127,9 +127,9 @@ class BuilderProcess:
         self._process.join(timeout=5)  # its end of the pipe closes a moment before it can be reaped
         return BuilderFailed(f"the batch builder process died (exit code {self._process.exitcode})")
 
-    def swap(self, weights, version: str) -> None:
-        """Build with these weights from the next batch on (the caller has checked they fit)."""
-        self._conn.send(("swap", weights, version))
+    def swap(self, parameters, version: str) -> None:
+        """Build with these parameters from the next batch on (the caller has checked they fit)."""
+        self._conn.send(("swap", parameters, version))
 
     def close(self, timeout_s: float = 10.0) -> None:
         try:
@@ -257,9 +257,9 @@ class Builders:
         for process in self._processes:
             process.check_alive()
 
-    def swap(self, weights, version: str) -> None:
+    def swap(self, parameters, version: str) -> None:
         for process in self._processes:
-            process.swap(weights, version)
+            process.swap(parameters, version)
 
     def close(self, timeout_s: float = 10.0) -> None:
         for process in self._processes:

@@ -5,30 +5,43 @@ gives the features of each event as seen *before* it is folded into its user's s
 event)` folds it in; `spec.recall(state, ts_s)` is the state an event at `ts_s` is seen with: a user idle
 for longer than the model's memory counts as new. All are pure, and memory is counted in event time, so
 that pretraining on a file of years, a fast replay and a worker in real time forget the same users.
+
+The vector has two blocks:
+- the *class block*: for each class of the vocabulary (the categories the model knows, and OTHER), the
+  same PER_CLASS_FEATURES of this user and that class, class after class: how often the user bought it,
+  this purchase included (their frequency smoothed toward everybody's: what a per-user frequency baseline
+  would predict), whether this purchase is one, how much of their recent buying it is, and
+  how long ago they last bought it. A model can score every class with one shared function of these
+  (worker.model does), which holds for a user with two purchases as for one with two hundred, and for a
+  rare class as for a common one;
+- the *context block*: this purchase's category (one-hot) and NUMERIC_FEATURES.
 """
 from __future__ import annotations
 
 import math
-from math import nan
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from datetime import datetime
+from math import nan
 from types import MappingProxyType
 from typing import NamedTuple
-from datetime import datetime
 
 import numpy as np
 
 from schemas import PurchaseEvent
 
-CATEGORY_DECAY = 0.85  # weight kept by older purchases each time the user buys again
+SHARE_DECAY = 0.85  # weight kept by older purchases in the recent share, each time the user buys again
+COUNT_DECAY = 0.98  # the same for the frequency counts: about the last fifty purchases
+FREQUENCY_PRIOR = 5.0  # a user's frequencies are smoothed toward the class frequencies with this many purchases
 EMA_ALPHA = 0.3  # weight of the newest purchase in the price and gap averages
 MAX_TRACKED_CATEGORIES = 24  # a user's category memory is bounded whatever categories arrive
 OTHER = "<other>"
+NEVER_DAYS = 3650.0  # "days since the user last bought this class" of a class they never bought
 _SECONDS_PER_HOUR = 3600.0
 _SECONDS_PER_DAY = 86400.0
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
+PER_CLASS_FEATURES = ("log_frequency", "is_this_purchase", "recent_share", "log_days_since", "never_bought")
 NUMERIC_FEATURES = (
     "log_price", "log_quantity", "log_price_vs_user_mean", "log_hours_since_last", "is_first_purchase",
     "log_purchases_before", "user_mean_log_gap_hours", "hour_sin", "hour_cos", "weekday_sin", "weekday_cos",
@@ -41,30 +54,43 @@ USER_MEMORY_DAYS = 400.0  # by default a user idle for longer is forgotten: a ye
 
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
-    """Which categories the model knows (anything else maps to OTHER), and how long it remembers an idle
-    user: `user_memory_days`, None for checkpoints pretrained before forgetting existed (they never forget)."""
+    """Which categories the model knows (anything else maps to OTHER), how often each is bought
+    (`class_frequencies`, over the vocabulary, summing to 1: what a new user's frequencies are smoothed
+    toward), and how long the model remembers an idle user (`user_memory_days`, None: never forgets)."""
 
     categories: tuple[str, ...]
+    class_frequencies: tuple[float, ...] = ()  # empty: uniform
     user_memory_days: float | None = USER_MEMORY_DAYS
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
     memory_s: float = field(init=False, repr=False, compare=False)  # user_memory_days in seconds; inf: never forgets
+    _log_prior: np.ndarray = field(init=False, repr=False, compare=False)  # log(FREQUENCY_PRIOR * frequency)
 
     def __post_init__(self) -> None:
+        size = len(self.categories) + 1
+        frequencies = np.asarray(self.class_frequencies or [1.0 / size] * size, np.float64)
+        if frequencies.shape != (size,) or not np.all(frequencies > 0):
+            raise ValueError(f"class frequencies must be {size} positive numbers, one per class of the vocabulary")
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.categories)})
         object.__setattr__(self, "memory_s", math.inf if self.user_memory_days is None
                            else self.user_memory_days * _SECONDS_PER_DAY)
+        object.__setattr__(self, "_log_prior", np.log(FREQUENCY_PRIOR * frequencies / frequencies.sum()))
 
     @property
     def vocabulary(self) -> tuple[str, ...]:
         return (*self.categories, OTHER)
 
     @property
+    def class_block_width(self) -> int:
+        """Columns of the class block: len(vocabulary) classes of len(PER_CLASS_FEATURES) features."""
+        return len(self.vocabulary) * len(PER_CLASS_FEATURES)
+
+    @property
     def n_features(self) -> int:
-        return 2 * len(self.vocabulary) + len(NUMERIC_FEATURES)
+        return self.class_block_width + len(self.vocabulary) + len(NUMERIC_FEATURES)
 
     def feature_names(self) -> list[str]:
-        return ([f"category={c}" for c in self.vocabulary] + [f"user_share={c}" for c in self.vocabulary]
-                + list(NUMERIC_FEATURES))
+        return ([f"{name}[{c}]" for c in self.vocabulary for name in PER_CLASS_FEATURES]
+                + [f"category={c}" for c in self.vocabulary] + list(NUMERIC_FEATURES))
 
     def index_of(self, category: str) -> int:
         return self._index.get(category, len(self.categories))
@@ -77,43 +103,60 @@ class FeatureSpec:
         return state
 
     def to_json(self) -> dict:
-        return {"categories": list(self.categories), "numeric_features": list(NUMERIC_FEATURES),
+        return {"categories": list(self.categories), "class_frequencies": list(self.class_frequencies),
+                "per_class_features": list(PER_CLASS_FEATURES), "numeric_features": list(NUMERIC_FEATURES),
                 "user_memory_days": self.user_memory_days}
 
     @classmethod
     def from_json(cls, payload: dict) -> FeatureSpec:
-        theirs = tuple(payload.get("numeric_features", ()))
-        if theirs != NUMERIC_FEATURES:
-            missing, unknown = set(NUMERIC_FEATURES) - set(theirs), set(theirs) - set(NUMERIC_FEATURES)
-            raise ValueError("checkpoint was built with other feature code"
-                             + (f" (without {', '.join(sorted(missing))})" if missing else "")
-                             + (f" (with {', '.join(sorted(unknown))}, unknown here)" if unknown else "")
-                             + ": pretrain it again with this version")
-        return cls(categories=tuple(payload["categories"]), user_memory_days=payload.get("user_memory_days"))
+        for key, ours in (("per_class_features", PER_CLASS_FEATURES), ("numeric_features", NUMERIC_FEATURES)):
+            theirs = tuple(payload.get(key, ()))
+            if theirs != ours:
+                missing, unknown = set(ours) - set(theirs), set(theirs) - set(ours)
+                raise ValueError("checkpoint was built with other feature code"
+                                 + (f" (without {', '.join(sorted(missing))})" if missing else "")
+                                 + (f" (with {', '.join(sorted(unknown))}, unknown here)" if unknown else "")
+                                 + ": pretrain it again with this version")
+        return cls(categories=tuple(payload["categories"]), class_frequencies=tuple(payload["class_frequencies"]),
+                   user_memory_days=payload.get("user_memory_days"))
+
+
+class Tracked(NamedTuple):
+    """What a user's state keeps of one category they bought."""
+
+    count: float  # purchases of it, each older one counting COUNT_DECAY less per later purchase
+    share: float  # the same with SHARE_DECAY: their recent buying
+    last_ts_s: float  # event time of their last purchase of it
 
 
 class UserState(NamedTuple):
     """What the worker remembers of one user. Bounded: at most MAX_TRACKED_CATEGORIES categories.
 
-    A NamedTuple: immutable and cheap to build, one per event on the serving path. `category_weights`
-    is never mutated once the state is built (advance makes a new dict).
+    A NamedTuple: immutable and cheap to build, one per event on the serving path. `categories` is never
+    mutated once the state is built (advance makes a new dict).
     """
 
     purchases: int = 0
     last_ts_s: float | None = None
-    last_category: str | None = None
-    category_weights: Mapping[str, float] = MappingProxyType({})
+    categories: Mapping[str, Tracked] = MappingProxyType({})
+    total_count: float = 0.0  # the sum of every purchase's decayed count, tracked or not
     mean_log_price: float = 0.0
     mean_log_gap_hours: float = 0.0
 
     def to_json(self) -> list:
-        return [self.purchases, self.last_ts_s, self.last_category, dict(self.category_weights),
+        return [self.purchases, self.last_ts_s, {c: list(t) for c, t in self.categories.items()}, self.total_count,
                 self.mean_log_price, self.mean_log_gap_hours]
 
     @classmethod
     def from_json(cls, payload: list) -> UserState:
-        purchases, last_ts_s, last_category, weights, mean_log_price, mean_log_gap_hours = payload
-        return cls(purchases, last_ts_s, last_category, weights, mean_log_price, mean_log_gap_hours)
+        """The state `to_json` wrote; ValueError for anything else (another version's state, say)."""
+        try:
+            purchases, last_ts_s, categories, total_count, mean_log_price, mean_log_gap_hours = payload
+            return cls(int(purchases), None if last_ts_s is None else float(last_ts_s),
+                       {str(c): Tracked(*map(float, t)) for c, t in categories.items()}, float(total_count),
+                       float(mean_log_price), float(mean_log_gap_hours))
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"not a user state: {error}") from error
 
 
 _NEW_USER = UserState()
@@ -128,38 +171,52 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
 
     Vectorised over the batch; the per-event Python is limited to reading attributes.
     """
-    n, size = len(pairs), len(spec.vocabulary)
+    n, size, per_class = len(pairs), len(spec.vocabulary), len(PER_CLASS_FEATURES)
     out = np.zeros((n, spec.n_features), dtype=np.float32)
     if n == 0:
         return out
-    columns, other, width = spec._index, len(spec.categories), spec.n_features  # inlined index_of: hot loop
-    out[np.arange(n), [columns.get(event.category, other) for _, event in pairs]] = 1.0
-    # user shares: every (row, category column, weight) of the states flattened with C-level iteration,
-    # then each row's weights divided by its total; bincount sums categories that share a column (OTHER)
-    counts, share_columns, weights = [], [], []
-    for state, _ in pairs:
-        category_weights = state.category_weights
-        counts.append(len(category_weights))
-        share_columns.extend(map(columns.get, category_weights, repeat(other, len(category_weights))))
-        weights.extend(category_weights.values())
-    if weights:
-        rows = np.repeat(np.arange(n), counts)
-        weights = np.asarray(weights, dtype=np.float64)
-        totals = np.bincount(rows, weights=weights, minlength=n)
-        cells = rows * width + size + np.asarray(share_columns, dtype=np.int64)
-        out += np.bincount(cells, weights=weights / totals[rows], minlength=out.size).reshape(out.shape).astype(np.float32)
-
-    # every per-event number in one pass and one array: a list comprehension per column cost a tenth of the batch
+    index, other = spec._index, len(spec.categories)  # inlined index_of: hot loop
+    rows = np.arange(n)
+    current = np.fromiter((index.get(event.category, other) for _, event in pairs), np.int64, n)
     columns_of = np.array([(event.ts_s, _utc_offset_s(event.ts), event.price, event.quantity, state.purchases,
                             nan if (last := state.last_ts_s) is None else last, state.mean_log_price,
-                            state.mean_log_gap_hours) for state, event in pairs], dtype=np.float64)
-    ts_s, utc_offset_s, price, quantity, purchases, last_ts_s, mean_log_price, mean_log_gap_hours = columns_of.T
+                            state.mean_log_gap_hours, state.total_count) for state, event in pairs], dtype=np.float64)
+    ts_s, utc_offset_s, price, quantity, purchases, last_ts_s, mean_log_price, mean_log_gap_hours, total = columns_of.T
+
+    # the class block, class by class: what a user who never bought a class has, then the classes they did
+    counts, shares, last_bought = np.zeros((n, size)), np.zeros((n, size)), np.full((n, size), -np.inf)
+    entry_rows, entry_columns, entries = [], [], []
+    for row, (state, _) in enumerate(pairs):
+        for category, tracked in state.categories.items():
+            entry_rows.append(row)
+            entry_columns.append(index.get(category, other))
+            entries.append(tracked)
+    if entries:
+        cells = (np.asarray(entry_rows), np.asarray(entry_columns))
+        tracked = np.asarray(entries, dtype=np.float64)
+        np.add.at(counts, cells, tracked[:, 0])  # categories that share OTHER add up
+        np.add.at(shares, cells, tracked[:, 1])
+        np.maximum.at(last_bought, cells, tracked[:, 2])
+    share_totals = shares.sum(axis=1, keepdims=True)
+    bought = np.isfinite(last_bought)
+    block = out[:, :spec.class_block_width].reshape(n, size, per_class)
+    counts[rows, current] += 1.0  # the frequency with this purchase: it is known when the prediction is made
+    block[:, :, 0] = np.log(counts + np.exp(spec._log_prior)) - np.log(total + 1.0 + FREQUENCY_PRIOR)[:, None]
+    block[rows, current, 1] = 1.0
+    block[:, :, 2] = np.divide(shares, share_totals, out=np.zeros_like(shares), where=share_totals > 0)
+    days_since = np.where(bought, np.maximum(0.0, ts_s[:, None] - np.where(bought, last_bought, 0.0)) / _SECONDS_PER_DAY,
+                          NEVER_DAYS)
+    block[:, :, 3] = np.log1p(days_since)
+    block[:, :, 4] = ~bought
+
+    context = spec.class_block_width
+    out[rows, context + current] = 1.0
     local_s = ts_s + utc_offset_s
     first = purchases == 0
     gap_hours = np.where(np.isnan(last_ts_s), 0.0, np.maximum(0.0, ts_s - np.nan_to_num(last_ts_s)) / _SECONDS_PER_HOUR)
     hour = (ts_s % _SECONDS_PER_DAY) / _SECONDS_PER_DAY * 2 * math.pi
     weekday = ((local_s / _SECONDS_PER_DAY + _EPOCH_WEEKDAY) % 7.0) / 7.0 * 2 * math.pi
-    out[:, 2 * size:] = np.stack([
+    out[:, context + size:] = np.stack([
         np.log1p(price),
         np.log1p(quantity),
         np.where(first, 0.0, np.log(price) - mean_log_price),
@@ -188,10 +245,13 @@ def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec) -> np.nda
 def advance(state: UserState, event: PurchaseEvent) -> UserState:
     """The user's state after `event`."""
     ts_s = event.ts_s
-    weights = {c: w * CATEGORY_DECAY for c, w in state.category_weights.items()}
-    weights[event.category] = weights.get(event.category, 0.0) + 1.0
-    if len(weights) > MAX_TRACKED_CATEGORIES:
-        weights = dict(sorted(weights.items(), key=lambda kv: kv[1], reverse=True)[:MAX_TRACKED_CATEGORIES])
+    categories = {c: Tracked(t.count * COUNT_DECAY, t.share * SHARE_DECAY, t.last_ts_s)
+                  for c, t in state.categories.items()}
+    before = categories.get(event.category)
+    categories[event.category] = (Tracked(1.0, 1.0, ts_s) if before is None else
+                                  Tracked(before.count + 1.0, before.share + 1.0, max(ts_s, before.last_ts_s)))
+    if len(categories) > MAX_TRACKED_CATEGORIES:  # the least bought go
+        categories = dict(sorted(categories.items(), key=lambda kv: kv[1].count, reverse=True)[:MAX_TRACKED_CATEGORIES])
     log_price = math.log(event.price)
     if state.purchases == 0:
         mean_log_price, mean_log_gap_hours = log_price, state.mean_log_gap_hours
@@ -202,8 +262,8 @@ def advance(state: UserState, event: PurchaseEvent) -> UserState:
     return UserState(
         purchases=state.purchases + 1,
         last_ts_s=ts_s if state.last_ts_s is None else max(ts_s, state.last_ts_s),
-        last_category=event.category,
-        category_weights=weights,
+        categories=categories,
+        total_count=state.total_count * COUNT_DECAY + 1.0,
         mean_log_price=mean_log_price,
         mean_log_gap_hours=mean_log_gap_hours,
     )

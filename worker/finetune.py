@@ -1,12 +1,13 @@
 """Fine-tuning from the source checkpoint, with four strategies.
 
-- `head`: the base (normalisation and hidden layers) stays frozen; only the output layer learns.
+- `head`: only the head learns: the layers with weights nearest the output (`head_layers`); the rest stays
+  frozen.
 - `full`: every layer learns, with a small learning rate.
-- `l2sp`: every layer learns, and a penalty `l2sp_weight * ||w - w_source||^2` on the base pulls it
-  toward the source weights (L2-SP, Li et al. 2018), so little target data cannot drag it far.
-- `calibrate`: nothing is learnt but one scale of the source's output logits and one offset per class
-  (temperature and class-rate recalibration), fitted by Newton's method: the source's ranking is kept.
+- `l2sp`: every layer learns, and a penalty `l2sp_weight * ||w - w_source||^2` on everything but the head
+  pulls it toward the source weights (L2-SP, Li et al. 2018), so little target data cannot drag it far.
+- `calibrate`: no weight changes; the round only fits a calibration (worker.calibration) to the source.
 Every run starts from the source weights, never from the current champion, so errors do not compound.
+Any Keras functional model works: the strategies need nothing of its layers but which are nearest the output.
 
 A gradient run stops early: a random `validation_share` of its examples is kept aside, and training ends once
 the loss on it has not improved for `patience` epochs, with the weights of its best epoch. The right
@@ -44,7 +45,8 @@ class FineTuneConfig:
 
 def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray,
               task: str, config: FineTuneConfig) -> list[np.ndarray]:
-    """Weights of a copy of `source_model` fine-tuned on the examples. `source_model` is not changed."""
+    """Weights of a copy of `source_model` fine-tuned on the examples. `source_model` is not changed.
+    `calibrate` returns the source's weights (its calibration is fitted by the caller)."""
     import tensorflow as tf
 
     if config.strategy not in STRATEGIES:
@@ -53,15 +55,16 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
         raise FineTuneError("no training examples")
     if config.strategy == "calibrate":
         if config.from_scratch:
-            raise ValueError("calibrate refits the source's output layer: it has no from-scratch form")
-        return calibrate(source_model, features, labels, sample_weights, task)
+            raise ValueError("calibrate keeps the source's weights: it has no from-scratch form")
+        return source_model.get_weights()
     tf.keras.utils.set_random_seed(config.seed)
     model = tf.keras.models.clone_model(source_model)  # a clone has freshly initialised weights
     if not config.from_scratch:
         model.set_weights(source_model.get_weights())
+    head = set(head_layers(model))
     for layer in model.layers:
-        layer.trainable = config.strategy != "head" or layer.name == "head"
-    base_pairs = [(w, tf.constant(w.numpy())) for layer in model.layers if layer.name.startswith("base_dense")
+        layer.trainable = config.strategy != "head" or layer.name in head
+    base_pairs = [(w, tf.constant(w.numpy())) for layer in model.layers if layer.name not in head
                   for w in layer.trainable_weights] if config.strategy == "l2sp" and not config.from_scratch else []
     learning_rate = config.learning_rate / 10 if config.strategy == "full" and not config.from_scratch else config.learning_rate
     optimizer = tf.keras.optimizers.Adam(learning_rate)
@@ -114,6 +117,40 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
     return weights
 
 
+def head_layers(model) -> list[str]:
+    """The names of the layers with weights nearest the model's output: walking back from the output through
+    layers without weights (activations, merges, reshapes), the first layers with weights met on every path.
+    For a dense network, its last dense layer; for one whose logits add two branches, the last layer of each."""
+    config = model.get_config()
+    inbound = {layer["name"]: _inbound_names(layer) for layer in config["layers"]}
+    with_weights = {layer.name for layer in model.layers if layer.weights}
+    outputs = config["output_layers"]
+    frontier = [outputs[0]] if isinstance(outputs[0], str) else [o[0] for o in outputs]
+    heads, seen = [], set()
+    while frontier:
+        name = frontier.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in with_weights:
+            heads.append(name)
+        else:
+            frontier.extend(inbound.get(name, ()))
+    if not heads:
+        raise ValueError(f"model {model.name} has no layer with weights")
+    return heads
+
+
+def _inbound_names(layer: dict) -> list[str]:
+    names = []
+    for call in layer.get("inbound_nodes", []):
+        args = call.get("args", [])
+        first = args[0] if args and isinstance(args[0], list) else args[:1]
+        names += [t["config"]["keras_history"][0] for t in first
+                  if isinstance(t, dict) and t.get("class_name") == "__keras_tensor__"]
+    return names
+
+
 def _validation_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, validation rows): a random `share` of n rows, none when too few to judge by.
 
@@ -125,52 +162,3 @@ def _validation_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.n
         return np.arange(n), np.arange(0)
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[held:]), np.sort(order[:held])
-
-
-CALIBRATION_RIDGE = 1.0  # pull of the scale toward 1 and of the offsets toward 0, worth about one example
-CALIBRATION_MAX_STEPS = 25  # Newton steps; a handful usually converge
-
-
-def calibrate(source_model, features: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray,
-              task: str) -> list[np.ndarray]:
-    """The source's weights with only its output recalibrated: its logits z become scale * z + offsets (one
-    scale, one offset per class), fitted by Newton's method to the weighted log-loss. The ranking the source
-    learnt within each class is kept; only its confidence and its class rates move, so a few hundred
-    examples cannot overfit it. A sigmoid head is the two-class case with logits (0, z)."""
-    import tensorflow as tf
-
-    head = source_model.get_layer("head")
-    hidden = tf.keras.Model(source_model.inputs, head.input).predict(features.astype(np.float32), verbose=0,
-                                                                       batch_size=4096).astype(np.float64)
-    kernel, bias = (w.astype(np.float64) for w in head.get_weights())
-    z = hidden @ kernel + bias
-    binary = task == "repurchase"
-    if binary:
-        z = np.concatenate([np.zeros_like(z), z], axis=1)
-    n_classes = z.shape[1]
-    y = np.eye(n_classes)[labels]
-    w = sample_weights.astype(np.float64)[:, None]
-    theta = np.concatenate([[1.0], np.zeros(n_classes)])  # scale, then the offsets; the ridge pulls toward this
-    identity = theta.copy()
-    for _ in range(CALIBRATION_MAX_STEPS):
-        logits = theta[0] * z + theta[1:]
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        gradient = np.concatenate([[np.sum(w * (p - y) * z)], np.sum(w * (p - y), axis=0)])
-        pz = np.sum(p * z, axis=1, keepdims=True)  # each row's expected logit
-        hessian = np.empty((n_classes + 1, n_classes + 1))
-        hessian[0, 0] = np.sum(w * (p * z * z)) - np.sum(w * pz * pz)
-        hessian[0, 1:] = hessian[1:, 0] = np.sum(w * p * (z - pz), axis=0)
-        hessian[1:, 1:] = np.diag(np.sum(w * p, axis=0)) - (w * p).T @ p
-        step = np.linalg.solve(hessian + CALIBRATION_RIDGE * np.eye(n_classes + 1),
-                               gradient + CALIBRATION_RIDGE * (theta - identity))
-        theta -= step
-        if not np.all(np.isfinite(theta)):
-            raise FineTuneError("calibration did not converge")
-        if np.max(np.abs(step)) < 1e-7:
-            break
-    scale, offsets = theta[0], theta[1:]
-    weights = source_model.get_weights()
-    new_bias = scale * bias + (offsets[1] - offsets[0] if binary else offsets)
-    weights[-2:] = [(scale * kernel).astype(np.float32), np.asarray(new_bias, np.float32).reshape(bias.shape)]
-    return weights

@@ -16,6 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from worker import kafka_io
 from worker.metrics import WorkerMetrics
+from worker.model import Parameters
 from worker.registry import ArtifactError, Registry
 from worker.settings import KafkaSettings
 
@@ -31,7 +32,7 @@ class ModelFollower:
         self._target = current_version
         self._metrics = metrics
         self._refused: set[str] = set()
-        self._ready: tuple[str, list] | None = None
+        self._ready: tuple[str, Parameters] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
@@ -44,8 +45,8 @@ class ModelFollower:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def take(self) -> tuple[str, list] | None:
-        """The verified weights of a new champion, once; None when there is nothing new."""
+    def take(self) -> tuple[str, Parameters] | None:
+        """The verified parameters of a new champion, once; None when there is nothing new."""
         with self._lock:
             ready, self._ready = self._ready, None
         return ready
@@ -89,13 +90,13 @@ class ModelFollower:
         try:
             if record is None:
                 raise ArtifactError(f"champion {champion} has no registry record")
-            weights = self._registry.weights(record)  # checks the sha256; ServingModel.swap checks the shapes
+            parameters = self._registry.parameters(record)  # checks the sha256; ServingModel.swap checks the shapes
         except ArtifactError as error:
             self._refused.add(champion)
             self._metrics.swaps_refused.inc()
             log.error("refusing model %s, the current model keeps serving: %s", champion, error)
             return
         with self._lock:
-            self._ready = (champion, weights)
+            self._ready = (champion, parameters)
         self._target = champion
         log.info("model %s verified (sha256 %s…), swapping in", champion, record.artifact_sha256[:12])

@@ -15,18 +15,28 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # silence TensorFlow's C++ start-up banner
 
 import numpy as np  # noqa: E402
 
-from worker.features import FeatureSpec  # noqa: E402
+from worker import calibration  # noqa: E402
+from worker.features import PER_CLASS_FEATURES, FeatureSpec  # noqa: E402
+from worker.graph import Graph, UnsupportedLayer  # noqa: E402
 from worker.labels import Task  # noqa: E402
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 CHECKPOINT_FORMAT = 1
+
+
+class Parameters(NamedTuple):
+    """What a model version is: the network's weights (in the order of the Keras model's get_weights()) and
+    the calibration of its output (worker.calibration; None: the identity)."""
+
+    weights: list[np.ndarray]
+    calibration: np.ndarray | None = None
 
 
 class CheckpointError(ValueError):
@@ -71,30 +81,53 @@ def _tf():
     return tf
 
 
-def build_model(feature_mean: np.ndarray, feature_variance: np.ndarray, task: Task, n_classes: int,
-                hidden_units: tuple[int, ...] = (128, 64), seed: int = 0):
-    """A feature MLP: `base_*` layers (normalisation and hidden layers) and a `head` layer.
+CLASS_HIDDEN_UNITS = 16  # the shared per-class scorer's hidden width
+CONTEXT_HIDDEN_UNITS = (32,)  # next_category's context network: a wider one learnt the source period's quirks
+DENSE_HIDDEN_UNITS = (128, 64)  # repurchase's network
 
-    The split matters for transfer: fine-tuning can freeze the base and train the head. The source's
-    feature statistics are constants of the normalisation layer's config, not weights: every clone and
-    every fine-tuned version normalises exactly as the source did (adapt() state would not survive
-    clone_model/set_weights).
+
+def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_classes: int, seed: int = 0):
+    """The built-in network, uncompiled. Feature statistics of `train_features` become constants of its
+    normalisation layers (not weights: adapt() state would not survive clone_model/set_weights, so every
+    clone and fine-tuned version normalises exactly as the source did).
+
+    - next_category: each class's logit is a shared function of its own columns of the class block (the
+      user's frequency, recency and share of that class: worker.features), a 1x1 convolution over the
+      classes, plus a logit from a dense network over the context block (this purchase: its category,
+      price, time). The shared scorer learns from every class at once what a user's history says, and so
+      holds for rare classes and long histories as for the common ones the source file is full of.
+    - repurchase: a dense network over every feature, and one sigmoid unit.
     """
     tf = _tf()
     keras = tf.keras
     keras.utils.set_random_seed(seed)
-    n_features = len(feature_mean)
-    inputs = keras.Input(shape=(n_features,), name="features", dtype="float32")
-    x = keras.layers.Normalization(mean=np.asarray(feature_mean, np.float32).tolist(),
-                                   variance=np.maximum(np.asarray(feature_variance, np.float32), 1e-6).tolist(),
-                                   name="base_norm")(inputs)
-    for i, units in enumerate(hidden_units):
-        x = keras.layers.Dense(units, activation="relu", name=f"base_dense_{i}")(x)
+    x = np.asarray(train_features, np.float64)
+    inputs = keras.Input(shape=(spec.n_features,), name="features", dtype="float32")
+
+    def normalised(tensor, columns: np.ndarray, name: str):
+        return keras.layers.Normalization(mean=columns.mean(axis=0).tolist(),
+                                          variance=np.maximum(columns.var(axis=0), 1e-6).tolist(), name=name)(tensor)
+
+    def dense_stack(tensor, hidden_units: tuple[int, ...]):
+        for i, units in enumerate(hidden_units):
+            tensor = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(tensor)
+        return tensor
+
     if task == "repurchase":
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(x)
-    else:
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="head")(x)
-    return keras.Model(inputs, outputs, name=f"streamadapt_{task}")
+        hidden = dense_stack(normalised(inputs, x, "normalise"), DENSE_HIDDEN_UNITS)
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(hidden)
+        return keras.Model(inputs, outputs, name="streamadapt_repurchase")
+    width, size, per_class = spec.class_block_width, len(spec.vocabulary), len(PER_CLASS_FEATURES)
+    context = dense_stack(normalised(inputs[:, width:], x[:, width:], "normalise_context"), CONTEXT_HIDDEN_UNITS)
+    context_logits = keras.layers.Dense(n_classes, name="context_logits")(context)
+    block = keras.layers.Reshape((size, per_class), name="classes")(inputs[:, :width])
+    block = normalised(block, x[:, :width].reshape(-1, per_class), "normalise_classes")  # per feature, over classes
+    scored = keras.layers.Conv1D(CLASS_HIDDEN_UNITS, 1, activation="relu", name="class_hidden")(block)
+    scored = keras.layers.Conv1D(1, 1, name="class_score")(keras.layers.Concatenate(name="class_inputs")([block, scored]))
+    class_logits = keras.layers.Reshape((size,), name="class_logits")(scored)
+    logits = keras.layers.Add(name="logits")([context_logits, class_logits])
+    outputs = keras.layers.Activation("softmax", name="probabilities")(logits)
+    return keras.Model(inputs, outputs, name="streamadapt_next_category")
 
 
 def file_sha256(path: Path) -> str:
@@ -166,36 +199,50 @@ def class_probabilities(raw: np.ndarray, task: Task) -> np.ndarray:
 
 
 class ServingModel:
-    """A checkpoint served by a NumPy forward pass over its weights, without TensorFlow.
+    """A checkpoint served by a NumPy forward pass over its weights (worker.graph), without TensorFlow,
+    followed by the version's calibration (worker.calibration).
 
-    The network build_model makes (normalisation, dense layers) is a few matrix products. Calling Keras
-    for them cost about 1.5 ms a batch whatever its size, which at moderate load was a tenth of the
-    serving loop; the NumPy pass costs microseconds, and swapping versions is replacing a list.
+    Calling Keras for a batch cost about 1.5 ms whatever its size, which at moderate load was a tenth of
+    the serving loop; the NumPy pass costs microseconds, and swapping versions is replacing a list.
     tests/worker/test_model.py checks it agrees with Keras, also after a swap.
     """
 
-    def __init__(self, meta: ModelMeta, shift: np.ndarray, scale: np.ndarray, activations: list,
-                 weights: list[np.ndarray]):
+    def __init__(self, meta: ModelMeta, graph: Graph, weights: list[np.ndarray]):
         self.meta = meta
         self.version = meta.version
-        self._shift, self._scale, self._activations = shift, scale, activations
+        self._graph = graph
         self._weights = [np.asarray(w, np.float64) for w in weights]
         self._shapes = [w.shape for w in self._weights]
+        self.calibration = calibration.identity(len(meta.classes))
 
     @classmethod
     def from_checkpoint(cls, directory: Path) -> ServingModel:
         """Read a checkpoint without TensorFlow (what a serving process does)."""
         meta = read_metadata(directory)
-        layers, variables = _read_keras_file(directory / MODEL_FILE)
-        model = cls(meta, *_serving_plan(layers, variables, directory / MODEL_FILE))
-        _check_shape(directory, meta, model._shapes[0][0], model._shapes[-1][-1])
+        config, variables = _read_keras_file(directory / MODEL_FILE)
+        model = cls(meta, _plan(config, {name: len(v) for name, v in variables.items()}, directory / MODEL_FILE),
+                    [w for layer in config["layers"] for w in variables.get(_layer_name(layer), ())])
+        model._check_fits(directory)
         return model
 
     @classmethod
     def of_keras(cls, model, meta: ModelMeta) -> ServingModel:
         """Serve a Keras model already loaded (the trainer's gate scores candidates by this forward pass)."""
-        variables = {layer.name: layer.get_weights() for layer in model.layers}
-        return cls(meta, *_serving_plan(model.get_config()["layers"], variables, model.name))
+        config = model.get_config()
+        graph = _plan(config, {layer.name: len(layer.weights) for layer in model.layers}, model.name)
+        return cls(meta, graph, model.get_weights())
+
+    def _check_fits(self, origin) -> None:
+        x = np.zeros((1, self.meta.feature_spec.n_features))
+        try:
+            out = self._graph.forward(x, self._weights)
+        except (ValueError, IndexError) as error:
+            raise CheckpointError(f"{origin}: the model does not take the {x.shape[1]} features of its metadata "
+                                  f"({error})") from error
+        expected = 1 if self.meta.task == "repurchase" else len(self.meta.classes)
+        if out.shape != (1, expected):
+            raise CheckpointError(f"{origin}: model of {out.shape[-1]} outputs does not fit its metadata "
+                                  f"({expected} outputs)")
 
     @property
     def weights(self) -> list[np.ndarray]:
@@ -203,81 +250,64 @@ class ServingModel:
         version's artifact holds them (the forward pass computes in float64)."""
         return [w.astype(np.float32) for w in self._weights]
 
-    def swap(self, weights: list[np.ndarray], version: str) -> None:
-        """Serve `weights` (in the order of the Keras model's get_weights()) from now on."""
-        weights = [np.asarray(w, np.float64) for w in weights]
+    @property
+    def parameters(self) -> Parameters:
+        """The version served now, as its artifact holds it (weights in float32)."""
+        return Parameters(self.weights, self.calibration.copy())
+
+    def swap(self, parameters: Parameters, version: str) -> None:
+        """Serve `parameters` from now on. ValueError when they do not fit this model."""
+        weights = [np.asarray(w, np.float64) for w in parameters.weights]
+        calibrated = parameters.calibration
         if [w.shape for w in weights] != self._shapes:
             raise ValueError(f"weights of {version} do not fit the serving model's architecture")
-        self._weights, self.version = weights, version
+        n_classes = len(self.meta.classes)
+        fitted = calibration.identity(n_classes) if calibrated is None else np.asarray(calibrated, np.float64)
+        if fitted.shape != (n_classes + 1,) or not np.all(np.isfinite(fitted)):
+            raise ValueError(f"calibration of {version} does not fit the model's {n_classes} classes")
+        self._weights, self.calibration, self.version = weights, fitted, version
 
     def predict_many(self, features: np.ndarray) -> np.ndarray:
         """Probabilities for a batch: shape (n, n_classes); binary tasks get columns (P(0), P(1))."""
-        # float64 inside: the result then does not depend on how rows are split into batches (BLAS blocks
-        # float32 products differently by shape, which moved the sixth digit)
-        x = (np.asarray(features, np.float64) - self._shift) / self._scale
-        weights = self._weights
-        for i, activation in enumerate(self._activations):
-            x = activation(x @ weights[2 * i] + weights[2 * i + 1])
-        return class_probabilities(x.astype(np.float32), self.meta.task)
+        raw = self._graph.forward(np.asarray(features, np.float64), self._weights)
+        return calibration.apply(class_probabilities(raw.astype(np.float32), self.meta.task), self.calibration)
+
+    def predict_uncalibrated(self, features: np.ndarray) -> np.ndarray:
+        """The network's own probabilities, before the version's calibration (what a calibration is fitted on)."""
+        raw = self._graph.forward(np.asarray(features, np.float64), self._weights)
+        return class_probabilities(raw.astype(np.float32), self.meta.task)
 
 
-def _relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, 0.0)
+def _layer_name(layer: dict) -> str:
+    return layer.get("name") or layer["config"]["name"]
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+def _plan(config: dict, variable_counts: dict[str, int], origin) -> Graph:
+    """The NumPy pass of a functional model's config (single input, single output); CheckpointError naming
+    the layer it cannot compute."""
+    outputs = config.get("output_layers")
+    output = outputs[0] if outputs and isinstance(outputs[0], str) else (outputs or [[None]])[0][0]
+    if output is None or "layers" not in config:
+        raise CheckpointError(f"{origin}: not a functional Keras model with one output")
+    try:
+        return Graph.of(config["layers"], variable_counts, output)
+    except UnsupportedLayer as error:
+        raise CheckpointError(f"{origin}: {error}") from error
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _linear(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-_ACTIVATIONS = {"relu": _relu, "sigmoid": _sigmoid, "softmax": _softmax, "linear": _linear}
-
-
-def _read_keras_file(model_path: Path) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
-    """A Keras v3 model file's layer configs and each layer's variables by layer name, read without
-    TensorFlow: the file is a zip of the model's config (JSON) and its weights (HDF5, a group of variables
-    per layer, which names the layer in an attribute)."""
+def _read_keras_file(model_path: Path) -> tuple[dict, dict[str, list[np.ndarray]]]:
+    """A Keras v3 model file's config and each layer's variables by layer name, read without TensorFlow:
+    the file is a zip of the model's config (JSON) and its weights (HDF5, a group of variables per layer,
+    which names the layer in an attribute)."""
     import h5py  # installed with Keras; imported here so that only serving pays for it
 
     try:
         with zipfile.ZipFile(model_path) as archive:
-            layers = json.loads(archive.read("config.json"))["config"]["layers"]
+            config = json.loads(archive.read("config.json"))["config"]
             weights_file = io.BytesIO(archive.read("model.weights.h5"))
         with h5py.File(weights_file, "r") as h5:
             variables = {group["vars"].attrs["name"]: [group["vars"][str(i)][()] for i in range(len(group["vars"]))]
                          for group in h5["layers"].values()}
     except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{model_path}: not a Keras model file of the expected layout ({error!r})") from error
-    return layers, variables
-
-
-def _serving_plan(layers: list[dict], variables: dict[str, list[np.ndarray]],
-                  origin) -> tuple[np.ndarray, np.ndarray, list, list[np.ndarray]]:
-    """(shift, scale, activations, weights) of build_model's network, from its layer configs (as Keras
-    serialises them) and each layer's variables; any other network is refused, naming `origin`."""
-    shift, scale, activations, weights = None, None, [], []
-    for layer in layers:
-        kind, config = layer["class_name"], layer["config"]
-        if kind == "InputLayer":
-            continue
-        if kind == "Normalization" and shift is None and not activations and config.get("mean") is not None:
-            shift = np.asarray(config["mean"], np.float64)
-            # Keras divides by max(sqrt(variance), epsilon) with epsilon = 1e-7
-            scale = np.maximum(np.sqrt(np.asarray(config["variance"], np.float64)), 1e-7)
-        elif (kind == "Dense" and config.get("activation") in _ACTIVATIONS and config.get("use_bias", True)
-              and len(variables.get(config["name"], ())) == 2):
-            activations.append(_ACTIVATIONS[config["activation"]])
-            weights.extend(variables[config["name"]])  # kernel, then bias
-        else:
-            raise CheckpointError(f"{origin}: layer {config.get('name')} ({kind}) cannot be served")
-    if shift is None or not activations:
-        raise CheckpointError(f"{origin}: expected a normalisation layer and dense layers")
-    return shift, scale, activations, weights
+    return config, variables

@@ -21,7 +21,7 @@ def models_command(settings: Settings, action: str, version: str | None) -> str:
             raise SettingsError(f"no model version {version!r} in the registry of {settings.model_name!r}")
         if action == "show":
             return json.dumps(json.loads(record.model_dump_json()), indent=2)
-        registry.weights(record)  # refuse to roll back to an artifact that would not verify
+        registry.parameters(record)  # refuse to roll back to an artifact that would not verify
         registry.set_champion(record.version)
         announced = record.model_copy(update={"promoted": True, "decision": f"rollback by operator (was {champion})"})
         producer = kafka_io.open_producer(settings.kafka)

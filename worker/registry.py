@@ -20,6 +20,7 @@ import numpy as np
 import redis
 
 from schemas import ModelVersion
+from worker.model import Parameters
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -37,20 +38,23 @@ class ArtifactError(ValueError):
     """An artifact that must not be served: missing, tampered with, or of another shape."""
 
 
-def encode_weights(weights: list[np.ndarray]) -> bytes:
+def encode_parameters(parameters: Parameters) -> bytes:
+    """A version's artifact: a numpy .npz of its weights (`arr_0`, `arr_1`, ...) and its calibration."""
     buffer = io.BytesIO()
-    np.savez(buffer, *weights)
+    calibrated = {} if parameters.calibration is None else {"calibration": np.asarray(parameters.calibration, np.float64)}
+    np.savez(buffer, *parameters.weights, **calibrated)
     return buffer.getvalue()
 
 
-def decode_weights(raw: bytes, expected_sha256: str) -> list[np.ndarray]:
-    """Weights from artifact bytes, after checking their sha256. Never unpickles."""
+def decode_parameters(raw: bytes, expected_sha256: str) -> Parameters:
+    """A version's parameters from artifact bytes, after checking their sha256. Never unpickles."""
     actual = hashlib.sha256(raw).hexdigest()
     if actual != expected_sha256:
         raise ArtifactError(f"artifact sha256 {actual[:12]}… does not match {expected_sha256[:12]}…")
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-            return [archive[f"arr_{i}"] for i in range(len(archive.files))]
+            weights = [archive[f"arr_{i}"] for i in range(sum(name.startswith("arr_") for name in archive.files))]
+            return Parameters(weights, archive["calibration"] if "calibration" in archive.files else None)
     except (ValueError, KeyError, OSError) as error:
         raise ArtifactError(f"artifact is not a weights archive: {error}") from error
 
@@ -111,11 +115,12 @@ class Registry:
         records = [ModelVersion.model_validate_json(v) for v in self._client.hvals(self._versions)]
         return sorted(records, key=lambda r: r.created_at)
 
-    def weights(self, record: ModelVersion) -> list[np.ndarray]:
+    def parameters(self, record: ModelVersion) -> Parameters:
+        """The version's weights and calibration, verified against its sha256. Raises ArtifactError."""
         raw = self._client.get(self.artifact_ref(record.version))
         if raw is None:
             raise ArtifactError(f"artifact of {record.version} is missing")
-        return decode_weights(raw, record.artifact_sha256)
+        return decode_parameters(raw, record.artifact_sha256)
 
     def champion(self) -> str | None:
         raw = self._client.get(self._champion)

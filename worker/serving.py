@@ -306,15 +306,15 @@ class ServingLoop:
         ready = self._follower.take() if self._follower is not None else None
         if ready is None:
             return
-        version, weights = ready
+        version, parameters = ready
         started = time.perf_counter()
         try:
-            self._model.swap(weights, version)  # checks that they fit
+            self._model.swap(parameters, version)  # checks that they fit
         except ValueError as error:
             self._metrics.swaps_refused.inc()
             log.error("refusing model %s, the current model keeps serving: %s", version, error)
             return
-        self._builder.swap(weights, version)  # it builds with them from its next batch on
+        self._builder.swap(parameters, version)  # it builds with them from its next batch on
         self._metrics.swap_duration.observe(time.perf_counter() - started)
         self._metrics.model_swaps.inc()
         self._metrics.model_info.info({"version": version, "task": self._model.meta.task})

@@ -12,7 +12,7 @@ import redis
 from tests.integration.conftest import dumps, event
 from worker.batch import BatchBuilder, Built, Resolved
 from worker.builder import SPLIT_AFTER_EVENTS, BuilderFailed, BuilderProcess, Builders, _Builds, key_shares
-from worker.model import ServingModel
+from worker.model import Parameters, ServingModel
 from worker.pipeline import InputRecord, builder_of
 from worker.settings import load_settings
 from worker.state import StateStore
@@ -220,7 +220,7 @@ def test_a_batch_is_built_and_saved_in_the_child_and_a_swap_applies_from_the_nex
                 if topic == names.predictions_topic} == {model.version}
         assert redis.Redis.from_url(stack.redis_url).exists(f"{names.key_prefix}:profile:u1")
 
-        builder.swap([w * 0.5 for w in model._weights], "v2")
+        builder.swap(Parameters([w * 0.5 for w in model._weights]), "v2")
         builder.submit(batch(3, [dumps(event(2, user="u1"))]))
         second = builder.collect()
         assert [json.loads(value)["model_version"] for _, _, value in second.messages] == ["v2"]

@@ -7,10 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import PurchaseEvent
-from worker.features import (MAX_TRACKED_CATEGORIES, NUMERIC_FEATURES, OBSERVED_CAP_DAYS, OTHER, USER_MEMORY_DAYS,
-                             FeatureSpec, UserState, advance, encode, encode_stream)
+from worker.features import (COUNT_DECAY, FREQUENCY_PRIOR, MAX_TRACKED_CATEGORIES, NEVER_DAYS, NUMERIC_FEATURES,
+                             OBSERVED_CAP_DAYS, OTHER, PER_CLASS_FEATURES, USER_MEMORY_DAYS, FeatureSpec, UserState,
+                             advance, encode, encode_stream)
 
-SPEC = FeatureSpec(("books", "music", "toys"))
+SPEC = FeatureSpec(("books", "music", "toys"), (0.4, 0.3, 0.2, 0.1))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)  # a Monday
 
 
@@ -25,9 +26,18 @@ def named(row):
 
 def test_spec_layout():
     assert SPEC.vocabulary == ("books", "music", "toys", OTHER)
-    assert SPEC.n_features == 2 * 4 + len(NUMERIC_FEATURES) == len(SPEC.feature_names())
+    assert SPEC.class_block_width == 4 * len(PER_CLASS_FEATURES)
+    assert SPEC.n_features == 4 * len(PER_CLASS_FEATURES) + 4 + len(NUMERIC_FEATURES) == len(SPEC.feature_names())
+    assert SPEC.feature_names()[:2] == ["log_frequency[books]", "is_this_purchase[books]"]
+    assert SPEC.feature_names()[SPEC.class_block_width] == "category=books"
     assert SPEC.index_of("garden") == SPEC.index_of(OTHER) == 3
     assert FeatureSpec.from_json(SPEC.to_json()) == SPEC
+
+
+def test_class_frequencies_must_cover_the_vocabulary():
+    with pytest.raises(ValueError, match="4 positive numbers"):
+        FeatureSpec(("books", "music", "toys"), (0.5, 0.5))
+    assert FeatureSpec(("books",)).to_json()["class_frequencies"] == []  # uniform
 
 
 def test_a_spec_of_other_feature_code_is_refused_with_what_differs():
@@ -39,7 +49,12 @@ def test_a_spec_of_other_feature_code_is_refused_with_what_differs():
 def test_first_purchase_features():
     f = named(encode([(UserState(), event("music", price=math.e - 1, quantity=3))], SPEC, 0.0)[0])
     assert f["category=music"] == 1.0 and f["category=books"] == 0.0
-    assert all(f[f"user_share={c}"] == 0.0 for c in SPEC.vocabulary)
+    assert f["is_this_purchase[music]"] == 1.0 and f["is_this_purchase[books]"] == 0.0
+    for c, frequency in zip(SPEC.vocabulary, (0.4, 0.3, 0.2, 0.1)):  # everybody's, and this purchase
+        own = 1.0 if c == "music" else 0.0
+        assert f[f"log_frequency[{c}]"] == pytest.approx(math.log((own + 5 * frequency) / (1 + 5)), rel=1e-6)
+        assert f[f"recent_share[{c}]"] == 0.0 and f[f"never_bought[{c}]"] == 1.0
+        assert f[f"log_days_since[{c}]"] == pytest.approx(math.log1p(NEVER_DAYS))
     assert f["is_first_purchase"] == 1.0 and f["log_purchases_before"] == 0.0
     assert f["log_price"] == pytest.approx(1.0)
     assert f["log_quantity"] == pytest.approx(math.log(4))
@@ -50,6 +65,7 @@ def test_first_purchase_features():
     (["books", "books"], {"books": 1.0}),
     (["books", "music"], {"books": 0.85 / 1.85, "music": 1 / 1.85}),
     (["garden"], {OTHER: 1.0}),
+    (["garden", "fishing"], {OTHER: 1.0}),  # categories the model does not know share OTHER
 ])
 def test_user_category_shares_decay_with_age(history, expected_shares):
     state = UserState()
@@ -57,7 +73,23 @@ def test_user_category_shares_decay_with_age(history, expected_shares):
         state = advance(state, event(category, hours=i))
     f = named(encode([(state, event(hours=len(history)))], SPEC, 0.0)[0])
     for category in SPEC.vocabulary:
-        assert f[f"user_share={category}"] == pytest.approx(expected_shares.get(category, 0.0))
+        assert f[f"recent_share[{category}]"] == pytest.approx(expected_shares.get(category, 0.0))
+
+
+def test_a_users_frequencies_are_their_own_purchases_smoothed_toward_everybodys():
+    # three books on days 0, 1, 2, then a toy on day 5; music on day 10
+    state = UserState()
+    for day, category in ((0, "books"), (1, "books"), (2, "books"), (5, "toys")):
+        state = advance(state, event(category, hours=24 * day))
+    f = named(encode([(state, event("music", hours=24 * 10))], SPEC, 0.0)[0])
+    books = COUNT_DECAY ** 3 + COUNT_DECAY ** 2 + COUNT_DECAY
+    total = books + 1.0 + 1.0  # this purchase, of music, counts too
+    for category, own, frequency in (("books", books, 0.4), ("toys", 1.0, 0.2), ("music", 1.0, 0.3)):
+        expected = (own + FREQUENCY_PRIOR * frequency) / (total + FREQUENCY_PRIOR)
+        assert f[f"log_frequency[{category}]"] == pytest.approx(math.log(expected), rel=1e-5)
+    assert f["log_days_since[books]"] == pytest.approx(math.log1p(8)) and f["never_bought[books]"] == 0.0
+    assert f["log_days_since[toys]"] == pytest.approx(math.log1p(5))
+    assert f["never_bought[music]"] == 1.0 and f["is_this_purchase[music]"] == 1.0
 
 
 @pytest.mark.parametrize("days_after, expected_days", [(10.0, 10.0), (-2.0, 0.0), (OBSERVED_CAP_DAYS + 50, OBSERVED_CAP_DAYS)])
@@ -123,7 +155,7 @@ def test_state_stays_bounded_and_features_finite(purchases):
         row = encode([(state, e)], SPEC, 0.0)[0]
         assert row.dtype == np.float32 and np.all(np.isfinite(row))
         state = advance(state, e)
-    assert len(state.category_weights) <= MAX_TRACKED_CATEGORIES
+    assert len(state.categories) <= MAX_TRACKED_CATEGORIES
     assert state.purchases == len(purchases)
 
 

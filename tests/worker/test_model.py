@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from worker.features import USER_MEMORY_DAYS
-from worker.model import CheckpointError, ServingModel, load_checkpoint, save_checkpoint
+from worker.model import CheckpointError, Parameters, ServingModel, load_checkpoint, save_checkpoint
 
 
 def test_checkpoint_round_trip_and_batch_invariance(checkpoint):
@@ -67,11 +67,26 @@ def test_swap_changes_predictions_and_refuses_other_shapes(checkpoint):
     x = np.ones((4, serving.meta.feature_spec.n_features), dtype=np.float32)
     before = serving.predict_many(x)
     original = serving.weights
-    serving.swap([w * 0.5 for w in original], "v-test")
+    serving.swap(Parameters([w * 0.5 for w in original]), "v-test")
     assert serving.version == "v-test" and not np.allclose(serving.predict_many(x), before)
     with pytest.raises(ValueError, match="do not fit"):
-        serving.swap(original[:-1], "v-bad")
+        serving.swap(Parameters(original[:-1]), "v-bad")
+    with pytest.raises(ValueError, match="calibration of v-bad does not fit"):
+        serving.swap(Parameters(original, np.ones(2)), "v-bad")
     assert serving.version == "v-test"
+
+
+def test_a_versions_calibration_is_applied_to_what_the_network_says(checkpoint):
+    from worker import calibration
+
+    serving = ServingModel.from_checkpoint(checkpoint)
+    x = np.random.default_rng(5).normal(size=(20, serving.meta.feature_spec.n_features)).astype(np.float32)
+    network = serving.predict_many(x)
+    fitted = np.concatenate([[1.3], np.linspace(-0.5, 0.5, len(serving.meta.classes))])
+    serving.swap(Parameters(serving.weights, fitted), "v-calibrated")
+    np.testing.assert_allclose(serving.predict_many(x), calibration.apply(network, fitted), atol=1e-6)
+    np.testing.assert_allclose(serving.predict_uncalibrated(x), network, atol=1e-6)
+    assert serving.parameters.calibration.tolist() == fitted.tolist()
 
 
 def test_numpy_serving_agrees_with_keras_also_after_a_swap(checkpoint):
@@ -88,7 +103,7 @@ def test_numpy_serving_agrees_with_keras_also_after_a_swap(checkpoint):
                                   serving.predict_many(x))
     rng = np.random.default_rng(3)
     moved = [w + rng.normal(scale=0.05, size=w.shape).astype(np.float32) for w in keras_model.get_weights()]
-    serving.swap(moved, "v-moved")
+    serving.swap(Parameters(moved), "v-moved")
     keras_model.set_weights(moved)
     np.testing.assert_allclose(serving.predict_many(x), keras_model.predict(x, verbose=0), atol=2e-4)
 
@@ -98,7 +113,7 @@ def test_a_binary_model_is_served_as_two_class_probabilities(repurchase_checkpoi
     x = np.random.default_rng(4).normal(size=(50, serving.meta.feature_spec.n_features)).astype(np.float32)
     p = serving.predict_many(x)
     keras_model, _ = load_checkpoint(repurchase_checkpoint)
-    np.testing.assert_allclose(p[:, 1], keras_model.predict(x, verbose=0)[:, 0], atol=1e-5)
+    np.testing.assert_allclose(p[:, 1], keras_model.predict(x, verbose=0)[:, 0], atol=1e-4)  # float32 against float64
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
 
 
@@ -118,13 +133,48 @@ def test_a_network_serving_cannot_compute_is_refused_with_its_layer(checkpoint, 
     model, meta = load_checkpoint(checkpoint)
     n = meta.feature_spec.n_features
     inputs = tf.keras.Input(shape=(n,))
-    x = tf.keras.layers.Normalization(mean=[0.0] * n, variance=[1.0] * n)(inputs)
-    x = tf.keras.layers.Dropout(0.5, name="dropout_here")(x)
+    x = tf.keras.layers.Reshape((n, 1))(inputs)
+    x = tf.keras.layers.Conv1D(2, 3, name="conv_here")(x)  # a convolution wider than one position
+    x = tf.keras.layers.Flatten()(x)
     other = tf.keras.Model(inputs, tf.keras.layers.Dense(len(meta.classes), activation="softmax")(x))
     save_checkpoint(other, tmp_path / "other", task=meta.task, classes=meta.classes, feature_spec=meta.feature_spec,
                     horizon_days=meta.horizon_days, extra={})
-    with pytest.raises(CheckpointError, match="dropout_here .Dropout. cannot be served"):
+    with pytest.raises(CheckpointError, match="conv_here .Conv1D. is not a 1x1 convolution"):
         ServingModel.from_checkpoint(tmp_path / "other")
+
+
+def test_common_keras_layers_are_served_exactly_as_keras_computes_them(tmp_path):
+    """Batch and layer normalisation, dropout, a residual add, a concatenation, slices and reshapes: the NumPy
+    pass computes what Keras does, read back from the saved file."""
+    import tensorflow as tf
+
+    from worker.features import FeatureSpec
+    from worker.model import ModelMeta
+
+    keras, n = tf.keras, 14
+    spec = FeatureSpec(("a",))  # 2 classes of 5, 2 categories, 12 numeric: 24 features
+    n = spec.n_features
+    inputs = keras.Input(shape=(n,))
+    h = keras.layers.Dense(8, activation="gelu")(keras.layers.Normalization(mean=[0.5] * n, variance=[2.0] * n)(inputs))
+    h = keras.layers.Dropout(0.3)(keras.layers.BatchNormalization()(h))
+    h = keras.layers.Add()([h, keras.layers.LayerNormalization()(keras.layers.Dense(8, activation="tanh")(h))])
+    block = keras.layers.Reshape((2, 5))(inputs[:, :10])
+    scored = keras.layers.Reshape((2,))(keras.layers.Conv1D(1, 1)(block))
+    logits = keras.layers.Add()([keras.layers.Dense(2)(keras.layers.Concatenate()([h, inputs[:, 10:]])), scored])
+    model = keras.Model(inputs, keras.layers.Softmax()(logits))
+    rng = np.random.default_rng(6)
+    weights = [rng.normal(0, 0.5, w.shape).astype(np.float32) for w in model.get_weights()]
+    for layer in model.layers:  # moving variances must be positive
+        if isinstance(layer, keras.layers.BatchNormalization):
+            index = [id(w) for w in model.weights].index(id(layer.moving_variance))
+            weights[index] = np.abs(weights[index]) + 0.5
+    model.set_weights(weights)
+    meta = save_checkpoint(model, tmp_path / "ckpt", task="next_category", classes=("a", "<other>"), feature_spec=spec,
+                           horizon_days=None, extra={})
+    serving = ServingModel.from_checkpoint(tmp_path / "ckpt")
+    x = rng.normal(size=(33, n)).astype(np.float32)
+    np.testing.assert_allclose(serving.predict_many(x), model.predict(x, verbose=0), atol=2e-5)
+    assert serving.meta == meta
 
 
 def test_a_model_file_that_is_not_a_keras_archive_is_a_readable_error(checkpoint, tmp_path):

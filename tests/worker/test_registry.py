@@ -7,7 +7,8 @@ import redis
 
 from schemas import ModelVersion, TrainedOn
 from tests.conftest import new_names
-from worker.registry import ArtifactError, Registry, decode_weights, encode_weights
+from worker.model import Parameters
+from worker.registry import ArtifactError, Registry, decode_parameters, encode_parameters
 
 
 @pytest.fixture
@@ -25,19 +26,21 @@ def record(version: str, artifact: bytes, promoted=False) -> ModelVersion:
                         artifact_sha256=hashlib.sha256(artifact).hexdigest(), artifact_ref=f"ref/{version}")
 
 
-def test_weights_round_trip_and_tampering_is_refused():
-    weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros(3, np.float32)]
-    raw = encode_weights(weights)
+def test_parameters_round_trip_and_tampering_is_refused():
     import hashlib
 
-    back = decode_weights(raw, hashlib.sha256(raw).hexdigest())
-    assert all(np.array_equal(a, b) for a, b in zip(weights, back))
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros(3, np.float32)]
+    for fitted in (None, np.array([1.2, 0.0, -0.3])):
+        raw = encode_parameters(Parameters(weights, fitted))
+        back = decode_parameters(raw, hashlib.sha256(raw).hexdigest())
+        assert len(back.weights) == 2 and all(np.array_equal(a, b) for a, b in zip(weights, back.weights))
+        assert (back.calibration is None) if fitted is None else np.array_equal(back.calibration, fitted)
     with pytest.raises(ArtifactError, match="sha256"):
-        decode_weights(raw[:10] + bytes([raw[10] ^ 0xFF]) + raw[11:], hashlib.sha256(raw).hexdigest())
+        decode_parameters(raw[:10] + bytes([raw[10] ^ 0xFF]) + raw[11:], hashlib.sha256(raw).hexdigest())
 
 
 def test_put_get_and_champion(registry):
-    artifact = encode_weights([np.ones(2, np.float32)])
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
     registry.put(record("v1", artifact), artifact)
     assert registry.get("v1").version == "v1" and registry.get("nope") is None
     assert [r.version for r in registry.all()] == ["v1"]
@@ -49,7 +52,7 @@ def test_put_get_and_champion(registry):
 
 
 def test_a_stale_trainer_cannot_promote(registry):
-    artifact = encode_weights([np.ones(2, np.float32)])
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
     registry.put(record("v1", artifact), artifact)
     first = registry.acquire_lease(ttl_s=0.3)
     assert first is not None and registry.acquire_lease(ttl_s=5) is None
@@ -69,17 +72,17 @@ def test_a_stale_trainer_cannot_promote(registry):
 
 
 def test_missing_artifact_is_refused(registry, stack):
-    artifact = encode_weights([np.ones(2, np.float32)])
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
     registry.put(record("v1", artifact), artifact)
     redis.Redis.from_url(stack.redis_url).delete(registry.artifact_ref("v1"))
     with pytest.raises(ArtifactError, match="missing"):
-        registry.weights(registry.get("v1"))
+        registry.parameters(registry.get("v1"))
 
 
 def test_a_stored_version_is_unannounced_until_marked_and_is_read_as_it_stands(stack, names):
     client = redis.Redis.from_url(stack.redis_url)
     registry = Registry(client, names.key_prefix, "purchases")
-    artifact = encode_weights([np.ones(2, np.float32)])
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
     registry.put(record("v1", artifact), artifact)
     registry.put(record("v2", artifact), artifact)
     assert [r.version for r in registry.unannounced()] == ["v1", "v2"]  # oldest first
