@@ -1,4 +1,22 @@
-"""The promotion gate. Pure: per-example losses in, decision out."""
+"""The promotion gate. Pure: per-example losses (and, for a binary task, scores) in, decision out.
+
+A candidate is promoted when, on the same holdout:
+- its log-loss, a proper scoring rule, beats the champion's by more than `z` standard errors of the paired
+  per-example gain (and by at least `min_gain`, 0 by default): a small gain counts once the holdout shows it
+  is real, a large one on a small holdout does not unless it is;
+- it beats the label-prior baseline (the training labels' class rates) by PRIOR_Z standard errors, so that a
+  candidate that learnt only base rates (from shuffled labels, say) cannot replace a champion that is badly
+  calibrated;
+- for a binary task, it does not rank the holdout significantly worse than the champion: its AUC may be lower
+  only by less than `ranking_z` standard errors of the paired AUC difference (DeLong). A ranking rule
+  without that tolerance vetoes large, significant log-loss gains over differences in the fourth decimal.
+
+A trainer runs a round every few thousand examples, each a new test on a holdout that overlaps the last one:
+at two standard errors (the default) a candidate no better than its champion passes about one round in 40, at
+three about one in 700. A candidate that passes by chance is about as good as the champion, and the next
+round judges it again, with the source checkpoint as a contender; on every log `streamadapt bench adaptation`
+replays (BENCHMARKS.md), two served better than three.
+"""
 from __future__ import annotations
 
 import math
@@ -6,13 +24,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.quality import EPS
+from worker.quality import EPS, auc_difference
+
+
+PRIOR_Z = 2.0  # a candidate beats the label prior by this many standard errors: enough to refuse one that learnt
+# nothing but base rates (its gain over the prior is then about zero), without asking of a small holdout the
+# certainty the champion test asks
 
 
 @dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A binary holdout's scores (P(positive)) of the candidate and of the champion, and its labels."""
+
+    candidate: np.ndarray
+    champion: np.ndarray
+    labels: np.ndarray
 
 
 def example_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -26,33 +58,40 @@ def prior_probabilities(train_labels: np.ndarray, n_classes: int, n_rows: int) -
     return np.tile(counts / counts.sum(), (n_rows, 1))
 
 
-def decide(candidate: np.ndarray, champion: np.ndarray, prior: np.ndarray, min_relative_gain: float,
-           z: float, ranking: tuple[float, float] | None = None) -> Decision:
-    """Promote only when, on the same holdout, the candidate beats both the champion and the label-prior
-    baseline: its mean log-loss must be lower by `min_relative_gain` of theirs, and the paired gain must
-    exceed `z` standard errors, so a holdout's noise cannot promote a candidate. A trainer runs a round
-    every few thousand examples, each a new test: at two standard errors about one round in 40 of a
-    candidate no better than its champion passes, at three about one in 700 (`--training-promotion-z`).
+def paired_gain(candidate: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """Mean per-example log-loss gain of the candidate over another contender, and its standard error."""
+    gain = other - candidate
+    standard_error = float(np.std(gain, ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else math.inf
+    return float(np.mean(gain)), standard_error
 
-    The prior test keeps a candidate that learned only base rates (say, from shuffled labels) from
-    replacing a champion that is badly calibrated for the target.
 
-    `ranking`, for a binary task, is (candidate AUC, champion AUC) on the holdout: a candidate that ranks
-    worse than the champion is not promoted, whatever it gains in log-loss by calibration alone.
-    """
+def decide(candidate: np.ndarray, champion: np.ndarray, prior: np.ndarray | None, z: float, min_gain: float = 0.0,
+           ranking: Ranking | None = None, ranking_z: float = 2.0, prior_z: float = PRIOR_Z) -> Decision:
+    """Whether the candidate (per-example losses on the holdout) replaces the champion; the reason names
+    every figure the decision used. `prior` None: no label-prior test (a candidate whose network is one already
+    trusted, recalibrated)."""
     if len(candidate) == 0 or not np.all(np.isfinite(candidate)):
         return Decision(False, "candidate log-loss is not finite")
-    reasons = []
-    for name, other in (("label prior", prior), ("champion", champion)):
-        gain = other - candidate
-        needed = min_relative_gain * float(np.mean(other))
-        standard_error = float(np.std(gain, ddof=1) / math.sqrt(len(gain))) if len(gain) > 1 else math.inf
-        mean_gain = float(np.mean(gain))
-        if not (mean_gain > needed and mean_gain > z * standard_error):
-            return Decision(False, f"log-loss gain over the {name} {mean_gain:+.4f} (needs > {needed:.4f} and "
-                                   f"> {z:g} x SE {standard_error:.4f}; candidate {np.mean(candidate):.4f})")
-        reasons.append(f"{name} by {mean_gain:.4f} (SE {standard_error:.4f})")
-    if ranking is not None and ranking[0] < ranking[1]:
-        return Decision(False, f"log-loss {np.mean(candidate):.4f} beats the " + " and the ".join(reasons)
-                        + f", but it ranks worse than the champion: AUC {ranking[0]:.4f} against {ranking[1]:.4f}")
-    return Decision(True, f"log-loss {np.mean(candidate):.4f} beats the " + " and the ".join(reasons))
+    passed, failed = [], []
+    tests = [("champion", champion, z)] if prior is None else [("label prior", prior, prior_z), ("champion", champion, z)]
+    for name, other, needed_z in tests:
+        gain, standard_error = paired_gain(candidate, other)
+        figures = f"{gain:+.4f} (SE {standard_error:.4f})"
+        if gain > needed_z * standard_error and gain > min_gain:
+            passed.append(f"the {name} by {figures}")
+        else:
+            needs = f"> {needed_z:g} x SE" + (f" and > {min_gain:g}" if min_gain > 0 else "")
+            failed.append(f"gain over the {name} {figures} needs {needs}")
+    if failed:
+        return Decision(False, f"log-loss {np.mean(candidate):.4f}: " + "; ".join(failed)
+                        + ("; beats " + " and ".join(passed) if passed else ""))
+    reason = f"log-loss {np.mean(candidate):.4f} beats " + " and ".join(passed)
+    if ranking is not None:
+        difference, standard_error = auc_difference(ranking.candidate, ranking.champion, ranking.labels)
+        if np.isfinite(difference):
+            figures = f"AUC difference {difference:+.4f} (SE {standard_error:.4f})"
+            if difference < -ranking_z * standard_error:
+                return Decision(False, f"{reason}, but it ranks worse than the champion beyond the noise: {figures}, "
+                                       f"more than {ranking_z:g} x SE below")
+            reason += f"; ranks no worse: {figures}"
+    return Decision(True, reason)

@@ -49,6 +49,38 @@ def auc(p_positive: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
+def _midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values`, ties sharing their mean rank."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    ends = np.concatenate([starts[1:], [len(values)]])
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def auc_difference(first: np.ndarray, second: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """AUC of `first` minus AUC of `second` (scores of the same examples, higher meaning positive), and the
+    standard error of that difference by DeLong's method for paired ROC curves (DeLong, DeLong and
+    Clarke-Pearson 1988, in the O(n log n) form of Sun and Xu 2014). (nan, nan) when a class is missing."""
+    labels = np.asarray(labels).astype(bool)
+    m, n = int(labels.sum()), int((~labels).sum())
+    if m == 0 or n == 0:
+        return float("nan"), float("nan")
+    components = []
+    for scores_ in (np.asarray(first, np.float64), np.asarray(second, np.float64)):
+        positives, negatives = scores_[labels], scores_[~labels]
+        overall = _midranks(np.concatenate([positives, negatives]))
+        v10 = (overall[:m] - _midranks(positives)) / n  # per positive: the share of negatives it outranks
+        v01 = 1.0 - (overall[m:] - _midranks(negatives)) / m  # per negative: the share of positives above it
+        components.append((v10, v01))
+    (a10, a01), (b10, b01) = components
+    difference = float(a10.mean() - b10.mean())
+    variance = (np.var(a10 - b10, ddof=1) / m if m > 1 else 0.0) + (np.var(a01 - b01, ddof=1) / n if n > 1 else 0.0)
+    return difference, float(np.sqrt(variance))
+
+
 def scores(task: str, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The quality measures of a task: accuracy and log-loss; binary adds Brier and AUC."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -86,10 +118,15 @@ class RollingQuality:
 
 @dataclass
 class PageHinkley:
-    """Page-Hinkley test for an upward shift in the mean of a stream (here: per-prediction log-loss).
+    """Page-Hinkley test for an upward shift in the mean of a stream (here: per-prediction log-loss), in units
+    of the stream's own standard deviation, so that one setting suits a binary log-loss (a mean near 0.5) and
+    a multiclass one (a mean of 2 or 3) alike.
 
-    Alarms when the cumulative deviation above the running mean, less `delta` per step, exceeds
-    `threshold` from its minimum. Resets after an alarm. Needs `min_samples` before it may alarm.
+    Alarms when the cumulative deviation above the running mean, less `delta_sd` standard deviations per
+    value, exceeds `threshold_sd` standard deviations above its minimum. After an alarm it starts afresh and
+    stays quiet for `cooldown` values: the rounds an alarm asks for need the new regime's labels, and a
+    detector that alarms again before they exist only asks for rounds that cannot pass the gate. It needs
+    `min_samples` values before its first alarm.
 
     Each value may come with a mark (here: the event time at which the prediction's label became known).
     The value at which the cumulative deviation was lowest is the last one before the shift began, so the
@@ -98,13 +135,16 @@ class PageHinkley:
     order (partitions of a backlog are read in turns).
     """
 
-    delta: float = 0.1  # per-sample log-loss has a std of ~1-1.5: smaller deltas alarm on noise
-    threshold: float = 200.0  # a +0.5 shift in mean log-loss alarms after ~500 predictions
+    delta_sd: float = 0.1
+    threshold_sd: float = 150.0  # a shift of half a standard deviation alarms after about 400 values
     min_samples: int = 1000
+    cooldown: int = 5000
     _count: int = 0
     _mean: float = 0.0
+    _m2: float = 0.0  # Welford's sum of squared deviations
     _cumulative: float = 0.0
     _minimum: float = 0.0
+    _quiet: int = 0  # values left before an alarm may fire again
     _earliest_since_minimum: float = math.inf
 
     def update(self, value: float, mark: float = -math.inf) -> float | None:
@@ -113,16 +153,21 @@ class PageHinkley:
         if not math.isfinite(value):
             return None
         self._count += 1
-        self._mean += (value - self._mean) / self._count
-        self._cumulative += value - self._mean - self.delta
+        self._quiet = max(0, self._quiet - 1)
+        previous_mean = self._mean
+        self._mean += (value - previous_mean) / self._count
+        self._m2 += (value - previous_mean) * (value - self._mean)
+        sd = math.sqrt(self._m2 / (self._count - 1)) if self._count > 1 else 0.0
+        self._cumulative += value - self._mean - self.delta_sd * sd
         if self._cumulative <= self._minimum:
             self._minimum, self._earliest_since_minimum = self._cumulative, math.inf
         else:
             self._earliest_since_minimum = min(self._earliest_since_minimum, mark)
-        if self._count >= self.min_samples and self._cumulative - self._minimum > self.threshold:
+        if (self._count >= self.min_samples and not self._quiet and sd > 0
+                and self._cumulative - self._minimum > self.threshold_sd * sd):
             change = self._earliest_since_minimum
-            self._count, self._mean, self._cumulative, self._minimum = 0, 0.0, 0.0, 0.0
-            self._earliest_since_minimum = math.inf
+            self._count, self._mean, self._m2, self._cumulative, self._minimum = 0, 0.0, 0.0, 0.0, 0.0
+            self._earliest_since_minimum, self._quiet = math.inf, self.cooldown
             return change
         return None
 

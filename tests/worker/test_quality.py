@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.quality import PageHinkley, QualityMonitor, auc, brier, log_loss, scores
+from worker.quality import PageHinkley, QualityMonitor, auc, auc_difference, brier, log_loss, scores
 
 
 def brute_force_auc(p, y):
@@ -77,3 +77,46 @@ def test_quality_monitor_tracks_a_bounded_number_of_versions():
     snapshot = monitor.snapshot()
     assert set(snapshot) == {"b", "c"}
     assert snapshot["c"]["accuracy"] == 1.0  # only the last 3 of 4 are kept
+
+
+@given(st.lists(st.tuples(st.sampled_from([0.1, 0.3, 0.5]), st.sampled_from([0.2, 0.4, 0.6]), st.integers(0, 1)),
+                min_size=2, max_size=40))
+def test_auc_difference_is_the_difference_of_the_aucs(rows):
+    a, b, y = (np.array([r[k] for r in rows]) for k in range(3))
+    difference, standard_error = auc_difference(a, b, y)
+    if y.min() == y.max():
+        assert np.isnan(difference) and np.isnan(standard_error)
+    else:
+        assert difference == pytest.approx(brute_force_auc(a, y) - brute_force_auc(b, y))
+        assert standard_error >= 0.0
+
+
+def test_the_standard_error_of_an_auc_difference_matches_the_bootstrap():
+    rng = np.random.default_rng(5)
+    y = rng.random(2000) < 0.3
+    first, second = y + rng.normal(0, 1.2, 2000), y + rng.normal(0, 1.3, 2000)
+    _, standard_error = auc_difference(first, second, y)
+    draws = [auc(first[i], y[i].astype(int)) - auc(second[i], y[i].astype(int))
+             for i in (rng.integers(0, 2000, 2000) for _ in range(300))]
+    assert standard_error == pytest.approx(np.std(draws), rel=0.2)
+    assert auc_difference(first, first, y) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_page_hinkley_judges_in_the_streams_own_standard_deviations(scale):
+    """A binary log-loss varies about a tenth of what a multiclass one does: the same shift in standard
+    deviations alarms alike, and neither scale alarms on noise."""
+    rng = np.random.default_rng(11)
+    detector = PageHinkley()
+    quiet = rng.normal(1.0, 1.0, 20_000) * scale
+    assert all(detector.update(v) is None for v in quiet)
+    alarms = [i for i, v in enumerate(rng.normal(1.5, 1.0, 3000) * scale) if detector.update(v) is not None]
+    assert alarms and alarms[0] < 1500
+
+
+def test_after_an_alarm_the_detector_stays_quiet_for_its_cooldown():
+    rng = np.random.default_rng(12)
+    detector = PageHinkley(min_samples=100, cooldown=3000)
+    values = np.concatenate([rng.normal(0, 1, 1000), rng.normal(2, 1, 200), rng.normal(4, 1, 200), rng.normal(6, 1, 4000)])
+    alarms = [i for i, v in enumerate(values) if detector.update(v) is not None]
+    assert alarms and all(b - a >= 3000 for a, b in zip(alarms, alarms[1:]))
