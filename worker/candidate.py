@@ -6,11 +6,12 @@ benchmark (which replays a stream offline), so both choose examples and judge ca
   last drift alarm estimated (older ones taught the model the regime that ended); for repurchase, only
   those the watermark has left fully resolved;
 - the examples are split in event-time order: the newest `holdout_share` is held out;
-- the candidate is fine-tuned from the source weights on the rest, with recency weights;
+- the candidate is fine-tuned from the source weights on the rest, with recency weights, and (by default)
+  calibrated on them; by default the champion's own network, recalibrated on them, is a second candidate;
 - candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules
-  (for a binary task, with the candidate's and the champion's AUC: it must not rank worse); while a
-  promoted version is champion, the source checkpoint is judged against it the same way, and wins the
-  fleet back when it beats it.
+  (for a binary task, with the candidate's and the champion's scores: it must not rank significantly
+  worse); while a promoted version is champion, the source checkpoint is judged against it the same way,
+  and wins the fleet back when it beats it.
 """
 from __future__ import annotations
 
@@ -19,42 +20,60 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from worker import calibration
+from worker.calibration import CalibrationError, exposed_losses
+from worker.censoring import MIN_POSITIVES, exposure, repurchase_delays
 from worker.examples import Example, recency_weights
-from worker.finetune import FineTuneConfig, fine_tune
-from worker.model import ModelMeta, ServingModel
-from worker.promotion import Decision, decide, example_losses, prior_probabilities
+from worker.labels import settled
+from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
+from worker.model import ModelMeta, Parameters, ServingModel
+from worker.promotion import Decision, Ranking, decide, example_losses, paired_gain, prior_probabilities
 from worker.quality import scores
 from worker.settings import TrainingSettings
 
 
 @dataclass(frozen=True)
 class Round:
-    weights: list[np.ndarray]
+    parameters: Parameters  # the chosen candidate: its weights and calibration
     decision: Decision
-    scores: dict[str, dict[str, float]]  # "candidate", "champion", "label_prior" (and "source") -> holdout measures
-    trained_examples: int
-    trained_ts_s: tuple[float, float]  # event-time range of the training part
-    back_to_source: bool = False  # the source checkpoint beat the champion (and the candidate): serve it again
+    scores: dict[str, dict[str, float]]  # "candidate" (the chosen one), each candidate by name, "champion",
+    # "label_prior" (and "source") -> holdout measures
+    trained_examples: int  # settled examples the weights learnt from
+    trained_ts_s: tuple[float, float]  # their event-time range
+    back_to_source: bool = False  # the source checkpoint beat the champion (and the candidates): serve it again
+    contender: str = "fine-tuned"  # which candidate `parameters` is: "fine-tuned" or "recalibrated"
+    unsettled_examples: int = 0  # of the round's, purchases whose horizon was still running (repurchase)
 
 
 class Scorer:
-    """Class probabilities of any weights of one architecture, by the forward pass that serves them
+    """Class probabilities of any parameters of one architecture, by the forward pass that serves them
     (a private ServingModel), so the gate judges exactly what replicas would serve."""
 
     def __init__(self, model, meta: ModelMeta):
         self._serving = ServingModel.of_keras(model, meta)
 
-    def __call__(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
-        self._serving.swap(weights, "scored")
+    def __call__(self, parameters: Parameters, features: np.ndarray) -> np.ndarray:
+        self._serving.swap(parameters, "scored")
         return self._serving.predict_many(features)
 
+    def uncalibrated(self, weights: list[np.ndarray], features: np.ndarray) -> np.ndarray:
+        self._serving.swap(Parameters(weights), "scored")
+        return self._serving.predict_uncalibrated(features)
 
-def regime_examples(examples: list[Example], regime_since_ts: float | None) -> list[Example]:
-    """The examples whose labels became known from the start of the current regime on (all when no drift
-    alarmed yet). By the label's time, not the prediction's: a prediction served just before the change
-    is labelled by a purchase made under the new regime, and those are the first examples of it."""
+
+def regime_examples(examples: list[Example], regime_since_ts: float | None, task: str) -> list[Example]:
+    """The examples of the current regime (all when no drift alarmed yet).
+
+    next_category: those whose labels became known from the start of the regime on. By the label's time,
+    not the prediction's: a prediction served just before the change is labelled by a purchase made under
+    the new regime, and those are the first examples of it.
+    repurchase: those of purchases made from the start of the regime on, whose whole horizon lies in it. A
+    label's time says what the label is here (a positive is known at the next purchase, a negative only at
+    the deadline), so choosing by it would choose negatives."""
     if regime_since_ts is None:
         return examples
+    if task == "repurchase":
+        return [e for e in examples if e.ts_s >= regime_since_ts]
     return [e for e in examples if e.resolved_ts_s >= regime_since_ts]
 
 
@@ -80,9 +99,12 @@ def newest_trainable_ts(task: str, horizon_days: float | None, watermark_s: floa
 
 def resolved_period(examples: list[Example], task: str, horizon_days: float | None,
                     watermark_s: float | None) -> list[Example]:
-    """The examples a round may train on (`newest_trainable_ts`)."""
-    newest = newest_trainable_ts(task, horizon_days, watermark_s)
-    return examples if newest == math.inf else [e for e in examples if e.ts_s <= newest]
+    """The examples a round may train and judge on: those whose label is settled (worker.labels.settled)."""
+    if task != "repurchase":
+        return examples
+    if watermark_s is None:
+        return []
+    return [e for e in examples if settled(e.ts_s, horizon_days or 0.0, watermark_s)]
 
 
 def round_examples(examples: list[Example], regime_since_ts: float | None, task: str, horizon_days: float | None,
@@ -90,7 +112,7 @@ def round_examples(examples: list[Example], regime_since_ts: float | None, task:
     """The examples a round takes, oldest first: of the current regime's (`regime_examples`), and for
     repurchase of those the watermark has fully resolved (`resolved_period`), the newest `max_examples`.
     The trainer and the bench both call this."""
-    return resolved_period(regime_examples(examples, regime_since_ts), task, horizon_days, watermark_s)[-max_examples:]
+    return resolved_period(regime_examples(examples, regime_since_ts, task), task, horizon_days, watermark_s)[-max_examples:]
 
 
 def examples_before_next_round(used: int, training: TrainingSettings) -> int:
@@ -99,47 +121,133 @@ def examples_before_next_round(used: int, training: TrainingSettings) -> int:
     return training.min_examples - used if used < training.min_examples else training.every_examples
 
 
-def fine_tune_round(source_model, champion_weights: list[np.ndarray] | None, examples: list[Example], task: str,
-                    n_classes: int, training: TrainingSettings, scorer: Scorer, from_scratch: bool = False) -> Round:
-    """Fine-tune on `examples` (oldest first) and decide on the candidate. Raises FineTuneError.
+def fine_tune_round(source_model, champion: Parameters | None, examples: list[Example], task: str,
+                    n_classes: int, training: TrainingSettings, scorer: Scorer, from_scratch: bool = False,
+                    recent: list[Example] = (), watermark_s: float | None = None,
+                    horizon_days: float | None = None) -> Round:
+    """Fine-tune on `examples` (settled, oldest first) and decide on the candidates. Raises FineTuneError.
 
-    `champion_weights` is None while the source checkpoint is champion. Otherwise the source is a contender
-    too: when it passes the gate against the champion on the same holdout, and the candidate does not or
-    scores worse than it, the round sends the fleet back to the source (`Round.back_to_source`). A promoted
-    champion that the stream has left behind is so replaced at the next round, not kept until a fine-tune
-    happens to beat it."""
+    The candidates, each judged by the gate against the champion on the same holdout, the better one taken:
+    - "fine-tuned": the strategy's weights, and with `training.recalibrate` (always for the `calibrate`
+      strategy) a calibration fitted to them on the training part with recency weights;
+    - "recalibrated" (with `training.recalibrate`): the champion's own network, its calibration fitted anew on
+      the training part. When only the base rate moved, this wins without touching how the champion ranks:
+      when both pass, the fine-tuned one is taken only if it beats the recalibrated one by the gate's margin too.
+    `recent` (repurchase): purchases whose horizon is still running at `watermark_s`, labelled 1 when the
+    repurchase came already, else 0 ("not yet"). Weights never learn from them; calibrations and the gate count
+    each for what is known of it (worker.censoring), so a round sees the base rate of the last horizon too,
+    and its holdout is the newest purchases, settled or not.
+    `champion` is None while the source checkpoint is champion. Otherwise the source is a contender too: when
+    it passes the gate against the champion, and no candidate does or scores better than it, the round sends
+    the fleet back to the source (`Round.back_to_source`). A promoted champion that the stream has left behind
+    is so replaced at the next round, not kept until a fine-tune happens to beat it."""
+    settled_count = len(examples)
+    exposed = _exposure(examples, list(recent), watermark_s, horizon_days)
+    if exposed is not None:
+        examples = sorted([*examples, *recent], key=lambda e: e.ts_s)
     features = np.stack([e.features for e in examples])
-    labels = np.array([e.label for e in examples], dtype=np.int64)
+    labels = np.array([max(e.label, 0) for e in examples], dtype=np.int64)
     ts_s = np.array([e.ts_s for e in examples])
+    exposures = (np.ones(len(examples)) if exposed is None
+                 else np.array([exposed.get(e.event_id, 1.0) for e in examples]))
+    settled_rows = exposures >= 1.0
     holdout = max(1, int(len(examples) * training.holdout_share))
-    train, held = slice(0, len(examples) - holdout), slice(len(examples) - holdout, None)
+    train, held = np.arange(len(examples) - holdout), np.arange(len(examples) - holdout, len(examples))
+    trainable = train[settled_rows[train]]
+    if len(trainable) == 0:
+        raise FineTuneError("no settled examples to train on")
     config = FineTuneConfig(strategy=training.strategy, epochs=training.epochs, patience=training.patience,
                             learning_rate=training.learning_rate,
                             l2sp_weight=training.l2sp_weight, from_scratch=from_scratch)
-    weights = fine_tune(source_model, features[train], labels[train],
-                        recency_weights(ts_s[train], training.recency_half_life_s), task, config)
-    held_x, held_y = features[held], labels[held]
-    source_weights = source_model.get_weights()
-    probabilities = {"candidate": scorer(weights, held_x),
-                     "champion": scorer(source_weights if champion_weights is None else champion_weights, held_x),
-                     "label_prior": prior_probabilities(labels[train], n_classes, holdout)}
-    if champion_weights is not None:
-        probabilities["source"] = scorer(source_weights, held_x)
-    measured = {name: _finite(scores(task, p, held_y)) for name, p in probabilities.items()}
-    losses = {name: example_losses(p, held_y) for name, p in probabilities.items()}
+    sample_weights = recency_weights(ts_s[train], training.recency_half_life_s)
+
+    def calibrated(weights: list[np.ndarray]) -> Parameters:
+        try:
+            return Parameters(weights, calibration.fit(scorer.uncalibrated(weights, features[train]), labels[train],
+                                                       sample_weights, None if exposed is None else exposures[train]))
+        except CalibrationError as error:
+            raise FineTuneError(str(error)) from error
+
+    source = Parameters(source_model.get_weights())
+    serving = source if champion is None else champion
+    weights = fine_tune(source_model, features[trainable], labels[trainable],
+                        recency_weights(ts_s[trainable], training.recency_half_life_s), task, config)
+    candidates = {"fine-tuned": calibrated(weights) if training.recalibrate or training.strategy == "calibrate"
+                  else Parameters(weights)}
+    if training.recalibrate and not from_scratch:
+        candidates["recalibrated"] = calibrated(serving.weights)
+    held_x, held_y, held_exposure = features[held], labels[held], exposures[held]
+    probabilities = {name: scorer(parameters, held_x) for name, parameters in candidates.items()}
+    probabilities["champion"] = scorer(serving, held_x)
+    probabilities["label_prior"] = _prior(labels[train], exposures[train], n_classes, holdout)
+    if champion is not None:
+        probabilities["source"] = scorer(source, held_x)
+    held_settled = settled_rows[held]
+    measured = {name: _measures(task, p, held_y, held_exposure, held_settled) for name, p in probabilities.items()}
+    losses = {name: (example_losses(p, held_y) if exposed is None else exposed_losses(p, held_y, held_exposure))
+              for name, p in probabilities.items()}
 
     def gate(contender: str) -> Decision:
-        aucs = measured[contender].get("auc"), measured["champion"].get("auc")  # binary tasks, both classes held out
-        return decide(losses[contender], losses["champion"], losses["label_prior"], training.promotion_margin,
-                      z=training.promotion_z, ranking=aucs if None not in aucs else None)
+        ranking = (Ranking(probabilities[contender][held_settled, 1], probabilities["champion"][held_settled, 1],
+                           held_y[held_settled]) if task == "repurchase" else None)
+        # a recalibrated network is one already trusted: only a network learnt anew must beat the label prior
+        prior = None if contender == "recalibrated" else losses["label_prior"]
+        return decide(losses[contender], losses["champion"], prior, training.promotion_z,
+                      training.promotion_min_gain, ranking, training.promotion_ranking_z)
 
-    decision, back_to_source = gate("candidate"), False
-    if champion_weights is not None:
-        source = gate("source")
-        if source.promote and (not decision.promote or np.mean(losses["source"]) <= np.mean(losses["candidate"])):
-            decision, back_to_source = Decision(False, f"back to the source checkpoint: its {source.reason}"), True
-    return Round(weights, decision, measured, len(examples) - holdout, (float(ts_s[0]), float(ts_s[train.stop - 1])),
-                 back_to_source)
+    decisions = {name: gate(name) for name in candidates}
+    passed = [name for name, decision in decisions.items() if decision.promote]
+    chosen = passed[0] if passed else "fine-tuned"
+    if len(passed) == 2:  # the fine-tuned candidate changes how the model ranks: it must beat the recalibrated one
+        gain, standard_error = paired_gain(losses["fine-tuned"], losses["recalibrated"])
+        chosen = "fine-tuned" if gain > training.promotion_z * standard_error else "recalibrated"
+    decision = Decision(decisions[chosen].promote, "; ".join(f"{name}: {decisions[name].reason}"
+                                                             for name in sorted(decisions, key=lambda n: n != chosen)))
+    back_to_source = False
+    if champion is not None:
+        source_decision = gate("source")
+        if source_decision.promote and (not passed or np.mean(losses["source"]) <= np.mean(losses[chosen])):
+            decision = Decision(False, f"back to the source checkpoint: its {source_decision.reason}")
+            back_to_source = True
+    measured["candidate"] = measured[chosen]  # what a model version reports as "candidate"
+    return Round(candidates[chosen], decision, measured, int(len(trainable)),
+                 (float(ts_s[trainable[0]]), float(ts_s[trainable[-1]])), back_to_source, chosen,
+                 len(examples) - settled_count)
+
+
+def _exposure(settled: list[Example], recent: list[Example], watermark_s: float | None,
+              horizon_days: float | None) -> dict[str, float] | None:
+    """event_id -> exposure of each recent example (worker.censoring); None when there is nothing to expose or
+    too few settled positives to tell how repurchases spread over the horizon."""
+    if not recent or watermark_s is None or not horizon_days:
+        return None
+    delays = repurchase_delays(np.array([e.ts_s for e in settled]),
+                               np.array([e.resolved_ts_s or e.ts_s for e in settled]),
+                               np.array([e.label for e in settled]))
+    if len(delays) < MIN_POSITIVES:
+        return None
+    values = exposure(np.array([e.ts_s for e in recent]), delays, watermark_s, horizon_days)
+    return {e.event_id: float(v) for e, v in zip(recent, values)}
+
+
+def _prior(labels: np.ndarray, exposures: np.ndarray, n_classes: int, rows: int) -> np.ndarray:
+    """The label-prior baseline: the training labels' class frequencies; for a binary task with unsettled labels,
+    the constant rate that best explains what was seen of them."""
+    if np.all(exposures >= 1.0) or n_classes != 2:
+        return prior_probabilities(labels, n_classes, rows)
+    constant = np.tile([0.5, 0.5], (len(labels), 1))
+    fitted = calibration.fit(constant, labels, exposure=exposures)  # a bias alone moves a constant
+    return np.tile(calibration.apply(constant[:1].astype(np.float32), fitted)[0], (rows, 1))
+
+
+def _measures(task: str, probabilities: np.ndarray, labels: np.ndarray, exposures: np.ndarray,
+              settled: np.ndarray) -> dict[str, float]:
+    """The holdout's measures: the log-loss of what is known of every label (the gate's figure), the others
+    over the settled labels."""
+    measured = _finite(scores(task, probabilities[settled], labels[settled])) if settled.any() else {}
+    if not settled.all():
+        measured["log_loss"] = float(np.mean(exposed_losses(probabilities, labels, exposures)))
+    return measured
 
 
 def _finite(measures: dict[str, float]) -> dict[str, float]:

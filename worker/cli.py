@@ -26,8 +26,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser, parts: set[str | None])
         if option.part not in parts:
             continue
         help_text = f"{option.description} [{option.env}]"
-        if option.annotation is bool:
-            group.add_argument(option.flag, dest=option.env, action="store_true", default=None, help=help_text)
+        if option.annotation is bool:  # --flag and --no-flag, but a negative setting (--no-finetune) has one form
+            action = "store_true" if option.field.startswith("no_") else argparse.BooleanOptionalAction
+            group.add_argument(option.flag, dest=option.env, action=action, default=None, help=help_text)
         else:
             group.add_argument(option.flag, dest=option.env, default=None, metavar="VALUE", help=help_text)
 
@@ -85,22 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--latency-seconds", type=float, default=20.0,
                             help="length of each latency run at 25/50/75%% load (0 skips them)")
     _add_settings_flags(throughput, {"kafka", "redis"})
-    adaptation = benches.add_parser("adaptation", help="prequential quality on a drifting stream against static, "
-                                                      "scratch, River and an oracle (offline; the checkpoint's task)")
+    adaptation = benches.add_parser(
+        "adaptation", help="prequential quality of adapted serving against static, scratch, River, frequency "
+                           "baselines and an oracle (offline, by the worker's own code; the checkpoint's task)",
+        description="On a real log: --events FILE --source-until DATE pretrains a source checkpoint on the events "
+                    "before DATE (--task, --horizon-days) and judges every contender on the events after it. With "
+                    "--source-checkpoint, that checkpoint serves and --drift-at splits the file (default: its middle). "
+                    "Without --events, a drifting target stream is generated and a checkpoint pretrained on a "
+                    "generated source market.")
     adaptation.add_argument("--events", type=Path, default=None,
                             help="JSONL events to replay (default: generate a drifting target stream)")
+    adaptation.add_argument("--source-until", type=_utc_date, default=None, metavar="DATE",
+                            help="pretrain on the events before this ISO date (or date and time), judge after it")
+    adaptation.add_argument("--task", choices=("next_category", "repurchase"), default="next_category",
+                            help="the task pretrained (with --source-until, or without --events)")
+    adaptation.add_argument("--horizon-days", type=float, default=7.0, help="repurchase horizon in days, as pretrain's")
     adaptation.add_argument("--generate", type=int, default=30_000, help="events to generate when --events is not given")
     adaptation.add_argument("--drift-at", type=int, default=None,
-                            help="event index where the regime changes (default: 12,000 of a generated stream, "
+                            help="event index where the stream is split (default: 12,000 of a generated stream, "
                                  "else the middle)")
     adaptation.add_argument("--source-checkpoint", type=Path, default=None,
-                            help="source checkpoint, next_category or repurchase: the task judged (default: pretrain a "
-                                 "next_category one on 60k generated source events)")
-    adaptation.add_argument("--strategies", default="l2sp,head,full", help="fine-tune strategies to replay")
+                            help="source checkpoint, next_category or repurchase: the task judged (instead of "
+                                 "pretraining one)")
+    adaptation.add_argument("--strategies", default="l2sp", help="fine-tune strategies to replay; the goals judge the first")
     adaptation.add_argument("--no-river", action="store_true", help="skip River's learners (the slowest contenders)")
+    adaptation.add_argument("--no-oracle", action="store_true", help="skip the oracle (trained five times over)")
+    adaptation.add_argument("--through-worker", action="store_true",
+                            help="also run the log through real workers (static, then adapted) on Kafka and Redis, and "
+                                 "check that static serving there is the replay's")
+    adaptation.add_argument("--replay-rate", type=float, default=None, metavar="EVENTS_PER_S",
+                            help="with --through-worker: replay the log into Kafka at this rate (default: as fast as "
+                                 "it goes)")
+    adaptation.add_argument("--curve-sizes", default="250,500,1000,2000",
+                            help="target examples of the transfer curve, comma-separated (empty: no curve)")
     adaptation.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    adaptation.add_argument("--plot", type=Path, default=None, help="write the rolling-accuracy plot here (PNG)")
-    _add_settings_flags(adaptation, {"training"})
+    adaptation.add_argument("--plot", type=Path, default=None, help="write the rolling-quality plot here (PNG)")
+    _add_settings_flags(adaptation, {"training", "kafka", "redis"})
 
     watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
     watch.add_argument("--metrics-url", default="http://127.0.0.1:9400/metrics")
@@ -136,7 +157,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _utc_date(text: str):
+    """An ISO date or date and time, as an aware datetime (UTC when it names no zone)."""
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date such as 1997-07-01") from error
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise SettingsError(f"--curve-sizes takes comma-separated counts, not {text!r}") from error
+    if any(size < 10 for size in sizes):
+        raise SettingsError("--curve-sizes must be at least 10 each")
+    return sizes
+
+
 def _bench_adaptation(args: argparse.Namespace) -> None:
+    import json
     import tempfile
 
     from worker.bench_adaptation import run_adaptation_bench
@@ -148,30 +191,56 @@ def _bench_adaptation(args: argparse.Namespace) -> None:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
         raise SettingsError(f"--strategies takes some of {', '.join(STRATEGIES)}, not {args.strategies!r}")
-    training = load_settings(_settings_overrides(args)).training
-    if args.events is not None:
-        events, refused = read_events(args.events)
-        if refused:
-            print(f"{refused} lines of {args.events} are not valid events and are left out")
-        drift_at = args.drift_at
-    else:
-        if args.generate < 1000:
-            raise SettingsError("--generate must be at least 1000")
-        from schemas import PurchaseEvent
-
-        drift_at = args.drift_at if args.drift_at is not None else min(12_000, args.generate // 2)
-        events = [PurchaseEvent.model_validate(e) for e in
-                  generate_events(events=args.generate, market="target", drift_at=drift_at, seed=7)]
+    if args.source_until is not None and (args.events is None or args.source_checkpoint is not None):
+        raise SettingsError("--source-until needs --events, and pretrains its own checkpoint: no --source-checkpoint")
+    settings = load_settings(_settings_overrides(args))
+    training = settings.training
+    if args.replay_rate is not None and not (args.through_worker and args.replay_rate > 0):
+        raise SettingsError("--replay-rate goes with --through-worker, and must be positive")
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch:
-        checkpoint = args.source_checkpoint
+        checkpoint, split_at = args.source_checkpoint, args.drift_at
+        if args.events is not None:
+            events, refused = read_events(args.events)
+            if refused:
+                print(f"{refused} lines of {args.events} are not valid events and are left out")
+            if args.source_until is not None:
+                until_s = args.source_until.timestamp()
+                source_file = Path(scratch) / "source.jsonl"
+                source_file.write_text("".join(json.dumps(e.model_dump(mode="json")) + "\n"
+                                               for e in events if e.ts_s < until_s))
+                print(f"pretraining a {args.task} checkpoint on the events before {args.source_until.isoformat()}")
+                result = pretrain(source_file, Path(scratch) / "checkpoint", task=args.task,
+                                  horizon_days=args.horizon_days)
+                for warning in result.warnings:
+                    print(f"warning: {warning}")
+                checkpoint = Path(scratch) / "checkpoint"
+                split_at = sum(1 for e in events if e.ts_s < until_s)
+        else:
+            if args.generate < 1000:
+                raise SettingsError("--generate must be at least 1000")
+            from schemas import PurchaseEvent
+
+            split_at = args.drift_at if args.drift_at is not None else min(12_000, args.generate // 2)
+            events = [PurchaseEvent.model_validate(e) for e in
+                      generate_events(events=args.generate, market="target", drift_at=split_at, seed=7)]
         if checkpoint is None:
-            print("no --source-checkpoint: pretraining one on 60,000 generated source events")
+            print(f"no --source-checkpoint: pretraining a {args.task} one on 60,000 generated source events")
             source = Path(scratch) / "source.jsonl"
             write_events(source, events=60_000, market="source", seed=98)
-            pretrain(source, Path(scratch) / "checkpoint", task="next_category", horizon_days=7)
+            pretrain(source, Path(scratch) / "checkpoint", task=args.task, horizon_days=args.horizon_days)
             checkpoint = Path(scratch) / "checkpoint"
-        run_adaptation_bench(events, checkpoint, drift_at, training, out=args.out, plot_path=args.plot,
-                             strategies=strategies, with_river=not args.no_river)
+        result = run_adaptation_bench(events, checkpoint, split_at, training, out=args.out, plot_path=args.plot,
+                                      strategies=strategies, with_river=not args.no_river, with_oracle=not args.no_oracle,
+                                      oracle_goal=args.events is None, curve_sizes=_sizes(args.curve_sizes))
+        if args.through_worker:
+            from worker.bench_adaptation import MEASURE
+            from worker.bench_adaptation_e2e import print_through_worker, run_through_worker
+            from worker.bench_json import write_json
+
+            result.update(run_through_worker(settings, events, checkpoint, result["split_at"], args.replay_rate))
+            print_through_worker(result, MEASURE[result["task"]])
+            if args.out is not None:
+                write_json(args.out, result)
 
 
 def _settings_overrides(args: argparse.Namespace) -> dict:
@@ -190,10 +259,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if not (args.horizon_days > 0 and args.user_memory_days > 0):
             raise SettingsError("--horizon-days and --user-memory-days must be positive")
-        meta, metrics = pretrain(args.events, args.out, task=args.task, horizon_days=args.horizon_days,
-                                 epochs=args.epochs, seed=args.seed, user_memory_days=args.user_memory_days)
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "examples")
-        print(f"wrote {args.task} checkpoint {meta.version} to {args.out} (validation: {shown})")
+        result = pretrain(args.events, args.out, task=args.task, horizon_days=args.horizon_days,
+                          epochs=args.epochs, seed=args.seed, user_memory_days=args.user_memory_days)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in result.validation.items() if k != "examples")
+        print(f"wrote {args.task} checkpoint {result.meta.version} to {args.out} (validation on the newest "
+              f"{result.validation['examples']:,.0f} settled examples: {shown}; training log_loss="
+              f"{result.training_log_loss:.4f})")
+        for warning in result.warnings:
+            print(f"streamadapt pretrain: warning: {warning}", file=sys.stderr)
     elif args.command == "replay":
         from worker.replay import replay
 

@@ -18,7 +18,7 @@ from worker.features import UserState, advance, encode
 from worker.labels import resolve_on_purchase
 from worker.model import ModelMeta
 from worker.parsing import Rejection
-from worker.state import EventClaim, LegacyClaim
+from worker.state import EventClaim
 
 TOP_CLASSES = 3
 # (topic, key, value): one record a batch produces
@@ -70,7 +70,7 @@ class BatchPlan:
     last_fresh_of_user: dict[str, int] = field(default_factory=dict)  # becomes the user's new pending
 
 
-def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim | LegacyClaim],
+def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim],
                states: dict[str, UserState], pendings: dict[str, Example], meta: ModelMeta,
                observed_since_s: float) -> BatchPlan:
     """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
@@ -172,12 +172,10 @@ def make_predictions(fresh: list[tuple[InputRecord, PurchaseEvent]], probabiliti
     return bodies, claims
 
 
-def replayed_prediction(claim: EventClaim | LegacyClaim, event: PurchaseEvent, meta: ModelMeta) -> bytes:
+def replayed_prediction(claim: EventClaim, event: PurchaseEvent, meta: ModelMeta) -> bytes:
     """The prediction message of a replayed record, the same bytes as when it was first predicted (`event` is
     the record's event again). Class indices are read with this model's classes: every version fine-tuned
     from one source checkpoint has its classes."""
-    if isinstance(claim, LegacyClaim):
-        return claim.prediction_json
     write = PredictionWriter(task=meta.task, model_version=claim.model_version, classes=meta.classes,
                              predicted_at=datetime.fromisoformat(claim.predicted_at))
     ranked = (None if claim.ranked_classes is None

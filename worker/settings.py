@@ -151,8 +151,14 @@ class TrainingSettings(BaseSettings):
     min_examples: int = Field(1000, ge=10, description="no fine-tune with fewer examples of the current regime")
     max_examples: int = Field(20000, ge=10, description="fine-tune on at most the newest this many examples")
     holdout_share: float = Field(0.2, gt=0, lt=0.9, description="newest share of examples held out for the gate")
-    promotion_margin: float = Field(0.01, ge=0, lt=1, description="relative log-loss gain a candidate needs")
-    promotion_z: float = Field(3.0, ge=0, description="standard errors of its paired holdout gain a candidate needs")
+    promotion_z: float = Field(2.0, ge=0, description="standard errors of its paired holdout log-loss gain a "
+                               "candidate needs, over the champion and over the label prior")
+    promotion_min_gain: float = Field(0.0, ge=0, description="log-loss gain (nats per example) a candidate needs "
+                                      "at least, however significant")
+    promotion_ranking_z: float = Field(2.0, ge=0, description="a binary candidate whose holdout AUC is lower than the "
+                                       "champion's by more than this many standard errors (DeLong) is refused")
+    recalibrate: bool = Field(True, description="after every strategy, fit the candidate's calibration (a scale "
+                              "and a bias per class) on its training examples, weighted to the newest")
     epochs: int = Field(30, ge=1, description="at most this many fine-tune epochs (early stopping)")
     patience: int = Field(3, ge=1, description="a fine-tune stops after this many epochs without a better validation loss")
     learning_rate: float = Field(1e-3, gt=0, description="fine-tune learning rate (full uses a tenth)")

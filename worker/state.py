@@ -16,17 +16,14 @@ Keys (all under the configured prefix):
 The event record says which input record first claimed the event_id and what was predicted for it, so a
 replay of that same record re-emits the same prediction and a true duplicate is dropped. It keeps the
 prediction's values, not its JSON: a claim lives as long as the dedupe TTL (a week by default), once per
-event, and the JSON is three times the size. Claims of earlier versions ("{record}\\n{prediction JSON}") are
-read as LegacyClaims and their JSON re-emitted as stored, until they expire.
+event, and the JSON is three times the size.
 
-Earlier versions kept the state and the pending prediction in two keys, {p}:user:{user_id} and
-{p}:pending:{user_id}. They are read for users who have no profile yet, and never written, so an upgrade
-keeps every user's state while they expire. (One key per user is a third fewer writes per event.)
-Examples written by earlier versions lack the event time their label became known, and read as labelled at
-their own event time (worker.examples).
+A profile that cannot be read (written by other feature code, or damaged) counts as a user never seen, and is
+replaced at the user's next purchase: a worker must not stop on stored state any more than on input.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +35,8 @@ from pydantic_core import from_json, to_json
 from worker.examples import Example, window_start
 from worker.features import UserState
 from worker.settings import RedisSettings, TrainingSettings
+
+log = logging.getLogger(__name__)
 
 # Errors of a Redis that cannot answer now: the worker builds the batch again, the trainer tries its round again,
 # once Redis answers. A Redis at its maxmemory (noeviction) refuses a batch's whole transaction (its ZADDs and
@@ -72,18 +71,8 @@ class EventClaim(NamedTuple):
         return to_json(self)  # a JSON array; floats are written so that they read back exactly
 
     @staticmethod
-    def decode(raw: bytes) -> EventClaim | LegacyClaim:
-        if raw[:1] != b"[":  # "{record}\n{prediction JSON}": written by an earlier version
-            record, _, prediction_json = raw.partition(b"\n")
-            return LegacyClaim(record.decode(), prediction_json)
+    def decode(raw: bytes) -> EventClaim:
         return EventClaim(*from_json(raw))
-
-
-class LegacyClaim(NamedTuple):
-    """A claim written by an earlier version, with the prediction's JSON itself."""
-
-    record: str
-    prediction_json: bytes
 
 
 @dataclass
@@ -154,10 +143,10 @@ class StateStore:
         return bool(self._client.ping())
 
     def load(self, event_ids: list[str], user_ids: list[str], oldest_ts_s: float, unsaved: StateWrites | None = None
-             ) -> tuple[dict[str, EventClaim | LegacyClaim], dict[str, UserState], dict[str, Example], float]:
+             ) -> tuple[dict[str, EventClaim], dict[str, UserState], dict[str, Example], float]:
         """Existing claims for these events, states and pending predictions of these users, and the event time
         from which states have been kept (`oldest_ts_s`, the batch's oldest event, if no batch came before): one
-        round trip (and one more for users without a profile, to read the keys of earlier versions). `unsaved`:
+        round trip. `unsaved`:
         writes that may not have landed yet, read as if they had (a batch built while the one before is saved)."""
         if not event_ids:
             return {}, {}, {}, oldest_ts_s
@@ -183,23 +172,21 @@ class StateStore:
 
     def _profiles(self, user_ids: list[str], raws: list[bytes | None]
                   ) -> tuple[dict[str, UserState], dict[str, Example]]:
-        states, pendings, without = {}, {}, []
+        states, pendings = {}, {}
         for user, raw in zip(user_ids, raws):
             if raw is None:
-                without.append(user)
                 continue
-            state_json, _, pending = raw.partition(b"\n")
-            if state_json != b"null":
-                states[user] = UserState.from_json(from_json(state_json))
-            if pending:
-                pendings[user] = Example.decode(pending)
-        if without:  # the two keys of earlier versions
-            pipe = self._client.pipeline(transaction=False)
-            pipe.mget([f"{self._p}:user:{u}" for u in without])
-            pipe.mget([f"{self._p}:pending:{u}" for u in without])
-            states_raw, pendings_raw = pipe.execute()
-            states.update({u: UserState.from_json(from_json(raw)) for u, raw in zip(without, states_raw) if raw is not None})
-            pendings.update({u: Example.decode(raw) for u, raw in zip(without, pendings_raw) if raw is not None})
+            try:
+                state_json, _, pending = raw.partition(b"\n")
+                state = None if state_json == b"null" else UserState.from_json(from_json(state_json))
+                example = Example.decode(pending) if pending else None
+            except (ValueError, TypeError) as error:
+                log.warning("the profile of user %r cannot be read (%s): the user counts as new", user[:64], error)
+                continue
+            if state is not None:
+                states[user] = state
+            if example is not None:
+                pendings[user] = example
         return states, pendings
 
     def newest_by_partition(self) -> dict[str, float]:
@@ -279,6 +266,22 @@ class StateStore:
                 break
         collected.sort(key=lambda e: e.ts_s)
         return collected[-max_examples:]
+
+    def unsettled_examples(self, since_ts_s: float, max_examples: int) -> list[Example]:
+        """Repurchase: purchases after `since_ts_s` (the watermark less the horizon) whose horizon is still running,
+        oldest first, at most the newest `max_examples`: the repurchased ones from the windows (labelled 1 at the
+        repurchase) and the others from the users' profiles, as pending predictions (label -1), found through the
+        deadline index of every input partition (deadlines after the watermark)."""
+        positives = [e for e in self.recent_examples(max_examples) if e.ts_s > since_ts_s and e.label == 1]
+        partitions = [partition for partition, _ in self.newest_by_partition().items()]
+        pipe = self._client.pipeline(transaction=False)
+        for partition in partitions:
+            pipe.zrevrangebyscore(f"{self._p}:deadlines:{partition}", "+inf", f"({since_ts_s}", start=0, num=max_examples)
+        users = list({user.decode() for found in pipe.execute() for user in found})
+        _, pendings = self.load_profiles(users) if users else ({}, {})
+        recent = positives + [e for e in pendings.values() if e.ts_s > since_ts_s]
+        recent.sort(key=lambda e: e.ts_s)
+        return recent[-max_examples:]
 
     def window_sizes(self) -> dict[int, int]:
         starts = [int(s) for s in self._client.zrange(f"{self._p}:windows", 0, -1)]

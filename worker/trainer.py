@@ -24,8 +24,8 @@ from worker.examples import Example, expired_windows
 from worker.finetune import FineTuneError
 from worker.labels import watermark
 from worker.metrics import WorkerMetrics
-from worker.model import ModelMeta
-from worker.registry import Registry, encode_weights
+from worker.model import ModelMeta, Parameters
+from worker.registry import Registry, encode_parameters
 from worker.settings import Settings
 from worker.state import REDIS_OUTAGE_ERRORS, StateStore
 
@@ -120,7 +120,7 @@ class Trainer:
     def _register_source(self, token: str) -> None:
         """The source checkpoint is version zero: in the registry, and champion when there is none."""
         if self._registry.get(self._meta.version) is None:
-            artifact = encode_weights(self._source.get_weights())
+            artifact = encode_parameters(Parameters(self._source.get_weights()))
             record = self._record(self._meta.version, None, artifact, TrainedOn(examples=0), {}, True, None,
                                   "source checkpoint")
             self._registry.put(record, artifact)
@@ -177,23 +177,27 @@ class Trainer:
             return None
         champion_version = self._registry.champion() or self._meta.version
         champion_record = self._registry.get(champion_version)
-        champion_weights = (self._registry.weights(champion_record)
-                            if champion_record and champion_version != self._meta.version else None)  # None: the source
-        log.info("fine-tune (%s): %s on %d examples, champion %s", reason, self._t.strategy, len(examples),
+        champion = (self._registry.parameters(champion_record)
+                    if champion_record and champion_version != self._meta.version else None)  # None: the source
+        log.info("fine-tune (%s): %s on %d settled examples, champion %s", reason, self._t.strategy, len(examples),
                  champion_version)
+        recent = (self._fitting(self._store.unsettled_examples(known_until, self._t.max_examples))
+                  if self._meta.task == "repurchase" and known_until is not None else [])
         try:
-            round_ = fine_tune_round(self._source, champion_weights, examples, self._meta.task, len(self._meta.classes),
-                                     self._t, self._scorer)
+            round_ = fine_tune_round(self._source, champion, examples, self._meta.task, len(self._meta.classes),
+                                     self._t, self._scorer, recent=recent, watermark_s=now_watermark,
+                                     horizon_days=self._meta.horizon_days)
         except FineTuneError as error:
             log.error("fine-tune failed: %s", error)
             self._metrics.finetune_runs.labels("failed").inc()
             return None
         decision = round_.decision
-        artifact = encode_weights(round_.weights)
+        artifact = encode_parameters(round_.parameters)
         version = f"v{self._registry.next_version_number()}"
         trained_on = TrainedOn(examples=round_.trained_examples, event_time_from=_utc(round_.trained_ts_s[0]),
                                event_time_to=_utc(round_.trained_ts_s[1]))
-        record = self._record(version, champion_version, artifact, trained_on, round_.scores, False, self._t.strategy,
+        strategy = self._t.strategy if round_.contender == "fine-tuned" else "recalibrate"
+        record = self._record(version, champion_version, artifact, trained_on, round_.scores, False, strategy,
                               decision.reason)
         self._registry.put(record, artifact)
         if decision.promote:

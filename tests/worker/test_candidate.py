@@ -15,11 +15,20 @@ def example(ts_s, resolved_ts_s):
 
 def test_a_round_trains_on_the_examples_labelled_since_the_estimated_change():
     examples = [example(10.0, 15.0), example(20.0, 28.0), example(30.0, 31.0), example(40.0, 45.0)]
-    assert regime_examples(examples, None) == examples
+    assert regime_examples(examples, None, "next_category") == examples
     # served at 20, before the change at 25, but labelled at 28 under the new regime: it counts
-    assert [e.ts_s for e in regime_examples(examples, 25.0)] == [20.0, 30.0, 40.0]
-    assert [e.ts_s for e in regime_examples(examples, 31.0)] == [30.0, 40.0]
-    assert regime_examples(examples, 99.0) == []
+    assert [e.ts_s for e in regime_examples(examples, 25.0, "next_category")] == [20.0, 30.0, 40.0]
+    assert [e.ts_s for e in regime_examples(examples, 31.0, "next_category")] == [30.0, 40.0]
+    assert regime_examples(examples, 99.0, "next_category") == []
+
+
+def test_a_repurchase_round_takes_the_purchases_made_since_the_change_whatever_their_labels_time():
+    """A negative's label is known at its deadline, a positive's at the next purchase: choosing by the label's
+    time would choose the negatives of purchases made before the change, and the positives after it."""
+    negative_before = example(10.0, 40.0)._replace(label=0)
+    positive_before = example(12.0, 20.0)
+    after = [example(30.0, 35.0), example(31.0, 61.0)._replace(label=0)]
+    assert regime_examples([negative_before, positive_before, *after], 25.0, "repurchase") == after
 
 
 def test_after_a_round_short_of_examples_the_next_waits_only_for_the_shortfall():
@@ -34,6 +43,8 @@ def test_repurchase_rounds_keep_only_event_time_the_watermark_has_fully_resolved
     examples = [example(0.0, 1.0), example(2 * day, 2 * day + 5), example(6 * day, 6 * day + 5)]
     # horizon 3 days, watermark at day 6: purchases up to day 3 have had their whole horizon
     assert [e.ts_s for e in resolved_period(examples, "repurchase", 3.0, 6 * day)] == [0.0, 2 * day]
+    # as worker.labels.settled: a deadline exactly at the watermark is not past yet
+    assert [e.ts_s for e in resolved_period(examples, "repurchase", 4.0, 6 * day)] == [0.0]
     assert resolved_period(examples, "repurchase", 3.0, None) == []  # no event time seen yet: nothing is resolved
     assert resolved_period(examples, "next_category", None, 0.0) == examples  # its labels carry no such bias
 
@@ -52,7 +63,8 @@ def test_labels_are_known_up_to_the_watermark_and_for_repurchase_up_to_a_horizon
 def test_a_round_takes_the_newest_max_examples_of_the_resolved_period_not_of_all_it_is_given():
     day = 86400.0
     examples = [example(k * day, k * day + 5) for k in range(10)]
-    # horizon 3 days, watermark day 9: days 0 to 6 are resolved, and the newest 2 of those are 5 and 6
+    # horizon 3 days, watermark day 9: days 0 to 5 are resolved (day 6's deadline is the watermark itself), and
+    # the newest 2 of those are 4 and 5
     taken = round_examples(examples, None, "repurchase", 3.0, 9 * day, max_examples=2)
-    assert [e.ts_s / day for e in taken] == [5.0, 6.0]
+    assert [e.ts_s / day for e in taken] == [4.0, 5.0]
     assert [e.ts_s / day for e in round_examples(examples, 7.5 * day, "next_category", None, 9 * day, 5)] == [8.0, 9.0]

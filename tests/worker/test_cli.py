@@ -34,7 +34,28 @@ def test_a_file_that_labels_too_few_purchases_is_refused_by_pretrain_with_one_li
                               f'"ts":"2025-01-{1 + i % 28:02d}T00:00:00Z"}}\n' for i in range(150)))
     result = streamadapt("pretrain", "--events", str(events), "--out", str(tmp_path / "ckpt"), "--task", "next_category")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "gives 0 labelled examples for next_category" in result.stderr and "needs at least 100" in result.stderr
+    assert "settles the next_category label of 0 purchases" in result.stderr and "needs at least 100" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def daily_buyers(path, days: int, users: int = 80):
+    """`users` customers who each buy every day for `days` days."""
+    path.write_text("".join(f'{{"event_id":"e{d}-{u}","user_id":"u{u}","item_id":"i","price":5,"quantity":1,'
+                            f'"ts":"2025-01-01T{u % 24:02d}:00:00Z"}}\n'.replace("2025-01-01", f"2025-{1 + d // 28:02d}-{1 + d % 28:02d}")
+                            for d in range(days) for u in range(users)))
+    return path
+
+
+@pytest.mark.parametrize("days, horizon, fragment", [
+    (20, 30, "settles the repurchase label of 0 purchases (those more than 30 days before its last event"),
+    (40, 7, "every example of its validation part (the newest tenth of the settled examples) has one label"),
+])
+def test_pretrain_refuses_a_file_whose_settled_labels_cannot_measure_a_model(tmp_path, days, horizon, fragment):
+    events = daily_buyers(tmp_path / "daily.jsonl", days)  # everybody comes back the next day: every label is 1
+    result = streamadapt("pretrain", "--events", str(events), "--out", str(tmp_path / "ckpt"), "--task", "repurchase",
+                         "--horizon-days", str(horizon))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_unreachable_broker_is_one_line(tmp_path):

@@ -14,7 +14,7 @@ from worker.pipeline import (
     InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, newest_event_times, next_offsets,
     plan_batch, replayed_prediction, resolved_examples, served_examples,
 )
-from worker.state import EventClaim, LegacyClaim
+from worker.state import EventClaim
 
 SPEC = FeatureSpec(("books", "music"))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
@@ -87,14 +87,6 @@ def test_replayed_record_re_emits_its_prediction_without_touching_state():
     plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim.decode(stored.encode())}, {"u1": state}, {}, META, 0.0)
     assert plan.replays == [(rec(7), body)] and plan.fresh == [] and plan.states == {}
     assert plan.features.shape == (0, SPEC.n_features)
-
-
-def test_a_claim_of_an_earlier_version_re_emits_its_stored_json():
-    stored = b'{"event_id":"a","stored":true}'
-    legacy = EventClaim.decode(b"purchases/0/7\n" + stored)
-    assert legacy == LegacyClaim("purchases/0/7", stored)
-    plan = plan_batch([(rec(7), ev("a")), (rec(8), ev("a"))], {"a": legacy}, {}, {}, META, 0.0)
-    assert plan.replays == [(rec(7), stored)] and [r.offset for r, _ in plan.duplicates] == [8]
 
 
 @given(st.lists(st.lists(st.floats(0, 1, width=32), min_size=3, max_size=3), min_size=1, max_size=20),

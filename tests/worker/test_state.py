@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from worker.examples import Example
-from worker.features import UserState
+from worker.features import Tracked, UserState
 from worker.settings import RedisSettings
 from worker.state import EventClaim, StateStore, StateWrites, drop_keys
 
@@ -50,7 +50,7 @@ def test_only_the_partitions_asked_for_are_read(store):
 
 
 def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state(store):
-    state = UserState(purchases=2, last_ts_s=5.0, last_category="books", category_weights={"books": 1.85})
+    state = UserState(purchases=2, last_ts_s=5.0, categories={"books": Tracked(1.98, 1.85, 5.0)}, total_count=1.98)
     store.save(StateWrites(states={"a": state}, pendings={"a": pending("a", 5.0)}))
     states, pendings = store.load_profiles(["a"])
     assert states == {"a": state} and pendings["a"].event_id == "e-a"
@@ -59,8 +59,9 @@ def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state
 
 
 def test_writes_not_yet_landed_are_read_as_redis_will_hold_them(store):
-    old = UserState(purchases=1, last_ts_s=1.0, last_category="books", category_weights={"books": 1.0})
-    new = UserState(purchases=2, last_ts_s=5.0, last_category="toys", category_weights={"books": 0.85, "toys": 1.0})
+    old = UserState(purchases=1, last_ts_s=1.0, categories={"books": Tracked(1.0, 1.0, 1.0)}, total_count=1.0)
+    new = UserState(purchases=2, last_ts_s=5.0, categories={"books": Tracked(0.98, 0.85, 1.0), "toys": Tracked(1.0, 1.0, 5.0)},
+                    total_count=1.98)
     store.save(StateWrites(states={"a": old, "b": old}, pendings={"a": pending("a", 1.0), "b": pending("b", 1.0)}))
     claim = EventClaim("in/0/7", "v1", "2026-03-02T09:00:00.25Z", 2, 0.625, [2, 0], [0.625, 0.25])
     unsaved = StateWrites(claims=[("e2", claim)], states={"a": new},
@@ -82,16 +83,13 @@ def test_states_are_kept_from_the_oldest_event_of_the_first_batch_whatever_later
     assert store.load([], [], 7.0)[3] == 7.0  # a batch without valid events reads nothing
 
 
-def test_users_of_earlier_versions_are_read_from_their_two_keys_until_they_get_a_profile(store, stack):
+def test_a_profile_that_cannot_be_read_counts_as_a_new_user(store, stack):
     client = redis.Redis.from_url(stack.redis_url)
-    legacy = UserState(purchases=1, last_ts_s=1.0, last_category="toys", category_weights={"toys": 1.0})
-    client.set(f"{store._p}:user:old", json.dumps(legacy.to_json()))
-    client.set(f"{store._p}:pending:old", pending("old", 1.0).encode())
-    claims, states, pendings, _ = store.load(["e-1"], ["old", "new"], 0.0)
-    assert states == {"old": legacy} and set(pendings) == {"old"} and claims == {}
-    newer = legacy._replace(purchases=2)
-    store.save(StateWrites(states={"old": newer}, pendings={"old": pending("old", 2.0)}))
-    assert store.load(["e-2"], ["old"], 0.0)[1] == {"old": newer}  # the profile wins over the old keys
+    client.set(f"{store._p}:profile:old", b'[1, 2.0, "toys", {"toys": 1.0}, 0.0, 0.0]\n')  # another version's state
+    client.set(f"{store._p}:profile:torn", b'[1, 2.0, {}, 1.0, 0.0, 0.0]\nnot an example')
+    store.save(StateWrites(states={"fine": UserState(purchases=3)}))
+    claims, states, pendings, _ = store.load(["e-1"], ["old", "torn", "fine"], 0.0)
+    assert states == {"fine": UserState(purchases=3)} and pendings == {} and claims == {}
 
 
 def test_a_drift_alarm_is_taken_once_and_its_regime_start_is_kept(store):
@@ -125,3 +123,18 @@ def test_the_trainer_reads_the_newest_examples_up_to_a_time_skipping_newer_windo
     assert [e.event_id for e in store.recent_examples(3, until_ts_s=1.5 * day)] == ["e4", "e5", "e6"]
     assert [e.event_id for e in store.recent_examples(100, until_ts_s=1.5 * day)] == [f"e{k}" for k in range(7)]
     assert store.recent_examples(100, until_ts_s=-1.0) == []
+
+
+def test_the_trainer_finds_the_purchases_whose_horizon_is_still_running(store):
+    """Watermark 100, horizon 30: purchases after 70 are unsettled. Those repurchased already are in the windows
+    (labelled 1); the others wait in their users' profiles, found through the deadline index."""
+    day_70 = 70.0
+    repurchased = Example("e-r", 80.0, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 1, 85.0)
+    settled = Example("e-s", 60.0, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 0, 91.0)
+    store.save(StateWrites(examples=[repurchased, settled],
+                           pendings={"a": pending("a", 75.0), "b": pending("b", 95.0), "old": pending("old", 65.0)},
+                           deadlines={"in/0": {"a": 105.0, "old": 95.0}, "in/1": {"b": 125.0}},
+                           newest_by_partition={"in/0": 101.0, "in/1": 102.0}))
+    found = store.unsettled_examples(since_ts_s=day_70, max_examples=100)
+    assert [(e.event_id, e.label) for e in found] == [("e-a", -1), ("e-r", 1), ("e-b", -1)]
+    assert [e.event_id for e in store.unsettled_examples(since_ts_s=day_70, max_examples=2)] == ["e-r", "e-b"]

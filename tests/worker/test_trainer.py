@@ -134,7 +134,7 @@ def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_
         assert trainer.run_once(lease.token, "test") is None  # skipped: fewer than min_examples
     # labels known up to day 40; the windows that ended 30 days or more before that (days 0 to 9) went
     assert sorted(store.window_sizes()) == [int(d * day) for d in range(10, 71)]
-    assert "fine-tune skipped (test): 31 examples" in caplog.text  # days 10 to 40
+    assert "fine-tune skipped (test): 30 examples" in caplog.text  # days 10 to 39: day 40's deadline is the watermark
     # of the others, days 30 to 40 are read (the rest are newer than a round may take)
     assert "11 of 42 stored examples were made for another checkpoint's features" in caplog.text
 
@@ -156,7 +156,9 @@ def test_a_champion_the_source_beats_on_the_newest_holdout_hands_the_fleet_back_
     checkpoint champion again and announces it, as an operator's rollback would."""
     from worker.generate import write_events
     from worker.pretrain import build_examples, read_events
-    from worker.registry import encode_weights
+    from worker.finetune import head_layers
+    from worker.model import Parameters
+    from worker.registry import encode_parameters
 
     settings = load_settings({**names.env(stack), "STREAMADAPT_TRAINING_EPOCHS": "2"})
     client = redis.Redis.from_url(stack.redis_url)
@@ -174,9 +176,10 @@ def test_a_champion_the_source_beats_on_the_newest_holdout_hands_the_fleet_back_
     broker = AwayBroker(back=True)
     trainer = Trainer(settings, store, registry, broker, model, meta, WorkerMetrics(), lease)
     trainer._register_source(lease.token)
-    bad = model.get_weights()
-    bad[-2] = np.random.default_rng(1).normal(0.0, 1.0, bad[-2].shape).astype(np.float32)
-    artifact, version = encode_weights(bad), f"v{registry.next_version_number()}"  # v1; the round's will be v2
+    head = {id(w) for name in head_layers(model) for w in model.get_layer(name).weights}
+    bad = [np.random.default_rng(1).normal(0.0, 1.0, w.shape).astype(np.float32) if id(v) in head else w
+           for v, w in zip(model.weights, model.get_weights())]
+    artifact, version = encode_parameters(Parameters(bad)), f"v{registry.next_version_number()}"  # v1; the round's: v2
     gone_bad = registry.get(meta.version).model_copy(update={
         "version": version, "parent_version": meta.version, "artifact_ref": registry.artifact_ref(version),
         "artifact_sha256": hashlib.sha256(artifact).hexdigest()})
