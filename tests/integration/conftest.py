@@ -20,7 +20,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from schemas import ModelVersion, TrainedOn
 from tests.conftest import Names, Stack
-from worker.registry import Registry, encode_weights
+from worker.model import Parameters
+from worker.registry import Registry, encode_parameters
 
 pytestmark = pytest.mark.integration
 
@@ -186,10 +187,10 @@ def dumps(body: dict) -> bytes:
 
 def put_version(registry: Registry, version: str, weights, source_sha: str, promoted: bool,
                 artifact: bytes | None = None) -> ModelVersion:
-    artifact = encode_weights(weights) if artifact is None else artifact
+    artifact = encode_parameters(Parameters(weights)) if artifact is None else artifact
     record = ModelVersion(model="purchases", version=version, task="next_category", source_checkpoint_sha256=source_sha,
                           created_at=datetime.now(timezone.utc), trained_on=TrainedOn(examples=0), promoted=promoted,
-                          artifact_sha256=hashlib.sha256(encode_weights(weights)).hexdigest(),
+                          artifact_sha256=hashlib.sha256(encode_parameters(Parameters(weights))).hexdigest(),
                           artifact_ref=registry.artifact_ref(version))
     registry.put(record, artifact)
     return record

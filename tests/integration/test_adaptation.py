@@ -17,9 +17,9 @@ from schemas import ModelVersion, Prediction
 from tests.conftest import Names, Stack, new_names
 from tests.integration.conftest import WorkerProcess, dumps, event, produce, put_version, read_topic
 from worker.evaluation import stream_labels, score_predictions
-from worker.model import load_checkpoint
+from worker.model import Parameters, load_checkpoint
 from worker.pretrain import read_events
-from worker.registry import Registry, encode_weights
+from worker.registry import Registry, encode_parameters
 from worker.replay import replay
 from worker.settings import KafkaSettings
 
@@ -146,7 +146,7 @@ def test_two_replicas_follow_promotions_refuse_a_tampered_artifact_and_roll_back
         assert served == {"v1"}
 
         # a tampered artifact is refused and v1 keeps serving
-        good = encode_weights([w * 0.8 for w in model.get_weights()])
+        good = encode_parameters(Parameters([w * 0.8 for w in model.get_weights()]))
         bad = good[:100] + bytes([good[100] ^ 0xFF]) + good[101:]
         v2 = put_version(registry, "v2", [w * 0.8 for w in model.get_weights()], meta.sha256, promoted=True, artifact=bad)
         registry.set_champion("v2")
@@ -210,7 +210,7 @@ def test_a_trainer_killed_mid_fine_tune_hands_over_and_nothing_half_written_is_s
         records = registry.all()
         assert registry.champion() in {r.version for r in records}
         for record in records:
-            assert len(registry.weights(record)) > 0
+            assert len(registry.parameters(record).weights) > 0
         announced = [ModelVersion.model_validate_json(r.value)
                      for r in read_topic(stack, names.model_versions_topic, expect=1, timeout_s=30)]
         assert announced and {a.version for a in announced} <= {r.version for r in records}

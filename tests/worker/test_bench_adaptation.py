@@ -5,7 +5,9 @@ import json
 import pytest
 
 from schemas import PurchaseEvent
-from worker.bench_adaptation import build_stream, goals, run_adaptation_bench
+import numpy as np
+
+from worker.bench_adaptation import build_stream, goals, run_adaptation_bench, run_frequency_baselines
 from worker.bench_json import finite_or_null
 from worker.generate import generate_events
 from worker.model import load_checkpoint
@@ -19,7 +21,7 @@ def drifting_events():
 
 def test_stream_labels_are_the_next_purchase_of_the_same_user(drifting_events, checkpoint):
     _, meta = load_checkpoint(checkpoint)
-    stream = build_stream(drifting_events, meta, drift_at=1500)
+    stream = build_stream(drifting_events, meta, split_at=1500)
     for i, j in enumerate(stream.revealed_at.tolist()):
         if j >= 0:
             assert j > i and stream.events[j].user_id == stream.events[i].user_id
@@ -34,25 +36,47 @@ def test_every_contender_is_scored_and_the_oracle_beats_static_after_the_drift(d
     training = TrainingSettings(every_examples=800, min_examples=300, epochs=2)
     lines = []
     result = run_adaptation_bench(drifting_events, checkpoint, 1500, training, out=tmp_path / "a.json",
-                                  plot_path=tmp_path / "a.png", strategies=("l2sp",), curve_sizes=(250,), curve_seeds=(0,),
-                                  echo=lines.append)
+                                  plot_path=tmp_path / "a.png", strategies=("l2sp",), oracle_goal=True,
+                                  curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
     names = [row["name"] for row in result["contenders"]]
-    assert names[:3] == ["static", "adapted-l2sp", "scratch"] and names[-1] == "oracle"
+    assert names[:5] == ["static", "adapted-l2sp", "scratch", "per-user-frequency", "global-frequency"]
+    assert names[-1] == "oracle"
     assert {"river-adaptive-random-forest", "river-hoeffding-adaptive-tree", "river-softmax-regression"} <= set(names)
     by_name = {row["name"]: row for row in result["contenders"]}
     for row in result["contenders"]:
-        assert 0.0 <= row["before_drift"] <= 1.0 and 0.0 <= row["first_5k_after_drift"] <= 1.0
+        assert 0.0 <= row["before"] <= 1.0 and 0.0 <= row["after_first_5k"] <= 1.0
     # The oracle learned the regime after the drift (on other events of it): it must beat the unchanged
     # source model there.
-    assert by_name["oracle"]["first_5k_after_drift"] > by_name["static"]["first_5k_after_drift"]
-    assert by_name["adapted-l2sp"]["before_drift"] == by_name["static"]["before_drift"] or by_name["adapted-l2sp"]["promotions"]
-    assert [(row["span"], row["examples"]) for row in result["transfer_curve"]] == [("before_drift", 250),
-                                                                                  ("after_drift", 250)]
+    assert by_name["oracle"]["after"] > by_name["static"]["after"]
+    assert by_name["adapted-l2sp"]["before"] == by_name["static"]["before"] or by_name["adapted-l2sp"]["promotions"]
+    assert [(row["span"], row["examples"]) for row in result["transfer_curve"]] == [("before", 250), ("after", 250)]
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "a.json").read_text()) == finite_or_null(result)  # spans it cannot score are null
     assert any(line.startswith("prequential accuracy") for line in lines)
     static_row = next(line for line in lines if line.startswith("static "))
-    assert static_row.split()[3] == "–"  # this stream has no labels "later after" the drift: a dash, not nan
+    assert static_row.split()[4] == "–"  # this stream has no labels "later after" the drift: a dash, not nan
+    assert [goal["goal"].split(" after")[0] for goal in result["goals"]][:3] == [
+        "adapted-l2sp is at least static serving", "adapted-l2sp beats the naive frequency baselines",
+        "adapted-l2sp beats every River learner"]
+
+
+def test_the_frequency_baselines_are_each_users_own_history_and_everybodys(checkpoint):
+    _, meta = load_checkpoint(checkpoint)
+    known = meta.feature_spec.categories[:2]
+    events = [PurchaseEvent.model_validate({"event_id": f"e{n}", "user_id": user, "item_id": "i", "category": category,
+                                            "price": 3.0, "quantity": 1, "ts": f"2025-06-01T{n:02d}:00:00+00:00"})
+              for n, (user, category) in enumerate([("a", known[0]), ("a", known[0]), ("b", known[1]), ("a", known[1])])]
+    stream = build_stream(events, meta, split_at=2)
+    per_user, everybody = run_frequency_baselines(stream, len(meta.classes), 3600.0)
+    n_classes, first, second = len(meta.classes), meta.feature_spec.index_of(known[0]), meta.feature_spec.index_of(known[1])
+    counts = np.ones(n_classes)  # add-one: no class is impossible
+    counts[first] += 2
+    counts[second] += 2
+    np.testing.assert_allclose(everybody.probabilities[3], counts / counts.sum(), rtol=1e-6)  # all four purchases
+    own = np.zeros(n_classes)
+    own[first], own[second] = 2, 1
+    expected = (own + 5.0 * counts / counts.sum()) / (3 + 5.0)
+    np.testing.assert_allclose(per_user.probabilities[3], expected, rtol=1e-6)  # a's three, smoothed toward everybody's
 
 
 def purchase(n, user, day):
@@ -64,7 +88,7 @@ def test_repurchase_labels_are_revealed_when_the_worker_would_know_them(repurcha
     _, meta = load_checkpoint(repurchase_checkpoint)  # a 7-day horizon
     events = [purchase(0, "a", 0), purchase(1, "b", 0), purchase(2, "a", 2), purchase(3, "c", 4),
               purchase(4, "c", 8), purchase(5, "b", 9), purchase(6, "d", 20), purchase(7, "d", 21)]
-    stream = build_stream(events, meta, drift_at=None, allowed_lateness_s=3600.0)
+    stream = build_stream(events, meta, split_at=None, allowed_lateness_s=3600.0)
     # a's purchase on day 0 is repurchased on day 2 (event 2); b's on day 0 is not within 7 days, and the
     # watermark passes its deadline (day 7, plus an hour) at c's purchase on day 8 (event 4), before b comes
     # back on day 9; c's on day 4 is repurchased on day 8; the deadlines of a's on day 2, c's on day 8 and
@@ -80,69 +104,54 @@ def test_a_repurchase_checkpoint_is_judged_on_auc_and_log_loss(drifting_events, 
     training = TrainingSettings(every_examples=800, min_examples=300, epochs=2)
     lines = []
     result = run_adaptation_bench(drifting_events, repurchase_checkpoint, 1500, training, strategies=("l2sp",),
-                                  curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
+                                  with_oracle=False, curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
     by_name = {row["name"]: row for row in result["contenders"]}
     assert "river-logistic-regression" in by_name and "river-softmax-regression" not in by_name
     for row in result["contenders"]:
-        assert 0.0 <= row["before_drift"] <= 1.0 and 0.0 < row["before_drift_log_loss"] < 10.0
+        assert 0.0 <= row["before"] <= 1.0 and 0.0 < row["before_log_loss"] < 10.0
     assert result["transfer_curve"][0].keys() >= {"transfer_auc", "scratch_auc"}
     static_goal = result["goals"][0]
-    assert static_goal["goal"].endswith("beats static serving after the drift") and "log-loss" in static_goal["figures"]
+    assert static_goal["goal"].startswith("adapted-l2sp is at least static") and "log-loss" in static_goal["figures"]
     assert any(line.startswith("prequential AUC") for line in lines)
     assert any(line.startswith("prequential log-loss") for line in lines)
 
 
-def row(name, first, later):
-    return {"name": name, "first_5k_after_drift": first, "later_after_drift": later}
+def row(name, after, log_loss, later=float("nan")):
+    return {"name": name, "after": after, "after_log_loss": log_loss, "after_later": later,
+            "after_later_log_loss": float("nan")}
 
 
 def test_goals_are_judged_from_the_figures():
-    curve = [{"span": "before_drift", "examples": 500, "transfer_minus_scratch": 0.08},
-             {"span": "before_drift", "examples": 2000, "transfer_minus_scratch": 0.031},
-             {"span": "before_drift", "examples": 5000, "transfer_minus_scratch": -0.01},
-             {"span": "after_drift", "examples": 500, "transfer_minus_scratch": 0.01}]
-    table = [row("static", 0.20, 0.21), row("adapted-l2sp", 0.30, 0.35), row("river-softmax-regression", 0.31, 0.34),
-             row("oracle", 0.36, 0.365)]
-    static_goal, oracle_goal, river_goal, before, after = goals(table, curve, "l2sp")
-    assert static_goal["met"] and "(static)" in static_goal["figures"]
-    assert oracle_goal["met"] and "-1.5 points" in oracle_goal["figures"]
-    assert not river_goal["met"] and "river-softmax-regression" in river_goal["figures"]  # behind in the first 5k
-    assert before["met"]  # 5,000 examples are beyond the goal's range
-    assert not after["met"] and "+1.0 at 500" in after["figures"]
-    table[1] = row("adapted-l2sp", 0.32, 0.34)
-    _, oracle_goal, river_goal = goals(table, [], "l2sp")
-    assert not oracle_goal["met"] and not river_goal["met"]
+    curve = [{"span": "before", "examples": 500, "transfer_minus_scratch": 0.08},
+             {"span": "before", "examples": 2000, "transfer_minus_scratch": 0.031},
+             {"span": "after", "examples": 500, "transfer_minus_scratch": 0.01}]
+    table = [row("static", 0.30, 2.0), row("adapted-l2sp", 0.297, 1.9, later=0.35),
+             row("per-user-frequency", 0.29, 2.1), row("global-frequency", 0.2, 2.3),
+             row("river-softmax-regression", 0.31, 1.95), row("oracle", 0.36, 1.8, later=0.365)]
+    static_goal, baselines, river, oracle, before, after = goals(table, curve, "l2sp", "next_category", True)
+    assert static_goal["met"] and "(static)" in static_goal["figures"]  # 0.3 points lower is within the tie
+    assert baselines["met"] and "(per-user-frequency)" in baselines["figures"]
+    assert not river["met"] and "river-softmax-regression" in river["figures"]  # a higher accuracy than adapted
+    assert oracle["met"] and "-1.5 points" in oracle["figures"]
+    assert before["met"] and not after["met"] and "+1.0 at 500" in after["figures"]
+    table[1] = row("adapted-l2sp", 0.30, 2.01, later=0.30)
+    static_goal, _, _, oracle = goals(table, [], "l2sp", "next_category", True)
+    assert not static_goal["met"] and not oracle["met"]  # a worse log-loss than static is not "at least static"
+    assert len(goals(table, [], "l2sp", "next_category", False)) == 3  # the oracle goal is the generated stream's
 
 
-def test_a_stream_too_short_after_the_drift_leaves_the_oracle_goal_unjudged():
+def test_a_figure_that_is_undefined_leaves_its_goal_unjudged():
     nan = float("nan")
-    table = [row("adapted-l2sp", 0.34, nan), row("river-softmax-regression", 0.31, nan), row("oracle", 0.36, nan)]
-    oracle_goal, river_goal = goals(table, [], "l2sp")
-    assert oracle_goal["met"] is None and oracle_goal["figures"].startswith("the stream has no more than")
-    assert river_goal["met"] and "later" not in river_goal["figures"]  # judged on the first 5k labels alone
-
-
-def test_a_repurchase_span_whose_labels_are_one_class_leaves_its_goals_unjudged():
-    nan = float("nan")
-
-    def binary(name, auc, log_loss):
-        return {"name": name, "first_5k_after_drift": auc, "first_5k_after_drift_log_loss": log_loss,
-                "later_after_drift": nan, "later_after_drift_log_loss": nan}
-
-    table = [binary("static", nan, 0.50), binary("adapted-l2sp", nan, 0.40), binary("river-logistic-regression", nan, 0.45)]
-    static_goal, river_goal = goals(table, [], "l2sp", "repurchase")
+    table = [row("static", nan, 0.50), row("adapted-l2sp", nan, 0.40), row("river-logistic-regression", 0.7, 0.45),
+             row("oracle", 0.8, 0.3)]
+    static_goal, river_goal, oracle_goal = goals(table, [], "l2sp", "repurchase", True)
     assert static_goal["met"] is None and river_goal["met"] is None
-    table = [binary("static", 0.70, 0.50), binary("adapted-l2sp", 0.75, 0.52), binary("river-logistic-regression", 0.72, 0.45)]
-    static_goal, river_goal = goals(table, [], "l2sp", "repurchase")
-    assert static_goal["met"] is False and river_goal["met"] is False  # a higher AUC alone is not enough
-    table[1] = binary("adapted-l2sp", 0.75, 0.44)
-    static_goal, river_goal = goals(table, [], "l2sp", "repurchase")
-    assert static_goal["met"] and river_goal["met"]
+    assert oracle_goal["met"] is None and oracle_goal["figures"].startswith("the stream has no more than")
 
 
 def test_a_stream_the_bench_cannot_judge_is_refused_before_any_replay(drifting_events, checkpoint):
     training = TrainingSettings()
-    with pytest.raises(ValueError, match="--drift-at 5,000 is outside the stream's 3,000 events"):
+    with pytest.raises(ValueError, match="the split at event 5,000 is outside the stream's 3,000 events"):
         run_adaptation_bench(drifting_events, checkpoint, 5000, training, echo=lambda line: None)
-    with pytest.raises(ValueError, match=r"only \d+ events from the drift at event 30 on get a next_category label"):
+    with pytest.raises(ValueError, match=r"only \d+ events from the split at event 30 on get a next_category label"):
         run_adaptation_bench(drifting_events[:60], checkpoint, 30, training, echo=lambda line: None)
