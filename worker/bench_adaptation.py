@@ -279,18 +279,27 @@ def run_frequency_baselines(stream: Stream, n_classes: int, allowed_lateness_s: 
             Outcome("global-frequency", overall.astype(np.float32), seconds=seconds)]
 
 
+RIVER_FLOOR = 1e-3  # share of a River learner's answer spread over every class: no class is impossible
+
+
 def run_river(name: str, model, stream: Stream, n_classes: int, feature_names: list[str]) -> Outcome:
     """A River classifier, label by label: predict each event, learn each label when it is revealed."""
     started = time.perf_counter()
     reveals = _reveals(stream)
     rows = [dict(zip(feature_names, row)) for row in stream.features.astype(float).tolist()]
-    served = np.full((len(rows), n_classes), 1.0 / n_classes, dtype=np.float32)
+    served = np.zeros((len(rows), n_classes), dtype=np.float64)
     for i, x in enumerate(rows):
         for j in reveals.get(i, ()):
             model.learn_one(rows[j], int(stream.labels[j]))
-        for label, p in model.predict_proba_one(x).items():  # class index, or False/True for a binary model
+        # River answers for the classes it has seen (class index, or False/True for a binary model); a class
+        # it has not seen gets the floor's share, and the row is made a distribution.
+        for label, p in model.predict_proba_one(x).items():
             served[i, int(label)] = p
-    return Outcome(name, served, seconds=time.perf_counter() - started)
+    total = served.sum(axis=1, keepdims=True)
+    answered = (total > 0.0) & np.isfinite(total)  # before its first label River answers nothing: uniform
+    served = np.where(answered, (1.0 - RIVER_FLOOR) * served / np.where(answered, total, 1.0) + RIVER_FLOOR / n_classes,
+                      1.0 / n_classes)
+    return Outcome(name, served.astype(np.float32), seconds=time.perf_counter() - started)
 
 
 def run_oracle(source_model, meta, stream: Stream, folds: int = ORACLE_FOLDS) -> Outcome:

@@ -7,7 +7,9 @@ import pytest
 from schemas import PurchaseEvent
 import numpy as np
 
-from worker.bench_adaptation import build_stream, goals, run_adaptation_bench, run_frequency_baselines
+from worker.bench_adaptation import (
+    build_stream, goals, river_contenders, run_adaptation_bench, run_frequency_baselines, run_river,
+)
 from worker.bench_json import finite_or_null
 from worker.generate import generate_events
 from worker.model import load_checkpoint
@@ -37,11 +39,10 @@ def test_every_contender_is_scored_and_the_oracle_beats_static_after_the_drift(d
     lines = []
     result = run_adaptation_bench(drifting_events, checkpoint, 1500, training, out=tmp_path / "a.json",
                                   plot_path=tmp_path / "a.png", strategies=("l2sp",), oracle_goal=True,
-                                  curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
+                                  with_river=False, curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
     names = [row["name"] for row in result["contenders"]]
     assert names[:5] == ["static", "adapted-l2sp", "scratch", "per-user-frequency", "global-frequency"]
-    assert names[-1] == "oracle"
-    assert {"river-adaptive-random-forest", "river-hoeffding-adaptive-tree", "river-softmax-regression"} <= set(names)
+    assert names[-1] == "oracle" and not any(name.startswith("river-") for name in names)
     by_name = {row["name"]: row for row in result["contenders"]}
     for row in result["contenders"]:
         assert 0.0 <= row["before"] <= 1.0 and 0.0 <= row["after_first_5k"] <= 1.0
@@ -55,9 +56,26 @@ def test_every_contender_is_scored_and_the_oracle_beats_static_after_the_drift(d
     assert any(line.startswith("prequential accuracy") for line in lines)
     static_row = next(line for line in lines if line.startswith("static "))
     assert static_row.split()[4] == "–"  # this stream has no labels "later after" the drift: a dash, not nan
-    assert [goal["goal"].split(" after")[0] for goal in result["goals"]][:3] == [
-        "adapted-l2sp is at least static serving", "adapted-l2sp beats the naive frequency baselines",
-        "adapted-l2sp beats every River learner"]
+    assert [goal["goal"].split(" after")[0] for goal in result["goals"]][:2] == [
+        "adapted-l2sp is at least static serving", "adapted-l2sp beats the naive frequency baselines"]
+
+
+@pytest.mark.parametrize("task", ["next_category", "repurchase"])
+def test_river_learners_serve_a_distribution_for_every_event_and_learn_from_revealed_labels(
+        drifting_events, checkpoint, repurchase_checkpoint, task):
+    # River's trees are slow on this many features: a short stretch of the stream is enough to check them.
+    _, meta = load_checkpoint(checkpoint if task == "next_category" else repurchase_checkpoint)
+    stream = build_stream(drifting_events[:600], meta, split_at=300)
+    names = [name for name, _ in river_contenders(task)]
+    assert names == ["river-adaptive-random-forest", "river-hoeffding-adaptive-tree",
+                     "river-softmax-regression" if task == "next_category" else "river-logistic-regression"]
+    uniform = np.full(len(meta.classes), 1.0 / len(meta.classes))
+    for name, model in river_contenders(task):
+        served = run_river(name, model, stream, len(meta.classes), meta.feature_spec.feature_names()).probabilities
+        assert served.shape == (600, len(meta.classes))
+        np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-4)
+        assert np.allclose(served[0], uniform)  # nothing revealed yet
+        assert not np.allclose(served[-1], uniform)  # labels were learnt
 
 
 def test_the_frequency_baselines_are_each_users_own_history_and_everybodys(checkpoint):
@@ -104,9 +122,8 @@ def test_a_repurchase_checkpoint_is_judged_on_auc_and_log_loss(drifting_events, 
     training = TrainingSettings(every_examples=800, min_examples=300, epochs=2)
     lines = []
     result = run_adaptation_bench(drifting_events, repurchase_checkpoint, 1500, training, strategies=("l2sp",),
-                                  with_oracle=False, curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
-    by_name = {row["name"]: row for row in result["contenders"]}
-    assert "river-logistic-regression" in by_name and "river-softmax-regression" not in by_name
+                                  with_river=False, with_oracle=False, curve_sizes=(250,), curve_seeds=(0,),
+                                  echo=lines.append)
     for row in result["contenders"]:
         assert 0.0 <= row["before"] <= 1.0 and 0.0 < row["before_log_loss"] < 10.0
     assert result["transfer_curve"][0].keys() >= {"transfer_auc", "scratch_auc"}
