@@ -77,14 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks: throughput (drain rate, latency) and adaptation (BENCHMARKS.md)")
     benches = bench.add_subparsers(dest="which", required=True, parser_class=_Parser)
-    throughput = benches.add_parser("throughput", help="the worker's drain rate against bare kafka-python, and latency")
+    throughput = benches.add_parser("throughput", help="the worker's drain rate and latency at fixed rates, against "
+                                                       "bare loops on each Kafka client")
     throughput.add_argument("--events", type=int, default=100_000, help="backlog size")
     throughput.add_argument("--source-checkpoint", type=Path, default=None,
                             help="model to serve (default: pretrain a small one)")
     throughput.add_argument("--repeat", type=int, default=3, help="runs per contender; the medians are reported")
     throughput.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    throughput.add_argument("--latency-seconds", type=float, default=20.0,
-                            help="length of each latency run at 25/50/75%% load (0 skips them)")
+    throughput.add_argument("--latency-seconds", type=float, default=60.0,
+                            help="length of each latency row (1k, 2k, 5k, 8k events/s and half the drain rate; "
+                                 "0 skips them)")
     _add_settings_flags(throughput, {"kafka", "redis"})
     adaptation = benches.add_parser(
         "adaptation", help="prequential quality of adapted serving against static, scratch, River, frequency "
