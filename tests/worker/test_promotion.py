@@ -26,12 +26,12 @@ def test_gate_against_the_champion(candidate, promote):
 
 
 def test_the_gain_needs_z_standard_errors_however_small_or_large():
-    for gain_in_se in (2.5, 50.0):
+    for gain_in_se in (4.0, 50.0):  # 4: the larger of the two standard errors is at most ~1.5 x the per-example one
         candidate = BASE - gain_in_se / np.sqrt(2000) - unit_noise(2000, 1)
         assert decide(candidate, BASE, PRIOR, 2.0).promote
     candidate = BASE - 2.5 / np.sqrt(2000) - unit_noise(2000, 1)
     refused = decide(candidate, BASE, PRIOR, 3.0)
-    assert not refused.promote and "gain over the champion +0.0559 (SE 0.0224) needs > 3 x SE" in refused.reason
+    assert not refused.promote and "gain over the champion +0.0559 (SE 0.0236) needs > 3 x SE" in refused.reason
 
 
 def test_a_minimum_gain_can_be_asked_on_top():
@@ -77,3 +77,21 @@ def test_a_binary_candidate_is_refused_only_when_it_ranks_worse_beyond_the_noise
     assert not refused.promote and "ranks worse than the champion beyond the noise" in refused.reason
     assert "more than 2 x SE below" in refused.reason
     assert not decide(BASE + 0.1, BASE, PRIOR, 3.0, ranking=ranking(-0.5)).promote  # ranking alone never promotes
+
+
+def test_a_gain_that_comes_in_stretches_of_the_holdout_needs_more_than_its_per_example_error():
+    # 2,000 holdout examples in event-time order, ten days of 200. The candidate gains 0.01 nats on average,
+    # but by the day: +0.11 on half the days, -0.09 on the other half (it learnt the last days' class rates).
+    rng = np.random.default_rng(0)
+    champion = np.full(2000, 2.0)
+    by_day = np.repeat(np.where(np.arange(10) % 2 == 0, 0.11, -0.09), 200)
+    noise = rng.normal(0.0, 0.05, 2000)
+    gain, standard_error = paired_gain(champion - by_day - noise, champion)
+    per_example = np.std(by_day + noise, ddof=1) / np.sqrt(2000)
+    assert gain == pytest.approx(0.01, abs=0.005)
+    assert gain > 2 * per_example  # the per-example error alone would promote it
+    assert standard_error > 5 * per_example and gain < 2 * standard_error
+    assert not decide(champion - by_day - noise, champion, None, z=2.0).promote
+    # the same mean gain spread evenly over the days is promoted
+    even = champion - 0.01 - noise
+    assert decide(even, champion, None, z=2.0).promote
