@@ -5,7 +5,8 @@ benchmark (which replays a stream offline), so both choose examples and judge ca
 - a round takes the newest examples of the current regime: those labelled since the change point the
   last drift alarm estimated (older ones taught the model the regime that ended); for repurchase, only
   those the watermark has left fully resolved;
-- the examples are split in event-time order: the newest `holdout_share` is held out;
+- the examples are split in time order (repurchase: of the purchase; next_category: of the label, see
+  `_label_time`): the newest `holdout_share` is held out;
 - the candidate is fine-tuned from the source weights on the rest, with recency weights, and (by default)
   calibrated on them; by default the champion's own network, recalibrated on them, is a second candidate;
 - candidate, champion and the label prior are scored on the same holdout, and promotion.decide rules
@@ -121,11 +122,25 @@ def examples_before_next_round(used: int, training: TrainingSettings) -> int:
     return training.min_examples - used if used < training.min_examples else training.every_examples
 
 
+def by_label_time(examples: list[Example]) -> list[Example]:
+    """next_category examples in the order a round splits and weights them: by when their labels became known.
+
+    The newest purchases whose next purchase is known already are those of customers who came back soon, and
+    what a customer buys depends on how soon they come back (a top-up trip is not a weekly shop). Held out by
+    purchase time, the gate would judge candidates on quick returners alone, and promote what suits them. The
+    examples whose labels became known most recently have the mix of return times the stream has."""
+    return sorted(examples, key=_label_time)
+
+
+def _label_time(example: Example) -> float:
+    return example.resolved_ts_s if example.resolved_ts_s is not None else example.ts_s
+
+
 def fine_tune_round(source_model, champion: Parameters | None, examples: list[Example], task: str,
                     n_classes: int, training: TrainingSettings, scorer: Scorer, from_scratch: bool = False,
                     recent: list[Example] = (), watermark_s: float | None = None,
                     horizon_days: float | None = None) -> Round:
-    """Fine-tune on `examples` (settled, oldest first) and decide on the candidates. Raises FineTuneError.
+    """Fine-tune on `examples` (settled) and decide on the candidates. Raises FineTuneError.
 
     The candidates, each judged by the gate against the champion on the same holdout, the better one taken:
     - "fine-tuned": the strategy's weights, and with `training.recalibrate` (always for the `calibrate`
@@ -145,9 +160,12 @@ def fine_tune_round(source_model, champion: Parameters | None, examples: list[Ex
     exposed = _exposure(examples, list(recent), watermark_s, horizon_days)
     if exposed is not None:
         examples = sorted([*examples, *recent], key=lambda e: e.ts_s)
+    elif task != "repurchase":
+        examples = by_label_time(examples)
     features = np.stack([e.features for e in examples])
     labels = np.array([max(e.label, 0) for e in examples], dtype=np.int64)
-    ts_s = np.array([e.ts_s for e in examples])
+    purchase_ts_s = np.array([e.ts_s for e in examples])
+    ts_s = purchase_ts_s if task == "repurchase" else np.array([_label_time(e) for e in examples])
     exposures = (np.ones(len(examples)) if exposed is None
                  else np.array([exposed.get(e.event_id, 1.0) for e in examples]))
     settled_rows = exposures >= 1.0
@@ -211,7 +229,7 @@ def fine_tune_round(source_model, champion: Parameters | None, examples: list[Ex
             back_to_source = True
     measured["candidate"] = measured[chosen]  # what a model version reports as "candidate"
     return Round(candidates[chosen], decision, measured, int(len(trainable)),
-                 (float(ts_s[trainable[0]]), float(ts_s[trainable[-1]])), back_to_source, chosen,
+                 (float(purchase_ts_s[trainable].min()), float(purchase_ts_s[trainable].max())), back_to_source, chosen,
                  len(examples) - settled_count)
 
 

@@ -3,8 +3,8 @@ import math
 
 import numpy as np
 
-from worker.candidate import (examples_before_next_round, labels_known_until, newest_trainable_ts, regime_examples,
-                              resolved_period, round_examples)
+from worker.candidate import (by_label_time, examples_before_next_round, labels_known_until, newest_trainable_ts,
+                              regime_examples, resolved_period, round_examples)
 from worker.examples import Example
 from worker.settings import TrainingSettings
 
@@ -68,3 +68,25 @@ def test_a_round_takes_the_newest_max_examples_of_the_resolved_period_not_of_all
     taken = round_examples(examples, None, "repurchase", 3.0, 9 * day, max_examples=2)
     assert [e.ts_s / day for e in taken] == [4.0, 5.0]
     assert [e.ts_s / day for e in round_examples(examples, 7.5 * day, "next_category", None, 9 * day, 5)] == [8.0, 9.0]
+
+
+def test_a_next_category_round_holds_out_the_labels_known_last_not_the_newest_purchases():
+    # Customers who come back within a day buy class 0 next; those who come back after a month buy class 1.
+    # Among the newest purchases only the quick returners' labels are known yet: held out by purchase time,
+    # the holdout would be all class 0. Held out by when the labels became known, it has both.
+    day = 86400.0
+    rng = np.random.default_rng(0)
+    examples = []
+    for n in range(2000):
+        quick = n % 2 == 0
+        ts = rng.uniform(0, 90) * day
+        examples.append(Example(f"e{n}", ts, "v", np.zeros(2, np.float32), np.array([0.5, 0.5], np.float32),
+                                0 if quick else 1, ts + (0.5 * day if quick else 30 * day)))
+    watermark = 90 * day
+    known = sorted((e for e in examples if e.resolved_ts_s <= watermark), key=lambda e: e.ts_s)
+    holdout = len(known) // 5
+    assert np.mean([e.label for e in known[-holdout:]]) < 0.1  # by purchase time: nearly all quick returners
+    in_order = by_label_time(known)
+    assert sorted(e.event_id for e in in_order) == sorted(e.event_id for e in known)
+    assert 0.35 < np.mean([e.label for e in in_order[-holdout:]]) < 0.65  # by label time: the stream's mix
+    assert all(a.resolved_ts_s <= b.resolved_ts_s for a, b in zip(in_order, in_order[1:]))
