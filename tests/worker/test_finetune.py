@@ -129,8 +129,9 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected_by_the_gate(setup):
 
     prior = example_losses(prior_probabilities(shuffled, len(meta.classes), len(held_y)), held_y)
     champion = run(model, examples.features[:split], examples.labels[:split])  # an adapted model serving now
-    assert decide(score(champion), score(model.get_weights()), prior, 3.0).promote  # the gate is not merely closed
-    assert not decide(score(candidate), score(champion), prior, 3.0).promote
+    assert decide(score(champion), score(model.get_weights()), None, 3.0).promote  # the gate is not merely closed
+    refused = decide(score(candidate), score(champion), prior, 3.0)
+    assert not refused.promote and "gain over the label prior" in refused.reason
 
 
 def test_calibrate_keeps_the_source_weights_and_has_no_scratch_form(setup):
