@@ -21,6 +21,8 @@ from typing import Literal
 
 import numpy as np
 
+from worker.graph import input_names
+
 Strategy = Literal["head", "full", "l2sp", "calibrate"]
 STRATEGIES: tuple[Strategy, ...] = ("head", "full", "l2sp", "calibrate")
 MIN_VALIDATION_ROWS = 50  # fewer held-out rows judge an epoch by noise: train all epochs on everything
@@ -142,13 +144,7 @@ def head_layers(model) -> list[str]:
 
 
 def _inbound_names(layer: dict) -> list[str]:
-    names = []
-    for call in layer.get("inbound_nodes", []):
-        args = call.get("args", [])
-        first = args[0] if args and isinstance(args[0], list) else args[:1]
-        names += [t["config"]["keras_history"][0] for t in first
-                  if isinstance(t, dict) and t.get("class_name") == "__keras_tensor__"]
-    return names
+    return [name for call in layer.get("inbound_nodes", []) for name in input_names(call.get("args", []))]
 
 
 def _validation_split(n: int, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

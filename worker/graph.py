@@ -83,7 +83,7 @@ class Graph:
             if len(calls) > 1:
                 raise UnsupportedLayer(f"layer {name} ({kind}) is called more than once (a shared layer)")
             args = calls[0]["args"] if calls else []
-            nodes.append(Node(name, kind, _input_names(args), slice(offset, offset + count),
+            nodes.append(Node(name, kind, input_names(args), slice(offset, offset + count),
                               _operation(kind, config, args, count, name)))
             offset += count
         return cls(tuple(nodes), output, offset, (list(layers), dict(variable_counts), output))
@@ -96,7 +96,7 @@ class Graph:
         return values[self.output]
 
 
-def _input_names(args: list) -> tuple[str, ...]:
+def input_names(args: list) -> tuple[str, ...]:
     """The layer names of the Keras tensors among a call's arguments (a tensor, or a list of them first)."""
     if not args:
         return ()
