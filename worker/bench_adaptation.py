@@ -40,7 +40,7 @@ from worker.bench_json import cell, goal_line, write_json
 from worker.candidate import (Round, Scorer, examples_before_next_round, fine_tune_round, labels_known_until,
                               round_examples)
 from worker.examples import Example, expired_windows, window_start
-from worker.features import OTHER, encode_stream
+from worker.features import FREQUENCY_PRIOR, OTHER, encode_stream
 from worker.finetune import FineTuneConfig, FineTuneError, fine_tune
 from worker.labels import file_labels, next_of_same_user, repurchase_label, resolve_on_purchase, settled
 from worker.model import ModelMeta, Parameters, ServingModel, load_checkpoint
@@ -57,7 +57,7 @@ CURVE_SIZES = (250, 500, 1000, 2000)
 ORACLE_FOLDS = 5
 MIN_LABELS_AFTER_SPLIT = 100  # the oracle trains on them in ORACLE_FOLDS folds; fewer cannot judge anything
 ORACLE_MAX_EPOCHS = 60  # early stopping ends it sooner
-FREQUENCY_SMOOTHING = {"next_category": 5.0, "repurchase": 2.0}  # purchases' worth of everybody's rates
+FREQUENCY_SMOOTHING = {"next_category": FREQUENCY_PRIOR, "repurchase": 2.0}  # purchases' worth of everybody's rates
 TIE = 0.005  # adapted "is at least static" on accuracy or AUC within this
 
 

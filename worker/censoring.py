@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.labels import settled
+
 MIN_POSITIVES = 30  # settled positives needed to read G from; fewer, and unsettled labels are not used
 
 
@@ -26,4 +28,5 @@ def exposure(ts_s: np.ndarray, delays_s: np.ndarray, watermark_s: float, horizon
     horizon has passed. Never 0: a purchase made at the watermark still counts a little, as the first delay."""
     watched_s = watermark_s - np.asarray(ts_s, np.float64)
     share = np.searchsorted(delays_s, watched_s, side="right") / max(1, len(delays_s))
-    return np.where(watched_s > horizon_days * 86400.0, 1.0, np.clip(share, 1.0 / (len(delays_s) + 1), 1.0))
+    return np.where(settled(np.asarray(ts_s, np.float64), horizon_days, watermark_s), 1.0,
+                    np.clip(share, 1.0 / (len(delays_s) + 1), 1.0))
