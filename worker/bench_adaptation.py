@@ -474,8 +474,11 @@ def plot(outcomes: list[Outcome], stream: Stream, path: Path, highlighted: str) 
     return True
 
 
-def river_contenders(task: str = "next_category", seed: int = 0) -> list[tuple[str, object]]:
-    """River's online learners for the task, or none when River is not installed."""
+def river_contenders(task: str = "next_category", seed: int = 0, which: str = "all") -> list[tuple[str, object]]:
+    """River's online learners for the task, or none when River is not installed. `which` (`--river`): "all",
+    "linear" (the softmax or logistic regression only: the trees take hours on a multiclass log) or "none"."""
+    if which == "none":
+        return []
     try:
         from river import forest, linear_model, preprocessing, tree
     except ImportError:
@@ -483,13 +486,15 @@ def river_contenders(task: str = "next_category", seed: int = 0) -> list[tuple[s
     linear = (("river-softmax-regression", preprocessing.StandardScaler() | linear_model.SoftmaxRegression())
               if task == "next_category" else
               ("river-logistic-regression", preprocessing.StandardScaler() | linear_model.LogisticRegression()))
+    if which == "linear":
+        return [linear]
     return [("river-adaptive-random-forest", forest.ARFClassifier(n_models=10, seed=seed)),
             ("river-hoeffding-adaptive-tree", tree.HoeffdingAdaptiveTreeClassifier(seed=seed)), linear]
 
 
 def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, split_at: int | None,
                          training: TrainingSettings, out: Path | None = None, plot_path: Path | None = None,
-                         strategies=("l2sp",), with_river: bool = True, with_oracle: bool = True,
+                         strategies=("l2sp",), river: str = "all", with_oracle: bool = True,
                          oracle_goal: bool = False, curve_sizes=CURVE_SIZES, curve_seeds=(0, 1, 2), echo=print) -> dict:
     """Replay every contender over `events`, split at event `split_at` (None: the middle); print the tables
     and goals, and return (and write to `out`) the figures. `oracle_goal`: judge the generated stream's goal
@@ -515,10 +520,10 @@ def run_adaptation_bench(events: list[PurchaseEvent], checkpoint: Path, split_at
                                    training.model_copy(update={"strategy": "full", "recalibrate": False}),
                                    from_scratch=True, progress=echo))
     outcomes += run_frequency_baselines(stream, len(meta.classes), training.allowed_lateness_s)
-    river = river_contenders(meta.task) if with_river else []
-    if with_river and not river:
+    learners = river_contenders(meta.task, which=river)
+    if river != "none" and not learners:
         echo("River is not installed (pip install 'streamadapt[bench]'): its contenders are skipped")
-    for name, model in river:
+    for name, model in learners:
         echo(f"replaying {name}")
         outcomes.append(run_river(name, model, stream, len(meta.classes), meta.feature_spec.feature_names()))
     if with_oracle:

@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="source checkpoint, next_category or repurchase: the task judged (instead of "
                                  "pretraining one)")
     adaptation.add_argument("--strategies", default="l2sp", help="fine-tune strategies to replay; the goals judge the first")
-    adaptation.add_argument("--no-river", action="store_true", help="skip River's learners (the slowest contenders)")
+    adaptation.add_argument("--river", choices=("all", "linear", "none"), default="all",
+                            help="River's learners to replay: all, the linear one only (the trees take hours on a "
+                                 "multiclass log), or none")
     adaptation.add_argument("--no-oracle", action="store_true", help="skip the oracle (trained five times over)")
     adaptation.add_argument("--through-worker", action="store_true",
                             help="also run the log through real workers (static, then adapted) on Kafka and Redis, and "
@@ -232,7 +234,7 @@ def _bench_adaptation(args: argparse.Namespace) -> None:
             pretrain(source, Path(scratch) / "checkpoint", task=args.task, horizon_days=args.horizon_days)
             checkpoint = Path(scratch) / "checkpoint"
         result = run_adaptation_bench(events, checkpoint, split_at, training, out=args.out, plot_path=args.plot,
-                                      strategies=strategies, with_river=not args.no_river, with_oracle=not args.no_oracle,
+                                      strategies=strategies, river=args.river, with_oracle=not args.no_oracle,
                                       oracle_goal=args.events is None, curve_sizes=_sizes(args.curve_sizes))
         if args.through_worker:
             from worker.bench_adaptation import MEASURE

@@ -41,13 +41,19 @@ _SECONDS_PER_HOUR = 3600.0
 _SECONDS_PER_DAY = 86400.0
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
-PER_CLASS_FEATURES = ("log_frequency", "is_this_purchase", "recent_share", "log_days_since", "never_bought")
+# The user's frequency of a class is smoothed three ways, because how far a user's own history should be
+# trusted over everybody's depends on the log and on how long the history is: the scorer weighs the three
+# against log_history (worker.model). One smoothing alone made a network whose argmax lost to the per-user
+# frequency baseline it is built on.
+SMOOTHING_PURCHASES = {"log_frequency": FREQUENCY_PRIOR, "log_frequency_tight": 0.5, "log_frequency_loose": 50.0}
+PER_CLASS_FEATURES = ("log_frequency", "is_this_purchase", "recent_share", "log_days_since", "never_bought",
+                      "log_frequency_tight", "log_frequency_loose", "log_history")
 NUMERIC_FEATURES = (
     "log_price", "log_quantity", "log_price_vs_user_mean", "log_hours_since_last", "is_first_purchase",
     "log_purchases_before", "user_mean_log_gap_hours", "hour_sin", "hour_cos", "weekday_sin", "weekday_cos",
     "log_days_observed",
 )
-OBSERVED_CAP_DAYS = 365.0  # history watched for longer than this counts as complete
+OBSERVED_CAP_DAYS = 365.0  # history watched for longer than this counts as complete (at most: see FeatureSpec)
 USER_MEMORY_DAYS = 400.0  # by default a user idle for longer is forgotten: a year and a month, so that one who
 # buys about once a year is remembered (`pretrain --user-memory-days`)
 
@@ -61,9 +67,13 @@ class FeatureSpec:
     categories: tuple[str, ...]
     class_frequencies: tuple[float, ...] = ()  # empty: uniform
     user_memory_days: float | None = USER_MEMORY_DAYS
+    # log_days_observed stops growing here: pretraining sets it to the span of the source file, so that a
+    # worker that has run for longer than the source period never feeds the network a value it was not
+    # trained on (a network extrapolates such a feature linearly, and it did, wrongly)
+    observed_cap_days: float = OBSERVED_CAP_DAYS
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
     memory_s: float = field(init=False, repr=False, compare=False)  # user_memory_days in seconds; inf: never forgets
-    _log_prior: np.ndarray = field(init=False, repr=False, compare=False)  # log(FREQUENCY_PRIOR * frequency)
+    _prior: np.ndarray = field(init=False, repr=False, compare=False)  # class_frequencies as an array
 
     def __post_init__(self) -> None:
         size = len(self.categories) + 1
@@ -73,7 +83,7 @@ class FeatureSpec:
         object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.categories)})
         object.__setattr__(self, "memory_s", math.inf if self.user_memory_days is None
                            else self.user_memory_days * _SECONDS_PER_DAY)
-        object.__setattr__(self, "_log_prior", np.log(FREQUENCY_PRIOR * frequencies / frequencies.sum()))
+        object.__setattr__(self, "_prior", frequencies / frequencies.sum())
 
     @property
     def vocabulary(self) -> tuple[str, ...]:
@@ -105,7 +115,7 @@ class FeatureSpec:
     def to_json(self) -> dict:
         return {"categories": list(self.categories), "class_frequencies": list(self.class_frequencies),
                 "per_class_features": list(PER_CLASS_FEATURES), "numeric_features": list(NUMERIC_FEATURES),
-                "user_memory_days": self.user_memory_days}
+                "user_memory_days": self.user_memory_days, "observed_cap_days": self.observed_cap_days}
 
     @classmethod
     def from_json(cls, payload: dict) -> FeatureSpec:
@@ -118,7 +128,8 @@ class FeatureSpec:
                                  + (f" (with {', '.join(sorted(unknown))}, unknown here)" if unknown else "")
                                  + ": pretrain it again with this version")
         return cls(categories=tuple(payload["categories"]), class_frequencies=tuple(payload["class_frequencies"]),
-                   user_memory_days=payload.get("user_memory_days"))
+                   user_memory_days=payload.get("user_memory_days"),
+                   observed_cap_days=float(payload["observed_cap_days"]))
 
 
 class Tracked(NamedTuple):
@@ -201,13 +212,17 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
     bought = np.isfinite(last_bought)
     block = out[:, :spec.class_block_width].reshape(n, size, per_class)
     counts[rows, current] += 1.0  # the frequency with this purchase: it is known when the prediction is made
-    block[:, :, 0] = np.log(counts + np.exp(spec._log_prior)) - np.log(total + 1.0 + FREQUENCY_PRIOR)[:, None]
+    with_this = total + 1.0
+    for name, strength in SMOOTHING_PURCHASES.items():
+        column = PER_CLASS_FEATURES.index(name)
+        block[:, :, column] = np.log(counts + strength * spec._prior) - np.log(with_this + strength)[:, None]
     block[rows, current, 1] = 1.0
     block[:, :, 2] = np.divide(shares, share_totals, out=np.zeros_like(shares), where=share_totals > 0)
     days_since = np.where(bought, np.maximum(0.0, ts_s[:, None] - np.where(bought, last_bought, 0.0)) / _SECONDS_PER_DAY,
                           NEVER_DAYS)
     block[:, :, 3] = np.log1p(days_since)
     block[:, :, 4] = ~bought
+    block[:, :, 7] = np.log1p(with_this)[:, None]
 
     context = spec.class_block_width
     out[rows, context + current] = 1.0
@@ -225,7 +240,7 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
         np.log1p(purchases),
         mean_log_gap_hours,
         np.sin(hour), np.cos(hour), np.sin(weekday), np.cos(weekday),
-        np.log1p(np.clip((ts_s - observed_since_s) / _SECONDS_PER_DAY, 0.0, OBSERVED_CAP_DAYS)),
+        np.log1p(np.clip((ts_s - observed_since_s) / _SECONDS_PER_DAY, 0.0, spec.observed_cap_days)),
     ], axis=1)
     return out
 

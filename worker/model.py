@@ -83,6 +83,8 @@ def _tf():
 
 CLASS_HIDDEN_UNITS = 16  # the shared per-class scorer's hidden width
 CONTEXT_HIDDEN_UNITS = (32,)  # next_category's context network: a wider one learnt the source period's quirks
+CONTEXT_DROPOUT = 0.3  # ... and so did this one without dropout: its class logits outweighed what a user's
+# history says about them, and its argmax lost to the per-user frequency baseline on a real log
 DENSE_HIDDEN_UNITS = (128, 64)  # repurchase's network
 
 
@@ -118,7 +120,10 @@ def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_cla
         outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(hidden)
         return keras.Model(inputs, outputs, name="streamadapt_repurchase")
     width, size, per_class = spec.class_block_width, len(spec.vocabulary), len(PER_CLASS_FEATURES)
-    context = dense_stack(normalised(inputs[:, width:], x[:, width:], "normalise_context"), CONTEXT_HIDDEN_UNITS)
+    context = keras.layers.Dropout(CONTEXT_DROPOUT, name="context_dropout")(
+        normalised(inputs[:, width:], x[:, width:], "normalise_context"))
+    context = keras.layers.Dropout(CONTEXT_DROPOUT, name="context_hidden_dropout")(
+        dense_stack(context, CONTEXT_HIDDEN_UNITS))
     context_logits = keras.layers.Dense(n_classes, name="context_logits")(context)
     block = keras.layers.Reshape((size, per_class), name="classes")(inputs[:, :width])
     block = normalised(block, x[:, :width].reshape(-1, per_class), "normalise_classes")  # per feature, over classes

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas import PurchaseEvent
-from worker.features import USER_MEMORY_DAYS, FeatureSpec, encode_stream
+from worker.features import OBSERVED_CAP_DAYS, USER_MEMORY_DAYS, FeatureSpec, encode_stream
 from worker.labels import BINARY_CLASSES, Task, file_labels, settled
 from worker.model import ModelMeta, build_model, class_probabilities, save_checkpoint
 from worker.parsing import Rejection, parse_event
@@ -67,13 +67,15 @@ def read_events(path: Path, *, max_payload_bytes: int = 1 << 20) -> tuple[list[P
 def category_spec(events: list[PurchaseEvent], user_memory_days: float = USER_MEMORY_DAYS) -> FeatureSpec:
     """The categories worth a class of their own: frequent ones, most frequent first, and how often each
     class (OTHER for the rest) is bought, add-one smoothed; users idle for more than `user_memory_days` are
-    forgotten."""
+    forgotten. History watched for longer than the file spans counts as complete (FeatureSpec.observed_cap_days)."""
     counts = Counter(e.category for e in events)
     floor = MIN_CATEGORY_SHARE * len(events)
     categories = tuple(c for c, n in counts.most_common(MAX_CATEGORIES) if n >= floor)
     per_class = [counts[c] for c in categories] + [len(events) - sum(counts[c] for c in categories)]
     total = sum(per_class) + len(per_class)
-    return FeatureSpec(categories, tuple((n + 1) / total for n in per_class), user_memory_days)
+    span_days = (max(e.ts_s for e in events) - min(e.ts_s for e in events)) / 86400.0 if events else 0.0
+    return FeatureSpec(categories, tuple((n + 1) / total for n in per_class), user_memory_days,
+                       observed_cap_days=max(1.0, min(OBSERVED_CAP_DAYS, span_days)))
 
 
 def classes_for(task: Task, spec: FeatureSpec) -> tuple[str, ...]:

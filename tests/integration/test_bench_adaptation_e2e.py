@@ -21,7 +21,7 @@ def test_a_log_through_the_real_worker_is_served_as_the_replay_serves_it(stack, 
            "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "500", "STREAMADAPT_TRAINING_MIN_EXAMPLES": "300"}
     result = subprocess.run(
         [sys.executable, "-m", "worker.cli", "bench", "adaptation", "--events", str(log), "--source-until", middle,
-         "--task", "repurchase", "--horizon-days", "3", "--through-worker", "--no-river", "--no-oracle",
+         "--task", "repurchase", "--horizon-days", "3", "--through-worker", "--river", "none", "--no-oracle",
          "--curve-sizes", "", "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     figures = json.loads(out.read_text())

@@ -39,7 +39,7 @@ def test_every_contender_is_scored_and_the_oracle_beats_static_after_the_drift(d
     lines = []
     result = run_adaptation_bench(drifting_events, checkpoint, 1500, training, out=tmp_path / "a.json",
                                   plot_path=tmp_path / "a.png", strategies=("l2sp",), oracle_goal=True,
-                                  with_river=False, curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
+                                  river="none", curve_sizes=(250,), curve_seeds=(0,), echo=lines.append)
     names = [row["name"] for row in result["contenders"]]
     assert names[:5] == ["static", "adapted-l2sp", "scratch", "per-user-frequency", "global-frequency"]
     assert names[-1] == "oracle" and not any(name.startswith("river-") for name in names)
@@ -122,7 +122,7 @@ def test_a_repurchase_checkpoint_is_judged_on_auc_and_log_loss(drifting_events, 
     training = TrainingSettings(every_examples=800, min_examples=300, epochs=2)
     lines = []
     result = run_adaptation_bench(drifting_events, repurchase_checkpoint, 1500, training, strategies=("l2sp",),
-                                  with_river=False, with_oracle=False, curve_sizes=(250,), curve_seeds=(0,),
+                                  river="none", with_oracle=False, curve_sizes=(250,), curve_seeds=(0,),
                                   echo=lines.append)
     for row in result["contenders"]:
         assert 0.0 <= row["before"] <= 1.0 and 0.0 < row["before_log_loss"] < 10.0

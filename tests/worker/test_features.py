@@ -85,8 +85,11 @@ def test_a_users_frequencies_are_their_own_purchases_smoothed_toward_everybodys(
     books = COUNT_DECAY ** 3 + COUNT_DECAY ** 2 + COUNT_DECAY
     total = books + 1.0 + 1.0  # this purchase, of music, counts too
     for category, own, frequency in (("books", books, 0.4), ("toys", 1.0, 0.2), ("music", 1.0, 0.3)):
-        expected = (own + FREQUENCY_PRIOR * frequency) / (total + FREQUENCY_PRIOR)
-        assert f[f"log_frequency[{category}]"] == pytest.approx(math.log(expected), rel=1e-5)
+        for name, strength in (("log_frequency", FREQUENCY_PRIOR), ("log_frequency_tight", 0.5),
+                               ("log_frequency_loose", 50.0)):
+            expected = (own + strength * frequency) / (total + strength)
+            assert f[f"{name}[{category}]"] == pytest.approx(math.log(expected), rel=1e-5)
+        assert f[f"log_history[{category}]"] == pytest.approx(math.log1p(total), rel=1e-6)  # the same in every class
     assert f["log_days_since[books]"] == pytest.approx(math.log1p(8)) and f["never_bought[books]"] == 0.0
     assert f["log_days_since[toys]"] == pytest.approx(math.log1p(5))
     assert f["never_bought[music]"] == 1.0 and f["is_this_purchase[music]"] == 1.0
@@ -97,6 +100,13 @@ def test_the_history_watched_is_counted_from_when_states_were_first_kept(days_af
     observed_since_s = event().ts_s - days_after * 86400.0
     f = named(encode([(UserState(), event())], SPEC, observed_since_s)[0])
     assert f["log_days_observed"] == pytest.approx(math.log1p(expected_days))
+
+
+def test_history_watched_stops_counting_at_the_specs_cap():
+    spec = FeatureSpec(SPEC.categories, SPEC.class_frequencies, observed_cap_days=20.0)
+    f = named(encode([(UserState(), event())], spec, event().ts_s - 60 * 86400.0)[0])
+    assert f["log_days_observed"] == pytest.approx(math.log1p(20.0))
+    assert FeatureSpec.from_json(spec.to_json()).observed_cap_days == 20.0
 
 
 def test_a_stream_is_watched_from_its_first_event():

@@ -47,6 +47,7 @@ def test_a_returning_customer_is_also_shown_as_a_worker_started_later_sees_them(
 def test_the_memory_asked_for_is_the_checkpoints_and_forgets_in_its_examples():
     events = [purchase("a", 0), purchase("a", 45), purchase("a", 50)]
     assert category_spec(events).user_memory_days == USER_MEMORY_DAYS
+    assert category_spec(events).observed_cap_days == 50.0  # the file's span: no longer watch was trained on
     short = category_spec(events, user_memory_days=30.0)
     assert short.user_memory_days == 30.0 and short.categories == ("books",)
     first = short.feature_names().index("is_first_purchase")
