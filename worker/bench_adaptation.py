@@ -173,7 +173,7 @@ def run_fine_tuned(name: str, source_model, meta, stream: Stream, training: Trai
             watermark_s = stream.events[i].ts_s - training.allowed_lateness_s
             window = _unexpired(window, labels_known_until(meta.task, meta.horizon_days, watermark_s), training)
             examples = round_examples(sorted(window, key=lambda e: e.ts_s), regime_since_ts, meta.task, meta.horizon_days,
-                                      watermark_s, training.max_examples)  # the trainer's order
+                                      watermark_s, training.max_examples, training.min_examples)  # the trainer's order
             wanted = examples_before_next_round(len(examples), training)
             if len(examples) < training.min_examples:
                 outcome = f"skipped ({len(examples):,} examples)"

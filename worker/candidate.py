@@ -109,11 +109,20 @@ def resolved_period(examples: list[Example], task: str, horizon_days: float | No
 
 
 def round_examples(examples: list[Example], regime_since_ts: float | None, task: str, horizon_days: float | None,
-                   watermark_s: float | None, max_examples: int) -> list[Example]:
+                   watermark_s: float | None, max_examples: int, min_examples: int = 0) -> list[Example]:
     """The examples a round takes, oldest first: of the current regime's (`regime_examples`), and for
     repurchase of those the watermark has fully resolved (`resolved_period`), the newest `max_examples`.
-    The trainer and the bench both call this."""
-    return resolved_period(regime_examples(examples, regime_since_ts, task), task, horizon_days, watermark_s)[-max_examples:]
+    The trainer and the bench both call this.
+
+    A repurchase regime settles its first labels a whole horizon after the change began, so until it holds
+    `min_examples` settled ones the round takes the settled examples of before it: a round that an alarm
+    starts then still runs, and its calibration follows the new base rate from the unsettled purchases of the
+    last horizon (fine_tune_round's `recent`), instead of every round being skipped for a horizon."""
+    resolved = resolved_period(examples, task, horizon_days, watermark_s)
+    regime = regime_examples(resolved, regime_since_ts, task)
+    if task == "repurchase" and len(regime) < min_examples:
+        regime = resolved
+    return regime[-max_examples:]
 
 
 def examples_before_next_round(used: int, training: TrainingSettings) -> int:

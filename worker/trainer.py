@@ -167,7 +167,7 @@ class Trainer:
         stored = self._fitting(self._store.recent_examples(
             self._t.max_examples, newest_trainable_ts(self._meta.task, self._meta.horizon_days, now_watermark)))
         examples = round_examples(stored, regime_since_ts, self._meta.task, self._meta.horizon_days, now_watermark,
-                                  self._t.max_examples)
+                                  self._t.max_examples, self._t.min_examples)
         self._wanted_examples = examples_before_next_round(len(examples), self._t)
         if len(examples) < self._t.min_examples:
             log.info("fine-tune skipped (%s): %d examples%s < %d; next round after %d new ones", reason, len(examples),

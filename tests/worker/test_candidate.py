@@ -70,6 +70,17 @@ def test_a_round_takes_the_newest_max_examples_of_the_resolved_period_not_of_all
     assert [e.ts_s / day for e in round_examples(examples, 7.5 * day, "next_category", None, 9 * day, 5)] == [8.0, 9.0]
 
 
+def test_a_repurchase_regime_too_young_to_have_settled_labels_leaves_the_round_the_window_before_it():
+    day = 86400.0
+    examples = [example(k * day, k * day + 5) for k in range(10)]
+    # horizon 3 days, watermark day 9: days 0 to 5 are settled; a change estimated at day 4 has two of them
+    assert [e.ts_s / day for e in round_examples(examples, 4 * day, "repurchase", 3.0, 9 * day, 20, 2)] == [4.0, 5.0]
+    assert [e.ts_s / day for e in round_examples(examples, 4 * day, "repurchase", 3.0, 9 * day, 20, 3)] == [
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    # next_category's regime fills within days: it is never widened
+    assert [e.ts_s / day for e in round_examples(examples, 7.5 * day, "next_category", None, 9 * day, 20, 5)] == [8.0, 9.0]
+
+
 def test_a_next_category_round_holds_out_the_labels_known_last_not_the_newest_purchases():
     # Customers who come back within a day buy class 0 next; those who come back after a month buy class 1.
     # Among the newest purchases only the quick returners' labels are known yet: held out by purchase time,
