@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = commands.add_parser("watch", help="follow a worker's /metrics and print progress every second")
     watch.add_argument("--metrics-url", default="http://127.0.0.1:9400/metrics")
-    watch.add_argument("--until-consumed", type=int, default=None,
-                       help="stop once this many records are consumed; exit 1 if --timeout-s passes first")
+    watch.add_argument("--until-handled", type=int, default=None,
+                       help="stop once this many records are committed (predicted, dead-lettered or duplicates); "
+                            "exit 1 if --timeout-s passes first")
     watch.add_argument("--timeout-s", type=float, default=600.0,
                        help="stop after this long (a worker that stops answering for 30 s ends it sooner, with exit 1)")
     return parser
@@ -309,7 +310,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "watch":
         from worker.watch import watch
 
-        final = watch(args.metrics_url, args.until_consumed, args.timeout_s)
+        final = watch(args.metrics_url, args.until_handled, args.timeout_s)
         print("summary: " + ", ".join(f"{k}={v:.0f}" for k, v in final.items()))
     return 0
 

@@ -43,11 +43,20 @@ def scrape(url: str) -> dict[str, float]:
 LOST_AFTER_S = 30.0
 
 
-def watch(url: str, until_consumed: int | None, timeout_s: float, interval_s: float = 1.0, out=print,
+HANDLED = ("predicted", "dead_lettered", "duplicates")  # a record is counted in one of these once it is committed
+
+
+def handled(totals: dict[str, float]) -> int:
+    """Records committed with an outcome: predicted (replays too), dead-lettered, or dropped as duplicates."""
+    return int(sum(totals[name] for name in HANDLED))
+
+
+def watch(url: str, until_handled: int | None, timeout_s: float, interval_s: float = 1.0, out=print,
           lost_after_s: float = LOST_AFTER_S) -> dict[str, float]:
-    """Print a line per interval until `until_consumed` records are consumed or `timeout_s` passes; the last
-    totals. Raises RuntimeError when `until_consumed` is not reached in time, or when the worker, having
-    answered, stops answering for `lost_after_s`: a script waiting on it fails rather than carrying on."""
+    """Print a line per interval until `until_handled` records are handled (`handled`: consumed is not enough,
+    a record is consumed before its batch commits) or `timeout_s` passes; the last totals. Raises RuntimeError
+    when `until_handled` is not reached in time, or when the worker, having answered, stops answering for
+    `lost_after_s`: a script waiting on it fails rather than carrying on."""
     started = time.monotonic()
     first: tuple[float, float] | None = None
     last = dict.fromkeys(SHOWN, 0.0)
@@ -69,13 +78,13 @@ def watch(url: str, until_consumed: int | None, timeout_s: float, interval_s: fl
         rate = (last["consumed"] - previous[1]) / max(1e-9, now - previous[0])
         previous = (now, last["consumed"])
         out("  ".join(f"{k}={int(v):>7}" for k, v in last.items()) + f"  rate={rate:>7.0f}/s")
-        if until_consumed is not None and last["consumed"] >= until_consumed:
+        if until_handled is not None and handled(last) >= until_handled:
             break
         time.sleep(interval_s)
     else:
-        if until_consumed is not None:
-            raise RuntimeError(f"{_consumed(last)} of {until_consumed:,} records consumed when --timeout-s "
-                               f"{timeout_s:g} ran out")
+        if until_handled is not None:
+            raise RuntimeError(f"{handled(last):,} of {until_handled:,} records handled ({_consumed(last)} consumed) "
+                               f"when --timeout-s {timeout_s:g} ran out")
     if first is not None and previous[0] > first[0]:
         last["mean_rate_per_s"] = (last["consumed"] - first[1]) / (previous[0] - first[0])
     return last
