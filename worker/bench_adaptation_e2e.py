@@ -156,3 +156,7 @@ def print_through_worker(result: dict, measure: str, echo=print) -> None:
     echo(f"static through the worker and in the replay {verdict}: {agreement['compared']:,} predictions compared, "
          f"{agreement['missing']:,} missing, largest score difference {agreement['largest_score_difference']:.2e}, "
          f"predicted class differs on {agreement['predicted_class_differs_share']:.2%}")
+    adapted = next((row for row in result["through_worker"] if row["name"] == "worker-adapted"), None)
+    if adapted is not None and len(adapted["model_versions"]) < 2:
+        echo("note: the adapted worker served the source model alone: its trainer promoted nothing while the log went "
+             "through (a round takes seconds to minutes of wall time); --replay-rate lets it keep up")

@@ -172,3 +172,21 @@ def test_a_stream_the_bench_cannot_judge_is_refused_before_any_replay(drifting_e
         run_adaptation_bench(drifting_events, checkpoint, 5000, training, echo=lambda line: None)
     with pytest.raises(ValueError, match=r"only \d+ events from the split at event 30 on get a next_category label"):
         run_adaptation_bench(drifting_events[:60], checkpoint, 30, training, echo=lambda line: None)
+
+
+def test_the_through_worker_printout_says_when_the_adapted_worker_never_left_the_source():
+    from worker.bench_adaptation_e2e import print_through_worker
+
+    def result(adapted_versions):
+        row = {"after": 0.75, "after_log_loss": 0.56}
+        return {"through_worker": [{**row, "name": "worker-static", "model_versions": ["src-a"]},
+                                   {**row, "name": "worker-adapted", "model_versions": adapted_versions}],
+                "static_agreement": {"agree": True, "compared": 10, "missing": 0, "largest_score_difference": 0.0,
+                                     "predicted_class_differs_share": 0.0}}
+
+    lines = []
+    print_through_worker(result(["src-a"]), "auc", lines.append)
+    assert lines[-1].startswith("note: the adapted worker served the source model alone")
+    lines = []
+    print_through_worker(result(["src-a", "v1"]), "auc", lines.append)
+    assert lines[-1].startswith("static through the worker and in the replay agree: 10 predictions compared")
