@@ -214,8 +214,12 @@ def _bench_adaptation(args: argparse.Namespace) -> None:
                 source_file.write_text("".join(json.dumps(e.model_dump(mode="json")) + "\n"
                                                for e in events if e.ts_s < until_s))
                 print(f"pretraining a {args.task} checkpoint on the events before {args.source_until.isoformat()}")
-                result = pretrain(source_file, Path(scratch) / "checkpoint", task=args.task,
-                                  horizon_days=args.horizon_days)
+                try:
+                    result = pretrain(source_file, Path(scratch) / "checkpoint", task=args.task,
+                                      horizon_days=args.horizon_days)
+                except ValueError as error:  # it names the file: name the user's log instead of our copy
+                    raise ValueError(str(error).replace(
+                        str(source_file), f"{args.events} before {args.source_until.date().isoformat()}")) from error
                 for warning in result.warnings:
                     print(f"warning: {warning}")
                 checkpoint = Path(scratch) / "checkpoint"

@@ -58,6 +58,15 @@ def test_pretrain_refuses_a_file_whose_settled_labels_cannot_measure_a_model(tmp
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_a_bench_source_period_shorter_than_a_horizon_is_refused_naming_the_users_log(tmp_path):
+    events = daily_buyers(tmp_path / "daily.jsonl", 60)
+    result = streamadapt("bench", "adaptation", "--events", str(events), "--source-until", "2025-01-21",
+                         "--task", "repurchase", "--horizon-days", "30")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {events} before 2025-01-21 settles the repurchase label of 0 purchases" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_unreachable_broker_is_one_line(tmp_path):
     import os
 
