@@ -222,7 +222,7 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
                           NEVER_DAYS)
     block[:, :, 3] = np.log1p(days_since)
     block[:, :, 4] = ~bought
-    block[:, :, 7] = np.log1p(with_this)[:, None]
+    block[:, :, PER_CLASS_FEATURES.index("log_history")] = np.log1p(with_this)[:, None]
 
     context = spec.class_block_width
     out[rows, context + current] = 1.0
