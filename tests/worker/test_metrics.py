@@ -9,7 +9,7 @@ import pytest
 
 from worker.metrics import HealthServer, WorkerMetrics, observe_many
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+OPERATIONS = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
 
 
 def exported_names(metrics: WorkerMetrics) -> set[str]:
@@ -20,12 +20,12 @@ def exported_names(metrics: WorkerMetrics) -> set[str]:
     return samples | families
 
 
-def test_every_metric_named_in_the_readme_is_exported():
+def test_every_metric_named_in_the_operations_guide_is_exported():
     metrics = WorkerMetrics()
     metrics.follow_builders([os.getpid()])  # a serving worker also exports its builders' process metrics
     exported = exported_names(metrics)
-    documented = set(re.findall(r"`(streamadapt_[a-z_]+)", README))
-    assert documented, "the README lists the metrics"
+    documented = set(re.findall(r"`(streamadapt_[a-z_]+)", OPERATIONS))
+    assert documented, "docs/operations.md lists the metrics"
     missing = {name for name in documented if not any(e == name or e.startswith(name + "_") for e in exported)}
     assert not missing
 
