@@ -2,13 +2,12 @@
 
 `BatchBuilder.build` validates, dedupes, computes features, predicts and joins labels, reading Redis;
 `BatchBuilder.save` writes everything the batch changed in one MULTI/EXEC, and hands back the labels the batch
-resolved, which the serving loop scores (prequential quality and drift). They run in the builder processes
-(worker.builder), beside the serving loop that produces the outputs and commits the offsets. The pure logic
-is in worker.pipeline.
+resolved, which the serving loop scores (prequential quality and drift) once the batch is committed. The
+serving loop (worker.serving) calls both on its own thread, then produces the outputs and commits the
+offsets. The pure logic is in worker.pipeline.
 """
 from __future__ import annotations
 
-from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -19,7 +18,7 @@ from worker.labels import watermark
 from worker.model import ServingModel
 from worker.parsing import Rejection, parse_event
 from worker.pipeline import (
-    InputRecord, Message, builder_of, expire_pendings, make_dead_letter, make_predictions, newest_event_times,
+    InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, newest_event_times,
     plan_batch, resolved_examples, served_examples,
 )
 from worker.settings import Settings
@@ -44,12 +43,6 @@ class Resolved(NamedTuple):
         return cls([e.model_version for e in examples], probabilities, [e.label for e in examples],
                    [e.resolved_ts_s for e in examples])
 
-    @classmethod
-    def joined(cls, parts: list[Resolved]) -> Resolved:
-        return cls([v for part in parts for v in part.versions], np.concatenate([part.probabilities for part in parts]),
-                   [label for part in parts for label in part.labels],
-                   [ts_s for part in parts for ts_s in part.resolved_ts_s])
-
 
 @dataclass
 class Built:
@@ -63,56 +56,24 @@ class Built:
     duplicates: int = 0
     replayed: int = 0
     predicted: int = 0
-    keyed_by_user: bool = True  # every valid record's key is its user_id, as the input contract asks
     resolved: Resolved | None = None
 
     @property
     def labels_resolved(self) -> int:
         return len(self.resolved.labels) if self.resolved is not None else 0
 
-    @classmethod
-    def joined(cls, parts: list[Built]) -> Built:
-        """Built parts as one, in their order: a batch's shares (a key's messages are all in one), or
-        consecutive batches produced together (a key's messages keep the batches' order)."""
-        if len(parts) == 1:
-            return parts[0]
-        resolved = [part.resolved for part in parts if part.resolved is not None and part.resolved.labels]
-        return cls(messages=[message for part in parts for message in part.messages],
-                   input_timestamps_ms=np.concatenate([part.input_timestamps_ms for part in parts]),
-                   dead_letter_reasons=[reason for part in parts for reason in part.dead_letter_reasons],
-                   duplicates=sum(part.duplicates for part in parts), replayed=sum(part.replayed for part in parts),
-                   predicted=sum(part.predicted for part in parts),
-                   keyed_by_user=all(part.keyed_by_user for part in parts),
-                   resolved=Resolved.joined(resolved) if resolved else None)
-
-
-class Unsaved(NamedTuple):
-    """The writes of the batch before, while its transaction may still be on its way to Redis."""
-
-    writes: StateWrites
-    landed: Future  # done once the transaction went through or failed
-
 
 class BatchBuilder:
-    def __init__(self, settings: Settings, store: StateStore, model: ServingModel, index: int = 0,
+    def __init__(self, settings: Settings, store: StateStore, model: ServingModel,
                  clock=lambda: datetime.now(timezone.utc)):
-        """Builder `index` of `settings.builders`: when a batch is split, it is handed the records whose key is
-        its own (`builder_of`); the first builder is handed the batches that are not split."""
         self._settings = settings
         self._store = store
         self._model = model
-        self._index = index
         self._clock = clock
-        self._progress: dict[str, float] = {}  # input partition -> newest event time of the records built here
 
-    def swap(self, parameters, version: str) -> None:
-        self._model.swap(parameters, version)
-
-    def build(self, records: list[InputRecord], unsaved: Unsaved | None = None, builders: int = 1
-              ) -> tuple[Built, StateWrites]:
-        """The batch's outputs and the Redis writes that must land before they are sent: `records` is this
-        builder's share of a batch split over `builders` builders. It reads Redis as the writes in `unsaved`
-        leave it (they win over what Redis holds until they land); Redis errors propagate."""
+    def build(self, records: list[InputRecord]) -> tuple[Built, StateWrites]:
+        """The batch's outputs and the Redis writes that must land before they are sent (the batch before
+        has been saved). Redis errors propagate."""
         s = self._settings
         now = self._clock()
         valid, messages, reasons = [], [], []
@@ -127,7 +88,7 @@ class BatchBuilder:
                 valid.append((record, parsed))
         claims, states, pendings, observed_since_s = self._store.load(
             [e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
-            min((e.ts_s for _, e in valid), default=0.0), unsaved=unsaved and unsaved.writes)
+            min((e.ts_s for _, e in valid), default=0.0))
         model, meta = self._model, self._model.meta
         plan = plan_batch(valid, claims, states, pendings, meta, observed_since_s)
         probabilities = model.predict_many(plan.features)
@@ -147,10 +108,9 @@ class BatchBuilder:
         writes.newest_by_partition = newest_event_times(plan.fresh)
         if meta.task == "repurchase":
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
-            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0, unsaved, builders)
+            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
         built = Built(messages, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
-                      predicted=len(predictions) + len(plan.replays),
-                      keyed_by_user=all(record.key == event.user_id.encode() for record, event in valid))
+                      predicted=len(predictions) + len(plan.replays))
         return built, writes
 
     def save(self, built: Built, writes: StateWrites) -> Built:
@@ -161,31 +121,20 @@ class BatchBuilder:
         built.resolved = Resolved.of(writes)
         return built
 
-    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float,
-                           unsaved: Unsaved | None, builders: int) -> None:
-        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed,
-        on the input partitions of this batch, for the users whose records this builder builds. The deadline
-        index is read once the batch before has landed.
-
-        Other builders build other users' records of the same partitions, and may be a batch or two ahead.
-        So on those partitions the watermark stands at this builder's own progress, never at theirs: a user's
-        deadline passes only once this builder has built the user's records up to it."""
-        if unsaved is not None:
-            wait([unsaved.landed])
+    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
+        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed, on
+        the input partitions of this batch (this worker owns them, so no other settles their users)."""
         horizon_s = horizon_days * 86400.0
         for user, pending in writes.pendings.items():
             writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
         newest = self._store.newest_by_partition()
         for partition, ts_s in writes.newest_by_partition.items():
-            newest[partition] = self._progress[partition] = max(self._progress.get(partition, float("-inf")), ts_s)
+            newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
         now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
         if now_watermark is None:
             return
         replaced = set(writes.pendings)
-        for partition, due in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
-            users = [user for user in due if builder_of(user.encode(), builders) == self._index]
-            if not users:
-                continue
+        for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
             states, pendings = self._store.load_profiles(users)
             negatives, cleared, requeue = expire_pendings(pendings, now_watermark, horizon_days, replaced)
             writes.examples.extend(negatives)

@@ -34,7 +34,6 @@ from worker import bench_latency, kafka_io
 from worker.bench_latency import bare_loop
 from worker.bench_json import cell, goal_line, write_json
 from worker.generate import write_events
-from worker.builder import Builders
 from worker.model import Parameters, ServingModel, read_metadata
 from worker.replay import replay
 from worker.settings import KafkaSettings, Settings
@@ -214,22 +213,17 @@ def bare_latency(kafka: KafkaSettings, client: str, payloads: Path, rate: float,
     return {**measured.row.as_dict(), "swaps": None, "redis_rewrites": 0}
 
 
-def measure_swap(settings: Settings, checkpoint: Path, swaps: int = 200) -> dict:
+def measure_swap(checkpoint: Path, swaps: int = 200) -> dict:
     """What a hot-swap costs the serving thread: ServingModel.swap of another version's weights, which
-    checks they fit, then handing them to the worker's real builder processes (the follower thread fetches
-    and verifies them beforehand, off the serving path; each builder applies them between two batches)."""
+    checks they fit and serves them from the next batch on (the follower thread fetches and verifies them
+    beforehand, off the serving path)."""
     model = ServingModel.from_checkpoint(checkpoint)
     versions = [Parameters([w * (1.0 + 0.01 * i) for w in model.weights]) for i in range(2)]
-    builders = Builders(settings, model)
     durations = []
-    try:
-        for i in range(swaps):
-            started = time.perf_counter()
-            model.swap(versions[i % 2], f"bench-{i}")
-            builders.swap(versions[i % 2], f"bench-{i}")
-            durations.append(time.perf_counter() - started)
-    finally:
-        builders.close()
+    for i in range(swaps):
+        started = time.perf_counter()
+        model.swap(versions[i % 2], f"bench-{i}")
+        durations.append(time.perf_counter() - started)
     ms = np.array(durations) * 1000.0
     return {"swaps": swaps, "median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
             "max_ms": float(ms.max())}
@@ -373,7 +367,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
             checkpoint = _quick_checkpoint(scratch_dir, echo)
         drains = drain_alternating(settings, clients, checkpoint, stream, events, repeat, timeout_s, scratch_dir,
                                    made, echo)
-        swap = measure_swap(settings, checkpoint)
+        swap = measure_swap(checkpoint)
         latencies: list[dict] = []
         if latency_s > 0 and not _has_confluent_kafka():
             echo("latency rows skipped: their generator and reader need confluent-kafka (pip install 'streamadapt[bench]')")
@@ -619,10 +613,8 @@ def _max_bucket_ms(metrics: dict[str, float]) -> float:
 
 
 def _peak_rss_mib(pid: int) -> float:
-    """Peak resident memory of a worker: the VmHWM of its process and of every process under it (the server
-    the builders fork from, the builders, and the trainer when there is one), summed. Their peaks need not
-    coincide, and the builders share the pages they were forked with, counted here once per process: this
-    is an upper bound."""
+    """Peak resident memory of a worker: the VmHWM of its process and of every process under it (the trainer
+    when there is one), summed. Their peaks need not coincide: this is an upper bound."""
     total_kib = 0
     for process in [pid, *_descendants(pid)]:
         for line in Path(f"/proc/{process}/status").read_text().splitlines():

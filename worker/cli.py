@@ -286,10 +286,6 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"({sent / max(seconds, 1e-9):.0f} records/s)")
     elif args.command == "run":
         settings = load_settings(_settings_overrides(args))
-        if settings.role != "trainer":
-            from worker import forkserver
-
-            forkserver.start()  # it imports the builders' modules while this process imports its own
         from worker.service import run
 
         logging.getLogger().setLevel(settings.log_level)

@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from worker.graph import input_names
+from worker.model import import_tensorflow
 
 Strategy = Literal["head", "full", "l2sp", "calibrate"]
 STRATEGIES: tuple[Strategy, ...] = ("head", "full", "l2sp", "calibrate")
@@ -49,7 +50,7 @@ def fine_tune(source_model, features: np.ndarray, labels: np.ndarray, sample_wei
               task: str, config: FineTuneConfig) -> list[np.ndarray]:
     """Weights of a copy of `source_model` fine-tuned on the examples. `source_model` is not changed.
     `calibrate` returns the source's weights (its calibration is fitted by the caller)."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown fine-tune strategy {config.strategy!r}; choose one of {', '.join(STRATEGIES)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -64,18 +65,23 @@ def _reported_like_kafka_python() -> Iterator[None]:
 
 
 class ServingConsumer:
-    def __init__(self, consumer: Consumer, max_records: int):
+    def __init__(self, consumer: Consumer, max_records: int, answered: deque):
         self._consumer = consumer
         self._max_records = max_records
+        self._answered = answered  # the `done` of each asynchronous commit, in order: librdkafka answers in order
         self.before_revoke: Callable[[], None] = lambda: None  # called inside poll before partitions go
 
     @classmethod
     @_reported_like_kafka_python()
     def open(cls, settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> ServingConsumer:
-        def committed(error, partitions) -> None:
+        answered: deque[Callable[[], None]] = deque()
+
+        def committed(error, partitions) -> None:  # called from poll, for synchronous commits too
             if error is not None:
                 log.warning("an offset commit was refused, those records will be replayed if this worker stops "
                             "before its next commit: %s", error)
+            if answered:
+                answered.popleft()()
 
         consumer = Consumer({
             **client_config(settings, "serving"),
@@ -104,7 +110,7 @@ class ServingConsumer:
                 raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after "
                                         f"{metadata_timeout_s:.0f} s")
             time.sleep(0.2)
-        serving = cls(consumer, settings.max_poll_records)
+        serving = cls(consumer, settings.max_poll_records, answered)
         consumer.subscribe([settings.input_topic], on_revoke=lambda _, revoked: revoked and serving.before_revoke(),
                            on_lost=lambda _, lost: log.warning("partitions lost to the group: %s", lost))
         return serving
@@ -154,7 +160,8 @@ class ServingConsumer:
             raise
         return True
 
-    def commit_async(self, next_offsets: dict[TopicPartition, int]) -> None:
+    def commit_async(self, next_offsets: dict[TopicPartition, int], done: Callable[[], None]) -> None:
+        self._answered.append(done)
         self._consumer.commit(offsets=_offsets(next_offsets), asynchronous=True)
 
     def lag(self) -> dict[TopicPartition, int]:
@@ -181,30 +188,49 @@ def _offsets(next_offsets: dict[TopicPartition, int]) -> list[ConfluentPartition
     return [ConfluentPartition(tp.topic, tp.partition, offset) for tp, offset in next_offsets.items()]
 
 
-class ServingProducer:
-    def __init__(self, producer: Producer, failures: list[KafkaError]):
+class Acks:
+    """The delivery reports of one batch's records (kafka_io.Acks): librdkafka calls `delivered` for each
+    from the producer's `poll`, which `done()` serves."""
+
+    def __init__(self, producer: Producer, records: int):
         self._producer = producer
-        self._failures = failures  # filled by the producer's delivery callback
+        self._waiting = records
+        self._failure: KafkaError | None = None
+
+    def delivered(self, error, _message) -> None:
+        self._waiting -= 1
+        if error is not None and self._failure is None:
+            self._failure = error
+
+    def done(self) -> bool:
+        if self._waiting:
+            self._producer.poll(0)
+        return not self._waiting
+
+    def check(self) -> None:
+        error = self._failure
+        if error is None:
+            return
+        if error.retriable() or error.code() in UNAVAILABLE:
+            raise NotAcknowledged(f"{error.name()}: {error.str()}")
+        raise KafkaException(error)
+
+
+class ServingProducer:
+    def __init__(self, producer: Producer):
+        self._producer = producer
 
     @classmethod
     @_reported_like_kafka_python()
     def open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
-        failures: list[KafkaError] = []
-
-        def delivered(error, message) -> None:  # called for failures only (delivery.report.only.error)
-            if error is not None:
-                failures.append(error)
-
         config = {
             **client_config(settings, "serving"),
             "acks": "all",
             "enable.idempotence": True,
-            "linger.ms": 5,
+            "linger.ms": 0,  # a batch is produced at once and never flushed (kafka_io.open_producer)
             "batch.size": 256 * 1024,
             "message.max.bytes": 4 << 20,
             "partitioner": "murmur2_random",  # keyed records: the Java client's (and kafka-python's) partition
-            "delivery.report.only.error": True,
-            "on_delivery": delivered,
             "error_cb": _log_client_error,
         }
         if transactional_id is not None:
@@ -212,33 +238,34 @@ class ServingProducer:
         producer = Producer(config)
         if transactional_id is not None:
             producer.init_transactions(ACK_TIMEOUT_S)
-        return cls(producer, failures)
+        return cls(producer)
 
-    def send_all(self, messages: list[Message]) -> None:
-        self._failures.clear()
-        produce = self._producer.produce
+    def send(self, messages: list[Message]) -> Acks:
+        acks = Acks(self._producer, len(messages))
+        produce, delivered = self._producer.produce, acks.delivered
         for topic, key, value in messages:
             while True:
                 try:
-                    produce(topic, value=value, key=key)
+                    produce(topic, value=value, key=key, on_delivery=delivered)
                     break
                 except BufferError:  # librdkafka's queue is full: let it drain
                     self._producer.poll(0.05)
-        remaining = self._producer.flush(ACK_TIMEOUT_S)
-        if remaining:
-            raise NotAcknowledged(f"{remaining} records not acknowledged within {ACK_TIMEOUT_S:.0f} s")
-        if self._failures:
-            error = self._failures[0]
-            if error.retriable() or error.code() in UNAVAILABLE:
-                raise NotAcknowledged(f"{error.name()}: {error.str()}")
-            raise KafkaException(error)
+        self._producer.poll(0)
+        return acks
+
+    def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        self._producer.flush(timeout_s)
 
     def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
                             group_metadata) -> None:
         producer = self._producer
         producer.begin_transaction()
         try:
-            self.send_all(messages)
+            acks = self.send(messages)
+            remaining = producer.flush(ACK_TIMEOUT_S)
+            if remaining:
+                raise NotAcknowledged(f"{remaining} records not acknowledged within {ACK_TIMEOUT_S:.0f} s")
+            acks.check()
             producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata, ACK_TIMEOUT_S)
             producer.commit_transaction(ACK_TIMEOUT_S)
         except (KafkaException, NotAcknowledged) as error:

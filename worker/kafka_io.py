@@ -199,15 +199,16 @@ class _BeforeRevoke(ConsumerRebalanceListener):
         pass
 
 
-def open_producer(settings: KafkaSettings, transactional_id: str | None = None) -> KafkaProducer:
+def open_producer(settings: KafkaSettings, transactional_id: str | None = None, linger_ms: int = 5) -> KafkaProducer:
     """An idempotent producer; a transactional one (initialised, ready for `begin_transaction`) when
-    `transactional_id` is given. Initialising aborts whatever transaction a crashed predecessor with the
+    `transactional_id` is given. The serving loop's has `linger_ms` 0: it sends a whole batch at once and
+    never flushes, so a linger would only delay every batch. Initialising aborts whatever transaction a crashed predecessor with the
     same id left open, so read_committed readers are not held up until it times out."""
     producer = KafkaProducer(
         **client_options(settings),
         acks="all",
         enable_idempotence=True,
-        linger_ms=5,
+        linger_ms=linger_ms,
         # A polled batch's predictions often all go to one partition (the input and the output are keyed by
         # user_id alike), about 1 MB for 2,000. Once a partition's records outgrow one producer batch,
         # kafka-python wakes its sender thread on every further send (21k wake-ups in a 150k-event drain
@@ -241,18 +242,6 @@ class ProducerFenced(RuntimeError):
                          "--kafka-transactional-id (the default is <group-id>-<hostname>)")
 
 
-def wait_acknowledged(futures: list[Future], timeout_s: float) -> None:
-    """Raise the first send error among `futures` (call after producer.flush()). Retriable errors come
-    back as NotAcknowledged, so the caller can tell an outage from a bug."""
-    for future in futures:
-        try:
-            future.get(timeout=timeout_s)
-        except KafkaError as error:
-            if getattr(error, "retriable", False) or isinstance(error, KafkaTimeoutError):
-                raise NotAcknowledged(f"{type(error).__name__}: {error}") from error
-            raise
-
-
 # The group changed under the consumer (a replica joined or left): the commit is refused, not failed.
 GROUP_CHANGED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 
@@ -271,19 +260,23 @@ def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> 
     return True
 
 
-def commit_async(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> None:
-    """Commit `next_offsets` without waiting for the coordinator: a round trip less per batch.
+def commit_async(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int],
+                 done: Callable[[], None] = lambda: None) -> None:
+    """Commit `next_offsets` without waiting for the coordinator: a round trip less per batch. `done()` is
+    called once the coordinator has answered, whatever it said (possibly on the client's own thread).
 
     Safe for at-least-once because it is only called once the batch's outputs are acknowledged; a
     commit lost in a crash or a rebalance makes the partition's next owner replay that batch, whose
     outputs are then the same. Shutdown commits synchronously (`commit`)."""
 
-    def done(offsets, response) -> None:
+    def answered(offsets, response) -> None:
         if isinstance(response, Exception):
             log.warning("an offset commit was refused, those records will be replayed if this worker stops "
                         "before its next commit: %s", response)
+        done()
 
-    consumer.commit_async({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()}, callback=done)
+    consumer.commit_async({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()},
+                          callback=answered)
 
 
 def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
@@ -364,8 +357,8 @@ class ServingConsumer:
     def commit(self, next_offsets: dict[TopicPartition, int]) -> bool:
         return commit(self._consumer, next_offsets)
 
-    def commit_async(self, next_offsets: dict[TopicPartition, int]) -> None:
-        commit_async(self._consumer, next_offsets)
+    def commit_async(self, next_offsets: dict[TopicPartition, int], done: Callable[[], None]) -> None:
+        commit_async(self._consumer, next_offsets, done)
 
     def lag(self) -> dict[TopicPartition, int]:
         return consumer_lag(self._consumer)
@@ -386,23 +379,52 @@ class ServingConsumer:
         self._consumer.close()
 
 
+class Acks:
+    """The acknowledgements of one batch's records on kafka-python: `done()` once every record is acknowledged
+    or refused, without waiting; then `check()` raises the first refusal (NotAcknowledged when retriable)."""
+
+    def __init__(self, futures: list[Future]):
+        self._futures = futures
+        self._next = 0  # the futures before this one are done: each is looked at until done, then never again
+
+    def done(self) -> bool:
+        futures, i, n = self._futures, self._next, len(self._futures)
+        while i < n and futures[i].is_done:
+            i += 1
+        self._next = i
+        return i == n
+
+    def check(self) -> None:
+        for future in self._futures:
+            if future.exception is not None:
+                raise _refusal(future.exception)
+
+
+def _refusal(error: Exception) -> Exception:
+    """A send error as the serving loop tells them apart: retriable ones (an outage) as NotAcknowledged."""
+    if isinstance(error, KafkaError) and (getattr(error, "retriable", False) or isinstance(error, KafkaTimeoutError)):
+        return NotAcknowledged(f"{type(error).__name__}: {error}")
+    return error
+
+
 class ServingProducer:
-    """The serving loop's producer on kafka-python: a batch of records, acknowledged or refused as a whole,
-    optionally inside a transaction with the input offsets."""
+    """The serving loop's producer on kafka-python: a batch of records sent without waiting, whose
+    acknowledgements the loop checks later (`Acks`); or a batch and the input offsets in one transaction."""
 
     def __init__(self, producer: KafkaProducer):
         self._producer = producer
         self._partition_of = KeyPartitioner(producer)
 
-    def send_all(self, messages: list[Message]) -> None:
-        """Produce `messages`, flush, and check every acknowledgement (NotAcknowledged if one was refused
-        for a retriable reason)."""
+    def send(self, messages: list[Message]) -> Acks:
+        """Hand `messages` to the client, which sends them at once (linger 0) on its own thread."""
         self._partition_of.new_batch()
         send, partition_of = self._producer.send, self._partition_of
-        futures = [send(topic, key=key, value=value, partition=partition_of(topic, key))
-                   for topic, key, value in messages]
-        self._producer.flush(timeout=ACK_TIMEOUT_S)
-        wait_acknowledged(futures, ACK_TIMEOUT_S)
+        return Acks([send(topic, key=key, value=value, partition=partition_of(topic, key))
+                     for topic, key, value in messages])
+
+    def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        """Wait until every record sent so far is acknowledged or refused (their Acks say which)."""
+        self._producer.flush(timeout=timeout_s)
 
     def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
                             group_metadata) -> None:
@@ -411,7 +433,9 @@ class ServingProducer:
         producer = self._producer
         producer.begin_transaction()
         try:
-            self.send_all(messages)
+            acks = self.send(messages)
+            producer.flush(timeout=ACK_TIMEOUT_S)
+            acks.check()
             producer.send_offsets_to_transaction(
                 {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()}, group_metadata)
             producer.commit_transaction()
@@ -439,7 +463,7 @@ def open_serving_clients(settings: KafkaSettings, transactional_id: str | None):
         except BaseException:
             producer.close()
             raise
-    producer = ServingProducer(open_producer(settings, transactional_id))
+    producer = ServingProducer(open_producer(settings, transactional_id, linger_ms=0))
     try:
         consumer = ServingConsumer(open_consumer(settings, lambda: consumer.before_revoke()))
         return consumer, producer

@@ -10,7 +10,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.metrics_core import Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -33,24 +32,6 @@ def observe_many(histogram: Histogram, amounts: np.ndarray) -> None:
     for bucket, count in zip(histogram._buckets, counts.tolist()):
         if count:
             bucket.inc(count)
-
-
-class _BuilderProcesses:
-    """The process_* series of each builder process, as streamadapt_builder_process_*{builder="<index>"}."""
-
-    def __init__(self, pids: list[int]):
-        self._collectors = [(str(index), ProcessCollector(namespace="streamadapt_builder", pid=lambda pid=pid: pid,
-                                                          registry=None))
-                            for index, pid in enumerate(pids)]
-
-    def collect(self) -> list[Metric]:
-        families: dict[str, Metric] = {}
-        for index, collector in self._collectors:
-            for family in collector.collect():
-                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-                for sample in family.samples:
-                    merged.add_sample(sample.name, {**sample.labels, "builder": index}, sample.value)
-        return list(families.values())
 
 
 class WorkerMetrics:
@@ -111,11 +92,6 @@ class WorkerMetrics:
                                          "Batches refused by an unavailable dependency, by dependency.", ["dependency"],
                                          registry=r)
         self.ready = Gauge("streamadapt_ready", "1 when connected to Kafka and Redis and serving a model.", registry=r)
-
-    def follow_builders(self, pids: list[int]) -> None:
-        """Export the builder processes' CPU and memory too, as streamadapt_builder_process_*, one series per
-        builder (label `builder`: its index)."""
-        self.registry.register(_BuilderProcesses(pids))
 
     def total(self, sample_name: str) -> float:
         """Sum of a sample over all its label values (e.g. 'streamadapt_predictions_total')."""

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,18 +67,30 @@ class ModelMeta:
 def limit_cpu_threads(threads: int) -> None:
     """Cap TensorFlow's thread pools (0 keeps its default of every core). Call before any TensorFlow op."""
     if threads > 0:
-        tf = _tf()
+        tf = import_tensorflow()
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
-def _tf():
+def import_tensorflow():
+    """TensorFlow, imported with what its C++ side writes to stderr while it loads silenced: TensorFlow 2.21
+    logs its oneDNN and CPU-feature banners through absl before absl reads TF_CPP_MIN_LOG_LEVEL, and they
+    buried a command's one-line error among four lines of noise."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        import tensorflow as tf
-    except ImportError as error:  # the one place that needs TensorFlow installed
-        raise RuntimeError(
-            "TensorFlow is not installed: pip install 'streamadapt[cpu]' (or [gpu])"
-        ) from error
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow as tf
+            except ImportError as error:  # the one place that needs TensorFlow installed
+                raise RuntimeError("TensorFlow is not installed: pip install 'streamadapt[cpu]' (or [gpu])") from error
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
     return tf
 
 
@@ -100,7 +113,7 @@ def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_cla
       holds for rare classes and long histories as for the common ones the source file is full of.
     - repurchase: a dense network over every feature, and one sigmoid unit.
     """
-    tf = _tf()
+    tf = import_tensorflow()
     keras = tf.keras
     keras.utils.set_random_seed(seed)
     x = np.asarray(train_features, np.float64)
@@ -182,7 +195,7 @@ def read_metadata(directory: Path) -> ModelMeta:
 def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
     """The checkpoint as a Keras model (for training) and its metadata. Raises CheckpointError."""
     meta = read_metadata(directory)
-    keras = _tf().keras
+    keras = import_tensorflow().keras
     model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
     _check_shape(directory, meta, model.input_shape[-1], model.output_shape[-1])
     return model, meta

@@ -4,7 +4,6 @@ Nothing here does I/O; worker.serving wires it to Kafka, Redis and the model.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -42,12 +41,6 @@ class InputRecord(NamedTuple):
     @property
     def partition_ref(self) -> str:
         return partition_ref(self.topic, self.partition)
-
-
-def builder_of(key: bytes | None, builders: int) -> int:
-    """Which of `builders` builder processes builds the records with this key, the same for every run: the
-    input's key is the user id, so this is also the builder of that user's state and pending prediction."""
-    return zlib.crc32(key) % builders if key and builders > 1 else 0
 
 
 def partition_ref(topic: str, partition: int) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from schemas import PurchaseEvent
 from worker.features import OBSERVED_CAP_DAYS, USER_MEMORY_DAYS, FeatureSpec, encode_stream
 from worker.labels import BINARY_CLASSES, Task, file_labels, settled
-from worker.model import ModelMeta, build_model, class_probabilities, save_checkpoint
+from worker.model import ModelMeta, build_model, class_probabilities, import_tensorflow, save_checkpoint
 from worker.parsing import Rejection, parse_event
 from worker.promotion import example_losses
 from worker.quality import log_loss, scores
@@ -128,7 +128,7 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
     """Train and save the source checkpoint. Raises ValueError, in one line, when the file cannot give a model
     whose validation figures mean anything: too few settled examples, or a validation part too small or of a
     single class."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     events, refused = read_events(events_path)
     if len(events) < MIN_EXAMPLES:
@@ -193,7 +193,7 @@ def validation_problem(labels: np.ndarray, n_classes: int) -> str | None:
     if len(labels) < MIN_VALIDATION_EXAMPLES:
         return f"its validation part (the newest tenth of the settled examples) has {len(labels)} examples, under {MIN_VALIDATION_EXAMPLES}"
     if np.count_nonzero(counts) < 2:
-        return f"every example of its validation part (the newest tenth of the settled examples) has one label"
+        return "every example of its validation part (the newest tenth of the settled examples) has one label"
     if n_classes == 2 and counts.min() < MIN_VALIDATION_PER_CLASS:
         return (f"its validation part (the newest tenth of the settled examples) has {counts[0]} negatives and "
                 f"{counts[1]} positives; it needs {MIN_VALIDATION_PER_CLASS} of each")

@@ -24,7 +24,7 @@ import redis
 from kafka.errors import KafkaError
 
 from worker import kafka_io
-from worker.builder import Builders
+from worker.batch import BatchBuilder
 from worker.features import FeatureSpec
 from worker.hotswap import ModelFollower
 from worker.metrics import HealthServer, WorkerMetrics
@@ -105,10 +105,8 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 stack.enter_context(_trainer_child(settings, server.port, stop))
         else:
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
-        builders = Builders(settings, model)
-        stack.callback(builders.close)
-        metrics.follow_builders(builders.pids)
-        loop = ServingLoop(settings, consumer, producer, builders, model, metrics, follower, store.raise_drift_alarm)
+        builder = BatchBuilder(settings, store, model)
+        loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower, store.raise_drift_alarm)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
         ready.stalled = lambda: loop.stalled

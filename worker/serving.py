@@ -1,10 +1,16 @@
-"""The serving loop: poll a batch, hand it to the builder processes, produce what they built, commit it.
+"""The serving loop: poll a batch, build it and save its Redis writes, send its outputs, and commit the
+offsets of the batches whose outputs are acknowledged, in order.
 
-Batches are pipelined: up to three are in the builders (worker.builder) at once, so that while this loop
-produces batch N and commits its offsets, N+1's Redis transaction lands and N+2 is built. Batches are taken
-back in order, and each keeps the order that makes a replay safe: its Redis transaction, then its outputs,
-then its offsets. The labels a committed batch resolved are scored here, whichever builder joined them:
-rolling live quality per version, and the drift detector on the loss of every label this worker sees.
+One thread does it all, and never waits for an acknowledgement: a batch's outputs are handed to the Kafka
+client, which sends them on its own thread, and the batch joins the window of batches in flight while the loop
+polls the next. Each batch keeps the order that makes a replay safe: its Redis transaction has landed before
+its outputs are sent, and its offsets are committed only once every output of it, and of every batch before
+it, is acknowledged. A refused output rewinds the partitions to the oldest batch not committed and reads it
+again; the event claims in Redis make its outputs the same. The labels a committed batch resolved are scored
+here: rolling live quality per version, and the drift detector on the loss of every label this worker sees.
+
+In exactly-once mode each batch is one Kafka transaction (its outputs and its offsets), committed before
+the next batch is polled.
 """
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Protocol
 
 import numpy as np
 import redis
@@ -22,7 +30,6 @@ from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTim
 
 from worker import kafka_io
 from worker.batch import Built, Resolved
-from worker.builder import BuilderFailed, Builders
 from worker.hotswap import ModelFollower
 from worker.kafka_io import ServingConsumer, ServingProducer
 from worker.metrics import WorkerMetrics, observe_many
@@ -30,14 +37,14 @@ from worker.model import ServingModel
 from worker.pipeline import InputRecord, first_offsets, next_offsets
 from worker.quality import QualityMonitor
 from worker.settings import Settings
-from worker.state import REDIS_OUTAGE_ERRORS
+from worker.state import REDIS_OUTAGE_ERRORS, StateWrites
 
 log = logging.getLogger(__name__)
 
 OUTAGE_FIRST_RETRY_S = 0.5
 OUTAGE_MAX_RETRY_S = 30.0
 # Errors of an unavailable Kafka: the batch's outputs are produced again, not dropped, and the worker does
-# not exit. (Redis's are in worker.batch: the builder meets them.)
+# not exit. (Redis's are in worker.state.)
 KAFKA_OUTAGE_ERRORS = (KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError, kafka_io.NotAcknowledged)
 
 
@@ -50,15 +57,45 @@ GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refresh
 # A consumer that owns partitions, is not paused, and has not fetched for this long has stalled inside the client
 # (ServingLoop.stalled). Its fetch rate covers about a minute, so a stall shows about two minutes after it began.
 STALLED_AFTER_S = 60.0
-# Batches left in the builder while the loop produces the oldest: one being saved, one being built.
-PIPELINE_DEPTH = 2
+# While batches wait for acknowledgements, a poll waits at most this long, so that a batch acknowledged
+# meanwhile is committed (and the window freed) soon after; a busy stream returns at once anyway.
+IN_FLIGHT_POLL_MS = 5
+FULL_WINDOW_POLL_MS = 1
+
+
+class Builder(Protocol):
+    """What the loop needs of worker.batch.BatchBuilder."""
+
+    def build(self, records: list[InputRecord]) -> tuple[Built, StateWrites]: ...
+
+    def save(self, built: Built, writes: StateWrites) -> Built: ...
+
+
+class Acks(Protocol):
+    """One batch's acknowledgements (kafka_io.Acks, kafka_confluent.Acks)."""
+
+    def done(self) -> bool: ...
+
+    def check(self) -> None: ...
+
+
+@dataclass
+class _Batch:
+    """A batch whose outputs are sent and not yet all acknowledged."""
+
+    records: list[InputRecord]
+    built: Built
+    acks: Acks
+    polled_at: float  # perf_counter
+    sent_monotonic: float
 
 
 class ServingLoop:
     def __init__(self, settings: Settings, consumer: ServingConsumer, producer: ServingProducer,
-                 builder: Builders, model: ServingModel, metrics: WorkerMetrics,
+                 builder: Builder, model: ServingModel, metrics: WorkerMetrics,
                  follower: ModelFollower | None = None, raise_drift_alarm: Callable[[float], None] | None = None):
-        """`raise_drift_alarm(regime_since_ts)` asks the trainer for a fine-tune (StateStore.raise_drift_alarm)."""
+        """`builder` builds with `model`, whose parameters the loop swaps between batches.
+        `raise_drift_alarm(regime_since_ts)` asks the trainer for a fine-tune (StateStore.raise_drift_alarm)."""
         self._settings = settings
         self._follower = follower
         self._quality_series: set[tuple[str, str]] = set()
@@ -66,55 +103,50 @@ class ServingLoop:
         self._producer = producer
         self._builder = builder
         self._transactional = settings.kafka.exactly_once
-        self._model = model  # the version served; swaps are checked against it before the builder gets them
+        self._window_batches = settings.kafka.max_in_flight_batches
+        self._model = model
         self._metrics = metrics
         self.last_poll_ok_monotonic: float | None = None
         self.stalled = False  # see _check_fetching
         self._not_fetching_since: float | None = None
         self._outage_since: float | None = None  # monotonic time the current outage began
+        self._retry_in_s = OUTAGE_FIRST_RETRY_S
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
-        # batches in the builder, oldest first, with the perf_counter when each was handed over
-        self._in_flight: deque[tuple[list[InputRecord], float]] = deque()
+        self._in_flight: deque[_Batch] = deque()  # sent, oldest first
+        # Batches acknowledged whose offset commit the coordinator has not answered yet: (batches, when sent).
+        # They count in the window, so that a crash replays at most `max_in_flight_batches` batches.
+        self._committing: deque[tuple[int, float]] = deque()
+        self._commits_answered: deque[None] = deque()  # one entry per answer, appended on the client's thread
         self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
         self._raise_drift_alarm = raise_drift_alarm
         consumer.before_revoke = self._commit_in_flight_before_revoke
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
     def run(self, stop: threading.Event) -> None:
-        """Poll and hand over batches until `stop` is set; then commit the batches in flight and stop."""
-        try:
-            self._run(stop)
-        except BuilderFailed:
-            self._in_flight.clear()  # gone with the builder: their partitions' next owner reads them again
-            raise
-
-    def _run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set; then wait for the batches in flight and commit them."""
         timeout_ms = self._settings.kafka.poll_timeout_ms
         next_lag_at = next_progress_at = time.monotonic()
         progress = _Progress(self._metrics)
         while not stop.is_set():
             self._maybe_swap()
-            # With batches in the builder, take only what is already fetched: on a quiet stream, waiting here
-            # would hold the finished ones back.
-            records = self._consumer.poll(0 if self._in_flight else timeout_ms)
+            self._settle(stop)
+            if self.in_flight >= self._window_batches:
+                self._wait_in_poll()
+                continue
+            records = self._consumer.poll(IN_FLIGHT_POLL_MS if self._in_flight else timeout_ms)
             self.last_poll_ok_monotonic = time.monotonic()
             if records:
-                self._submit(records)
-            # Take the oldest back when the pipeline is full or it is ready; on a quiet stream, all of them.
-            while self._in_flight and (len(self._in_flight) > PIPELINE_DEPTH or not records or self._builder.ready()):
-                self._commit_oldest(stop)
+                self._serve(records, stop)
             now = time.monotonic()
             if now >= next_lag_at:
                 self._refresh_lag()
                 self._check_fetching(now)
                 self._refresh_quality()
-                self._builder.check_alive()  # a dead builder ends the worker even on a quiet stream
                 next_lag_at = now + GAUGE_REFRESH_S
             if now >= next_progress_at:
                 progress.log(now)
                 next_progress_at = now + self._settings.progress_interval_s
-        while self._in_flight:
-            self._commit_oldest(stop)
+        self._finish_in_flight()
         owned = self._consumer.assignment()
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
         if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
@@ -124,109 +156,165 @@ class ServingLoop:
 
     @property
     def paused(self) -> bool:
-        """True while consumption is paused because Redis or Kafka refuses the batch's outputs."""
+        """True while an outage of Redis or Kafka holds consumption back."""
         return self._outage_since is not None
 
-    def _submit(self, records: list[InputRecord]) -> None:
+    @property
+    def in_flight(self) -> int:
+        """Batches polled and not yet committed: sent and waiting for acknowledgements, or waiting for the
+        coordinator to confirm their offsets. A crash replays at most these."""
+        committing = self._committing
+        while self._commits_answered:
+            self._commits_answered.popleft()
+            if committing:
+                committing.popleft()
+        while committing and time.monotonic() - committing[0][1] > kafka_io.ACK_TIMEOUT_S:
+            log.warning("an offset commit was not answered within %.0f s", kafka_io.ACK_TIMEOUT_S)
+            committing.popleft()  # its answer, if one comes, is taken for a later commit's: nothing waits for ever
+        return len(self._in_flight) + sum(batches for batches, _ in committing)
+
+    def _serve(self, records: list[InputRecord], stop: threading.Event) -> None:
+        """Build and save the batch (through a Redis outage), then send it: into the window, or in exactly-once
+        mode as one transaction with its offsets."""
+        polled_at = time.perf_counter()
         self._metrics.events_consumed.inc(len(records))
-        self._builder.submit(records)
-        self._in_flight.append((records, time.perf_counter()))
-
-    def _commit_oldest(self, stop: threading.Event | None) -> None:
-        """Take the oldest batch in flight back from the builder, with those after it that are built already,
-        produce them together and commit their offsets: one flush and one wait for acknowledgements however
-        many batches a slow one held up.
-
-        While Redis or Kafka is unavailable the batches are retried with backoff and consumption is paused
-        (memory stays at the batches in flight; the group membership is kept), until they go through or
-        `stop` is set; the batches built on top of them, and records polled meanwhile, are read again later.
-        Any other error is a bug and propagates."""
-        taken = [self._take_back(stop)]
-        while self._in_flight and self._builder.ready():
-            taken.append(self._take_back(stop))
-        records = [record for batch, _, _ in taken for record in batch]
-        built = Built.joined([built for _, built, _ in taken])
         try:
-            self._produce_through_outage(records, built, stop)
+            built = self._build_and_save(records)
+        except REDIS_OUTAGE_ERRORS as error:
+            try:
+                built = self._retry_through_outage(lambda: self._build_and_save(records), error, REDIS_OUTAGE_ERRORS, stop)
+            except REDIS_OUTAGE_ERRORS:
+                self._rewind(records)  # stopped during the outage: read again by whoever owns them next
+                return
+        if not self._transactional:
+            self._in_flight.append(_Batch(records, built, self._producer.send(built.messages), polled_at,
+                                          time.monotonic()))
+            return
+        try:
+            self._send_in_transaction(records, built)
+        except KAFKA_OUTAGE_ERRORS as error:
+            try:
+                self._retry_through_outage(lambda: self._send_in_transaction(records, built), error,
+                                           KAFKA_OUTAGE_ERRORS, stop)
+            except KAFKA_OUTAGE_ERRORS:
+                self._rewind(records)
+                return
         except BatchAborted as aborted:
             log.warning("%s", aborted)
-            self._rewind(records + self._drop_in_flight())  # the batches built on the aborted ones are read again too
-        else:
-            self._account(built)
-        self._resume_after_outage()
-        now = time.perf_counter()
-        for batch, _, started in taken:
-            self._metrics.batch_duration.observe(now - started)
-            self._metrics.batch_size.observe(len(batch))
+            self._rewind(records)
+            return
+        self._committed(records, built, polled_at)
 
-    def _take_back(self, stop: threading.Event | None) -> tuple[list[InputRecord], Built, float]:
-        """The oldest batch in flight, built and saved (through a Redis outage: the batches on top of it are
-        dropped and read again); with the perf_counter when it was handed over."""
-        batch, started = self._in_flight.popleft()
+    def _wait_in_poll(self) -> None:
+        """With the window full: poll, which lets the client take the coordinator's answers to the commits in
+        flight (both clients take them only inside `poll`), and read again later whatever this poll returns."""
+        records = self._consumer.poll(FULL_WINDOW_POLL_MS)
+        self.last_poll_ok_monotonic = time.monotonic()
+        if records:
+            self._rewind(records)
+
+    def _build_and_save(self, records: list[InputRecord]) -> Built:
+        built, writes = self._builder.build(records)
+        return self._builder.save(built, writes)
+
+    def _settle(self, stop: threading.Event | None) -> None:
+        """Commit the batches at the head of the window whose outputs are all acknowledged (one asynchronous
+        commit for all of them). A refused output, or a batch unacknowledged for ACK_TIMEOUT_S, is an outage:
+        the window is dropped, its partitions rewound to its oldest batch, and consumption pauses for the
+        backoff before that batch is read again (without `stop`, the error is raised instead)."""
+        window, offsets, settled = self._in_flight, {}, 0
         try:
-            built = self._builder.collect()
-        except REDIS_OUTAGE_ERRORS as error:
+            while window and window[0].acks.done():
+                batch = window[0]
+                batch.acks.check()
+                window.popleft()
+                offsets.update(next_offsets(batch.records))
+                settled += 1
+                self._committed(batch.records, batch.built, batch.polled_at)
+            if window and time.monotonic() - window[0].sent_monotonic > kafka_io.ACK_TIMEOUT_S:
+                raise kafka_io.NotAcknowledged(f"a batch waited over {kafka_io.ACK_TIMEOUT_S:.0f} s for its "
+                                               "acknowledgements")
+        except KAFKA_OUTAGE_ERRORS as error:
+            self._commit_async(offsets, settled)
+            if stop is None:  # inside a rebalance or a stop: the caller leaves the window to be read again
+                raise
             self._rewind(self._drop_in_flight())
-            built = self._build_through_outage(batch, error, stop)
-        return batch, built, started
+            self._wait_out(error, self._retry_in_s, stop)
+            self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
+            self._consumer.resume_all()  # read the dropped batches again; the outage lasts until one is committed
+            return
+        self._commit_async(offsets, settled)
+
+    def _commit_async(self, offsets: dict[tuple[str, int], int], batches: int) -> None:
+        if offsets:
+            by_partition = _by_partition(offsets)
+            self._committing.append((batches, time.monotonic()))
+            self._consumer.commit_async(by_partition, lambda: self._commits_answered.append(None))
+            self._latest_offsets.update(by_partition)
+
+    def _committed(self, records: list[InputRecord], built: Built, polled_at: float) -> None:
+        """Metrics and scores of a batch whose outputs are acknowledged and whose offsets are committed."""
+        self._end_outage()
+        self._account(built)
+        self._metrics.batch_duration.observe(time.perf_counter() - polled_at)
+        self._metrics.batch_size.observe(len(records))
+        sent_ms = built.input_timestamps_ms
+        observe_many(self._metrics.latency, np.maximum(0.0, time.time() * 1000.0 - sent_ms[sent_ms >= 0]) / 1000.0)
 
     def _drop_in_flight(self) -> list[InputRecord]:
-        """Take every batch in flight back unused, because the batch under them is read again; their records."""
-        records = []
-        while self._in_flight:
-            records += self._in_flight.popleft()[0]
-            try:
-                self._builder.collect()
-            except REDIS_OUTAGE_ERRORS:
-                pass  # what the builder answers for a batch built on a failed one
+        """Forget the batches in flight, to be read again; their records."""
+        records = [record for batch in self._in_flight for record in batch.records]
+        self._in_flight.clear()
         return records
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the acknowledgements of the batches in flight and commit them (asynchronously); those not
+        acknowledged are left to be read again."""
+        if not self._in_flight:
+            return
+        try:
+            self._producer.flush(kafka_io.ACK_TIMEOUT_S)
+            self._settle(None)
+        except KAFKA_OUTAGE_ERRORS as error:
+            log.warning("the batches in flight are left to be read again (%s: %s)", type(error).__name__, error)
+        self._drop_in_flight()
 
     def _commit_in_flight_before_revoke(self) -> None:
         """Called by the consumer before a rebalance takes partitions away (on kafka-python, from its network
-        thread while `poll` waits): the batches in flight are produced and their offsets committed now, while
-        the partitions are still ours, so that their next owner neither reads them again nor reads Redis
+        thread while `poll` waits): the batches in flight are acknowledged and their offsets committed now,
+        while the partitions are still ours, so that their next owner neither reads them again nor reads Redis
         before their writes. During an outage they are left to the next owner, which replays them."""
         if self.paused:
-            return
-        try:
-            while self._in_flight:
-                self._commit_oldest(None)
-        except (*REDIS_OUTAGE_ERRORS, *KAFKA_OUTAGE_ERRORS) as error:
-            log.warning("the batches in flight are left to the partitions' next owner (%s: %s)", type(error).__name__, error)
             self._drop_in_flight()
-        except BuilderFailed as failure:  # raised here, it would reach the Kafka client, not the worker
-            log.error("the batches in flight are left to the partitions' next owner: %s", failure)
-            self._in_flight.clear()  # the loop meets the dead builder at its next call to it
+            return
+        self._finish_in_flight()
 
-    def _build_through_outage(self, batch: list[InputRecord], error: Exception, stop: threading.Event | None) -> Built:
-        def rebuild() -> Built:
-            self._builder.submit(batch)
-            return self._builder.collect()
-
-        return self._retry_through_outage(rebuild, error, REDIS_OUTAGE_ERRORS, stop)
-
-    def _produce_through_outage(self, batch: list[InputRecord], built: Built, stop: threading.Event | None) -> None:
+    def _send_in_transaction(self, records: list[InputRecord], built: Built) -> None:
+        """Exactly-once: the batch's outputs and the offsets after it in one Kafka transaction, so a
+        read_committed reader sees its outputs once, whatever happens."""
         try:
-            self._commit(batch, built)
-        except KAFKA_OUTAGE_ERRORS as error:
-            self._retry_through_outage(lambda: self._commit(batch, built), error, KAFKA_OUTAGE_ERRORS, stop)
+            self._producer.send_in_transaction(built.messages, _by_partition(next_offsets(records)),
+                                               self._consumer.group_metadata())
+        except kafka_io.TransactionAborted as error:
+            raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
+                               "they will be read again") from error
 
     def _retry_through_outage(self, attempt, error: Exception, outage_errors: tuple, stop: threading.Event | None):
         """After `error`, wait the outage out (paused, with backoff) and call `attempt` again until it returns,
         or until `stop` is set (or there is no `stop`: inside a rebalance), when the last error is raised and
-        the uncommitted batch is replayed by the next owner."""
-        retry_in_s = OUTAGE_FIRST_RETRY_S
+        the batch is read again by the partitions' next owner."""
         while True:
             if stop is None or stop.is_set():
                 raise error
-            self._wait_out(error, retry_in_s, stop)
-            retry_in_s = min(2 * retry_in_s, OUTAGE_MAX_RETRY_S)
+            self._wait_out(error, self._retry_in_s, stop)
+            self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
             try:
                 return attempt()
             except outage_errors as again:
                 error = again
 
-    def _resume_after_outage(self) -> None:
+    def _end_outage(self) -> None:
+        self._retry_in_s = OUTAGE_FIRST_RETRY_S
         if self._outage_since is not None:
             log.warning("outputs accepted again after %.1f s: resuming consumption", time.monotonic() - self._outage_since)
             self._outage_since = None
@@ -309,41 +397,15 @@ class ServingLoop:
         version, parameters = ready
         started = time.perf_counter()
         try:
-            self._model.swap(parameters, version)  # checks that they fit
+            self._model.swap(parameters, version)  # checks that they fit; the builder builds with this model
         except ValueError as error:
             self._metrics.swaps_refused.inc()
             log.error("refusing model %s, the current model keeps serving: %s", version, error)
             return
-        self._builder.swap(parameters, version)  # it builds with them from its next batch on
         self._metrics.swap_duration.observe(time.perf_counter() - started)
         self._metrics.model_swaps.inc()
         self._metrics.model_info.info({"version": version, "task": self._model.meta.task})
         log.info("now serving model %s (swap took %.2f ms)", version, (time.perf_counter() - started) * 1000)
-
-    def _commit(self, records: list[InputRecord], built: Built) -> None:
-        """Produce a built batch and commit its offsets. The builder has written its Redis transaction
-        (event claims, user states, pending predictions, labelled examples, deadlines, event-time progress);
-        then, in this order:
-        1. Kafka: produce predictions and dead letters, flush, and check every acknowledgement;
-        2. Kafka: commit the offsets after the batch (asynchronously; the last ones again, synchronously, on
-           a clean stop).
-        A crash between steps replays the batch: claims make the replay emit the same predictions.
-        In exactly-once mode both steps are one Kafka transaction, so a read_committed reader sees the
-        batch's outputs once, whatever happens.
-        """
-        offsets = _by_partition(next_offsets(records))
-        if self._transactional:
-            try:
-                self._producer.send_in_transaction(built.messages, offsets, self._consumer.group_metadata())
-            except kafka_io.TransactionAborted as error:
-                raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
-                                   "they will be read again") from error
-        else:
-            self._producer.send_all(built.messages)
-            self._consumer.commit_async(offsets)
-            self._latest_offsets.update(offsets)
-        sent_ms = built.input_timestamps_ms
-        observe_many(self._metrics.latency, np.maximum(0.0, time.time() * 1000.0 - sent_ms[sent_ms >= 0]) / 1000.0)
 
     def _check_fetching(self, now: float) -> None:
         """Whether the consumer has stalled: it owns partitions, consumption is not paused, and the client sent

@@ -37,6 +37,8 @@ class KafkaSettings(BaseSettings):
     topic_partitions: int = Field(6, ge=1, description="partitions for topics the worker creates")
     max_poll_records: int = Field(2000, ge=1, description="records per poll, the batch size bound")
     poll_timeout_ms: int = Field(200, ge=1, description="how long one poll waits for records")
+    max_in_flight_batches: int = Field(4, ge=1, le=64, description="batches polled and not yet committed, at most: "
+                                       "what a crash can make the next owner re-emit")
     fetch_min_bytes: int = Field(1, ge=1, description="a fetch waits for this much data (or fetch-max-wait-ms)")
     fetch_max_wait_ms: int = Field(500, ge=0, description="longest a fetch waits for fetch-min-bytes")
     client_id: str = Field("streamadapt", min_length=1, description="client id shown in broker logs")
@@ -183,8 +185,6 @@ class Settings(BaseSettings):
     source_checkpoint: Path | None = Field(None, description="checkpoint directory written by `streamadapt pretrain`")
     no_finetune: bool = Field(False, description="serve the source model unchanged (the static baseline)")
     model_name: str = Field("purchases", min_length=1, description="name under which model versions are published")
-    builders: int = Field(2, ge=1, le=16, description="processes that build batches, each for its share of "
-                          "users (by record key); at most the number of cores")
     max_payload_bytes: int = Field(64 * 1024, ge=256, description="larger input records are dead-lettered")
     max_future_skew_s: int = Field(3600, ge=0, description="events further ahead of the clock are dead-lettered")
     dlq_payload_max_chars: int = Field(64 * 1024, ge=64, description="dead letters carry at most this much payload")

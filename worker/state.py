@@ -12,7 +12,7 @@ Keys (all under the configured prefix):
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
   {p}:regime_since_ts    event time where the last alarm estimated the current regime began
   {p}:observed_since     event time from which user states have been kept: the oldest event of the first
-                         batch ever built (SET NX, so every builder and replica agrees); a feature
+                         batch ever built (SET NX, so every replica agrees); a feature
 The event record says which input record first claimed the event_id and what was predicted for it, so a
 replay of that same record re-emits the same prediction and a true duplicate is dropped. It keeps the
 prediction's values, not its JSON: a claim lives as long as the dedupe TTL (a week by default), once per
@@ -142,12 +142,11 @@ class StateStore:
     def ping(self) -> bool:
         return bool(self._client.ping())
 
-    def load(self, event_ids: list[str], user_ids: list[str], oldest_ts_s: float, unsaved: StateWrites | None = None
+    def load(self, event_ids: list[str], user_ids: list[str], oldest_ts_s: float
              ) -> tuple[dict[str, EventClaim], dict[str, UserState], dict[str, Example], float]:
         """Existing claims for these events, states and pending predictions of these users, and the event time
         from which states have been kept (`oldest_ts_s`, the batch's oldest event, if no batch came before): one
-        round trip. `unsaved`:
-        writes that may not have landed yet, read as if they had (a batch built while the one before is saved)."""
+        round trip."""
         if not event_ids:
             return {}, {}, {}, oldest_ts_s
         pipe = self._client.pipeline(transaction=False)
@@ -157,11 +156,6 @@ class StateStore:
         claims_raw, profiles_raw, observed_since = pipe.execute()
         claims = {e: EventClaim.decode(raw) for e, raw in zip(event_ids, claims_raw) if raw is not None}
         states, pendings = self._profiles(user_ids, profiles_raw)
-        if unsaved is not None:  # the batch reads only its own events and users: the rest does no harm
-            claims.update(unsaved.claims)
-            for user, (state, pending) in unsaved.profiles().items():
-                _put(states, user, state)
-                _put(pendings, user, pending)
         return claims, states, pendings, oldest_ts_s if observed_since is None else float(observed_since)
 
     def load_profiles(self, user_ids: list[str]) -> tuple[dict[str, UserState], dict[str, Example]]:
@@ -295,14 +289,6 @@ class StateStore:
         if starts:
             self._client.delete(*[f"{self._p}:window:{s}" for s in starts])
             self._client.zrem(f"{self._p}:windows", *[str(s) for s in starts])
-
-
-def _put(values: dict, key: str, value) -> None:
-    """values[key] = value, or no entry when value is None."""
-    if value is None:
-        values.pop(key, None)
-    else:
-        values[key] = value
 
 
 def _profile(state: UserState | None, pending: Example | None) -> bytes:

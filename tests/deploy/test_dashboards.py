@@ -1,6 +1,5 @@
 """Dashboards and alert rules parse and read only metrics the worker really exports."""
 import json
-import os
 import shutil
 import subprocess
 
@@ -15,7 +14,6 @@ from worker.metrics import WorkerMetrics
 def exported_families() -> set[str]:
     families = set()
     metrics = WorkerMetrics()
-    metrics.follow_builders([os.getpid()])  # a serving worker also exports its builders' process metrics
     for line in metrics.render().decode().splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split(" ")

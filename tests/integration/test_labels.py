@@ -24,10 +24,10 @@ def test_repurchase_labels_from_the_stream_match_the_offline_rules(stack, names,
     with WorkerProcess(stack, names, repurchase_checkpoint, tmp_path / "worker.log",
                        STREAMADAPT_TRAINING_WINDOW_MAX_AGE_S=str(10**9)) as worker:
         if keyed_by == "user_id":
-            # Six partitions read at different speeds: the watermark must follow the slowest one; and the
-            # worker's two builders, each with its share of the users, settle their own users' deadlines.
+            # Six partitions read at different speeds: the watermark must follow the slowest one, and each
+            # partition's deadlines are settled with its own records.
             replay(path, KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic))
-        else:  # not keyed by user: one builder builds, and settles, every user's deadlines
+        else:  # not keyed by user: one partition holds, and settles, every user's deadlines
             produce(stack, names.input_topic, path.read_bytes().splitlines(), keys=[b"all"] * len(events))
         read_topic(stack, names.predictions_topic, expect=len(events), timeout_s=180)
         assert worker.stop() == 0

@@ -4,13 +4,13 @@ from types import SimpleNamespace
 import pytest
 from kafka import TopicPartition
 from kafka.errors import (
-    CommitFailedError, IllegalGenerationError, KafkaConnectionError, ProducerFencedError, RebalanceInProgressError,
-    UnknownMemberIdError,
+    CommitFailedError, IllegalGenerationError, KafkaConnectionError, MessageSizeTooLargeError,
+    NotLeaderForPartitionError, ProducerFencedError, RebalanceInProgressError, UnknownMemberIdError,
 )
 from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 
 from worker.kafka_io import (
-    KeyPartitioner, ProducerFenced, ServingConsumer, ServingProducer, TransactionAborted, _drain_fetches_that_land_late,
+    Acks, KeyPartitioner, NotAcknowledged, ProducerFenced, ServingConsumer, ServingProducer, TransactionAborted, _drain_fetches_that_land_late,
     commit,
 )
 
@@ -112,11 +112,30 @@ class TransactionalProducer:
 
 
 class _Acknowledged:
-    def get(self, timeout=None):
-        return None
+    is_done, exception = True, None
 
 
 MESSAGES = [("predictions", b"user-1", b"{}"), ("dlq", None, b"{}")]
+
+
+class _Future:
+    def __init__(self, is_done=False, exception=None):
+        self.is_done, self.exception = is_done, exception
+
+
+def test_a_batch_is_acknowledged_once_every_record_is_and_a_refusal_says_whether_it_is_an_outage():
+    futures = [_Future(True), _Future(), _Future(True)]
+    acks = Acks(futures)
+    assert not acks.done()
+    futures[1].is_done = True
+    assert acks.done()
+    acks.check()  # all acknowledged
+    futures[2].exception = NotLeaderForPartitionError()
+    with pytest.raises(NotAcknowledged, match="NotLeaderForPartitionError"):
+        acks.check()  # retriable: an outage, the batch is read again
+    futures[2].exception = MessageSizeTooLargeError()
+    with pytest.raises(MessageSizeTooLargeError):
+        acks.check()  # not retriable: a bug, the worker stops
 
 
 def test_a_transaction_sends_the_batch_then_the_offsets_then_commits():

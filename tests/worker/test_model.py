@@ -149,7 +149,6 @@ def test_common_keras_layers_are_served_exactly_as_keras_computes_them(tmp_path)
     import tensorflow as tf
 
     from worker.features import FeatureSpec
-    from worker.model import ModelMeta
 
     keras, n = tf.keras, 14
     spec = FeatureSpec(("a",))  # 2 classes of 5, 2 categories, 12 numeric: 24 features

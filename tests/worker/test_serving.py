@@ -1,5 +1,5 @@
-"""The serving loop with fake clients and a fake builder: the pipeline's order, outages, exactly-once aborts,
-rebalances and a clean stop."""
+"""The serving loop with fake clients and a fake builder: the commit order of the window in flight, outages,
+exactly-once transactions, rebalances and a clean stop."""
 import logging
 import threading
 from types import SimpleNamespace
@@ -11,7 +11,6 @@ from kafka import TopicPartition
 
 from worker import kafka_io
 from worker.batch import Built, Resolved
-from worker.builder import BuilderFailed
 from worker.metrics import WorkerMetrics
 from worker.pipeline import InputRecord
 from worker.serving import ServingLoop
@@ -29,46 +28,25 @@ class Log(list):
 
 
 class FakeBuilder:
-    """Batches come back in order; like the real builder, a batch built on top of one that failed fails too."""
+    """Builds a prediction per record; `failures` are raised by the next builds, one each."""
 
     def __init__(self, log: Log, failures: list[Exception] | None = None):
         self.log, self.failures = log, list(failures or [])
-        self.queue: list[tuple[list[InputRecord], bool]] = []  # (batch, built on top of the one before)
-        self._failed: Exception | None = None
 
-    @property
-    def in_flight(self) -> int:
-        return len(self.queue)
-
-    def submit(self, batch):
-        assert len(self.queue) <= 2  # one in the loop's hands, one saved, one built
-        self.queue.append((batch, bool(self.queue)))
-        self.log.append(("submit", batch[0].offset))
-
-    def collect(self) -> Built:
-        batch, on_top = self.queue.pop(0)
-        self.log.append(("collect", batch[0].offset))
-        failed, self._failed = self._failed, None
-        if on_top and failed is not None:
-            self._failed = failed
-            raise failed
+    def build(self, batch):
+        self.log.append(("build", batch[0].offset))
         if self.failures:
-            self._failed = self.failures.pop(0)
-            raise self._failed
-        return Built([("out", b"k", b"{}")] * len(batch), np.zeros(len(batch)), predicted=len(batch))
+            raise self.failures.pop(0)
+        return Built([("out", b"k", b"{}")] * len(batch), np.zeros(len(batch)), predicted=len(batch)), None
 
-    def ready(self):
-        return False  # taken back only when the pipeline is full or the stream is quiet
-
-    def check_alive(self):
-        pass
-
-    def swap(self, weights, version):
-        self.log.append(("swap", version))
+    def save(self, built, writes):
+        return built
 
 
 class FakeConsumer:
-    def __init__(self, log: Log, polls: list[list[InputRecord]], owned=(P0, P1), stop: threading.Event | None = None):
+    def __init__(self, log: Log, polls: list, owned=(P0, P1), stop: threading.Event | None = None):
+        """`polls`: what each poll returns; a callable is called inside that poll (a scripted event) and
+        returns the records. Once they run out, the poll sets `stop`."""
         self.log, self.polls, self.owned, self.stop = log, list(polls), set(owned), stop
         self.before_revoke = lambda: None
         self.seeks: dict[TopicPartition, int] = {}
@@ -76,14 +54,14 @@ class FakeConsumer:
         self.paused = False
 
     def poll(self, timeout_ms):
+        if self.paused:  # what a paused consumer reads comes after it resumes
+            return []
         if not self.polls:
             if self.stop is not None:
                 self.stop.set()
             return []
         polled = self.polls.pop(0)
-        if callable(polled):  # a scripted event inside poll, e.g. a rebalance
-            return polled()
-        return [] if self.paused else polled
+        return polled() if callable(polled) else polled
 
     def assignment(self):
         return self.owned
@@ -104,8 +82,10 @@ class FakeConsumer:
         self.log.append(("commit", dict(offsets)))
         return True
 
-    def commit_async(self, offsets):
+    def commit_async(self, offsets, done):
         self.committed.update(offsets)
+        self.log.append(("commit_async", dict(offsets)))
+        done()
 
     def lag(self):
         return {}
@@ -117,15 +97,39 @@ class FakeConsumer:
         return "generation-7"
 
 
-class FakeProducer:
-    def __init__(self, log: Log, failures: list[Exception] | None = None):
-        self.log, self.failures = log, list(failures or [])
-        self.transactions: list[tuple] = []
+class FakeAcks:
+    def __init__(self, first_offset: int, acknowledged: bool):
+        self.first_offset, self.acknowledged, self.error = first_offset, acknowledged, None
 
-    def send_all(self, messages):
+    def done(self):
+        return self.acknowledged
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+
+class FakeProducer:
+    """Records are acknowledged at once, unless `hold`: then when the test says (`acknowledge`)."""
+
+    def __init__(self, log: Log, failures: list[Exception] | None = None, hold: bool = False):
+        self.log, self.failures, self.hold = log, list(failures or []), hold
+        self.transactions: list[tuple] = []
+        self.sent: list[FakeAcks] = []
+
+    def send(self, messages):
         self.log.append(("send", len(messages)))
-        if self.failures:
-            raise self.failures.pop(0)
+        acks = FakeAcks(len(self.sent), not self.hold)
+        self.sent.append(acks)
+        return acks
+
+    def acknowledge(self, index: int, error: Exception | None = None):
+        self.sent[index].acknowledged, self.sent[index].error = True, error
+
+    def flush(self, timeout_s=None):
+        self.log.append(("flush",))
+        for acks in self.sent:
+            acks.acknowledged = True
 
     def send_in_transaction(self, messages, next_offsets, group_metadata):
         self.transactions.append((len(messages), dict(next_offsets), group_metadata))
@@ -134,8 +138,10 @@ class FakeProducer:
             raise self.failures.pop(0)
 
 
-def make_loop(consumer, producer, builder, exactly_once=False, metrics=None, raise_drift_alarm=None) -> ServingLoop:
-    settings = load_settings({"STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower()})
+def make_loop(consumer, producer, builder, exactly_once=False, metrics=None, raise_drift_alarm=None,
+              window=4) -> ServingLoop:
+    settings = load_settings({"STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower(),
+                              "STREAMADAPT_KAFKA_MAX_IN_FLIGHT_BATCHES": str(window)})
     model = SimpleNamespace(version="v1", meta=SimpleNamespace(task="next_category"))
     return ServingLoop(settings, consumer, producer, builder, model, metrics or WorkerMetrics(),
                        raise_drift_alarm=raise_drift_alarm)
@@ -146,84 +152,96 @@ def quick_outage_retries(monkeypatch):
     monkeypatch.setattr("worker.serving.OUTAGE_FIRST_RETRY_S", 0.01)
 
 
-def test_batches_are_handed_to_the_builder_before_the_ones_before_them_are_taken_back():
+def test_a_batch_is_sent_without_waiting_and_committed_only_with_every_batch_before_it_acknowledged():
     log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4), records(1, 5)], stop=stop)
-    make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)
-    # three in the builder, then the oldest is produced; on a quiet stream, all are
-    assert log[:11] == [("submit", 10), ("submit", 12), ("submit", 4), ("collect", 10), ("send", 2),
-                        ("submit", 5), ("collect", 12), ("send", 1), ("collect", 4), ("send", 1), ("collect", 5)]
-    assert consumer.committed == {P0: 13, P1: 6}
-    assert log[-1] == ("commit", {P0: 13, P1: 6})  # a clean stop confirms the last offsets synchronously
+    producer = FakeProducer(log, hold=True)
 
+    def second_acknowledged_first():
+        producer.acknowledge(1)
+        return []
 
-class ReadyBuilder(FakeBuilder):
-    """Builds the batches behind the oldest while the loop waits for it: they are ready once it is back."""
+    def then_the_first():
+        assert "commit_async" not in [entry[0] for entry in log]  # the second waits for the first
+        producer.acknowledge(0)
+        return []
 
-    def ready(self):
-        return bool(self.queue) and self.log[-1][0] == "collect"
-
-
-def test_batches_built_while_the_loop_waited_for_the_oldest_are_produced_and_committed_with_it():
-    log, stop, metrics = Log(), threading.Event(), WorkerMetrics()
-    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
-    make_loop(consumer, FakeProducer(log), ReadyBuilder(log), metrics=metrics).run(stop)
-    assert log[:7] == [("submit", 10), ("submit", 12), ("submit", 4), ("collect", 10), ("collect", 12), ("collect", 4),
-                       ("send", 4)]  # one flush for the three
-    assert consumer.committed == {P0: 13, P1: 5}
-    assert metrics.total("streamadapt_batch_records_count") == 3 and metrics.total("streamadapt_predictions_total") == 4
-
-
-def test_batches_produced_together_are_one_transaction_and_rewound_together_when_it_aborts():
-    log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
-    producer = FakeProducer(log, [kafka_io.TransactionAborted("CommitFailedError: generation is stale")])
-    make_loop(consumer, producer, ReadyBuilder(log), exactly_once=True).run(stop)
-    assert producer.transactions[0] == (4, {P0: 13, P1: 5}, "generation-7")
-    assert consumer.seeks == {P0: 10, P1: 4}
-
-
-def test_a_redis_outage_behind_the_oldest_batch_builds_that_batch_again_and_produces_both_together():
-    log, stop = Log(), threading.Event()
-
-    class FailsOnce(ReadyBuilder):
-        def collect(self):
-            if self.queue[0][0][0].offset == 12 and ("collect", 12) not in log:
-                self.queue.pop(0)
-                log.append(("collect", 12))
-                raise redis.ConnectionError("Redis is away")
-            return super().collect()
-
-    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), records(1, 4)], stop=stop)
-    loop = make_loop(consumer, FakeProducer(log), FailsOnce(log))
-    loop.run(stop)
-    # 4, built on the failed 12, is dropped and read again; 12 is built again and goes out with 10
-    assert log[:8] == [("submit", 10), ("submit", 12), ("submit", 4), ("collect", 10), ("collect", 12),
-                       ("collect", 4), ("seek", 1, 4), ("submit", 12)]
-    assert log[8:10] == [("collect", 12), ("send", 3)]
-    assert consumer.committed[P0] == 13 and P1 not in consumer.committed
-    assert not loop.paused
-
-
-def test_a_redis_outage_rewinds_the_batch_built_on_top_and_builds_the_batch_again():
-    log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12, 13), []], stop=stop)
-    builder = FakeBuilder(log, [redis.ConnectionError("Redis is away")])
-    loop = make_loop(consumer, FakeProducer(log), builder)
-    loop.run(stop)
-    assert log[:9] == [("submit", 10), ("submit", 12), ("collect", 10), ("collect", 12), ("seek", 0, 12),
-                       ("submit", 10), ("collect", 10), ("send", 2), ("resume",)]
-    assert consumer.committed[P0] == 12  # 12 and 13 are read again, after the outage
-    assert not loop.paused
-
-
-def test_a_kafka_outage_produces_the_same_built_batch_again_without_building_it_again():
-    log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10, 11), []], stop=stop)  # stops during the wait, not before
-    producer = FakeProducer(log, [kafka_io.NotAcknowledged("leader not available")])
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(1, 4), second_acknowledged_first, then_the_first, []],
+                            stop=stop)
     make_loop(consumer, producer, FakeBuilder(log)).run(stop)
-    assert [entry for entry in log if entry[0] in ("submit", "send")] == [("submit", 10), ("send", 2), ("send", 2)]
+    assert log[:4] == [("build", 10), ("send", 2), ("build", 4), ("send", 1)]  # no wait between them
+    assert ("commit_async", {P0: 12, P1: 5}) in log  # both at once, once the first is acknowledged
+    assert log[-1] == ("commit", {P0: 12, P1: 5})  # a clean stop confirms the last offsets synchronously
+
+
+def test_a_full_window_waits_in_poll_and_reads_again_what_that_poll_returns():
+    log, stop = Log(), threading.Event()
+    producer = FakeProducer(log, hold=True)
+
+    def while_full():
+        assert loop.in_flight == 2
+        producer.acknowledge(0)
+        return records(0, 12)  # not taken: the window was full when it was polled
+
+    consumer = FakeConsumer(log, [records(0, 10), records(0, 11), while_full, records(0, 12)], stop=stop)
+    loop = make_loop(consumer, producer, FakeBuilder(log), window=2)
+    loop.run(stop)
+    assert log[:6] == [("build", 10), ("send", 1), ("build", 11), ("send", 1), ("seek", 0, 12),
+                       ("commit_async", {P0: 11})]
+    assert log[6] == ("build", 12)
+
+
+def test_a_refused_output_rewinds_to_its_batch_drops_the_window_and_reads_both_again_after_the_backoff():
+    log, stop, metrics = Log(), threading.Event(), WorkerMetrics()
+    producer = FakeProducer(log, hold=True)
+
+    def first_refused():
+        producer.acknowledge(0, kafka_io.NotAcknowledged("NotLeaderForPartitionError"))
+        return []
+
+    def read_again():
+        assert consumer.seeks == {P0: 10, P1: 4} and loop.paused
+        producer.hold = False
+        return records(0, 10, 11) + records(1, 4)
+
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(1, 4), first_refused, read_again], stop=stop)
+    loop = make_loop(consumer, producer, FakeBuilder(log), metrics=metrics)
+    loop.run(stop)
+    assert consumer.committed == {P0: 12, P1: 5}
+    assert not loop.paused and not consumer.paused
+    assert metrics.total("streamadapt_dependency_errors_total") == 1
+    assert metrics.total("streamadapt_predictions_total") == 3  # the dropped batches count once, when committed
+
+
+def test_a_batch_unacknowledged_for_too_long_is_an_outage(monkeypatch):
+    monkeypatch.setattr("worker.kafka_io.ACK_TIMEOUT_S", 0.0)
+    log, stop = Log(), threading.Event()
+    producer = FakeProducer(log, hold=True)
+    consumer = FakeConsumer(log, [records(0, 10), []], stop=stop)
+    make_loop(consumer, producer, FakeBuilder(log)).run(stop)
+    assert consumer.seeks == {P0: 10} and consumer.committed == {}
+
+
+def test_a_redis_outage_builds_the_batch_again_once_redis_answers_and_then_sends_it():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11), []], stop=stop)
+    loop = make_loop(consumer, FakeProducer(log), FakeBuilder(log, [redis.ConnectionError("Redis is away")]))
+    loop.run(stop)
+    assert log[:4] == [("build", 10), ("build", 10), ("send", 2), ("resume",)]
     assert consumer.committed[P0] == 12
+    assert not loop.paused
+
+
+def test_a_redis_outage_at_stop_leaves_the_batch_to_be_read_again():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11)], stop=stop)
+
+    class AwayForGood(FakeBuilder):
+        def build(self, batch):
+            stop.set()
+            raise redis.ConnectionError("Redis is away")
+
+    make_loop(consumer, FakeProducer(log), AwayForGood(log)).run(stop)
+    assert consumer.seeks == {P0: 10} and consumer.committed == {}
 
 
 def test_a_batch_is_one_transaction_with_the_offsets_after_it_and_the_group_metadata():
@@ -234,15 +252,22 @@ def test_a_batch_is_one_transaction_with_the_offsets_after_it_and_the_group_meta
     assert producer.transactions == [(3, {P0: 12, P1: 5}, "generation-7")]
 
 
-def test_an_aborted_transaction_rewinds_it_and_the_batch_built_on_it_on_the_partitions_still_owned():
+def test_an_aborted_transaction_rewinds_its_batch_on_the_partitions_still_owned():
     log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4), records(0, 12) + records(2, 7)],
-                            owned=(P0, P1), stop=stop)
+    consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4) + records(2, 7)], owned=(P0, P1), stop=stop)
     producer = FakeProducer(log, [kafka_io.TransactionAborted("CommitFailedError: generation is stale")])
     make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
-    # partition 2 went to another worker: not ours to rewind; 0 goes back to the aborted batch's start
+    # partition 2 went to another worker: not ours to rewind
     assert consumer.seeks == {P0: 10, P1: 4}
-    assert [entry[0] for entry in log[:5]] == ["submit", "submit", "collect", "transaction", "collect"]
+
+
+def test_a_kafka_outage_in_exactly_once_mode_sends_the_same_built_batch_again():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11), []], stop=stop)
+    producer = FakeProducer(log, [kafka_io.NotAcknowledged("leader not available")])
+    make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
+    assert [entry for entry in log if entry[0] in ("build", "transaction")] == [("build", 10), ("transaction", 2),
+                                                                               ("transaction", 2)]
 
 
 def test_a_fenced_producer_ends_the_loop_with_a_reason():
@@ -255,47 +280,28 @@ def test_a_fenced_producer_ends_the_loop_with_a_reason():
 
 def test_a_rebalance_commits_the_batches_in_flight_before_their_partitions_go():
     log, stop = Log(), threading.Event()
+    producer = FakeProducer(log, hold=True)
 
     def rebalance():
         consumer.before_revoke()
+        assert consumer.committed == {P0: 13}  # before the partitions go
         consumer.owned = {P1}
         return records(1, 4)
 
     consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), rebalance], stop=stop)
-    make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)
-    assert log[:8] == [("submit", 10), ("submit", 12), ("collect", 10), ("send", 2), ("collect", 12), ("send", 1),
-                       ("submit", 4), ("collect", 4)]
-    assert consumer.committed[P0] == 13
+    make_loop(consumer, producer, FakeBuilder(log)).run(stop)
+    assert log.index(("flush",)) < log.index(("commit_async", {P0: 13}))
 
 
-def test_a_dead_builder_ends_the_loop_and_leaves_nothing_in_flight_for_the_revoke_at_close():
+def test_a_rebalance_during_an_outage_leaves_the_batches_in_flight_to_the_next_owner():
     log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10), records(0, 11), records(0, 12)], stop=stop)
-    loop = make_loop(consumer, FakeProducer(log), FakeBuilder(log, [BuilderFailed("the batch builder process died")]))
-    with pytest.raises(BuilderFailed):
-        loop.run(stop)
-    consumer.before_revoke()  # closing the consumer revokes its partitions: nothing is asked of the dead builder
-    assert [entry for entry in log if entry[0] == "collect"] == [("collect", 10)]
-    assert consumer.committed == {}
-
-
-def test_a_builder_found_dead_when_a_batch_is_handed_over_leaves_nothing_in_flight_either():
-    log, stop = Log(), threading.Event()
-    consumer = FakeConsumer(log, [records(0, 10), records(0, 11), records(0, 12)], stop=stop)
-    builder = FakeBuilder(log)
-    submit = builder.submit
-
-    def submit_until_dead(batch):
-        if batch[0].offset == 12:  # the pipe to the builder is broken by now
-            raise BuilderFailed("the batch builder process died (exit code -9)")
-        submit(batch)
-
-    builder.submit = submit_until_dead
-    loop = make_loop(consumer, FakeProducer(log), builder)
-    with pytest.raises(BuilderFailed, match="exit code -9"):
-        loop.run(stop)
+    producer = FakeProducer(log, hold=True)
+    consumer = FakeConsumer(log, [records(0, 10)], stop=stop)
+    loop = make_loop(consumer, producer, FakeBuilder(log))
+    loop._serve(records(0, 10), stop)
+    loop._outage_since = 0.0
     consumer.before_revoke()
-    assert [entry for entry in log if entry[0] == "collect"] == []
+    assert loop.in_flight == 0 and consumer.committed == {}
 
 
 class ResolvingBuilder(FakeBuilder):
@@ -305,8 +311,8 @@ class ResolvingBuilder(FakeBuilder):
         super().__init__(log)
         self.resolved = list(resolved)
 
-    def collect(self) -> Built:
-        built = super().collect()
+    def save(self, built, writes) -> Built:
+        built = super().save(built, writes)
         built.resolved = self.resolved.pop(0)
         return built
 
@@ -319,7 +325,7 @@ def served(first_ts_s: int, count: int, label: int) -> Resolved:
 
 def test_committed_labels_are_scored_and_a_shift_in_their_loss_raises_one_drift_alarm_dated_at_the_change():
     # 1,500 labels the model got right, then 1,500 it got wrong from event time 1,500 s on, across six
-    # batches: the detector (whichever builder joined the labels) alarms once and dates the change there
+    # batches: the detector alarms once and dates the change there
     log, stop, metrics, alarms = Log(), threading.Event(), WorkerMetrics(), []
     consumer = FakeConsumer(log, [records(0, offset) for offset in range(6)], stop=stop)
     builder = ResolvingBuilder(log, [served(ts_s, 500, 0) for ts_s in (0, 500, 1_000)]

@@ -1,5 +1,4 @@
 """StateStore against the real Redis of the dev stack."""
-import json
 import uuid
 
 import numpy as np
@@ -56,24 +55,6 @@ def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state
     assert states == {"a": state} and pendings["a"].event_id == "e-a"
     store.save(StateWrites(cleared_pendings={"a": state}))
     assert store.load_profiles(["a"]) == ({"a": state}, {})
-
-
-def test_writes_not_yet_landed_are_read_as_redis_will_hold_them(store):
-    old = UserState(purchases=1, last_ts_s=1.0, categories={"books": Tracked(1.0, 1.0, 1.0)}, total_count=1.0)
-    new = UserState(purchases=2, last_ts_s=5.0, categories={"books": Tracked(0.98, 0.85, 1.0), "toys": Tracked(1.0, 1.0, 5.0)},
-                    total_count=1.98)
-    store.save(StateWrites(states={"a": old, "b": old}, pendings={"a": pending("a", 1.0), "b": pending("b", 1.0)}))
-    claim = EventClaim("in/0/7", "v1", "2026-03-02T09:00:00.25Z", 2, 0.625, [2, 0], [0.625, 0.25])
-    unsaved = StateWrites(claims=[("e2", claim)], states={"a": new},
-                          pendings={"a": pending("a2", 5.0)}, cleared_pendings={"b": old})
-    claims, states, pendings, _ = store.load(["e1", "e2"], ["a", "b", "c"], 0.0, unsaved=unsaved)
-    assert claims == {"e2": claim}
-    assert states == {"a": new, "b": old}
-    assert {user: example.event_id for user, example in pendings.items()} == {"a": "e-a2"}  # b's was cleared
-    store.save(unsaved)  # once landed, Redis says the same
-    landed_claims, landed_states, landed_pendings, _ = store.load(["e1", "e2"], ["a", "b", "c"], 0.0)
-    assert (landed_claims, landed_states) == (claims, states)
-    assert {user: example.event_id for user, example in landed_pendings.items()} == {"a": "e-a2"}
 
 
 def test_states_are_kept_from_the_oldest_event_of_the_first_batch_whatever_later_batches_hold(store):
