@@ -248,8 +248,14 @@ def _bare_kafka_python(mode, bootstrap, input_topic, output_topic, group_id, max
                        on_assigned):
     from kafka import KafkaConsumer, KafkaProducer
 
-    consumer = KafkaConsumer(input_topic, bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
                              auto_offset_reset="earliest", max_poll_records=max_poll_records)
+    # Subscribed before the new topic shows in its metadata, the consumer joins with nothing to read and
+    # waits for the next metadata refresh (5 minutes): wait for the partitions first, as the worker does.
+    while not consumer.partitions_for_topic(input_topic) and not stop():
+        consumer.topics()
+        time.sleep(0.2)
+    consumer.subscribe([input_topic])
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5 if mode == AT_LEAST_ONCE else 20,
                              batch_size=1_000_000, max_request_size=4 << 20)
     try:
