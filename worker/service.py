@@ -37,7 +37,7 @@ from worker.state import StateStore, WindowPolicy, connect
 log = logging.getLogger(__name__)
 
 READY_POLL_AGE_S = 30.0  # a serving loop that has not polled for this long is not ready
-TRAINER_RESTART_S = 10.0
+CHILD_RESTART_S = 10.0
 TRAINER_NICENESS = 10  # added to the trainer process's niceness
 
 
@@ -102,9 +102,16 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         if not settings.no_finetune:
             follower = stack.enter_context(ModelFollower(k, registry, model.version, metrics))
             if settings.role == "all":
-                stack.enter_context(_trainer_child(settings, server.port, stop))
+                stack.enter_context(_child(settings, "trainer", {"STREAMADAPT_ROLE": "trainer",
+                                                                 "STREAMADAPT_METRICS_PORT": child_metrics_port(settings, 1)},
+                                           stop))
         else:
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
+        for index in range(1, settings.processes):  # more members of the consumer group, one serving thread each
+            stack.enter_context(_child(settings, f"serving-{index}", {
+                "STREAMADAPT_ROLE": "worker", "STREAMADAPT_PROCESSES": "1",
+                "STREAMADAPT_METRICS_PORT": child_metrics_port(settings, 1 + index),
+                "STREAMADAPT_KAFKA_TRANSACTIONAL_ID": f"{transactional_id}-{index}" if transactional_id else ""}, stop))
         builder = BatchBuilder(settings, store, model)
         loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower, store.raise_drift_alarm)
         ready.polled = lambda: loop.last_poll_ok_monotonic
@@ -205,29 +212,28 @@ def _check_redis(store: StateStore, settings: Settings) -> None:
 
 
 @contextmanager
-def _trainer_child(settings: Settings, metrics_port: int, stop: threading.Event) -> Iterator[None]:
-    """The trainer as a child process (`--role trainer`), restarted if it dies, stopped with us."""
-    env = {**os.environ, **settings.as_environment(), "STREAMADAPT_ROLE": "trainer",
-           "STREAMADAPT_METRICS_PORT": str(metrics_port + 1 if settings.metrics.port else 0)}
+def _child(settings: Settings, name: str, overrides: dict[str, str], stop: threading.Event) -> Iterator[None]:
+    """`streamadapt run` with `overrides` as a child process, restarted if it dies, stopped with us."""
+    env = {**os.environ, **settings.as_environment(), **overrides}
     command = [sys.executable, "-m", "worker.cli", "run"]
 
     def start() -> subprocess.Popen:
         return subprocess.Popen(command, env=env, preexec_fn=_terminate_with_parent)
 
     holder: dict[str, subprocess.Popen] = {"process": start()}
-    log.info("trainer child started (pid %d, metrics port %s)", holder["process"].pid, env["STREAMADAPT_METRICS_PORT"])
+    log.info("%s child started (pid %d, metrics port %s)", name, holder["process"].pid, env["STREAMADAPT_METRICS_PORT"])
     done = threading.Event()
 
     def supervise() -> None:
         while not done.wait(1.0):
             if holder["process"].poll() is not None and not stop.is_set():
-                log.error("trainer child exited with %s; restarting in %.0f s", holder["process"].returncode,
-                          TRAINER_RESTART_S)
-                if done.wait(TRAINER_RESTART_S):
+                log.error("%s child exited with %s; restarting in %.0f s", name, holder["process"].returncode,
+                          CHILD_RESTART_S)
+                if done.wait(CHILD_RESTART_S):
                     return
                 holder["process"] = start()
 
-    thread = threading.Thread(target=supervise, name="trainer-supervisor", daemon=True)
+    thread = threading.Thread(target=supervise, name=f"{name}-supervisor", daemon=True)
     thread.start()
     try:
         yield
@@ -241,6 +247,12 @@ def _trainer_child(settings: Settings, metrics_port: int, stop: threading.Event)
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def child_metrics_port(settings: Settings, offset: int) -> str:
+    """A child's metrics port: the worker's plus `offset` (1 for the trainer, 2 and up for serving processes);
+    0 (none) when the worker's is 0."""
+    return str(settings.metrics.port + offset if settings.metrics.port else 0)
 
 
 def _terminate_with_parent() -> None:

@@ -187,8 +187,12 @@ class ServingLoop:
                 self._rewind(records)  # stopped during the outage: read again by whoever owns them next
                 return
         if not self._transactional:
-            self._in_flight.append(_Batch(records, built, self._producer.send(built.messages), polled_at,
-                                          time.monotonic()))
+            try:
+                acks = self._producer.send(built.messages)
+            except KAFKA_OUTAGE_ERRORS as error:  # kafka-python waits for metadata in send, and can time out
+                self._rewind_window(error, stop, also=records)
+                return
+            self._in_flight.append(_Batch(records, built, acks, polled_at, time.monotonic()))
             return
         try:
             self._send_in_transaction(records, built)
@@ -238,12 +242,18 @@ class ServingLoop:
             self._commit_async(offsets, settled)
             if stop is None:  # inside a rebalance or a stop: the caller leaves the window to be read again
                 raise
-            self._rewind(self._drop_in_flight())
-            self._wait_out(error, self._retry_in_s, stop)
-            self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
-            self._consumer.resume_all()  # read the dropped batches again; the outage lasts until one is committed
+            self._rewind_window(error, stop)
             return
         self._commit_async(offsets, settled)
+
+    def _rewind_window(self, error: Exception, stop: threading.Event, also: list[InputRecord] = ()) -> None:
+        """Kafka refused the window's outputs: drop the window (and `also`, a batch it did not take), rewind
+        to its oldest batch, wait the backoff out paused, and resume, to read the dropped batches again. The
+        outage lasts until a batch is committed."""
+        self._rewind(self._drop_in_flight() + list(also))
+        self._wait_out(error, self._retry_in_s, stop)
+        self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
+        self._consumer.resume_all()
 
     def _commit_async(self, offsets: dict[tuple[str, int], int], batches: int) -> None:
         if offsets:

@@ -185,6 +185,9 @@ class Settings(BaseSettings):
     source_checkpoint: Path | None = Field(None, description="checkpoint directory written by `streamadapt pretrain`")
     no_finetune: bool = Field(False, description="serve the source model unchanged (the static baseline)")
     model_name: str = Field("purchases", min_length=1, description="name under which model versions are published")
+    processes: int = Field(1, ge=1, le=64, description="serving processes, each a member of the consumer group with "
+                           "its share of the partitions; the first serves metrics on --metrics-port, process i on "
+                           "--metrics-port + 1 + i")
     max_payload_bytes: int = Field(64 * 1024, ge=256, description="larger input records are dead-lettered")
     max_future_skew_s: int = Field(3600, ge=0, description="events further ahead of the clock are dead-lettered")
     dlq_payload_max_chars: int = Field(64 * 1024, ge=64, description="dead letters carry at most this much payload")

@@ -68,10 +68,7 @@ class WorkerProcess:
 
     def metric(self, name: str) -> float:
         """Sum of a sample over its labels, read from /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-            lines = response.read().decode().splitlines()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
-                   if line.startswith(name) and (line[len(name)] in " {"))
+        return metric_at(self.port, name)
 
     def serving_version(self) -> str | None:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
@@ -111,6 +108,13 @@ class WorkerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=30)
+
+
+def metric_at(port: int, name: str) -> float:
+    """Sum of a sample over its labels, read from the /metrics of the process on `port`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name) and (line[len(name)] in " {"))
 
 
 def produce(stack: Stack, topic: str, values: list[bytes | None], keys: list[bytes | None] | None = None):

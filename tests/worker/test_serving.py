@@ -119,6 +119,8 @@ class FakeProducer:
 
     def send(self, messages):
         self.log.append(("send", len(messages)))
+        if self.failures:
+            raise self.failures.pop(0)
         acks = FakeAcks(len(self.sent), not self.hold)
         self.sent.append(acks)
         return acks
@@ -210,6 +212,15 @@ def test_a_refused_output_rewinds_to_its_batch_drops_the_window_and_reads_both_a
     assert not loop.paused and not consumer.paused
     assert metrics.total("streamadapt_dependency_errors_total") == 1
     assert metrics.total("streamadapt_predictions_total") == 3  # the dropped batches count once, when committed
+
+
+def test_a_send_that_times_out_is_an_outage_and_its_batch_is_read_again():
+    log, stop = Log(), threading.Event()
+    producer = FakeProducer(log, [kafka_io.KafkaTimeoutError("no metadata for topic predictions after 60 s")])
+    consumer = FakeConsumer(log, [records(0, 10, 11), lambda: records(0, 10, 11)], stop=stop)
+    loop = make_loop(consumer, producer, FakeBuilder(log))
+    loop.run(stop)
+    assert consumer.seeks == {P0: 10} and consumer.committed == {P0: 12} and not loop.paused
 
 
 def test_a_batch_unacknowledged_for_too_long_is_an_outage(monkeypatch):

@@ -8,7 +8,7 @@ import redis
 from worker.examples import Example
 from worker.features import Tracked, UserState
 from worker.settings import RedisSettings
-from worker.state import EventClaim, StateStore, StateWrites, drop_keys
+from worker.state import StateStore, StateWrites, drop_keys
 
 
 @pytest.fixture
