@@ -115,18 +115,19 @@ class ServingConsumer:
                            on_lost=lambda _, lost: log.warning("partitions lost to the group: %s", lost))
         return serving
 
-    def poll(self, timeout_ms: int) -> list[InputRecord]:
-        """What is already fetched, up to max_poll_records; else wait up to `timeout_ms` for the first record.
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
+        """What is already fetched, up to `max_records` (max_poll_records); else wait up to `timeout_ms` for the
+        first record.
 
         (`consume(n, timeout)` alone waits for n records or the whole timeout, which at low rates added
         the poll timeout to every event's latency.)"""
-        consumer = self._consumer
-        messages = consumer.consume(num_messages=self._max_records, timeout=0)
+        consumer, most = self._consumer, max_records or self._max_records
+        messages = consumer.consume(num_messages=most, timeout=0)
         if not messages:
             first = consumer.poll(timeout_ms / 1000.0)
             if first is None:
                 return []
-            messages = [first, *consumer.consume(num_messages=self._max_records - 1, timeout=0)]
+            messages = [first, *(consumer.consume(num_messages=most - 1, timeout=0) if most > 1 else [])]
         records = []
         for message in messages:
             error = message.error()
@@ -206,6 +207,10 @@ class Acks:
         if self._waiting:
             self._producer.poll(0)
         return not self._waiting
+
+    def wait(self, timeout_s: float) -> None:
+        if self._waiting:
+            self._producer.poll(timeout_s)  # returns as soon as a delivery report is served
 
     def check(self) -> None:
         error = self._failure

@@ -337,8 +337,8 @@ class ServingConsumer:
         self._consumer = consumer
         self.before_revoke: Callable[[], None] = lambda: None
 
-    def poll(self, timeout_ms: int) -> list[InputRecord]:
-        polled = self._consumer.poll(timeout_ms=timeout_ms)
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
+        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [InputRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
                 for batch in polled.values() for r in batch]
 
@@ -393,6 +393,11 @@ class Acks:
             i += 1
         self._next = i
         return i == n
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` (the sender thread completes the futures; there is nothing to wake us)."""
+        if not self.done():
+            time.sleep(timeout_s)
 
     def check(self) -> None:
         for future in self._futures:

@@ -61,6 +61,7 @@ STALLED_AFTER_S = 60.0
 # meanwhile is committed (and the window freed) soon after; a busy stream returns at once anyway.
 IN_FLIGHT_POLL_MS = 5
 FULL_WINDOW_POLL_MS = 1
+FULL_WINDOW_WAIT_S = 0.001
 
 
 class Builder(Protocol):
@@ -75,6 +76,8 @@ class Acks(Protocol):
     """One batch's acknowledgements (kafka_io.Acks, kafka_confluent.Acks)."""
 
     def done(self) -> bool: ...
+
+    def wait(self, timeout_s: float) -> None: ...
 
     def check(self) -> None: ...
 
@@ -103,7 +106,8 @@ class ServingLoop:
         self._producer = producer
         self._builder = builder
         self._transactional = settings.kafka.exactly_once
-        self._window_batches = settings.kafka.max_in_flight_batches
+        self._window_records = settings.kafka.max_in_flight_records
+        self._max_poll_records = settings.kafka.max_poll_records
         self._model = model
         self._metrics = metrics
         self.last_poll_ok_monotonic: float | None = None
@@ -113,8 +117,8 @@ class ServingLoop:
         self._retry_in_s = OUTAGE_FIRST_RETRY_S
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
         self._in_flight: deque[_Batch] = deque()  # sent, oldest first
-        # Batches acknowledged whose offset commit the coordinator has not answered yet: (batches, when sent).
-        # They count in the window, so that a crash replays at most `max_in_flight_batches` batches.
+        # Records acknowledged whose offset commit the coordinator has not answered yet: (records, when sent).
+        # They count in the window, so that a crash replays at most `max_in_flight_records` records.
         self._committing: deque[tuple[int, float]] = deque()
         self._commits_answered: deque[None] = deque()  # one entry per answer, appended on the client's thread
         self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
@@ -130,10 +134,12 @@ class ServingLoop:
         while not stop.is_set():
             self._maybe_swap()
             self._settle(stop)
-            if self.in_flight >= self._window_batches:
-                self._wait_in_poll()
+            room = self._window_records - self.in_flight
+            if room <= 0:
+                self._wait_for_room()
                 continue
-            records = self._consumer.poll(IN_FLIGHT_POLL_MS if self._in_flight else timeout_ms)
+            records = self._consumer.poll(IN_FLIGHT_POLL_MS if self._in_flight else timeout_ms,
+                                          min(room, self._max_poll_records))
             self.last_poll_ok_monotonic = time.monotonic()
             if records:
                 self._serve(records, stop)
@@ -161,7 +167,7 @@ class ServingLoop:
 
     @property
     def in_flight(self) -> int:
-        """Batches polled and not yet committed: sent and waiting for acknowledgements, or waiting for the
+        """Records polled and not yet committed: sent and waiting for acknowledgements, or waiting for the
         coordinator to confirm their offsets. A crash replays at most these."""
         committing = self._committing
         while self._commits_answered:
@@ -171,7 +177,7 @@ class ServingLoop:
         while committing and time.monotonic() - committing[0][1] > kafka_io.ACK_TIMEOUT_S:
             log.warning("an offset commit was not answered within %.0f s", kafka_io.ACK_TIMEOUT_S)
             committing.popleft()  # its answer, if one comes, is taken for a later commit's: nothing waits for ever
-        return len(self._in_flight) + sum(batches for batches, _ in committing)
+        return sum(len(batch.records) for batch in self._in_flight) + sum(records for records, _ in committing)
 
     def _serve(self, records: list[InputRecord], stop: threading.Event) -> None:
         """Build and save the batch (through a Redis outage), then send it: into the window, or in exactly-once
@@ -209,10 +215,14 @@ class ServingLoop:
             return
         self._committed(records, built, polled_at)
 
-    def _wait_in_poll(self) -> None:
-        """With the window full: poll, which lets the client take the coordinator's answers to the commits in
-        flight (both clients take them only inside `poll`), and read again later whatever this poll returns."""
-        records = self._consumer.poll(FULL_WINDOW_POLL_MS)
+    def _wait_for_room(self) -> None:
+        """With the window full: wait a moment for the oldest batch's acknowledgements, which the producer's
+        threads take; or, when every batch left waits for the coordinator's answer to its commit, poll, since
+        both clients take those answers only inside `poll`, and read again later the record it may return."""
+        if self._in_flight:
+            self._in_flight[0].acks.wait(FULL_WINDOW_WAIT_S)
+            return
+        records = self._consumer.poll(FULL_WINDOW_POLL_MS, 1)
         self.last_poll_ok_monotonic = time.monotonic()
         if records:
             self._rewind(records)
@@ -226,14 +236,14 @@ class ServingLoop:
         commit for all of them). A refused output, or a batch unacknowledged for ACK_TIMEOUT_S, is an outage:
         the window is dropped, its partitions rewound to its oldest batch, and consumption pauses for the
         backoff before that batch is read again (without `stop`, the error is raised instead)."""
-        window, offsets, settled = self._in_flight, {}, 0
+        window, offsets, settled = self._in_flight, {}, 0  # settled: records
         try:
             while window and window[0].acks.done():
                 batch = window[0]
                 batch.acks.check()
                 window.popleft()
                 offsets.update(next_offsets(batch.records))
-                settled += 1
+                settled += len(batch.records)
                 self._committed(batch.records, batch.built, batch.polled_at)
             if window and time.monotonic() - window[0].sent_monotonic > kafka_io.ACK_TIMEOUT_S:
                 raise kafka_io.NotAcknowledged(f"a batch waited over {kafka_io.ACK_TIMEOUT_S:.0f} s for its "
@@ -255,10 +265,10 @@ class ServingLoop:
         self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
         self._consumer.resume_all()
 
-    def _commit_async(self, offsets: dict[tuple[str, int], int], batches: int) -> None:
+    def _commit_async(self, offsets: dict[tuple[str, int], int], records: int) -> None:
         if offsets:
             by_partition = _by_partition(offsets)
-            self._committing.append((batches, time.monotonic()))
+            self._committing.append((records, time.monotonic()))
             self._consumer.commit_async(by_partition, lambda: self._commits_answered.append(None))
             self._latest_offsets.update(by_partition)
 

@@ -37,7 +37,7 @@ class KafkaSettings(BaseSettings):
     topic_partitions: int = Field(6, ge=1, description="partitions for topics the worker creates")
     max_poll_records: int = Field(2000, ge=1, description="records per poll, the batch size bound")
     poll_timeout_ms: int = Field(200, ge=1, description="how long one poll waits for records")
-    max_in_flight_batches: int = Field(4, ge=1, le=64, description="batches polled and not yet committed, at most: "
+    max_in_flight_records: int = Field(8000, ge=1, description="records polled and not yet committed, at most: "
                                        "what a crash can make the next owner re-emit")
     fetch_min_bytes: int = Field(1, ge=1, description="a fetch waits for this much data (or fetch-max-wait-ms)")
     fetch_max_wait_ms: int = Field(500, ge=0, description="longest a fetch waits for fetch-min-bytes")

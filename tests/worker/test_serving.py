@@ -53,7 +53,7 @@ class FakeConsumer:
         self.committed: dict[TopicPartition, int] = {}
         self.paused = False
 
-    def poll(self, timeout_ms):
+    def poll(self, timeout_ms, max_records=None):
         if self.paused:  # what a paused consumer reads comes after it resumes
             return []
         if not self.polls:
@@ -99,10 +99,13 @@ class FakeConsumer:
 
 class FakeAcks:
     def __init__(self, first_offset: int, acknowledged: bool):
-        self.first_offset, self.acknowledged, self.error = first_offset, acknowledged, None
+        self.first_offset, self.acknowledged, self.error, self.waits = first_offset, acknowledged, None, 0
 
     def done(self):
         return self.acknowledged
+
+    def wait(self, timeout_s):
+        self.waits += 1
 
     def check(self):
         if self.error is not None:
@@ -141,9 +144,9 @@ class FakeProducer:
 
 
 def make_loop(consumer, producer, builder, exactly_once=False, metrics=None, raise_drift_alarm=None,
-              window=4) -> ServingLoop:
+              window=8000) -> ServingLoop:
     settings = load_settings({"STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower(),
-                              "STREAMADAPT_KAFKA_MAX_IN_FLIGHT_BATCHES": str(window)})
+                              "STREAMADAPT_KAFKA_MAX_IN_FLIGHT_RECORDS": str(window)})
     model = SimpleNamespace(version="v1", meta=SimpleNamespace(task="next_category"))
     return ServingLoop(settings, consumer, producer, builder, model, metrics or WorkerMetrics(),
                        raise_drift_alarm=raise_drift_alarm)
@@ -175,21 +178,48 @@ def test_a_batch_is_sent_without_waiting_and_committed_only_with_every_batch_bef
     assert log[-1] == ("commit", {P0: 12, P1: 5})  # a clean stop confirms the last offsets synchronously
 
 
-def test_a_full_window_waits_in_poll_and_reads_again_what_that_poll_returns():
+def test_a_full_window_waits_for_acknowledgements_and_then_polls_only_for_the_room_left(monkeypatch):
     log, stop = Log(), threading.Event()
     producer = FakeProducer(log, hold=True)
+    polled = []
 
-    def while_full():
-        assert loop.in_flight == 2
-        producer.acknowledge(0)
-        return records(0, 12)  # not taken: the window was full when it was polled
+    class Counting(FakeConsumer):
+        def poll(self, timeout_ms, max_records=None):
+            polled.append(max_records)
+            return super().poll(timeout_ms, max_records)
 
-    consumer = FakeConsumer(log, [records(0, 10), records(0, 11), while_full, records(0, 12)], stop=stop)
-    loop = make_loop(consumer, producer, FakeBuilder(log), window=2)
+    def wait(acks, timeout_s):  # meanwhile, the client acknowledges the oldest batch
+        log.append(("wait",))
+        producer.acknowledge(next(i for i, sent in enumerate(producer.sent) if not sent.acknowledged))
+
+    monkeypatch.setattr(FakeAcks, "wait", wait)
+    consumer = Counting(log, [records(0, 10, 11), records(0, 12), records(0, 13, 14)], stop=stop)
+    make_loop(consumer, producer, FakeBuilder(log), window=3).run(stop)
+    assert polled[:2] == [3, 1]  # 3 records of room, then 1 once the first batch (2 records) is in flight
+    assert log[:5] == [("build", 10), ("send", 2), ("build", 12), ("send", 1), ("wait",)]  # full: no poll
+    assert consumer.committed[P0] == 15
+
+
+def test_a_window_full_of_unanswered_commits_polls_for_the_answers_and_reads_again_what_it_returns():
+    log, stop = Log(), threading.Event()
+    answers = []
+
+    class SlowCoordinator(FakeConsumer):
+        def commit_async(self, offsets, done):
+            self.committed.update(offsets)
+            self.log.append(("commit_async", dict(offsets)))
+            answers.append(done)  # answered at the next poll
+
+        def poll(self, timeout_ms, max_records=None):
+            while answers:
+                answers.pop(0)()
+            return super().poll(timeout_ms, max_records)
+
+    consumer = SlowCoordinator(log, [records(0, 10, 11), records(0, 12, 13), records(0, 14)], stop=stop)
+    loop = make_loop(consumer, FakeProducer(log), FakeBuilder(log), window=2)
     loop.run(stop)
-    assert log[:6] == [("build", 10), ("send", 1), ("build", 11), ("send", 1), ("seek", 0, 12),
-                       ("commit_async", {P0: 11})]
-    assert log[6] == ("build", 12)
+    assert ("seek", 0, 12) in log  # polled with a full window for the answer: its record is read again
+    assert consumer.committed[P0] == 15
 
 
 def test_a_refused_output_rewinds_to_its_batch_drops_the_window_and_reads_both_again_after_the_backoff():
