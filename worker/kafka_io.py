@@ -202,8 +202,9 @@ class _BeforeRevoke(ConsumerRebalanceListener):
 def open_producer(settings: KafkaSettings, transactional_id: str | None = None, linger_ms: int = 5) -> KafkaProducer:
     """An idempotent producer; a transactional one (initialised, ready for `begin_transaction`) when
     `transactional_id` is given. The serving loop's has `linger_ms` 0: it sends a whole batch at once and
-    never flushes, so a linger would only delay every batch. Initialising aborts whatever transaction a crashed predecessor with the
-    same id left open, so read_committed readers are not held up until it times out."""
+    never flushes, so a linger would only delay every batch. Initialising aborts whatever transaction a
+    crashed predecessor with the same id left open, so read_committed readers are not held up until it times
+    out."""
     producer = KafkaProducer(
         **client_options(settings),
         acks="all",

@@ -103,14 +103,14 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
             follower = stack.enter_context(ModelFollower(k, registry, model.version, metrics))
             if settings.role == "all":
                 stack.enter_context(_child(settings, "trainer", {"STREAMADAPT_ROLE": "trainer",
-                                                                 "STREAMADAPT_METRICS_PORT": child_metrics_port(settings, 1)},
+                                                                 "STREAMADAPT_METRICS_PORT": _child_metrics_port(settings, 1)},
                                            stop))
         else:
             log.info("--no-finetune: serving the source model unchanged and not following model versions")
         for index in range(1, settings.processes):  # more members of the consumer group, one serving thread each
             stack.enter_context(_child(settings, f"serving-{index}", {
                 "STREAMADAPT_ROLE": "worker", "STREAMADAPT_PROCESSES": "1",
-                "STREAMADAPT_METRICS_PORT": child_metrics_port(settings, 1 + index),
+                "STREAMADAPT_METRICS_PORT": _child_metrics_port(settings, 1 + index),
                 "STREAMADAPT_KAFKA_TRANSACTIONAL_ID": f"{transactional_id}-{index}" if transactional_id else ""}, stop))
         builder = BatchBuilder(settings, store, model)
         loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower, store.raise_drift_alarm)
@@ -249,7 +249,7 @@ def _child(settings: Settings, name: str, overrides: dict[str, str], stop: threa
                 process.kill()
 
 
-def child_metrics_port(settings: Settings, offset: int) -> str:
+def _child_metrics_port(settings: Settings, offset: int) -> str:
     """A child's metrics port: the worker's plus `offset` (1 for the trainer, 2 and up for serving processes);
     0 (none) when the worker's is 0."""
     return str(settings.metrics.port + offset if settings.metrics.port else 0)

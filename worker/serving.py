@@ -169,6 +169,11 @@ class ServingLoop:
     def in_flight(self) -> int:
         """Records polled and not yet committed: sent and waiting for acknowledgements, or waiting for the
         coordinator to confirm their offsets. A crash replays at most these."""
+        return (sum(len(batch.records) for batch in self._in_flight)
+                + sum(records for records, _ in self._committing))
+
+    def _take_commit_answers(self) -> None:
+        """Forget the commits the coordinator has answered, and those it left unanswered for ACK_TIMEOUT_S."""
         committing = self._committing
         while self._commits_answered:
             self._commits_answered.popleft()
@@ -177,7 +182,6 @@ class ServingLoop:
         while committing and time.monotonic() - committing[0][1] > kafka_io.ACK_TIMEOUT_S:
             log.warning("an offset commit was not answered within %.0f s", kafka_io.ACK_TIMEOUT_S)
             committing.popleft()  # its answer, if one comes, is taken for a later commit's: nothing waits for ever
-        return sum(len(batch.records) for batch in self._in_flight) + sum(records for records, _ in committing)
 
     def _serve(self, records: list[InputRecord], stop: threading.Event) -> None:
         """Build and save the batch (through a Redis outage), then send it: into the window, or in exactly-once
@@ -236,6 +240,7 @@ class ServingLoop:
         commit for all of them). A refused output, or a batch unacknowledged for ACK_TIMEOUT_S, is an outage:
         the window is dropped, its partitions rewound to its oldest batch, and consumption pauses for the
         backoff before that batch is read again (without `stop`, the error is raised instead)."""
+        self._take_commit_answers()
         window, offsets, settled = self._in_flight, {}, 0  # settled: records
         try:
             while window and window[0].acks.done():

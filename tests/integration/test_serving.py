@@ -10,7 +10,7 @@ import pytest
 
 from schemas import DeadLetter, Prediction
 from tests.integration.conftest import (
-    WorkerProcess, committed_offsets, dumps, event, produce, read_topic,
+    WorkerProcess, committed_offsets, dumps, event, metric_at, produce, read_topic,
 )
 
 pytestmark = pytest.mark.integration
@@ -132,19 +132,22 @@ def test_two_serving_processes_share_the_partitions_and_predict_every_event_once
     bodies = [event(i, user=f"user-{i % 101}") for i in range(4_000)]
     with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", STREAMADAPT_PROCESSES="2",
                        STREAMADAPT_ROLE="worker") as worker:
-        second = WorkerProcess(stack, names, checkpoint, tmp_path / "unused.log")
-        second.port = worker.port + 2  # the second process serves its metrics on --metrics-port + 2
+        second_port = worker.port + 2  # the second process serves its metrics on --metrics-port + 2
         # once the second process reports the lag of partitions of its own, the group has shared them out
-        worker.wait_until(lambda: second.http_status("/readyz") == 200 and owns_partitions(second), timeout_s=90,
-                          what="the second process owning partitions")
+        worker.wait_until(lambda: owns_partitions(second_port), timeout_s=90, what="the second process owning partitions")
         produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
         records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=120)
-        served = worker.metric("streamadapt_predictions_total"), second.metric("streamadapt_predictions_total")
+        served = worker.metric("streamadapt_predictions_total"), metric_at(second_port, "streamadapt_predictions_total")
         assert worker.stop() == 0
     assert Counter(json.loads(r.value)["event_id"] for r in records) == Counter(b["event_id"] for b in bodies)
     assert all(count > 0 for count in served) and sum(served) == len(bodies), served
 
 
-def owns_partitions(worker: WorkerProcess) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/metrics", timeout=5) as response:
-        return any(line.startswith("streamadapt_consumer_lag_records{") for line in response.read().decode().splitlines())
+def owns_partitions(port: int) -> bool:
+    """Whether the process serving metrics on `port` reports the lag of a partition (it is up and owns one)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            lines = response.read().decode().splitlines()
+    except OSError:  # not listening yet
+        return False
+    return any(line.startswith("streamadapt_consumer_lag_records{") for line in lines)
