@@ -162,8 +162,14 @@ class ServingConsumer:
         return True
 
     def commit_async(self, next_offsets: dict[TopicPartition, int], done: Callable[[], None]) -> None:
+        try:
+            self._consumer.commit(offsets=_offsets(next_offsets), asynchronous=True)
+        except KafkaException as error:  # refused at once, as if answered so
+            log.warning("an offset commit was refused, those records will be replayed if this worker stops "
+                        "before its next commit: %s", error)
+            done()
+            return
         self._answered.append(done)
-        self._consumer.commit(offsets=_offsets(next_offsets), asynchronous=True)
 
     def lag(self) -> dict[TopicPartition, int]:
         """High-water mark of the last fetch (cached: no broker round trip) minus the position."""

@@ -276,8 +276,11 @@ def commit_async(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int
                         "before its next commit: %s", response)
         done()
 
-    consumer.commit_async({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()},
-                          callback=answered)
+    try:
+        consumer.commit_async({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()},
+                              callback=answered)
+    except KafkaError as error:  # no coordinator (the broker is away): refused at once, as if answered so
+        answered(next_offsets, error)
 
 
 def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
