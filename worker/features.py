@@ -22,6 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from math import nan
 from types import MappingProxyType
 from typing import NamedTuple
@@ -132,19 +133,27 @@ class FeatureSpec:
                    observed_cap_days=float(payload["observed_cap_days"]))
 
 
-class Tracked(NamedTuple):
-    """What a user's state keeps of one category they bought."""
+# What a user's state keeps of one category they bought: [count, share, last_ts_s, at], a plain list, as JSON
+# gives it back (one is read from Redis per category per event; a NamedTuple each cost several times as much). `count` is the
+# purchases of it, each older one counting COUNT_DECAY less per later purchase of anything, and `share` the
+# same with SHARE_DECAY (their recent buying), both as of the user's `at`-th purchase: the decay of the
+# purchases since is applied when they are read (`decayed`), so that a purchase rewrites only the category
+# bought. `last_ts_s` is the event time of the last purchase of it.
+Tracked = Sequence[float]
+_COUNT, _SHARE, _LAST_TS, _AT = range(4)
 
-    count: float  # purchases of it, each older one counting COUNT_DECAY less per later purchase
-    share: float  # the same with SHARE_DECAY: their recent buying
-    last_ts_s: float  # event time of their last purchase of it
+
+def decayed(tracked: Tracked, purchases: int) -> tuple[float, float]:
+    """(count, share) of a tracked category for a user who has made `purchases` purchases."""
+    since = purchases - tracked[_AT]
+    return tracked[_COUNT] * COUNT_DECAY ** since, tracked[_SHARE] * SHARE_DECAY ** since
 
 
 class UserState(NamedTuple):
     """What the worker remembers of one user. Bounded: at most MAX_TRACKED_CATEGORIES categories.
 
-    A NamedTuple: immutable and cheap to build, one per event on the serving path. `categories` is never
-    mutated once the state is built (advance makes a new dict).
+    A NamedTuple: immutable and cheap to build, one per event on the serving path. `categories` (category ->
+    Tracked) and its values are never mutated once the state is built (advance makes a new dict).
     """
 
     purchases: int = 0
@@ -155,17 +164,20 @@ class UserState(NamedTuple):
     mean_log_gap_hours: float = 0.0
 
     def to_json(self) -> list:
-        return [self.purchases, self.last_ts_s, {c: list(t) for c, t in self.categories.items()}, self.total_count,
-                self.mean_log_price, self.mean_log_gap_hours]
+        return [self.purchases, self.last_ts_s, dict(self.categories), self.total_count, self.mean_log_price,
+                self.mean_log_gap_hours]
 
     @classmethod
     def from_json(cls, payload: list) -> UserState:
         """The state `to_json` wrote; ValueError for anything else (another version's state, say)."""
         try:
             purchases, last_ts_s, categories, total_count, mean_log_price, mean_log_gap_hours = payload
-            return cls(int(purchases), None if last_ts_s is None else float(last_ts_s),
-                       {str(c): Tracked(*map(float, t)) for c, t in categories.items()}, float(total_count),
-                       float(mean_log_price), float(mean_log_gap_hours))
+            if type(categories) is not dict or not all(type(t) is list and len(t) == 4 for t in categories.values()):
+                raise ValueError("categories are not a mapping to (count, share, last time, purchase)")
+            if not math.isfinite(sum(chain.from_iterable(categories.values()))):  # sum: numbers only, in C
+                raise ValueError("a category's figures are not finite numbers")
+            return cls(int(purchases), None if last_ts_s is None else float(last_ts_s), categories,
+                       float(total_count), float(mean_log_price), float(mean_log_gap_hours))
         except (TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a user state: {error}") from error
 
@@ -189,9 +201,12 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
     index, other = spec._index, len(spec.categories)  # inlined index_of: hot loop
     rows = np.arange(n)
     current = np.fromiter((index.get(event.category, other) for _, event in pairs), np.int64, n)
-    columns_of = np.array([(event.ts_s, _utc_offset_s(event.ts), event.price, event.quantity, state.purchases,
-                            nan if (last := state.last_ts_s) is None else last, state.mean_log_price,
-                            state.mean_log_gap_hours, state.total_count) for state, event in pairs], dtype=np.float64)
+    # np.fromiter over a flat sequence: np.array of a list of tuples spends most of its time discovering
+    # the shape, cell by cell
+    columns_of = np.fromiter(chain.from_iterable(
+        (event.ts_s, _utc_offset_s(event.ts), event.price, event.quantity, state.purchases,
+         nan if (last := state.last_ts_s) is None else last, state.mean_log_price, state.mean_log_gap_hours,
+         state.total_count) for state, event in pairs), np.float64, 9 * n).reshape(n, 9)
     ts_s, utc_offset_s, price, quantity, purchases, last_ts_s, mean_log_price, mean_log_gap_hours, total = columns_of.T
 
     # the class block, class by class: what a user who never bought a class has, then the classes they did
@@ -203,11 +218,13 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
             entry_columns.append(index.get(category, other))
             entries.append(tracked)
     if entries:
-        cells = (np.asarray(entry_rows), np.asarray(entry_columns))
-        tracked = np.asarray(entries, dtype=np.float64)
-        np.add.at(counts, cells, tracked[:, 0])  # categories that share OTHER add up
-        np.add.at(shares, cells, tracked[:, 1])
-        np.maximum.at(last_bought, cells, tracked[:, 2])
+        rows_of = np.asarray(entry_rows)
+        cells = (rows_of, np.asarray(entry_columns))
+        tracked = np.fromiter(chain.from_iterable(entries), np.float64, 4 * len(entries)).reshape(-1, 4)
+        since = purchases[rows_of] - tracked[:, _AT]  # the decay not yet applied (see Tracked)
+        np.add.at(counts, cells, tracked[:, _COUNT] * COUNT_DECAY ** since)  # categories that share OTHER add up
+        np.add.at(shares, cells, tracked[:, _SHARE] * SHARE_DECAY ** since)
+        np.maximum.at(last_bought, cells, tracked[:, _LAST_TS])
     share_totals = shares.sum(axis=1, keepdims=True)
     bought = np.isfinite(last_bought)
     block = out[:, :spec.class_block_width].reshape(n, size, per_class)
@@ -259,14 +276,17 @@ def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec) -> np.nda
 
 def advance(state: UserState, event: PurchaseEvent) -> UserState:
     """The user's state after `event`."""
-    ts_s = event.ts_s
-    categories = {c: Tracked(t.count * COUNT_DECAY, t.share * SHARE_DECAY, t.last_ts_s)
-                  for c, t in state.categories.items()}
+    ts_s, purchases = event.ts_s, state.purchases + 1
+    categories = dict(state.categories)
     before = categories.get(event.category)
-    categories[event.category] = (Tracked(1.0, 1.0, ts_s) if before is None else
-                                  Tracked(before.count + 1.0, before.share + 1.0, max(ts_s, before.last_ts_s)))
+    if before is None:
+        categories[event.category] = [1.0, 1.0, ts_s, purchases]
+    else:
+        count, share = decayed(before, purchases)
+        categories[event.category] = [count + 1.0, share + 1.0, max(ts_s, before[_LAST_TS]), purchases]
     if len(categories) > MAX_TRACKED_CATEGORIES:  # the least bought go
-        categories = dict(sorted(categories.items(), key=lambda kv: kv[1].count, reverse=True)[:MAX_TRACKED_CATEGORIES])
+        categories = dict(sorted(categories.items(), key=lambda kv: decayed(kv[1], purchases)[0],
+                                 reverse=True)[:MAX_TRACKED_CATEGORIES])
     log_price = math.log(event.price)
     if state.purchases == 0:
         mean_log_price, mean_log_gap_hours = log_price, state.mean_log_gap_hours
@@ -275,7 +295,7 @@ def advance(state: UserState, event: PurchaseEvent) -> UserState:
         gap_hours = max(0.0, ts_s - (state.last_ts_s or ts_s)) / _SECONDS_PER_HOUR
         mean_log_gap_hours = (1 - EMA_ALPHA) * state.mean_log_gap_hours + EMA_ALPHA * math.log1p(gap_hours)
     return UserState(
-        purchases=state.purchases + 1,
+        purchases=purchases,
         last_ts_s=ts_s if state.last_ts_s is None else max(ts_s, state.last_ts_s),
         categories=categories,
         total_count=state.total_count * COUNT_DECAY + 1.0,

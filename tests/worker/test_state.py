@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from worker.examples import Example
-from worker.features import Tracked, UserState
+from worker.features import UserState
 from worker.settings import RedisSettings
 from worker.state import StateStore, StateWrites, drop_keys
 
@@ -49,7 +49,7 @@ def test_only_the_partitions_asked_for_are_read(store):
 
 
 def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state(store):
-    state = UserState(purchases=2, last_ts_s=5.0, categories={"books": Tracked(1.98, 1.85, 5.0)}, total_count=1.98)
+    state = UserState(purchases=2, last_ts_s=5.0, categories={"books": [1.98, 1.85, 5.0, 2]}, total_count=1.98)
     store.save(StateWrites(states={"a": state}, pendings={"a": pending("a", 5.0)}))
     states, pendings = store.load_profiles(["a"])
     assert states == {"a": state} and pendings["a"].event_id == "e-a"
