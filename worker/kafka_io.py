@@ -1,9 +1,9 @@
 """Kafka adapter: every Kafka client the worker opens, configured in one place.
 
 The serving loop talks to two small interfaces, `ServingConsumer` and `ServingProducer`, so that it does
-not depend on the client library. `open_serving_clients` gives the kafka-python ones (the default) or,
-with `--kafka-client confluent`, those of `worker/kafka_confluent.py` on librdkafka. Everything else
-(topic creation, the trainer's and the tools' producers, the model follower) uses kafka-python.
+not depend on the client library. `open_serving_clients` gives those of `worker/kafka_confluent.py` on librdkafka
+(the default), or with `--kafka-client kafka-python` the kafka-python ones here. Everything else (topic
+creation, the trainer's and the tools' producers, the model follower) uses kafka-python.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
 from worker.pipeline import InputRecord, Message
-from worker.settings import KafkaSettings, SettingsError
+from worker.settings import KafkaSettings
 
 ACK_TIMEOUT_S = 30.0
 
@@ -461,11 +461,8 @@ class ServingProducer:
 def open_serving_clients(settings: KafkaSettings, transactional_id: str | None):
     """The serving loop's (consumer, producer) on the client library `settings.client` names."""
     if settings.client == "confluent":
-        try:
-            from worker import kafka_confluent
-        except ImportError as error:
-            raise SettingsError("--kafka-client confluent needs the confluent-kafka package: "
-                                "pip install 'streamadapt[confluent]'") from error
+        from worker import kafka_confluent
+
         producer = kafka_confluent.ServingProducer.open(settings, transactional_id)
         try:
             return kafka_confluent.ServingConsumer.open(settings), producer
