@@ -25,11 +25,13 @@ from kafka import KafkaConsumer, TopicPartition
 
 from schemas import Prediction, PurchaseEvent
 from worker import kafka_io
-from worker.bench_adaptation import Outcome, Stream, build_stream, run_static, summarise
+from worker.bench_adaptation import Outcome, Stream, build_stream, summarise
 from worker.bench_throughput import _wait_ready, deleted_when_done, topics_of, worker_process
+from worker.features import encode_stream
 from worker.model import ModelMeta, ServingModel
 from worker.replay import replay
 from worker.settings import Settings
+from worker.state import connect, drop_keys
 
 READ_STALL_S = 120.0  # reading predictions gives up after this long without a new one
 AGREEMENT_TOLERANCE = 1e-4  # static served by the worker and by the replay: the same probabilities, to this
@@ -42,7 +44,7 @@ def run_through_worker(settings: Settings, events: list[PurchaseEvent], checkpoi
     model = ServingModel.from_checkpoint(checkpoint)
     stream = build_stream(events, model.meta, split_at, settings.training.allowed_lateness_s)
     run = uuid.uuid4().hex[:8]
-    rows, served = [], {}
+    rows, served, observed_since_s = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="streamadapt-e2e-") as scratch, deleted_when_done(settings.kafka) as made:
         ordered = Path(scratch) / "events.jsonl"
         ordered.write_text("".join(e.model_dump_json() + "\n" for e in stream.events))
@@ -53,22 +55,29 @@ def run_through_worker(settings: Settings, events: list[PurchaseEvent], checkpoi
                  f"{'--no-finetune' if mode == 'static' else '--role all'}`"
                  + (f" at {rate_per_s:g} events/s" if rate_per_s else ""))
             started = time.monotonic()
-            served[mode] = _serve(settings, checkpoint, ordered, input_topic, mode, rate_per_s, Path(scratch), stream)
+            served[mode], observed_since_s[mode] = _serve(settings, checkpoint, ordered, input_topic, mode, rate_per_s,
+                                                          Path(scratch), stream)
             outcome = Outcome(f"worker-{mode}", _probabilities(served[mode], stream, model.meta),
                               seconds=time.monotonic() - started)
             rows.append(summarise(outcome, stream))
             rows[-1]["model_versions"] = sorted({p.model_version for p in served[mode].values()})
             echo(f"{mode}: {len(served[mode]):,} predictions in {outcome.seconds:.0f} s, versions "
                  f"{', '.join(rows[-1]['model_versions'])}")
-    offline = run_static("replay-static", model, stream)
+    # The worker keeps states from the oldest event of its first batch, which need not be the log's first
+    # event (that batch may hold only some partitions); the replay it is compared with keeps them from the same.
+    offline = Outcome("replay-static", model.predict_many(
+        encode_stream(stream.events, model.meta.feature_spec, observed_since_s["static"])))
     agreement = _agreement(served["static"], offline, stream, model.meta)
     return {"through_worker": rows, "static_agreement": agreement, "replay_rate_per_s": rate_per_s}
 
 
 def _serve(settings: Settings, checkpoint: Path, ordered: Path, input_topic: str, mode: str,
-           rate_per_s: float | None, scratch: Path, stream: Stream) -> dict[str, Prediction]:
+           rate_per_s: float | None, scratch: Path, stream: Stream) -> tuple[dict[str, Prediction], float | None]:
+    """The worker's predictions by event id, and the event time from which it kept user states."""
+    key_prefix = f"bench-e2e-{uuid.uuid4().hex[:8]}"  # its own, to read observed_since before the keys go
     extra = ({"STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_ROLE": "worker"} if mode == "static"
              else {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all"})
+    extra["STREAMADAPT_REDIS_KEY_PREFIX"] = key_prefix
     log_path = scratch / f"worker-{mode}.log"
     kafka = settings.kafka.model_copy(update={"input_topic": input_topic})
     with worker_process(settings, checkpoint, input_topic, log_path, extra) as (process, port):
@@ -76,7 +85,14 @@ def _serve(settings: Settings, checkpoint: Path, ordered: Path, input_topic: str
         if mode == "adapted":
             _wait_ready(process, port + 1, log_path, timeout_s=180)  # the trainer child, once TensorFlow is loaded
         replay(ordered, kafka, rate_per_s)
-        return _read_predictions(settings, topics_of(input_topic)[1], len(stream.events), process, log_path)
+        predictions = _read_predictions(settings, topics_of(input_topic)[1], len(stream.events), process, log_path)
+    client = connect(settings.redis)
+    try:
+        observed_since = client.get(f"{key_prefix}:observed_since")
+        drop_keys(client, key_prefix)
+    finally:
+        client.close()
+    return predictions, None if observed_since is None else float(observed_since)
 
 
 def _read_predictions(settings: Settings, topic: str, expected: int, process, log_path: Path) -> dict[str, Prediction]:

@@ -262,16 +262,20 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
     return out
 
 
-def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec) -> np.ndarray:
+def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec, observed_since_s: float | None = None
+                  ) -> np.ndarray:
     """Features of every event of a stream in event-time order, each from its user's state before it,
-    as the worker computes them event by event."""
+    as the worker computes them event by event; states kept from `observed_since_s` (default: the first
+    event)."""
     states: dict[str, UserState] = {}
     pairs = []
     for event in ordered:
         state = spec.recall(states.get(event.user_id), event.ts_s)
         pairs.append((state, event))
         states[event.user_id] = advance(state, event)
-    return encode(pairs, spec, ordered[0].ts_s if ordered else 0.0)
+    if observed_since_s is None:
+        observed_since_s = ordered[0].ts_s if ordered else 0.0
+    return encode(pairs, spec, observed_since_s)
 
 
 def advance(state: UserState, event: PurchaseEvent) -> UserState:

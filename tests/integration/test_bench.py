@@ -135,7 +135,7 @@ def test_a_worker_latency_row_times_every_event_it_sends(stack, names, checkpoin
         made += topics_of(names.input_topic)
         row = worker_latency(load_settings(), checkpoint, names.input_topic, payloads, rate=200.0, seconds=4.0,
                              log_path=tmp_path / "worker.log")
-    assert row["contender"] == "worker (kafka-python)"
+    assert row["contender"] == "worker (confluent)"  # the default client
     assert (row["sent"], row["missing"]) == (800, 0)  # every event came back as a prediction
     assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"] <= row["max_ms"] < 30_000
     assert row["redis_rewrites"] >= 1  # a rewrite Redis began meanwhile is reported beside the row it may have spiked

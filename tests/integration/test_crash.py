@@ -14,13 +14,14 @@ BATCH = 500  # max records per poll
 WINDOW = 1500  # records polled and not yet committed, at most: what one kill can make the next worker re-emit
 
 
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
 @pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
-def test_two_kill_9s_during_a_backlog_lose_no_event(stack, names, checkpoint, tmp_path, exactly_once):
+def test_two_kill_9s_during_a_backlog_lose_no_event(stack, names, checkpoint, tmp_path, exactly_once, client):
     bodies = [event(i, user=f"user-{i % 997}") for i in range(30_000)]
     produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])
     env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker",
            "STREAMADAPT_KAFKA_SESSION_TIMEOUT_MS": "6000", "STREAMADAPT_KAFKA_MAX_IN_FLIGHT_RECORDS": str(WINDOW),
-           "STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower()}
+           "STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower(), "STREAMADAPT_KAFKA_CLIENT": client}
     for run in range(2):
         worker = WorkerProcess(stack, names, checkpoint, tmp_path / f"killed{run}.log", **env).start()
         worker.wait_metric("streamadapt_events_consumed_total", 4000, timeout_s=120)
