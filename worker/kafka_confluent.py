@@ -172,12 +172,25 @@ class ServingConsumer:
         self._answered.append(done)
 
     def lag(self) -> dict[TopicPartition, int]:
-        """High-water mark of the last fetch (cached: no broker round trip) minus the position."""
-        lag = {}
-        for position in self._consumer.position(self._consumer.assignment()):
-            _, high = self._consumer.get_watermark_offsets(position, cached=True)
-            if high >= 0 and position.offset >= 0:
-                lag[TopicPartition(position.topic, position.partition)] = max(0, high - position.offset)
+        """High-water mark of the last fetch (cached: no broker round trip) minus the position. A partition
+        nothing has been read from yet (an idle one, say) has no position: its lag counts from the committed
+        offset, or from the low-water mark when none is committed (where `auto.offset.reset` starts), both
+        asked of the broker, as the cache may hold neither mark for it."""
+        consumer, lag = self._consumer, {}
+        positions = consumer.position(consumer.assignment())
+        unread = [p for p in positions if p.offset < 0]
+        committed = {(p.topic, p.partition): p.offset
+                     for p in (consumer.committed(unread, timeout=LAG_LOOKUP_TIMEOUT_S) if unread else [])}
+        for position in positions:
+            offset = position.offset
+            if offset >= 0:
+                _, high = consumer.get_watermark_offsets(position, cached=True)
+            else:
+                low, high = consumer.get_watermark_offsets(position, timeout=LAG_LOOKUP_TIMEOUT_S)
+                offset = committed.get((position.topic, position.partition), -1)
+                offset = offset if offset >= 0 else low
+            if high >= 0 and offset >= 0:
+                lag[TopicPartition(position.topic, position.partition)] = max(0, high - offset)
         return lag
 
     def fetching(self) -> None:
@@ -193,6 +206,9 @@ class ServingConsumer:
 
 def _offsets(next_offsets: dict[TopicPartition, int]) -> list[ConfluentPartition]:
     return [ConfluentPartition(tp.topic, tp.partition, offset) for tp, offset in next_offsets.items()]
+
+
+LAG_LOOKUP_TIMEOUT_S = 2.0  # the committed offsets of partitions not read yet, for the lag gauge
 
 
 class Acks:
