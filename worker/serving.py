@@ -62,6 +62,7 @@ STALLED_AFTER_S = 60.0
 IN_FLIGHT_POLL_MS = 5
 FULL_WINDOW_POLL_MS = 1
 FULL_WINDOW_WAIT_S = 0.001
+SETTLE_SAVED_WAIT_S = 1.0  # during a Redis outage, how long the window's acknowledgements are waited for
 
 
 class Builder(Protocol):
@@ -235,11 +236,12 @@ class ServingLoop:
         built, writes = self._builder.build(records)
         return self._builder.save(built, writes)
 
-    def _settle(self, stop: threading.Event | None) -> None:
+    def _settle(self, stop: threading.Event | None, ends_outage: bool = True) -> None:
         """Commit the batches at the head of the window whose outputs are all acknowledged (one asynchronous
         commit for all of them). A refused output, or a batch unacknowledged for ACK_TIMEOUT_S, is an outage:
         the window is dropped, its partitions rewound to its oldest batch, and consumption pauses for the
-        backoff before that batch is read again (without `stop`, the error is raised instead)."""
+        backoff before that batch is read again (without `stop`, the error is raised instead). A committed
+        batch ends an outage, unless `ends_outage` is false (during a Redis outage, batches saved before it)."""
         self._take_commit_answers()
         window, offsets, settled = self._in_flight, {}, 0  # settled: records
         try:
@@ -249,7 +251,7 @@ class ServingLoop:
                 window.popleft()
                 offsets.update(next_offsets(batch.records))
                 settled += len(batch.records)
-                self._committed(batch.records, batch.built, batch.polled_at)
+                self._committed(batch.records, batch.built, batch.polled_at, ends_outage)
             if window and time.monotonic() - window[0].sent_monotonic > kafka_io.ACK_TIMEOUT_S:
                 raise kafka_io.NotAcknowledged(f"a batch waited over {kafka_io.ACK_TIMEOUT_S:.0f} s for its "
                                                "acknowledgements")
@@ -277,9 +279,10 @@ class ServingLoop:
             self._consumer.commit_async(by_partition, lambda: self._commits_answered.append(None))
             self._latest_offsets.update(by_partition)
 
-    def _committed(self, records: list[InputRecord], built: Built, polled_at: float) -> None:
+    def _committed(self, records: list[InputRecord], built: Built, polled_at: float, ends_outage: bool = True) -> None:
         """Metrics and scores of a batch whose outputs are acknowledged and whose offsets are committed."""
-        self._end_outage()
+        if ends_outage:
+            self._end_outage()
         self._account(built)
         self._metrics.batch_duration.observe(time.perf_counter() - polled_at)
         self._metrics.batch_size.observe(len(records))
@@ -331,12 +334,25 @@ class ServingLoop:
         while True:
             if stop is None or stop.is_set():
                 raise error
+            if outage_errors is REDIS_OUTAGE_ERRORS:
+                self._settle_saved()
             self._wait_out(error, self._retry_in_s, stop)
             self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
             try:
                 return attempt()
             except outage_errors as again:
                 error = again
+
+    def _settle_saved(self) -> None:
+        """While Redis refuses a batch: commit the batches of the window that were saved before and are
+        acknowledged since, so that they are not left to be read again, nor missing from the metrics, for as
+        long as the outage lasts. A Kafka refusal among them is left to the loop, once Redis answers."""
+        try:
+            if self._in_flight:
+                self._producer.flush(SETTLE_SAVED_WAIT_S)  # their acknowledgements are due any moment
+            self._settle(None, ends_outage=False)
+        except KAFKA_OUTAGE_ERRORS:
+            pass
 
     def _end_outage(self) -> None:
         self._retry_in_s = OUTAGE_FIRST_RETRY_S

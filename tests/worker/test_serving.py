@@ -35,8 +35,8 @@ class FakeBuilder:
 
     def build(self, batch):
         self.log.append(("build", batch[0].offset))
-        if self.failures:
-            raise self.failures.pop(0)
+        if self.failures and (failure := self.failures.pop(0)) is not None:
+            raise failure
         return Built([("out", b"k", b"{}")] * len(batch), np.zeros(len(batch)), predicted=len(batch)), None
 
     def save(self, built, writes):
@@ -270,6 +270,25 @@ def test_a_redis_outage_builds_the_batch_again_once_redis_answers_and_then_sends
     assert log[:4] == [("build", 10), ("build", 10), ("send", 2), ("resume",)]
     assert consumer.committed[P0] == 12
     assert not loop.paused
+
+
+def test_batches_saved_before_a_redis_outage_are_committed_during_it_and_the_outage_lasts():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), []], stop=stop)
+    producer = FakeProducer(log, hold=True)  # the first batch is acknowledged only once the outage waits for it
+    flush = producer.flush
+
+    def flush_then_acknowledge_at_once(timeout_s=None):
+        flush(timeout_s)
+        producer.hold = False
+
+    producer.flush = flush_then_acknowledge_at_once
+    loop = make_loop(consumer, producer, FakeBuilder(log, [None, redis.ConnectionError("Redis is away")]))
+    loop.run(stop)
+    # the first batch is committed while Redis is away; consumption resumes only once the batch Redis refused
+    # is saved, sent and committed
+    assert log[:9] == [("build", 10), ("send", 2), ("build", 12), ("flush",), ("commit_async", {P0: 12}),
+                       ("build", 12), ("send", 1), ("resume",), ("commit_async", {P0: 13})]
 
 
 def test_a_redis_outage_at_stop_leaves_the_batch_to_be_read_again():
