@@ -18,6 +18,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from worker.features import encode_stream
 from worker.model import ModelMeta, ServingModel
 from worker.replay import replay
 from worker.settings import Settings
-from worker.state import connect, drop_keys
+from worker.state import connect
 
 READ_STALL_S = 120.0  # reading predictions gives up after this long without a new one
 AGREEMENT_TOLERANCE = 1e-4  # static served by the worker and by the replay: the same probabilities, to this
@@ -74,7 +75,7 @@ def run_through_worker(settings: Settings, events: list[PurchaseEvent], checkpoi
 def _serve(settings: Settings, checkpoint: Path, ordered: Path, input_topic: str, mode: str,
            rate_per_s: float | None, scratch: Path, stream: Stream) -> tuple[dict[str, Prediction], float | None]:
     """The worker's predictions by event id, and the event time from which it kept user states."""
-    key_prefix = f"bench-e2e-{uuid.uuid4().hex[:8]}"  # its own, to read observed_since before the keys go
+    key_prefix = f"bench-e2e-{uuid.uuid4().hex[:8]}"  # named here, to read observed_since before the keys go
     extra = ({"STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_ROLE": "worker"} if mode == "static"
              else {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all"})
     extra["STREAMADAPT_REDIS_KEY_PREFIX"] = key_prefix
@@ -86,12 +87,8 @@ def _serve(settings: Settings, checkpoint: Path, ordered: Path, input_topic: str
             _wait_ready(process, port + 1, log_path, timeout_s=180)  # the trainer child, once TensorFlow is loaded
         replay(ordered, kafka, rate_per_s)
         predictions = _read_predictions(settings, topics_of(input_topic)[1], len(stream.events), process, log_path)
-    client = connect(settings.redis)
-    try:
-        observed_since = client.get(f"{key_prefix}:observed_since")
-        drop_keys(client, key_prefix)
-    finally:
-        client.close()
+        with closing(connect(settings.redis)) as client:
+            observed_since = client.get(f"{key_prefix}:observed_since")
     return predictions, None if observed_since is None else float(observed_since)
 
 

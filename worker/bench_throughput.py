@@ -93,15 +93,17 @@ def deleted_when_done(kafka: KafkaSettings) -> Iterator[list[str]]:
 @contextmanager
 def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_path: Path,
                    extra_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
-    """A real `streamadapt run` process on its own topics, group and Redis prefix: (process, metrics port).
-    Its Redis keys are deleted when it stops; its topics, `topics_of(input_topic)`, are left to the caller."""
+    """A real `streamadapt run` process on its own topics, group and Redis prefix (`bench-<run>`, or the
+    STREAMADAPT_REDIS_KEY_PREFIX of `extra_env`): (process, metrics port). Its Redis keys are deleted when it
+    stops; its topics, `topics_of(input_topic)`, are left to the caller."""
     run = uuid.uuid4().hex[:8]
+    key_prefix = (extra_env or {}).get("STREAMADAPT_REDIS_KEY_PREFIX", f"bench-{run}")
     port = _free_port()
     _, predictions, dlq, model_versions = topics_of(input_topic)
     env = {**os.environ, **settings.as_environment(), "STREAMADAPT_KAFKA_INPUT_TOPIC": input_topic,
            "STREAMADAPT_KAFKA_PREDICTIONS_TOPIC": predictions, "STREAMADAPT_KAFKA_DLQ_TOPIC": dlq,
            "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": model_versions,
-           "STREAMADAPT_KAFKA_GROUP_ID": f"bench-worker-{run}", "STREAMADAPT_REDIS_KEY_PREFIX": f"bench-{run}",
+           "STREAMADAPT_KAFKA_GROUP_ID": f"bench-worker-{run}", "STREAMADAPT_REDIS_KEY_PREFIX": key_prefix,
            "STREAMADAPT_METRICS_HOST": "127.0.0.1", "STREAMADAPT_METRICS_PORT": str(port),
            "STREAMADAPT_SOURCE_CHECKPOINT": str(checkpoint), "STREAMADAPT_NO_FINETUNE": "true", "STREAMADAPT_ROLE": "worker",
            **(extra_env or {})}
@@ -115,7 +117,7 @@ def worker_process(settings: Settings, checkpoint: Path, input_topic: str, log_p
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-        _drop_redis_keys(settings, f"bench-{run}")
+        _drop_redis_keys(settings, key_prefix)
 
 
 @dataclass(frozen=True)
