@@ -10,8 +10,7 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN pip install --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
-COPY schemas ./schemas
-COPY worker ./worker
+COPY streamadapt ./streamadapt
 RUN pip install --no-deps .
 
 FROM python:3.11.11-slim-bookworm AS runtime

@@ -1,4 +1,4 @@
-"""Real purchase logs as streamadapt input events (JSONL), for `streamadapt bench adaptation`.
+"""Real purchase logs as streamadapt input events (JSONL), for `python -m benchmarks adaptation`.
 
     python -m benchmarks.real_logs cdnow --out cdnow.jsonl
     python -m benchmarks.real_logs tafeng --out tafeng.jsonl

@@ -42,7 +42,7 @@ def _drop_test_keys(redis_url: str) -> None:
     holding stale keys rewrites its append-only file during later benchmarks."""
     import redis
 
-    from worker.state import drop_keys
+    from streamadapt.state.store import drop_keys
 
     client = redis.Redis.from_url(redis_url)
     try:
@@ -95,7 +95,7 @@ def names() -> Names:
 
 @pytest.fixture(scope="session")
 def source_events(tmp_path_factory) -> Path:
-    from worker.generate import write_events
+    from streamadapt.ops.generate import write_events
 
     path = tmp_path_factory.mktemp("data") / "source.jsonl"
     write_events(path, events=12000, market="source", seed=3)
@@ -105,7 +105,7 @@ def source_events(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repurchase_checkpoint(tmp_path_factory, source_events) -> Path:
     """A small repurchase source checkpoint (7-day horizon), trained once per run."""
-    from worker.pretrain import pretrain
+    from streamadapt.training.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("checkpoint") / "repurchase"
     pretrain(source_events, out, task="repurchase", horizon_days=7, epochs=3, seed=0)
@@ -115,7 +115,7 @@ def repurchase_checkpoint(tmp_path_factory, source_events) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, source_events) -> Path:
     """A small next_category source checkpoint, trained once per run."""
-    from worker.pretrain import pretrain
+    from streamadapt.training.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("checkpoint") / "next_category"
     pretrain(source_events, out, task="next_category", horizon_days=7, epochs=5, seed=0)

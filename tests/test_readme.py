@@ -3,8 +3,8 @@ an operator reads): keep them true to the code."""
 import re
 from pathlib import Path
 
-from schemas import RejectReason
-from worker.settings import OPTIONS, Settings
+from streamadapt.schemas import RejectReason
+from streamadapt.settings import OPTIONS, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

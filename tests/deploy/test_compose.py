@@ -2,7 +2,7 @@
 import re
 
 from tests.deploy.conftest import COMPOSE, REPO, compose
-from worker.settings import OPTIONS, load_settings
+from streamadapt.settings import OPTIONS, load_settings
 
 REQUIRED = {"kafka", "redis", "worker", "trainer", "prometheus", "grafana"}
 
@@ -78,7 +78,9 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_the_same_command():
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert user and user[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["streamadapt"]' in dockerfile
-    assert 'streamadapt = "worker.cli:main"' in (REPO / "pyproject.toml").read_text()
+    assert 'streamadapt = "streamadapt.cli:main"' in (REPO / "pyproject.toml").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", dockerfile, re.M))
+    assert "streamadapt" in copied, "the image installs the package from its source folder"
     assert "streamadapt run" in (REPO / "scripts" / "demo").read_text()
     assert (REPO / "requirements.lock").read_text().count("==") > 10
 

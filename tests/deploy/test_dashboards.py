@@ -8,7 +8,7 @@ import pytest
 from tests.deploy.conftest import (
     ALERTS, DASHBOARDS, HISTOGRAM_SUFFIXES, REPO, SCRAPE_CONFIG, alert_rules, dashboard_queries, metric_names,
 )
-from worker.metrics import WorkerMetrics
+from streamadapt.metrics import WorkerMetrics
 
 
 def exported_families() -> set[str]:

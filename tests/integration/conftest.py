@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from schemas import ModelVersion, TrainedOn
+from streamadapt.schemas import ModelVersion, TrainedOn
 from tests.conftest import Names, Stack
-from worker.model import Parameters
-from worker.registry import Registry, encode_parameters
+from streamadapt.model.checkpoint import Parameters
+from streamadapt.state.registry import Registry, encode_parameters
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ class WorkerProcess:
 
     def start(self, ready_timeout_s: float = 90.0) -> WorkerProcess:
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "worker.cli", "run"], env=self.env,
+        self.process = subprocess.Popen([sys.executable, "-m", "streamadapt.cli", "run"], env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:

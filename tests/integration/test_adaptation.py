@@ -14,15 +14,15 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from schemas import ModelVersion, Prediction
+from streamadapt.schemas import ModelVersion, Prediction
 from tests.conftest import Names, Stack, new_names
 from tests.integration.conftest import WorkerProcess, dumps, event, produce, put_version, read_topic
-from worker.evaluation import stream_labels, score_predictions
-from worker.model import Parameters, load_checkpoint
-from worker.pretrain import read_events
-from worker.registry import Registry, encode_parameters
-from worker.replay import replay
-from worker.settings import KafkaSettings
+from benchmarks.evaluation import stream_labels, score_predictions
+from streamadapt.model.checkpoint import Parameters, load_checkpoint
+from streamadapt.training.pretrain import read_events
+from streamadapt.state.registry import Registry, encode_parameters
+from streamadapt.ops.replay import replay
+from streamadapt.settings import KafkaSettings
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def test_adapted_serving_beats_static_serving_after_drift(stack, checkpoint, tmp
     paused no new labels start another), it sends the next TOP_UP events and waits again. Both runs are
     scored on the events sent after that promotion.
     """
-    from worker.generate import write_events
+    from streamadapt.ops.generate import write_events
 
     events_path, total, drift_at, settle = tmp_path / "target.jsonl", 24_000, 8_000, 5_000
     write_events(events_path, events=total, market="target", drift_at=drift_at, seed=12)
@@ -170,13 +170,13 @@ def test_two_replicas_follow_promotions_refuse_a_tampered_artifact_and_roll_back
             assert replica.serving_version() == "v1" and replica.http_status("/readyz") == 200
 
         # the operator rolls back to the source; both replicas follow
-        result = subprocess.run([sys.executable, "-m", "worker.cli", "models", "rollback", source],
+        result = subprocess.run([sys.executable, "-m", "streamadapt.cli", "models", "rollback", source],
                                 env=replicas[0].env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert registry.champion() == source
         for replica in replicas:
             replica.wait_until(lambda r=replica: r.serving_version() == source, 30, "replica back on the source")
-        listing = subprocess.run([sys.executable, "-m", "worker.cli", "models", "list"], env=replicas[0].env,
+        listing = subprocess.run([sys.executable, "-m", "streamadapt.cli", "models", "list"], env=replicas[0].env,
                                  capture_output=True, text=True, timeout=60)
         assert listing.returncode == 0 and f"*{source}" in listing.stdout and "v2" in listing.stdout
         for replica in replicas:

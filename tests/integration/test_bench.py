@@ -8,13 +8,13 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from worker import kafka_io
-from worker.bench_json import goal_line
-from worker.bench_throughput import (
+from streamadapt.kafka import kafka_python as kafka_io
+from benchmarks.results import goal_line
+from benchmarks.throughput import (
     deleted_when_done, drain_worker, run_throughput_bench, topics_of, wait_for_redis_at_rest, worker_latency,
 )
-from worker.settings import load_settings
-from worker.state import drop_keys
+from streamadapt.settings import load_settings
+from streamadapt.state.store import drop_keys
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def topics(stack) -> set[str]:
 
 
 def test_a_worker_latency_row_times_every_event_it_sends(stack, names, checkpoint, tmp_path, monkeypatch):
-    from worker.bench_latency import write_payloads
+    from benchmarks.latency import write_payloads
 
     monkeypatch.setenv("STREAMADAPT_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
     monkeypatch.setenv("STREAMADAPT_REDIS_URL", stack.redis_url)
@@ -147,7 +147,7 @@ def test_a_bare_loop_row_times_every_event_from_its_schedule(stack, tmp_path, cl
     import multiprocessing
     import uuid
 
-    from worker.bench_latency import AT_LEAST_ONCE, measure, run_bare_loop, write_payloads
+    from benchmarks.latency import AT_LEAST_ONCE, measure, run_bare_loop, write_payloads
 
     settings = load_settings().kafka.model_copy(update={"bootstrap": stack.kafka_bootstrap})
     run = uuid.uuid4().hex[:8]

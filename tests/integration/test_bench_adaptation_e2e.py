@@ -4,10 +4,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from worker.generate import write_events
+from streamadapt.ops.generate import write_events
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +21,10 @@ def test_a_log_through_the_real_worker_is_served_as_the_replay_serves_it(stack, 
     env = {**os.environ, "STREAMADAPT_KAFKA_BOOTSTRAP": stack.kafka_bootstrap, "STREAMADAPT_REDIS_URL": stack.redis_url,
            "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "500", "STREAMADAPT_TRAINING_MIN_EXAMPLES": "300"}
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "bench", "adaptation", "--events", str(log), "--source-until", middle,
+        [sys.executable, "-m", "benchmarks", "adaptation", "--events", str(log), "--source-until", middle,
          "--task", "repurchase", "--horizon-days", "3", "--through-worker", "--river", "none", "--no-oracle",
-         "--curve-sizes", "", "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+         "--curve-sizes", "", "--out", str(out)], env=env, capture_output=True, text=True, timeout=900,
+        cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     figures = json.loads(out.read_text())
     worker_static, worker_adapted = figures["through_worker"]

@@ -5,12 +5,12 @@ import pytest
 import redis
 
 from tests.integration.conftest import WorkerProcess, produce, read_topic
-from worker.evaluation import stream_labels
-from worker.examples import Example
-from worker.generate import write_events
-from worker.pretrain import read_events
-from worker.replay import replay
-from worker.settings import KafkaSettings
+from benchmarks.evaluation import stream_labels
+from streamadapt.core.examples import Example
+from streamadapt.ops.generate import write_events
+from streamadapt.training.pretrain import read_events
+from streamadapt.ops.replay import replay
+from streamadapt.settings import KafkaSettings
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 from tests.integration.conftest import (
     WorkerProcess, check_every_event_predicted, committed_offsets, dumps, event, produce, put_version, read_topic,
 )
-from worker import kafka_io
-from worker.model import load_checkpoint
-from worker.registry import Registry
-from worker.settings import load_settings
+from streamadapt.kafka import kafka_python as kafka_io
+from streamadapt.model.checkpoint import load_checkpoint
+from streamadapt.state.registry import Registry
+from streamadapt.settings import load_settings
 
 pytestmark = pytest.mark.integration
 

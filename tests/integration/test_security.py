@@ -28,7 +28,7 @@ def sasl_bootstrap(bootstrap: str) -> str:
 
 def run_expecting_failure(env: dict[str, str], timeout_s: float = 120) -> str:
     """`streamadapt run` that must stop at start-up; returns its stderr after checking it is one clean line."""
-    result = subprocess.run([sys.executable, "-m", "worker.cli", "run"], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "streamadapt.cli", "run"], env=env, capture_output=True, text=True,
                             timeout=timeout_s)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

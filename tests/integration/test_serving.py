@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from schemas import DeadLetter, Prediction
+from streamadapt.schemas import DeadLetter, Prediction
 from tests.integration.conftest import (
     WorkerProcess, committed_offsets, dumps, event, metric_at, produce, read_topic,
 )

@@ -1,10 +1,10 @@
 import json
 
-from schemas.export import EXPORT_DIR, MESSAGES, rendered, stale_files
+from streamadapt.schemas.export import EXPORT_DIR, MESSAGES, rendered, stale_files
 
 
 def test_exported_json_schemas_are_current():
-    assert stale_files() == [], "run `python -m schemas.export` and commit schemas/json/"
+    assert stale_files() == [], "run `python -m streamadapt.schemas.export` and commit streamadapt/schemas/json/"
 
 
 def test_every_message_is_exported_with_a_schema_version():

@@ -3,8 +3,8 @@ from datetime import datetime, timedelta, timezone
 
 from hypothesis import given, strategies as st
 
-from schemas import ClassProbability, Prediction
-from schemas.prediction import PredictionWriter, iso_datetime
+from streamadapt.schemas import ClassProbability, Prediction
+from streamadapt.schemas.prediction import PredictionWriter, iso_datetime
 
 text = st.text(min_size=1, max_size=40)  # any unicode, quotes, backslashes and control characters included
 probability = st.floats(min_value=0.0, max_value=1.0)

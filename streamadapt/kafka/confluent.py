@@ -1,0 +1,307 @@
+"""The serving loop's consumer and producer on confluent-kafka (librdkafka), for `--kafka-client confluent`.
+
+Same interface and guarantees as kafka_io.ServingConsumer / ServingProducer; the work of the Kafka
+protocol (fetching, batching, compression, acknowledgements) happens in librdkafka's C threads instead
+of in Python. Keyed records go to the partition the Java client and kafka-python pick (murmur2), so
+replicas on either client agree.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import TopicPartition as ConfluentPartition
+from kafka import TopicPartition
+from kafka.errors import KafkaError as ClientError
+from kafka.errors import KafkaTimeoutError
+
+from streamadapt.kafka.kafka_python import (
+    ACK_TIMEOUT_S, NotAcknowledged, ProducerFenced, TransactionAborted,
+)
+from streamadapt.serving.plan import InputRecord, Message
+from streamadapt.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+# The group changed under the consumer: a commit is refused, the records are replayed by their new owner.
+GROUP_CHANGED = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
+                 KafkaError._ASSIGNMENT_LOST}
+# A broker or the cluster is away: the batch is retried, as with kafka-python's timeouts.
+UNAVAILABLE = {KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
+
+
+def client_config(settings: KafkaSettings, role: str) -> dict:
+    """librdkafka's names for kafka_io.client_options."""
+    config = {"bootstrap.servers": settings.bootstrap, "client.id": f"{settings.client_id}-{role}",
+              "security.protocol": settings.security_protocol.lower()}
+    if settings.security_protocol.startswith("SASL_"):
+        config.update({"sasl.mechanism": settings.sasl_mechanism, "sasl.username": settings.sasl_username,
+                       "sasl.password": settings.sasl_password})
+    for key, path in (("ssl.ca.location", settings.ssl_cafile), ("ssl.certificate.location", settings.ssl_certfile),
+                      ("ssl.key.location", settings.ssl_keyfile)):
+        if path is not None:
+            config[key] = str(path)
+    return config
+
+
+def _log_client_error(error: KafkaError) -> None:
+    """librdkafka reports connection trouble here and retries by itself; only a fatal error ends us."""
+    if error.fatal():
+        raise KafkaException(error)
+    log.warning("kafka client: %s", error.str())
+
+
+@contextmanager
+def _reported_like_kafka_python() -> Iterator[None]:
+    """librdkafka's errors while a client opens, as the kafka-python KafkaError start-up reports."""
+    try:
+        yield
+    except KafkaException as error:
+        raise ClientError(str(error.args[0].str() if error.args else error)) from error
+
+
+class ServingConsumer:
+    def __init__(self, consumer: Consumer, max_records: int, answered: deque):
+        self._consumer = consumer
+        self._max_records = max_records
+        self._answered = answered  # the `done` of each asynchronous commit, in order: librdkafka answers in order
+        self.before_revoke: Callable[[], None] = lambda: None  # called inside poll before partitions go
+
+    @classmethod
+    @_reported_like_kafka_python()
+    def open(cls, settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> ServingConsumer:
+        answered: deque[Callable[[], None]] = deque()
+
+        def committed(error, partitions) -> None:  # called from poll, for synchronous commits too
+            if error is not None:
+                log.warning("an offset commit was refused, those records will be replayed if this worker stops "
+                            "before its next commit: %s", error)
+            if answered:
+                answered.popleft()()
+
+        consumer = Consumer({
+            **client_config(settings, "serving"),
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,  # offsets are committed by the pipeline, after outputs are acknowledged
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.min.bytes": settings.fetch_min_bytes,
+            "fetch.wait.max.ms": settings.fetch_max_wait_ms,
+            "max.partition.fetch.bytes": 4 << 20,
+            "fetch.max.bytes": 32 << 20,
+            "topic.metadata.refresh.interval.ms": 30_000,
+            "session.timeout.ms": settings.session_timeout_ms,
+            "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+            "isolation.level": "read_committed" if settings.exactly_once else "read_uncommitted",
+            "on_commit": committed,
+            "error_cb": _log_client_error,
+        })
+        deadline = time.monotonic() + metadata_timeout_s
+        while True:  # as kafka_io.open_consumer: subscribe once the topic's partitions are visible
+            topic = consumer.list_topics(settings.input_topic, timeout=5).topics.get(settings.input_topic)
+            if topic is not None and topic.error is None and topic.partitions:
+                break
+            if time.monotonic() > deadline:
+                consumer.close()
+                raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after "
+                                        f"{metadata_timeout_s:.0f} s")
+            time.sleep(0.2)
+        serving = cls(consumer, settings.max_poll_records, answered)
+        consumer.subscribe([settings.input_topic], on_revoke=lambda _, revoked: revoked and serving.before_revoke(),
+                           on_lost=lambda _, lost: log.warning("partitions lost to the group: %s", lost))
+        return serving
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
+        """What is already fetched, up to `max_records` (max_poll_records); else wait up to `timeout_ms` for the
+        first record.
+
+        (`consume(n, timeout)` alone waits for n records or the whole timeout, which at low rates added
+        the poll timeout to every event's latency.)"""
+        consumer, most = self._consumer, max_records or self._max_records
+        messages = consumer.consume(num_messages=most, timeout=0)
+        if not messages:
+            first = consumer.poll(timeout_ms / 1000.0)
+            if first is None:
+                return []
+            messages = [first, *(consumer.consume(num_messages=most - 1, timeout=0) if most > 1 else [])]
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    _log_client_error(error)
+                continue
+            records.append(InputRecord(message.topic(), message.partition(), message.offset(), message.timestamp()[1],
+                                       message.key(), message.value()))
+        return records
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def pause_all(self) -> None:
+        self._consumer.pause(self._consumer.assignment())
+
+    def resume_all(self) -> None:
+        self._consumer.resume(self._consumer.assignment())
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(ConfluentPartition(tp.topic, tp.partition, offset))
+
+    def commit(self, next_offsets: dict[TopicPartition, int]) -> bool:
+        try:
+            self._consumer.commit(offsets=_offsets(next_offsets), asynchronous=False)
+        except KafkaException as error:
+            if error.args[0].code() in GROUP_CHANGED:
+                log.warning("offset commit refused during a rebalance, the records will be replayed: %s", error)
+                return False
+            raise
+        return True
+
+    def commit_async(self, next_offsets: dict[TopicPartition, int], done: Callable[[], None]) -> None:
+        try:
+            self._consumer.commit(offsets=_offsets(next_offsets), asynchronous=True)
+        except KafkaException as error:  # refused at once, as if answered so
+            log.warning("an offset commit was refused, those records will be replayed if this worker stops "
+                        "before its next commit: %s", error)
+            done()
+            return
+        self._answered.append(done)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """High-water mark of the last fetch (cached: no broker round trip) minus the position. A partition
+        nothing has been read from yet (an idle one, say) has no position: its lag counts from the committed
+        offset, or from the low-water mark when none is committed (where `auto.offset.reset` starts), both
+        asked of the broker, as the cache may hold neither mark for it."""
+        consumer, lag = self._consumer, {}
+        positions = consumer.position(consumer.assignment())
+        unread = [p for p in positions if p.offset < 0]
+        committed = {(p.topic, p.partition): p.offset
+                     for p in (consumer.committed(unread, timeout=LAG_LOOKUP_TIMEOUT_S) if unread else [])}
+        for position in positions:
+            offset = position.offset
+            if offset >= 0:
+                _, high = consumer.get_watermark_offsets(position, cached=True)
+            else:
+                low, high = consumer.get_watermark_offsets(position, timeout=LAG_LOOKUP_TIMEOUT_S)
+                offset = committed.get((position.topic, position.partition), -1)
+                offset = offset if offset >= 0 else low
+            if high >= 0 and offset >= 0:
+                lag[TopicPartition(position.topic, position.partition)] = max(0, high - offset)
+        return lag
+
+    def fetching(self) -> None:
+        """Not known: librdkafka fetches on threads of its own and does not say (kafka_io.ServingConsumer)."""
+        return None
+
+    def group_metadata(self):
+        return self._consumer.consumer_group_metadata()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _offsets(next_offsets: dict[TopicPartition, int]) -> list[ConfluentPartition]:
+    return [ConfluentPartition(tp.topic, tp.partition, offset) for tp, offset in next_offsets.items()]
+
+
+LAG_LOOKUP_TIMEOUT_S = 2.0  # the committed offsets of partitions not read yet, for the lag gauge
+
+
+class Acks:
+    """The delivery reports of one batch's records (kafka_io.Acks): librdkafka calls `delivered` for each
+    from the producer's `poll`, which `done()` serves."""
+
+    def __init__(self, producer: Producer, records: int):
+        self._producer = producer
+        self._waiting = records
+        self._failure: KafkaError | None = None
+
+    def delivered(self, error, _message) -> None:
+        self._waiting -= 1
+        if error is not None and self._failure is None:
+            self._failure = error
+
+    def done(self) -> bool:
+        if self._waiting:
+            self._producer.poll(0)
+        return not self._waiting
+
+    def wait(self, timeout_s: float) -> None:
+        if self._waiting:
+            self._producer.poll(timeout_s)  # returns as soon as a delivery report is served
+
+    def check(self) -> None:
+        error = self._failure
+        if error is None:
+            return
+        if error.retriable() or error.code() in UNAVAILABLE:
+            raise NotAcknowledged(f"{error.name()}: {error.str()}")
+        raise KafkaException(error)
+
+
+class ServingProducer:
+    def __init__(self, producer: Producer):
+        self._producer = producer
+
+    @classmethod
+    @_reported_like_kafka_python()
+    def open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
+        config = {
+            **client_config(settings, "serving"),
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 0,  # a batch is produced at once and never flushed (kafka_io.open_producer)
+            "batch.size": 256 * 1024,
+            "message.max.bytes": 4 << 20,
+            "partitioner": "murmur2_random",  # keyed records: the Java client's (and kafka-python's) partition
+            "error_cb": _log_client_error,
+        }
+        if transactional_id is not None:
+            config["transactional.id"] = transactional_id
+        producer = Producer(config)
+        if transactional_id is not None:
+            producer.init_transactions(ACK_TIMEOUT_S)
+        return cls(producer)
+
+    def send(self, messages: list[Message]) -> Acks:
+        acks = Acks(self._producer, len(messages))
+        produce, delivered = self._producer.produce, acks.delivered
+        for topic, key, value in messages:
+            while True:
+                try:
+                    produce(topic, value=value, key=key, on_delivery=delivered)
+                    break
+                except BufferError:  # librdkafka's queue is full: let it drain
+                    self._producer.poll(0.05)
+        self._producer.poll(0)
+        return acks
+
+    def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        self._producer.flush(timeout_s)
+
+    def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
+                            group_metadata) -> None:
+        producer = self._producer
+        producer.begin_transaction()
+        try:
+            acks = self.send(messages)
+            remaining = producer.flush(ACK_TIMEOUT_S)
+            if remaining:
+                raise NotAcknowledged(f"{remaining} records not acknowledged within {ACK_TIMEOUT_S:.0f} s")
+            acks.check()
+            producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata, ACK_TIMEOUT_S)
+            producer.commit_transaction(ACK_TIMEOUT_S)
+        except (KafkaException, NotAcknowledged) as error:
+            kafka_error = error.args[0] if isinstance(error, KafkaException) and error.args else None
+            if isinstance(kafka_error, KafkaError) and (
+                    kafka_error.fatal() or kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
+                raise ProducerFenced() from error
+            producer.abort_transaction(ACK_TIMEOUT_S)
+            raise TransactionAborted(str(error)) from error
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._producer.flush(timeout_s)

@@ -1,0 +1,478 @@
+"""Kafka adapter: every Kafka client the worker opens, configured in one place.
+
+The serving loop talks to two small interfaces, `ServingConsumer` and `ServingProducer`, so that it does
+not depend on the client library. `open_serving_clients` gives those of `streamadapt/kafka/confluent.py` on librdkafka
+(the default), or with `--kafka-client kafka-python` the kafka-python ones here. Everything else (topic
+creation, the trainer's and the tools' producers, the model follower) uses kafka-python.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import (
+    CommitFailedError, IllegalGenerationError, KafkaError, KafkaTimeoutError, ProducerFencedError,
+    RebalanceInProgressError, TopicAlreadyExistsError, UnknownMemberIdError,
+)
+from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
+from kafka.partitioner.default import murmur2
+from kafka.structs import OffsetAndMetadata
+
+from streamadapt.serving.plan import InputRecord, Message
+from streamadapt.settings import KafkaSettings
+
+ACK_TIMEOUT_S = 30.0
+
+log = logging.getLogger(__name__)
+
+
+def _hand_over_bytes_read_before_a_close(transport_class) -> None:
+    """Work around kafka-python 3.0's transports losing the bytes they read just before the peer closed the
+    connection: `_sock_recv` returns them together with the close, and the reader aborts without passing them
+    on. A broker that refuses SASL credentials answers "Authentication failed: Invalid username or password"
+    and then closes, so a wrong password was reported as a bare "socket disconnected" on 30 of 39 attempts
+    in four start-ups here (and a start-up whose every attempt lost it said only "Unable to bootstrap").
+    The bytes now go to the protocol first, and the close is reported by the next read: a closed socket
+    stays readable, so that read comes at once."""
+    sock_recv = transport_class.__dict__["_sock_recv"]
+
+    def sock_recv_bytes_first(transport):
+        held_error = transport.__dict__.pop("_streamadapt_held_error", None)
+        if held_error is not None:
+            return b"", held_error
+        data, error = sock_recv(transport)
+        if data and error is not None:
+            transport._streamadapt_held_error = error
+            return data, None
+        return data, error
+
+    transport_class._sock_recv = sock_recv_bytes_first
+
+
+for _transport_class in (KafkaTCPTransport, KafkaSSLTransport):  # each defines its own _sock_recv
+    _hand_over_bytes_read_before_a_close(_transport_class)
+
+
+def client_options(settings: KafkaSettings, role: str = "") -> dict:
+    """What every Kafka client of the worker shares: where the brokers are, who we are, and how we
+    authenticate (TLS and SASL). `role` is appended to the client id, as broker logs show it."""
+    options = {"bootstrap_servers": settings.bootstrap,
+               "client_id": f"{settings.client_id}-{role}" if role else settings.client_id,
+               "security_protocol": settings.security_protocol}
+    if settings.security_protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
+                       sasl_plain_password=settings.sasl_password)
+    if settings.security_protocol.endswith("SSL"):
+        options.update(ssl_cafile=_path(settings.ssl_cafile), ssl_certfile=_path(settings.ssl_certfile),
+                       ssl_keyfile=_path(settings.ssl_keyfile))
+    return options
+
+
+def _path(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: tuple[str, ...] = ()) -> None:
+    """Create missing topics with settings.topic_partitions partitions (one for `single_partition` topics,
+    where order matters) and the broker's default replication."""
+    admin = KafkaAdminClient(**client_options(settings, "admin"))
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                admin.create_topics({t: {"num_partitions": 1 if t in single_partition else settings.topic_partitions,
+                                         "replication_factor": -1}
+                                     for t in missing}, wait_for_metadata=True)
+                log.info("created topics %s", ", ".join(missing))
+            except TopicAlreadyExistsError:
+                pass  # another replica created them first
+    finally:
+        admin.close()
+
+
+def delete_topics(settings: KafkaSettings, topics: Iterable[str] = (), matching: re.Pattern | None = None) -> list[str]:
+    """Delete those of `topics` that exist, and every topic whose whole name `matching` matches; the names
+    deleted. For tools that make topics of their own and should not leave them behind: a topic's last
+    segment outlives the retention period until it rolls, after a week."""
+    admin = KafkaAdminClient(**client_options(settings, "admin"))
+    try:
+        wanted = set(topics)
+        present = sorted(t for t in admin.list_topics() if t in wanted or (matching is not None and matching.fullmatch(t)))
+        if present:
+            admin.delete_topics(present)
+            log.info("deleted topics %s", ", ".join(present))
+        return present
+    finally:
+        admin.close()
+
+
+def open_consumer(settings: KafkaSettings, before_revoke: Callable[[], None],
+                  metadata_timeout_s: float = 60.0) -> KafkaConsumer:
+    """A consumer subscribed to the input topic, once the topic's partitions are visible to it; a rebalance
+    calls `before_revoke` before it takes partitions away.
+
+    Subscribing before a just-created topic shows up in metadata would join the group with nothing to
+    read until the next metadata refresh (minutes), so this waits for the partitions first.
+    """
+    consumer = KafkaConsumer(
+        **client_options(settings),
+        group_id=settings.group_id,
+        enable_auto_commit=False,  # offsets are committed by the pipeline, after outputs are acknowledged
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_poll_records,
+        max_partition_fetch_bytes=4 << 20,
+        fetch_min_bytes=settings.fetch_min_bytes,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        fetch_max_bytes=32 << 20,
+        metadata_max_age_ms=30_000,  # new partitions of the input topic are picked up within 30 s
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        # Exactly-once: only committed input (records of aborted upstream transactions are skipped).
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+    )
+    deadline = time.monotonic() + metadata_timeout_s
+    while not consumer.partitions_for_topic(settings.input_topic):
+        if time.monotonic() > deadline:
+            consumer.close()
+            raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after {metadata_timeout_s:.0f} s")
+        consumer.topics()  # forces a metadata refresh
+        time.sleep(0.2)
+    _rejoin_until_joined(consumer._coordinator)
+    consumer.subscribe([settings.input_topic], listener=_BeforeRevoke(before_revoke))
+    _drain_fetches_that_land_late(consumer._fetcher)
+    return consumer
+
+
+def _rejoin_until_joined(coordinator) -> None:
+    """Work around kafka-python 3.0 losing a rebalance that the topic's metadata started. The leader rebalances
+    when the partitions it assigned differ from the metadata: the first metadata after subscribing came after
+    the first join (a poll right after subscribing), or partitions were added. Such a rejoin is not marked as
+    needed; the coordinator rejoins only while the two differ. Our revoke callback first finishes the batches
+    in flight, which can outlast the poll: the join then goes on between two polls, the leader's new
+    assignment makes the two equal, and the next poll finds nothing to do and never completes the join. The
+    partitions stay revoked and the consumer reads nothing more, for good: a worker whose first poll came
+    right after subscribing stalled after its first batch in 4 of 10 start-ups here, and
+    tests/integration/test_rebalance.py stalls every time without this. As the Java client does since
+    KAFKA-9815, the rejoin is now marked as needed when it begins, so the next poll sees it through (with a
+    second JoinGroup if the first finished between the polls)."""
+    need_rejoin = coordinator.need_rejoin
+
+    def need_rejoin_marked() -> bool:
+        needed = need_rejoin()
+        if needed:
+            coordinator.rejoin_needed = True  # cleared by kafka-python once the join completes
+        return needed
+
+    coordinator.need_rejoin = need_rejoin_marked
+
+
+def _drain_fetches_that_land_late(fetcher) -> None:
+    """Work around a race in kafka-python 3.0's `Fetcher.fetch_records`: when a fetch response lands after
+    it has drained its buffer but before it looks for fetches in flight, it finds none in flight and reports
+    the consumer idle, and `poll` then sleeps `retry_backoff_ms` (100 ms) while the response's records wait
+    in the buffer. A second call drains them at once; a consumer idle in truth is idle again and sleeps."""
+    fetch_records = fetcher.fetch_records
+
+    def fetch_records_again_when_idle(*args, **kwargs):
+        records, idle = fetch_records(*args, **kwargs)
+        if idle and not records:
+            records, idle = fetch_records(*args, **kwargs)
+        return records, idle
+
+    fetcher.fetch_records = fetch_records_again_when_idle
+
+
+class _BeforeRevoke(ConsumerRebalanceListener):
+    def __init__(self, before_revoke: Callable[[], None]):
+        self._before_revoke = before_revoke
+
+    def on_partitions_revoked(self, revoked) -> None:
+        if revoked:
+            self._before_revoke()
+
+    def on_partitions_assigned(self, assigned) -> None:
+        pass
+
+
+def open_producer(settings: KafkaSettings, transactional_id: str | None = None, linger_ms: int = 5) -> KafkaProducer:
+    """An idempotent producer; a transactional one (initialised, ready for `begin_transaction`) when
+    `transactional_id` is given. The serving loop's has `linger_ms` 0: it sends a whole batch at once and
+    never flushes, so a linger would only delay every batch. Initialising aborts whatever transaction a
+    crashed predecessor with the same id left open, so read_committed readers are not held up until it times
+    out."""
+    producer = KafkaProducer(
+        **client_options(settings),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        # A polled batch's predictions often all go to one partition (the input and the output are keyed by
+        # user_id alike), about 1 MB for 2,000. Once a partition's records outgrow one producer batch,
+        # kafka-python wakes its sender thread on every further send (21k wake-ups in a 150k-event drain
+        # at 256 kB, 360 at 1 MB). Kept under the broker's default message.max.bytes (1 MiB).
+        batch_size=1_000_000,
+        max_request_size=4 << 20,
+        transactional_id=transactional_id,
+    )
+    if transactional_id is not None:
+        try:
+            producer.init_transactions()
+        except Exception:
+            producer.close(timeout=5)
+            raise
+    return producer
+
+
+class NotAcknowledged(Exception):
+    """A produced record was not acknowledged by a retriable error (the broker or partition leader is away)."""
+
+
+class TransactionAborted(Exception):
+    """Exactly-once: the batch's transaction failed and was aborted; nothing of it is visible to read_committed."""
+
+
+class ProducerFenced(RuntimeError):
+    """Exactly-once: another producer took over this worker's transactional id."""
+
+    def __init__(self) -> None:
+        super().__init__("another producer took over this worker's transactional id: give each replica its own "
+                         "--kafka-transactional-id (the default is <group-id>-<hostname>)")
+
+
+# The group changed under the consumer (a replica joined or left): the commit is refused, not failed.
+GROUP_CHANGED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
+
+
+def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> bool:
+    """Commit `next_offsets` (the offset of the next record to read, per partition).
+
+    Returns False when the group rebalanced under us: the partitions' new owner then reads these records
+    again, and since outputs are idempotent by event_id it re-emits the same ones. Other errors raise.
+    """
+    try:
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
+    except GROUP_CHANGED as error:
+        log.warning("offset commit refused during a rebalance, the records will be replayed: %s", error)
+        return False
+    return True
+
+
+def commit_async(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int],
+                 done: Callable[[], None] = lambda: None) -> None:
+    """Commit `next_offsets` without waiting for the coordinator: a round trip less per batch. `done()` is
+    called once the coordinator has answered, whatever it said (possibly on the client's own thread).
+
+    Safe for at-least-once because it is only called once the batch's outputs are acknowledged; a
+    commit lost in a crash or a rebalance makes the partition's next owner replay that batch, whose
+    outputs are then the same. Shutdown commits synchronously (`commit`)."""
+
+    def answered(offsets, response) -> None:
+        if isinstance(response, Exception):
+            log.warning("an offset commit was refused, those records will be replayed if this worker stops "
+                        "before its next commit: %s", response)
+        done()
+
+    try:
+        consumer.commit_async({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()},
+                              callback=answered)
+    except KafkaError as error:  # no coordinator (the broker is away): refused at once, as if answered so
+        answered(next_offsets, error)
+
+
+def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
+    """Per assigned partition: the high-water mark of the last fetch response minus the position.
+
+    Both are known locally, so reading the lag costs no round trip to the broker (it used to take one
+    per partition every few seconds, which showed up as latency spikes)."""
+    lag = {}
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            lag[tp] = max(0, highwater - consumer.position(tp))
+    return lag
+
+
+class KeyPartitioner:
+    """The partition of a record key, as kafka-python's default partitioner (and the Java client) picks
+    it: murmur2 of the key modulo the topic's partition count. Remembered per key, because the serving
+    loop sends one record per event and users come back; hashing each time cost a sixth of `send`.
+
+    Call `new_batch()` before each batch: the topics' partition counts are re-read then, and a topic
+    whose count changed starts a fresh memo.
+    """
+
+    def __init__(self, producer: KafkaProducer, max_keys_per_topic: int = 1_000_000):
+        self._producer = producer
+        self._max_keys = max_keys_per_topic
+        self._topics: dict[str, tuple[list[int], dict[bytes, int]]] = {}
+        self._checked: set[str] = set()
+
+    def new_batch(self) -> None:
+        self._checked.clear()
+
+    def __call__(self, topic: str, key: bytes | None) -> int | None:
+        """The partition for `key`, or None (kafka-python then picks one) for records without a key."""
+        if key is None:
+            return None
+        if topic not in self._checked:
+            partitions = sorted(self._producer.partitions_for(topic))
+            known = self._topics.get(topic)
+            if known is None or known[0] != partitions:
+                self._topics[topic] = (partitions, {})
+            self._checked.add(topic)
+        partitions, memo = self._topics[topic]
+        partition = memo.get(key)
+        if partition is None:
+            if len(memo) >= self._max_keys:
+                memo.clear()
+            partition = memo[key] = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+        return partition
+
+
+class ServingConsumer:
+    """The serving loop's consumer on kafka-python: batches of InputRecords, pause and rewind, commits, lag.
+    `before_revoke` is called inside `poll` when a rebalance is about to take partitions away."""
+
+    def __init__(self, consumer: KafkaConsumer):
+        self._consumer = consumer
+        self.before_revoke: Callable[[], None] = lambda: None
+
+    def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
+        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        return [InputRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
+                for batch in polled.values() for r in batch]
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    def pause_all(self) -> None:
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume_all(self) -> None:
+        self._consumer.resume(*self._consumer.paused())
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._consumer.seek(tp, offset)
+
+    def commit(self, next_offsets: dict[TopicPartition, int]) -> bool:
+        return commit(self._consumer, next_offsets)
+
+    def commit_async(self, next_offsets: dict[TopicPartition, int], done: Callable[[], None]) -> None:
+        commit_async(self._consumer, next_offsets, done)
+
+    def lag(self) -> dict[TopicPartition, int]:
+        return consumer_lag(self._consumer)
+
+    def fetching(self) -> bool | None:
+        """Whether the client sent a fetch within its metrics window (two samples of 30 s): kafka-python's
+        `fetch-rate` is then above zero. A consumer with partitions fetches at least every fetch wait
+        (`--kafka-fetch-max-wait-ms`), even from an idle topic. None when the client does not report that
+        metric (kafka-python calls its metrics an unstable interface): a renamed metric must not read as a
+        stall."""
+        rate = (self._consumer.metrics() or {}).get("consumer-fetch-manager-metrics", {}).get("fetch-rate")
+        return None if rate is None else rate > 0.0
+
+    def group_metadata(self):
+        return self._consumer.group_metadata()
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class Acks:
+    """The acknowledgements of one batch's records on kafka-python: `done()` once every record is acknowledged
+    or refused, without waiting; then `check()` raises the first refusal (NotAcknowledged when retriable)."""
+
+    def __init__(self, futures: list[Future]):
+        self._futures = futures
+        self._next = 0  # the futures before this one are done: each is looked at until done, then never again
+
+    def done(self) -> bool:
+        futures, i, n = self._futures, self._next, len(self._futures)
+        while i < n and futures[i].is_done:
+            i += 1
+        self._next = i
+        return i == n
+
+    def wait(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` (the sender thread completes the futures; there is nothing to wake us)."""
+        if not self.done():
+            time.sleep(timeout_s)
+
+    def check(self) -> None:
+        for future in self._futures:
+            if future.exception is not None:
+                raise _refusal(future.exception)
+
+
+def _refusal(error: Exception) -> Exception:
+    """A send error as the serving loop tells them apart: retriable ones (an outage) as NotAcknowledged."""
+    if isinstance(error, KafkaError) and (getattr(error, "retriable", False) or isinstance(error, KafkaTimeoutError)):
+        return NotAcknowledged(f"{type(error).__name__}: {error}")
+    return error
+
+
+class ServingProducer:
+    """The serving loop's producer on kafka-python: a batch of records sent without waiting, whose
+    acknowledgements the loop checks later (`Acks`); or a batch and the input offsets in one transaction."""
+
+    def __init__(self, producer: KafkaProducer):
+        self._producer = producer
+        self._partition_of = KeyPartitioner(producer)
+
+    def send(self, messages: list[Message]) -> Acks:
+        """Hand `messages` to the client, which sends them at once (linger 0) on its own thread."""
+        self._partition_of.new_batch()
+        send, partition_of = self._producer.send, self._partition_of
+        return Acks([send(topic, key=key, value=value, partition=partition_of(topic, key))
+                     for topic, key, value in messages])
+
+    def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        """Wait until every record sent so far is acknowledged or refused (their Acks say which)."""
+        self._producer.flush(timeout=timeout_s)
+
+    def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
+                            group_metadata) -> None:
+        """`messages` and the consumer's `next_offsets` in one transaction. Raises TransactionAborted
+        (after aborting) when it fails, ProducerFenced when another producer has our transactional id."""
+        producer = self._producer
+        producer.begin_transaction()
+        try:
+            acks = self.send(messages)
+            producer.flush(timeout=ACK_TIMEOUT_S)
+            acks.check()
+            producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()}, group_metadata)
+            producer.commit_transaction()
+        except ProducerFencedError as error:
+            raise ProducerFenced() from error
+        except (KafkaError, NotAcknowledged) as error:
+            producer.abort_transaction()
+            raise TransactionAborted(f"{type(error).__name__}: {error}") from error
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+def open_serving_clients(settings: KafkaSettings, transactional_id: str | None):
+    """The serving loop's (consumer, producer) on the client library `settings.client` names."""
+    if settings.client == "confluent":
+        from streamadapt.kafka import confluent as kafka_confluent
+
+        producer = kafka_confluent.ServingProducer.open(settings, transactional_id)
+        try:
+            return kafka_confluent.ServingConsumer.open(settings), producer
+        except BaseException:
+            producer.close()
+            raise
+    producer = ServingProducer(open_producer(settings, transactional_id, linger_ms=0))
+    try:
+        consumer = ServingConsumer(open_consumer(settings, lambda: consumer.before_revoke()))
+        return consumer, producer
+    except BaseException:
+        producer.close()
+        raise

@@ -1,0 +1,331 @@
+"""The model behind a small contract: build, train, save/load a checkpoint, predict in batches.
+
+A checkpoint is a directory with `model.keras` (Keras v3 format, loaded in safe mode) and
+`metadata.json` (task, classes, feature spec, training summary, and the sha256 of model.keras,
+verified at load). Training loads it with Keras; serving reads the same file without TensorFlow (its
+layer configs and weights), so a serving process starts in about 1.5 s instead of the 4 to 13 s it took
+while it imported TensorFlow, and holds none of TensorFlow's memory (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # silence TensorFlow's C++ start-up banner
+
+import numpy as np  # noqa: E402
+
+from streamadapt.core import calibration  # noqa: E402
+from streamadapt.core.features import PER_CLASS_FEATURES, FeatureSpec  # noqa: E402
+from streamadapt.model.graph import Graph, UnsupportedLayer  # noqa: E402
+from streamadapt.core.labels import Task  # noqa: E402
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+CHECKPOINT_FORMAT = 1
+
+
+class Parameters(NamedTuple):
+    """What a model version is: the network's weights (in the order of the Keras model's get_weights()) and
+    the calibration of its output (streamadapt.core.calibration; None: the identity)."""
+
+    weights: list[np.ndarray]
+    calibration: np.ndarray | None = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be served: missing, tampered with, or built for other code."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    task: Task
+    classes: tuple[str, ...]
+    feature_spec: FeatureSpec
+    horizon_days: float | None
+    sha256: str
+    extra: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        """The version name under which this checkpoint serves."""
+        return f"src-{self.sha256[:12]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "task": self.task, "classes": list(self.classes),
+                "feature_spec": self.feature_spec.to_json(), "horizon_days": self.horizon_days,
+                "model_sha256": self.sha256, **self.extra}
+
+
+def limit_cpu_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools (0 keeps its default of every core). Call before any TensorFlow op."""
+    if threads > 0:
+        tf = import_tensorflow()
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def import_tensorflow():
+    """TensorFlow, imported with what its C++ side writes to stderr while it loads silenced: TensorFlow 2.21
+    logs its oneDNN and CPU-feature banners through absl before absl reads TF_CPP_MIN_LOG_LEVEL, and they
+    buried a command's one-line error among four lines of noise."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow as tf
+            except ImportError as error:  # the one place that needs TensorFlow installed
+                raise RuntimeError("TensorFlow is not installed: pip install 'streamadapt[cpu]' (or [gpu])") from error
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+    return tf
+
+
+CLASS_HIDDEN_UNITS = 16  # the shared per-class scorer's hidden width
+CONTEXT_HIDDEN_UNITS = (32,)  # next_category's context network: a wider one learnt the source period's quirks
+CONTEXT_DROPOUT = 0.3  # ... and so did this one without dropout: its class logits outweighed what a user's
+# history says about them, and its argmax lost to the per-user frequency baseline on a real log
+DENSE_HIDDEN_UNITS = (128, 64)  # repurchase's network
+
+
+def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_classes: int, seed: int = 0):
+    """The built-in network, uncompiled. Feature statistics of `train_features` become constants of its
+    normalisation layers (not weights: adapt() state would not survive clone_model/set_weights, so every
+    clone and fine-tuned version normalises exactly as the source did).
+
+    - next_category: each class's logit is a shared function of its own columns of the class block (the
+      user's frequency, recency and share of that class: streamadapt.core.features), a 1x1 convolution over the
+      classes, plus a logit from a dense network over the context block (this purchase: its category,
+      price, time). The shared scorer learns from every class at once what a user's history says, and so
+      holds for rare classes and long histories as for the common ones the source file is full of.
+    - repurchase: a dense network over every feature, and one sigmoid unit.
+    """
+    tf = import_tensorflow()
+    keras = tf.keras
+    keras.utils.set_random_seed(seed)
+    x = np.asarray(train_features, np.float64)
+    inputs = keras.Input(shape=(spec.n_features,), name="features", dtype="float32")
+
+    def normalised(tensor, columns: np.ndarray, name: str):
+        return keras.layers.Normalization(mean=columns.mean(axis=0).tolist(),
+                                          variance=np.maximum(columns.var(axis=0), 1e-6).tolist(), name=name)(tensor)
+
+    def dense_stack(tensor, hidden_units: tuple[int, ...]):
+        for i, units in enumerate(hidden_units):
+            tensor = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(tensor)
+        return tensor
+
+    if task == "repurchase":
+        hidden = dense_stack(normalised(inputs, x, "normalise"), DENSE_HIDDEN_UNITS)
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(hidden)
+        return keras.Model(inputs, outputs, name="streamadapt_repurchase")
+    width, size, per_class = spec.class_block_width, len(spec.vocabulary), len(PER_CLASS_FEATURES)
+    context = keras.layers.Dropout(CONTEXT_DROPOUT, name="context_dropout")(
+        normalised(inputs[:, width:], x[:, width:], "normalise_context"))
+    context = keras.layers.Dropout(CONTEXT_DROPOUT, name="context_hidden_dropout")(
+        dense_stack(context, CONTEXT_HIDDEN_UNITS))
+    context_logits = keras.layers.Dense(n_classes, name="context_logits")(context)
+    block = keras.layers.Reshape((size, per_class), name="classes")(inputs[:, :width])
+    block = normalised(block, x[:, :width].reshape(-1, per_class), "normalise_classes")  # per feature, over classes
+    scored = keras.layers.Conv1D(CLASS_HIDDEN_UNITS, 1, activation="relu", name="class_hidden")(block)
+    scored = keras.layers.Conv1D(1, 1, name="class_score")(keras.layers.Concatenate(name="class_inputs")([block, scored]))
+    class_logits = keras.layers.Reshape((size,), name="class_logits")(scored)
+    logits = keras.layers.Add(name="logits")([context_logits, class_logits])
+    outputs = keras.layers.Activation("softmax", name="probabilities")(logits)
+    return keras.Model(inputs, outputs, name="streamadapt_next_category")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model, directory: Path, *, task: Task, classes: tuple[str, ...], feature_spec: FeatureSpec,
+                    horizon_days: float | None, extra: dict[str, Any]) -> ModelMeta:
+    directory.mkdir(parents=True, exist_ok=True)
+    model_path = directory / MODEL_FILE
+    model.save(model_path)
+    meta = ModelMeta(task=task, classes=classes, feature_spec=feature_spec, horizon_days=horizon_days,
+                     sha256=file_sha256(model_path), extra=extra)
+    (directory / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def read_metadata(directory: Path) -> ModelMeta:
+    """A checkpoint's metadata, after checking that its model file is the one the metadata was written for.
+    Raises CheckpointError with a readable reason."""
+    model_path, meta_path = directory / MODEL_FILE, directory / METADATA_FILE
+    if not model_path.is_file() or not meta_path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: it needs {MODEL_FILE} and {METADATA_FILE}")
+    try:
+        payload = json.loads(meta_path.read_text())
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{meta_path}: unknown checkpoint format {payload.get('format')!r}")
+        extra = {k: v for k, v in payload.items()
+                 if k not in {"format", "task", "classes", "feature_spec", "horizon_days", "model_sha256"}}
+        meta = ModelMeta(task=payload["task"], classes=tuple(payload["classes"]),
+                         feature_spec=FeatureSpec.from_json(payload["feature_spec"]),
+                         horizon_days=payload.get("horizon_days"), sha256=payload["model_sha256"], extra=extra)
+    except (KeyError, TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{meta_path}: unreadable metadata ({error})") from error
+    actual = file_sha256(model_path)
+    if actual != meta.sha256:
+        raise CheckpointError(f"{model_path}: sha256 {actual[:12]}… does not match the metadata's {meta.sha256[:12]}…")
+    return meta
+
+
+def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
+    """The checkpoint as a Keras model (for training) and its metadata. Raises CheckpointError."""
+    meta = read_metadata(directory)
+    keras = import_tensorflow().keras
+    model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
+    _check_shape(directory, meta, model.input_shape[-1], model.output_shape[-1])
+    return model, meta
+
+
+def _check_shape(directory: Path, meta: ModelMeta, n_inputs: int, n_outputs: int) -> None:
+    expected_outputs = 1 if meta.task == "repurchase" else len(meta.classes)
+    if n_inputs != meta.feature_spec.n_features or n_outputs != expected_outputs:
+        raise CheckpointError(f"{directory}: model of {n_inputs} inputs and {n_outputs} outputs does not fit its "
+                              f"metadata ({meta.feature_spec.n_features} features, {expected_outputs} outputs)")
+
+
+def class_probabilities(raw: np.ndarray, task: Task) -> np.ndarray:
+    """A model's output as class probabilities (n, n_classes): binary tasks get columns (P(0), P(1))."""
+    if task == "repurchase":
+        p = raw[:, 0]
+        return np.stack([1.0 - p, p], axis=1)
+    return raw
+
+
+class ServingModel:
+    """A checkpoint served by a NumPy forward pass over its weights (streamadapt.model.graph), without TensorFlow,
+    followed by the version's calibration (streamadapt.core.calibration).
+
+    Calling Keras for a batch cost about 1.5 ms whatever its size, which at moderate load was a tenth of
+    the serving loop; the NumPy pass costs microseconds, and swapping versions is replacing a list.
+    tests/model/test_checkpoint.py checks it agrees with Keras, also after a swap.
+    """
+
+    def __init__(self, meta: ModelMeta, graph: Graph, weights: list[np.ndarray]):
+        self.meta = meta
+        self.version = meta.version
+        self._graph = graph
+        self._weights = [np.asarray(w, np.float64) for w in weights]
+        self._shapes = [w.shape for w in self._weights]
+        self.calibration = calibration.identity(len(meta.classes))
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path) -> ServingModel:
+        """Read a checkpoint without TensorFlow (what a serving process does)."""
+        meta = read_metadata(directory)
+        config, variables = _read_keras_file(directory / MODEL_FILE)
+        model = cls(meta, _plan(config, {name: len(v) for name, v in variables.items()}, directory / MODEL_FILE),
+                    [w for layer in config["layers"] for w in variables.get(_layer_name(layer), ())])
+        model._check_fits(directory)
+        return model
+
+    @classmethod
+    def of_keras(cls, model, meta: ModelMeta) -> ServingModel:
+        """Serve a Keras model already loaded (the trainer's gate scores candidates by this forward pass)."""
+        config = model.get_config()
+        graph = _plan(config, {layer.name: len(layer.weights) for layer in model.layers}, model.name)
+        return cls(meta, graph, model.get_weights())
+
+    def _check_fits(self, origin) -> None:
+        x = np.zeros((1, self.meta.feature_spec.n_features))
+        try:
+            out = self._graph.forward(x, self._weights)
+        except (ValueError, IndexError) as error:
+            raise CheckpointError(f"{origin}: the model does not take the {x.shape[1]} features of its metadata "
+                                  f"({error})") from error
+        expected = 1 if self.meta.task == "repurchase" else len(self.meta.classes)
+        if out.shape != (1, expected):
+            raise CheckpointError(f"{origin}: model of {out.shape[-1]} outputs does not fit its metadata "
+                                  f"({expected} outputs)")
+
+    @property
+    def weights(self) -> list[np.ndarray]:
+        """The weights served now, in the order and dtype (float32) of the Keras model's get_weights(), as a
+        version's artifact holds them (the forward pass computes in float64)."""
+        return [w.astype(np.float32) for w in self._weights]
+
+    @property
+    def parameters(self) -> Parameters:
+        """The version served now, as its artifact holds it (weights in float32)."""
+        return Parameters(self.weights, self.calibration.copy())
+
+    def swap(self, parameters: Parameters, version: str) -> None:
+        """Serve `parameters` from now on. ValueError when they do not fit this model."""
+        weights = [np.asarray(w, np.float64) for w in parameters.weights]
+        calibrated = parameters.calibration
+        if [w.shape for w in weights] != self._shapes:
+            raise ValueError(f"weights of {version} do not fit the serving model's architecture")
+        n_classes = len(self.meta.classes)
+        fitted = calibration.identity(n_classes) if calibrated is None else np.asarray(calibrated, np.float64)
+        if fitted.shape != (n_classes + 1,) or not np.all(np.isfinite(fitted)):
+            raise ValueError(f"calibration of {version} does not fit the model's {n_classes} classes")
+        self._weights, self.calibration, self.version = weights, fitted, version
+
+    def predict_many(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch: shape (n, n_classes); binary tasks get columns (P(0), P(1))."""
+        raw = self._graph.forward(np.asarray(features, np.float64), self._weights)
+        return calibration.apply(class_probabilities(raw.astype(np.float32), self.meta.task), self.calibration)
+
+    def predict_uncalibrated(self, features: np.ndarray) -> np.ndarray:
+        """The network's own probabilities, before the version's calibration (what a calibration is fitted on)."""
+        raw = self._graph.forward(np.asarray(features, np.float64), self._weights)
+        return class_probabilities(raw.astype(np.float32), self.meta.task)
+
+
+def _layer_name(layer: dict) -> str:
+    return layer.get("name") or layer["config"]["name"]
+
+
+def _plan(config: dict, variable_counts: dict[str, int], origin) -> Graph:
+    """The NumPy pass of a functional model's config (single input, single output); CheckpointError naming
+    the layer it cannot compute."""
+    outputs = config.get("output_layers")
+    output = outputs[0] if outputs and isinstance(outputs[0], str) else (outputs or [[None]])[0][0]
+    if output is None or "layers" not in config:
+        raise CheckpointError(f"{origin}: not a functional Keras model with one output")
+    try:
+        return Graph.of(config["layers"], variable_counts, output)
+    except UnsupportedLayer as error:
+        raise CheckpointError(f"{origin}: {error}") from error
+
+
+def _read_keras_file(model_path: Path) -> tuple[dict, dict[str, list[np.ndarray]]]:
+    """A Keras v3 model file's config and each layer's variables by layer name, read without TensorFlow:
+    the file is a zip of the model's config (JSON) and its weights (HDF5, a group of variables per layer,
+    which names the layer in an attribute)."""
+    import h5py  # installed with Keras; imported here so that only serving pays for it
+
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            config = json.loads(archive.read("config.json"))["config"]
+            weights_file = io.BytesIO(archive.read("model.weights.h5"))
+        with h5py.File(weights_file, "r") as h5:
+            variables = {group["vars"].attrs["name"]: [group["vars"][str(i)][()] for i in range(len(group["vars"]))]
+                         for group in h5["layers"].values()}
+    except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{model_path}: not a Keras model file of the expected layout ({error!r})") from error
+    return config, variables

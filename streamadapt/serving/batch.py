@@ -1,0 +1,144 @@
+"""One batch of input records -> the records to produce, and what the batch writes to Redis.
+
+`BatchBuilder.build` validates, dedupes, computes features, predicts and joins labels, reading Redis;
+`BatchBuilder.save` writes everything the batch changed in one MULTI/EXEC, and hands back the labels the batch
+resolved, which the serving loop scores (prequential quality and drift) once the batch is committed. The
+serving loop (streamadapt.serving.loop) calls both on its own thread, then produces the outputs and commits the
+offsets. The pure logic is in streamadapt.serving.plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+import numpy as np
+
+from streamadapt.core.labels import watermark
+from streamadapt.model.checkpoint import ServingModel
+from streamadapt.core.parsing import Rejection, parse_event
+from streamadapt.serving.plan import (
+    InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, newest_event_times,
+    plan_batch, resolved_examples, served_examples,
+)
+from streamadapt.settings import Settings
+from streamadapt.state.store import StateStore, StateWrites
+
+
+class Resolved(NamedTuple):
+    """The labels a saved batch resolved, to be scored once it is committed: for each, the version that
+    served the prediction, the probabilities it served, the label's class index, and the event time at
+    which the label became known."""
+
+    versions: list[str]
+    probabilities: np.ndarray  # (n, n_classes) float32
+    labels: list[int]
+    resolved_ts_s: list[float]
+
+    @classmethod
+    def of(cls, writes: StateWrites) -> Resolved:
+        examples = writes.examples
+        probabilities = (np.stack([e.probabilities for e in examples]) if examples
+                         else np.zeros((0, 0), np.float32))
+        return cls([e.model_version for e in examples], probabilities, [e.label for e in examples],
+                   [e.resolved_ts_s for e in examples])
+
+
+@dataclass
+class Built:
+    """A built batch: the records to produce as (topic, key, value); and what it amounts to, for the metrics
+    and the quality monitor once the batch is committed (`resolved` is filled in by `BatchBuilder.save`)."""
+
+    messages: list[Message]
+    # the input record timestamp (ms) of each prediction, for the event-to-prediction latency histogram
+    input_timestamps_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    dead_letter_reasons: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    replayed: int = 0
+    predicted: int = 0
+    resolved: Resolved | None = None
+
+    @property
+    def labels_resolved(self) -> int:
+        return len(self.resolved.labels) if self.resolved is not None else 0
+
+
+class BatchBuilder:
+    def __init__(self, settings: Settings, store: StateStore, model: ServingModel,
+                 clock=lambda: datetime.now(timezone.utc)):
+        self._settings = settings
+        self._store = store
+        self._model = model
+        self._clock = clock
+
+    def build(self, records: list[InputRecord]) -> tuple[Built, StateWrites]:
+        """The batch's outputs and the Redis writes that must land before they are sent (the batch before
+        has been saved). Redis errors propagate."""
+        s = self._settings
+        now = self._clock()
+        valid, messages, reasons = [], [], []
+        for record in records:
+            parsed = parse_event(record.value, now=now, max_payload_bytes=s.max_payload_bytes,
+                                 max_future_skew_s=s.max_future_skew_s)
+            if isinstance(parsed, Rejection):
+                letter = make_dead_letter(record, parsed, now, s.dlq_payload_max_chars)
+                messages.append((s.kafka.dlq_topic, record.key, letter.model_dump_json().encode()))
+                reasons.append(parsed.reason.value)
+            else:
+                valid.append((record, parsed))
+        claims, states, pendings, observed_since_s = self._store.load(
+            [e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
+            min((e.ts_s for _, e in valid), default=0.0))
+        model, meta = self._model, self._model.meta
+        plan = plan_batch(valid, claims, states, pendings, meta, observed_since_s)
+        probabilities = model.predict_many(plan.features)
+        predictions, claims = make_predictions(plan.fresh, probabilities, meta, model.version, now)
+        writes = StateWrites(states=plan.states)
+        predictions_topic = s.kafka.predictions_topic
+        for (_, event), body, claim in zip(plan.fresh, predictions, claims):
+            writes.claims.append((event.event_id, claim))
+            messages.append((predictions_topic, event.user_id.encode(), body))
+        for record, body in plan.replays:
+            messages.append((predictions_topic, record.key, body))
+        input_timestamps_ms = np.array([record.timestamp_ms for record, _ in plan.fresh]
+                                       + [record.timestamp_ms for record, _ in plan.replays], dtype=np.float64)
+        served = served_examples(plan, probabilities, model.version)
+        writes.examples = resolved_examples(plan, served)
+        writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
+        writes.newest_by_partition = newest_event_times(plan.fresh)
+        if meta.task == "repurchase":
+            partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
+            self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
+        built = Built(messages, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
+                      predicted=len(predictions) + len(plan.replays))
+        return built, writes
+
+    def save(self, built: Built, writes: StateWrites) -> Built:
+        """Apply the batch's writes in one transaction; the batch then carries the labels it resolved (they
+        are in Redis now, so each is scored once). Redis errors propagate: the batch is then built again, and
+        a transaction that did land makes that second build a replay, with the same predictions."""
+        self._store.save(writes)
+        built.resolved = Resolved.of(writes)
+        return built
+
+    def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
+        """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed, on
+        the input partitions of this batch (this worker owns them, so no other settles their users)."""
+        horizon_s = horizon_days * 86400.0
+        for user, pending in writes.pendings.items():
+            writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
+        newest = self._store.newest_by_partition()
+        for partition, ts_s in writes.newest_by_partition.items():
+            newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
+        now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
+        if now_watermark is None:
+            return
+        replaced = set(writes.pendings)
+        for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
+            states, pendings = self._store.load_profiles(users)
+            negatives, cleared, requeue = expire_pendings(pendings, now_watermark, horizon_days, replaced)
+            writes.examples.extend(negatives)
+            writes.cleared_pendings.update({user: states.get(user) for user in cleared})
+            writes.settled_deadlines[partition] = users  # requeued ones are added back after their removal
+            if requeue:
+                writes.deadlines.setdefault(partition, {}).update(requeue)

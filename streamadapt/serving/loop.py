@@ -1,0 +1,503 @@
+"""The serving loop: poll a batch, build it and save its Redis writes, send its outputs, and commit the
+offsets of the batches whose outputs are acknowledged, in order.
+
+One thread does it all, and never waits for an acknowledgement: a batch's outputs are handed to the Kafka
+client, which sends them on its own thread, and the batch joins the window of batches in flight while the loop
+polls the next. Each batch keeps the order that makes a replay safe: its Redis transaction has landed before
+its outputs are sent, and its offsets are committed only once every output of it, and of every batch before
+it, is acknowledged. A refused output rewinds the partitions to the oldest batch not committed and reads it
+again; the event claims in Redis make its outputs the same. The labels a committed batch resolved are scored
+here: rolling live quality per version, and the drift detector on the loss of every label this worker sees.
+
+In exactly-once mode each batch is one Kafka transaction (its outputs and its offsets), committed before
+the next batch is polled.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+import numpy as np
+import redis
+from kafka import TopicPartition
+from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
+
+from streamadapt.kafka import kafka_python as kafka_io
+from streamadapt.serving.batch import Built, Resolved
+from streamadapt.serving.hotswap import ModelFollower
+from streamadapt.kafka.kafka_python import ServingConsumer, ServingProducer
+from streamadapt.metrics import WorkerMetrics, observe_many
+from streamadapt.model.checkpoint import ServingModel
+from streamadapt.serving.plan import InputRecord, first_offsets, next_offsets
+from streamadapt.core.quality import QualityMonitor
+from streamadapt.settings import Settings
+from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateWrites
+
+log = logging.getLogger(__name__)
+
+OUTAGE_FIRST_RETRY_S = 0.5
+OUTAGE_MAX_RETRY_S = 30.0
+# Errors of an unavailable Kafka: the batch's outputs are produced again, not dropped, and the worker does
+# not exit. (Redis's are in streamadapt.state.store.)
+KAFKA_OUTAGE_ERRORS = (KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError, kafka_io.NotAcknowledged)
+
+
+class BatchAborted(Exception):
+    """Exactly-once mode: the batch's transaction was aborted; its partitions are rewound to its start and
+    it is read again by whoever owns them (this worker, or a new owner after a rebalance)."""
+
+
+GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
+# A consumer that owns partitions, is not paused, and has not fetched for this long has stalled inside the client
+# (ServingLoop.stalled). Its fetch rate covers about a minute, so a stall shows about two minutes after it began.
+STALLED_AFTER_S = 60.0
+# While batches wait for acknowledgements, a poll waits at most this long, so that a batch acknowledged
+# meanwhile is committed (and the window freed) soon after; a busy stream returns at once anyway.
+IN_FLIGHT_POLL_MS = 5
+FULL_WINDOW_POLL_MS = 1
+FULL_WINDOW_WAIT_S = 0.001
+SETTLE_SAVED_WAIT_S = 1.0  # during a Redis outage, how long the window's acknowledgements are waited for
+
+
+class Builder(Protocol):
+    """What the loop needs of streamadapt.serving.batch.BatchBuilder."""
+
+    def build(self, records: list[InputRecord]) -> tuple[Built, StateWrites]: ...
+
+    def save(self, built: Built, writes: StateWrites) -> Built: ...
+
+
+class Acks(Protocol):
+    """One batch's acknowledgements (kafka_io.Acks, kafka_confluent.Acks)."""
+
+    def done(self) -> bool: ...
+
+    def wait(self, timeout_s: float) -> None: ...
+
+    def check(self) -> None: ...
+
+
+@dataclass
+class _Batch:
+    """A batch whose outputs are sent and not yet all acknowledged."""
+
+    records: list[InputRecord]
+    built: Built
+    acks: Acks
+    polled_at: float  # perf_counter
+    sent_monotonic: float
+
+
+class ServingLoop:
+    def __init__(self, settings: Settings, consumer: ServingConsumer, producer: ServingProducer,
+                 builder: Builder, model: ServingModel, metrics: WorkerMetrics,
+                 follower: ModelFollower | None = None, raise_drift_alarm: Callable[[float], None] | None = None):
+        """`builder` builds with `model`, whose parameters the loop swaps between batches.
+        `raise_drift_alarm(regime_since_ts)` asks the trainer for a fine-tune (StateStore.raise_drift_alarm)."""
+        self._settings = settings
+        self._follower = follower
+        self._quality_series: set[tuple[str, str]] = set()
+        self._consumer = consumer
+        self._producer = producer
+        self._builder = builder
+        self._transactional = settings.kafka.exactly_once
+        self._window_records = settings.kafka.max_in_flight_records
+        self._max_poll_records = settings.kafka.max_poll_records
+        self._model = model
+        self._metrics = metrics
+        self.last_poll_ok_monotonic: float | None = None
+        self.stalled = False  # see _check_fetching
+        self._not_fetching_since: float | None = None
+        self._outage_since: float | None = None  # monotonic time the current outage began
+        self._retry_in_s = OUTAGE_FIRST_RETRY_S
+        self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
+        self._in_flight: deque[_Batch] = deque()  # sent, oldest first
+        # Records acknowledged whose offset commit the coordinator has not answered yet: (records, when sent).
+        # They count in the window, so that a crash replays at most `max_in_flight_records` records.
+        self._committing: deque[tuple[int, float]] = deque()
+        self._commits_answered: deque[None] = deque()  # one entry per answer, appended on the client's thread
+        self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
+        self._raise_drift_alarm = raise_drift_alarm
+        consumer.before_revoke = self._commit_in_flight_before_revoke
+        metrics.model_info.info({"version": model.version, "task": model.meta.task})
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set; then wait for the batches in flight and commit them."""
+        timeout_ms = self._settings.kafka.poll_timeout_ms
+        next_lag_at = next_progress_at = time.monotonic()
+        progress = _Progress(self._metrics)
+        while not stop.is_set():
+            self._maybe_swap()
+            self._settle(stop)
+            room = self._window_records - self.in_flight
+            if room <= 0:
+                self._wait_for_room()
+                continue
+            records = self._consumer.poll(IN_FLIGHT_POLL_MS if self._in_flight else timeout_ms,
+                                          min(room, self._max_poll_records))
+            self.last_poll_ok_monotonic = time.monotonic()
+            if records:
+                self._serve(records, stop)
+            now = time.monotonic()
+            if now >= next_lag_at:
+                self._refresh_lag()
+                self._check_fetching(now)
+                self._refresh_quality()
+                next_lag_at = now + GAUGE_REFRESH_S
+            if now >= next_progress_at:
+                progress.log(now)
+                next_progress_at = now + self._settings.progress_interval_s
+        self._finish_in_flight()
+        owned = self._consumer.assignment()
+        final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
+        if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
+            self._consumer.commit(final)
+        self._refresh_quality()
+        progress.log(time.monotonic())
+
+    @property
+    def paused(self) -> bool:
+        """True while an outage of Redis or Kafka holds consumption back."""
+        return self._outage_since is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Records polled and not yet committed: sent and waiting for acknowledgements, or waiting for the
+        coordinator to confirm their offsets. A crash replays at most these."""
+        return (sum(len(batch.records) for batch in self._in_flight)
+                + sum(records for records, _ in self._committing))
+
+    def _take_commit_answers(self) -> None:
+        """Forget the commits the coordinator has answered, and those it left unanswered for ACK_TIMEOUT_S."""
+        committing = self._committing
+        while self._commits_answered:
+            self._commits_answered.popleft()
+            if committing:
+                committing.popleft()
+        while committing and time.monotonic() - committing[0][1] > kafka_io.ACK_TIMEOUT_S:
+            log.warning("an offset commit was not answered within %.0f s", kafka_io.ACK_TIMEOUT_S)
+            committing.popleft()  # its answer, if one comes, is taken for a later commit's: nothing waits for ever
+
+    def _serve(self, records: list[InputRecord], stop: threading.Event) -> None:
+        """Build and save the batch (through a Redis outage), then send it: into the window, or in exactly-once
+        mode as one transaction with its offsets."""
+        polled_at = time.perf_counter()
+        self._metrics.events_consumed.inc(len(records))
+        try:
+            built = self._build_and_save(records)
+        except REDIS_OUTAGE_ERRORS as error:
+            try:
+                built = self._retry_through_outage(lambda: self._build_and_save(records), error, REDIS_OUTAGE_ERRORS, stop)
+            except REDIS_OUTAGE_ERRORS:
+                self._rewind(records)  # stopped during the outage: read again by whoever owns them next
+                return
+        if not self._transactional:
+            try:
+                acks = self._producer.send(built.messages)
+            except KAFKA_OUTAGE_ERRORS as error:  # kafka-python waits for metadata in send, and can time out
+                self._rewind_window(error, stop, also=records)
+                return
+            self._in_flight.append(_Batch(records, built, acks, polled_at, time.monotonic()))
+            return
+        try:
+            self._send_in_transaction(records, built)
+        except KAFKA_OUTAGE_ERRORS as error:
+            try:
+                self._retry_through_outage(lambda: self._send_in_transaction(records, built), error,
+                                           KAFKA_OUTAGE_ERRORS, stop)
+            except KAFKA_OUTAGE_ERRORS:
+                self._rewind(records)
+                return
+        except BatchAborted as aborted:
+            log.warning("%s", aborted)
+            self._rewind(records)
+            return
+        self._committed(records, built, polled_at)
+
+    def _wait_for_room(self) -> None:
+        """With the window full: wait a moment for the oldest batch's acknowledgements, which the producer's
+        threads take; or, when every batch left waits for the coordinator's answer to its commit, poll, since
+        both clients take those answers only inside `poll`, and read again later the record it may return."""
+        if self._in_flight:
+            self._in_flight[0].acks.wait(FULL_WINDOW_WAIT_S)
+            return
+        records = self._consumer.poll(FULL_WINDOW_POLL_MS, 1)
+        self.last_poll_ok_monotonic = time.monotonic()
+        if records:
+            self._rewind(records)
+
+    def _build_and_save(self, records: list[InputRecord]) -> Built:
+        built, writes = self._builder.build(records)
+        return self._builder.save(built, writes)
+
+    def _settle(self, stop: threading.Event | None, ends_outage: bool = True) -> None:
+        """Commit the batches at the head of the window whose outputs are all acknowledged (one asynchronous
+        commit for all of them). A refused output, or a batch unacknowledged for ACK_TIMEOUT_S, is an outage:
+        the window is dropped, its partitions rewound to its oldest batch, and consumption pauses for the
+        backoff before that batch is read again (without `stop`, the error is raised instead). A committed
+        batch ends an outage, unless `ends_outage` is false (during a Redis outage, batches saved before it)."""
+        self._take_commit_answers()
+        window, offsets, settled = self._in_flight, {}, 0  # settled: records
+        try:
+            while window and window[0].acks.done():
+                batch = window[0]
+                batch.acks.check()
+                window.popleft()
+                offsets.update(next_offsets(batch.records))
+                settled += len(batch.records)
+                self._committed(batch.records, batch.built, batch.polled_at, ends_outage)
+            if window and time.monotonic() - window[0].sent_monotonic > kafka_io.ACK_TIMEOUT_S:
+                raise kafka_io.NotAcknowledged(f"a batch waited over {kafka_io.ACK_TIMEOUT_S:.0f} s for its "
+                                               "acknowledgements")
+        except KAFKA_OUTAGE_ERRORS as error:
+            self._commit_async(offsets, settled)
+            if stop is None:  # inside a rebalance or a stop: the caller leaves the window to be read again
+                raise
+            self._rewind_window(error, stop)
+            return
+        self._commit_async(offsets, settled)
+
+    def _rewind_window(self, error: Exception, stop: threading.Event, also: list[InputRecord] = ()) -> None:
+        """Kafka refused the window's outputs: drop the window (and `also`, a batch it did not take), rewind
+        to its oldest batch, wait the backoff out paused, and resume, to read the dropped batches again. The
+        outage lasts until a batch is committed."""
+        self._rewind(self._drop_in_flight() + list(also))
+        self._wait_out(error, self._retry_in_s, stop)
+        self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
+        self._consumer.resume_all()
+
+    def _commit_async(self, offsets: dict[tuple[str, int], int], records: int) -> None:
+        if offsets:
+            by_partition = _by_partition(offsets)
+            self._committing.append((records, time.monotonic()))
+            self._consumer.commit_async(by_partition, lambda: self._commits_answered.append(None))
+            self._latest_offsets.update(by_partition)
+
+    def _committed(self, records: list[InputRecord], built: Built, polled_at: float, ends_outage: bool = True) -> None:
+        """Metrics and scores of a batch whose outputs are acknowledged and whose offsets are committed."""
+        if ends_outage:
+            self._end_outage()
+        self._account(built)
+        self._metrics.batch_duration.observe(time.perf_counter() - polled_at)
+        self._metrics.batch_size.observe(len(records))
+        sent_ms = built.input_timestamps_ms
+        observe_many(self._metrics.latency, np.maximum(0.0, time.time() * 1000.0 - sent_ms[sent_ms >= 0]) / 1000.0)
+
+    def _drop_in_flight(self) -> list[InputRecord]:
+        """Forget the batches in flight, to be read again; their records."""
+        records = [record for batch in self._in_flight for record in batch.records]
+        self._in_flight.clear()
+        return records
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the acknowledgements of the batches in flight and commit them (asynchronously); those not
+        acknowledged are left to be read again."""
+        if not self._in_flight:
+            return
+        try:
+            self._producer.flush(kafka_io.ACK_TIMEOUT_S)
+            self._settle(None)
+        except KAFKA_OUTAGE_ERRORS as error:
+            log.warning("the batches in flight are left to be read again (%s: %s)", type(error).__name__, error)
+        self._drop_in_flight()
+
+    def _commit_in_flight_before_revoke(self) -> None:
+        """Called by the consumer before a rebalance takes partitions away (on kafka-python, from its network
+        thread while `poll` waits): the batches in flight are acknowledged and their offsets committed now,
+        while the partitions are still ours, so that their next owner neither reads them again nor reads Redis
+        before their writes. During an outage they are left to the next owner, which replays them."""
+        if self.paused:
+            self._drop_in_flight()
+            return
+        self._finish_in_flight()
+
+    def _send_in_transaction(self, records: list[InputRecord], built: Built) -> None:
+        """Exactly-once: the batch's outputs and the offsets after it in one Kafka transaction, so a
+        read_committed reader sees its outputs once, whatever happens."""
+        try:
+            self._producer.send_in_transaction(built.messages, _by_partition(next_offsets(records)),
+                                               self._consumer.group_metadata())
+        except kafka_io.TransactionAborted as error:
+            raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
+                               "they will be read again") from error
+
+    def _retry_through_outage(self, attempt, error: Exception, outage_errors: tuple, stop: threading.Event | None):
+        """After `error`, wait the outage out (paused, with backoff) and call `attempt` again until it returns,
+        or until `stop` is set (or there is no `stop`: inside a rebalance), when the last error is raised and
+        the batch is read again by the partitions' next owner."""
+        while True:
+            if stop is None or stop.is_set():
+                raise error
+            if outage_errors is REDIS_OUTAGE_ERRORS:
+                self._settle_saved()
+            self._wait_out(error, self._retry_in_s, stop)
+            self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
+            try:
+                return attempt()
+            except outage_errors as again:
+                error = again
+
+    def _settle_saved(self) -> None:
+        """While Redis refuses a batch: commit the batches of the window that were saved before and are
+        acknowledged since, so that they are not left to be read again, nor missing from the metrics, for as
+        long as the outage lasts. A Kafka refusal among them is left to the loop, once Redis answers."""
+        try:
+            if self._in_flight:
+                self._producer.flush(SETTLE_SAVED_WAIT_S)  # their acknowledgements are due any moment
+            self._settle(None, ends_outage=False)
+        except KAFKA_OUTAGE_ERRORS:
+            pass
+
+    def _end_outage(self) -> None:
+        self._retry_in_s = OUTAGE_FIRST_RETRY_S
+        if self._outage_since is not None:
+            log.warning("outputs accepted again after %.1f s: resuming consumption", time.monotonic() - self._outage_since)
+            self._outage_since = None
+            self._metrics.paused.set(0)
+            self._consumer.resume_all()
+
+    def _rewind(self, records: list[InputRecord]) -> None:
+        """Seek the partitions this worker still owns back to the first of `records`, to read them again."""
+        owned = self._consumer.assignment()
+        for tp, first in _by_partition(first_offsets(records)).items():
+            if tp in owned:
+                self._consumer.seek(tp, first)
+
+    def _wait_out(self, error: Exception, delay_s: float, stop: threading.Event | None) -> None:
+        """Pause every assigned partition and wait `delay_s` (less if `stop` is set) while polling, which
+        keeps the consumer in its group. Records a poll still returns (partitions assigned during the
+        wait) are sought back to."""
+        dependency = "redis" if isinstance(error, redis.RedisError) else "kafka"
+        self._metrics.dependency_errors.labels(dependency).inc()
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            self._metrics.paused.set(1)
+            log.error("%s refused the batch's outputs (%s: %s): consumption paused, retrying", dependency,
+                      type(error).__name__, error)
+        else:
+            log.warning("still failing after %.0f s (%s: %s); next try in %.1f s",
+                        time.monotonic() - self._outage_since, type(error).__name__, error, delay_s)
+        until = time.monotonic() + delay_s
+        while time.monotonic() < until and not (stop is not None and stop.is_set()):
+            self._consumer.pause_all()
+            slice_ms = max(1, int(min(1.0, until - time.monotonic()) * 1000))
+            self._rewind(self._consumer.poll(slice_ms))
+            self.last_poll_ok_monotonic = time.monotonic()
+        self._consumer.pause_all()
+
+    def _account(self, built: Built) -> None:
+        """Metrics of a committed batch."""
+        m, task = self._metrics, self._model.meta.task
+        for reason in built.dead_letter_reasons:
+            m.dead_letters.labels(reason).inc()
+        m.duplicates.inc(built.duplicates)
+        m.replayed.inc(built.replayed)
+        m.predictions.labels(task).inc(built.predicted)
+        if built.resolved is not None:
+            m.labels_resolved.labels(task).inc(built.labels_resolved)
+            self._score(built.resolved)
+
+    def _score(self, resolved: Resolved) -> None:
+        """Prequential scores of the labels a committed batch resolved; on a drift alarm, ask the trainer for a
+        fine-tune on the examples since the estimated change."""
+        observe = self._quality.observe
+        changes = [change for version, probabilities, label, resolved_ts_s in zip(*resolved, strict=True)
+                   if (change := observe(version, probabilities, label, resolved_ts_s)) is not None]
+        if not changes:
+            return
+        self._metrics.drift_alarms.inc(len(changes))
+        log.warning("drift detector alarmed on the live loss stream; the change is estimated at event time %s",
+                    datetime.fromtimestamp(changes[-1], tz=timezone.utc).isoformat())
+        if self._raise_drift_alarm is not None:
+            try:
+                self._raise_drift_alarm(changes[-1])
+            except redis.RedisError as error:  # the batch is committed; a lost alarm only delays a fine-tune
+                log.warning("could not pass the drift alarm to the trainer: %s", error)
+
+    def _refresh_quality(self) -> None:
+        """Export rolling quality per tracked version; drop the series of versions no longer tracked."""
+        exported = set()
+        for version, measures in self._quality.snapshot().items():
+            for measure, value in measures.items():
+                self._metrics.live_quality.labels(version, measure).set(value)
+                exported.add((version, measure))
+        for stale in self._quality_series - exported:
+            self._metrics.live_quality.remove(*stale)
+        self._quality_series = exported
+
+    def _maybe_swap(self) -> None:
+        ready = self._follower.take() if self._follower is not None else None
+        if ready is None:
+            return
+        version, parameters = ready
+        started = time.perf_counter()
+        try:
+            self._model.swap(parameters, version)  # checks that they fit; the builder builds with this model
+        except ValueError as error:
+            self._metrics.swaps_refused.inc()
+            log.error("refusing model %s, the current model keeps serving: %s", version, error)
+            return
+        self._metrics.swap_duration.observe(time.perf_counter() - started)
+        self._metrics.model_swaps.inc()
+        self._metrics.model_info.info({"version": version, "task": self._model.meta.task})
+        log.info("now serving model %s (swap took %.2f ms)", version, (time.perf_counter() - started) * 1000)
+
+    def _check_fetching(self, now: float) -> None:
+        """Whether the consumer has stalled: it owns partitions, consumption is not paused, and the client sent
+        no fetch for STALLED_AFTER_S. Every poll then succeeds and returns nothing, and the lag gauge (the last
+        fetch's high-water mark) can read 0, so nothing else would show it: kafka-python 3.0 once left a
+        rebalance unfinished that way (streamadapt/kafka/kafka_python.py). A stalled worker is not ready, and says so once."""
+        try:
+            fetching = self._consumer.fetching()
+        except Exception as error:  # an observation, as the lag: a failed look-up must not stop serving
+            log.warning("could not read whether the Kafka consumer fetches: %s", error)
+            fetching = None
+        owned = self._consumer.assignment() if fetching is False and self._outage_since is None else set()
+        if not owned:
+            self._not_fetching_since = None
+        elif self._not_fetching_since is None:
+            self._not_fetching_since = now
+        stalled = self._not_fetching_since is not None and now - self._not_fetching_since >= STALLED_AFTER_S
+        if stalled and not self.stalled:
+            log.error("the Kafka consumer owns %d partitions but has fetched nothing for over a minute, though every "
+                      "poll succeeds: /readyz reports not ready; restart the worker if it does not recover", len(owned))
+        elif self.stalled and not stalled:
+            log.info("the Kafka consumer fetches again")
+        self.stalled = stalled
+
+    def _refresh_lag(self) -> None:
+        try:
+            for tp, lag in self._consumer.lag().items():
+                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+        except Exception as error:  # lag is an observation; a failed look-up must not stop serving
+            log.warning("could not read consumer lag: %s", error)
+
+
+def _by_partition(offsets: dict[tuple[str, int], int]) -> dict[TopicPartition, int]:
+    """pipeline's (topic, partition) keys as the Kafka clients' TopicPartition."""
+    return {TopicPartition(topic, partition): offset for (topic, partition), offset in offsets.items()}
+
+
+class _Progress:
+    """Periodic one-line progress reports from the counters."""
+
+    def __init__(self, metrics: WorkerMetrics):
+        self._metrics = metrics
+        self._last = (time.monotonic(), 0.0)
+
+    def log(self, now: float) -> None:
+        consumed = self._metrics.total("streamadapt_events_consumed_total")
+        predicted = self._metrics.total("streamadapt_predictions_total")
+        dead = self._metrics.total("streamadapt_events_dead_lettered_total")
+        duplicates = self._metrics.total("streamadapt_events_duplicate_total")
+        then, consumed_then = self._last
+        rate = (consumed - consumed_then) / max(1e-9, now - then)
+        self._last = (now, consumed)
+        log.info("progress: consumed=%d predicted=%d dead_lettered=%d duplicates=%d rate=%.0f events/s",
+                 consumed, predicted, dead, duplicates, rate)

@@ -1,0 +1,213 @@
+"""The pure core of the serving path: from parsed records to what must be written, predicted and sent.
+
+Nothing here does I/O; streamadapt.serving.loop wires it to Kafka, Redis and the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+import numpy as np
+
+from streamadapt.schemas import DeadLetter, PurchaseEvent
+from streamadapt.schemas.prediction import PredictionWriter, iso_datetime
+from streamadapt.core.examples import Example
+from streamadapt.core.features import UserState, advance, encode
+from streamadapt.core.labels import resolve_on_purchase
+from streamadapt.model.checkpoint import ModelMeta
+from streamadapt.core.parsing import Rejection
+from streamadapt.state.store import EventClaim
+
+TOP_CLASSES = 3
+# (topic, key, value): one record a batch produces
+Message = tuple[str, "bytes | None", bytes]
+
+
+class InputRecord(NamedTuple):
+    """The parts of a consumed Kafka record the pipeline uses (a tuple: one is built per record)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+    @property
+    def partition_ref(self) -> str:
+        return partition_ref(self.topic, self.partition)
+
+
+def partition_ref(topic: str, partition: int) -> str:
+    """"{topic}/{partition}": how Redis keys an input partition (event-time progress, deadlines)."""
+    return f"{topic}/{partition}"
+
+
+@dataclass
+class BatchPlan:
+    """What one batch of valid events amounts to, before inference."""
+
+    fresh: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)  # to predict, in order
+    features: np.ndarray | None = None  # one row per fresh event
+    replays: list[tuple[InputRecord, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
+    duplicates: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)
+    states: dict[str, UserState] = field(default_factory=dict)  # user states changed by this batch
+    # label join: (a stored pending prediction, or the index of an earlier fresh event here, label index,
+    # event time of the purchase that resolved it)
+    resolutions: list[tuple[Example | int, int, float]] = field(default_factory=list)
+    last_fresh_of_user: dict[str, int] = field(default_factory=dict)  # becomes the user's new pending
+
+
+def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim],
+               states: dict[str, UserState], pendings: dict[str, Example], meta: ModelMeta,
+               observed_since_s: float) -> BatchPlan:
+    """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
+
+    - replay: Redis says this very record (same topic/partition/offset) was already predicted, so its
+      stored prediction is re-emitted and the user's state is left alone (it already holds the event);
+    - duplicate: another record already carried this event_id (earlier in Redis or in this batch);
+    - fresh: features from the user's state before the event, then the state advances; and the event
+      resolves the label of the user's previous prediction (stored in `pendings`, or earlier in this batch).
+    `observed_since_s` is the event time from which the states have been kept (streamadapt.core.features.encode).
+    Events of one user are handled in arrival order, so the result does not depend on batch boundaries.
+    """
+    spec = meta.feature_spec
+    plan = BatchPlan()
+    before: list[tuple[UserState, PurchaseEvent]] = []  # each fresh event with its user's state before it
+    claimed_here: set[str] = set()
+    for record, event in valid:
+        claim = claims.get(event.event_id)
+        if claim is not None and claim.record == record.ref and event.event_id not in claimed_here:
+            plan.replays.append((record, replayed_prediction(claim, event, meta)))
+            claimed_here.add(event.event_id)
+        elif claim is not None or event.event_id in claimed_here:
+            plan.duplicates.append((record, event))
+        else:
+            user = event.user_id
+            state = spec.recall(plan.states.get(user) or states.get(user), event.ts_s)
+            index = len(plan.fresh)
+            before.append((state, event))
+            plan.states[user] = advance(state, event)
+            previous = plan.last_fresh_of_user.get(user)
+            source: Example | int | None = previous if previous is not None else pendings.get(user)
+            if source is not None:
+                source_ts_s = plan.fresh[source][1].ts_s if isinstance(source, int) else source.ts_s
+                label = resolve_on_purchase(meta.task, source_ts_s, event.ts_s,
+                                            spec.index_of(event.category), meta.horizon_days)
+                plan.resolutions.append((source, label, event.ts_s))
+            plan.last_fresh_of_user[user] = index
+            plan.fresh.append((record, event))
+            claimed_here.add(event.event_id)
+    plan.features = encode(before, spec, observed_since_s)
+    return plan
+
+
+def served_examples(plan: BatchPlan, probabilities: np.ndarray, model_version: str) -> list[Example]:
+    """One pending Example per fresh event: its features and the probabilities served for it."""
+    return [Example(event.event_id, event.ts_s, model_version, plan.features[i], probabilities[i])
+            for i, (_, event) in enumerate(plan.fresh)]
+
+
+def resolved_examples(plan: BatchPlan, served: list[Example]) -> list[Example]:
+    """The labelled examples this batch's purchases resolved."""
+    return [(served[source] if isinstance(source, int) else source).with_label(label, resolved_ts_s)
+            for source, label, resolved_ts_s in plan.resolutions]
+
+
+def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: float,
+                    replaced: set[str]) -> tuple[list[Example], list[str], dict[str, float]]:
+    """Repurchase negatives: pendings whose deadline the watermark passed with no purchase.
+
+    `due` are the pendings of users due in the deadline index; users in `replaced` got a new
+    pending in this batch (their purchase resolved the old one). Returns (negative examples, users whose
+    pending to delete, deadlines to put back because the pending there is newer than the due entry).
+    """
+    horizon_s = horizon_days * 86400.0
+    negatives, cleared, requeue = [], [], {}
+    for user, pending in due.items():
+        if user in replaced:
+            continue
+        deadline = pending.ts_s + horizon_s
+        if deadline < watermark_s:
+            negatives.append(pending.with_label(0, watermark_s))  # known to be negative once the watermark passed
+            cleared.append(user)
+        else:
+            requeue[user] = deadline
+    return negatives, cleared, requeue
+
+
+def make_predictions(fresh: list[tuple[InputRecord, PurchaseEvent]], probabilities: np.ndarray, meta: ModelMeta,
+                     model_version: str, predicted_at: datetime) -> tuple[list[bytes], list[EventClaim]]:
+    """The prediction message (JSON) of each fresh event, from the model's class probabilities (rows
+    aligned with `fresh`), and the claim that lets a replay of its record write the same message again.
+    Probabilities are made finite and clipped to [0, 1] first, as the schema asks."""
+    write = PredictionWriter(task=meta.task, model_version=model_version, classes=meta.classes,
+                             predicted_at=predicted_at)
+    at = iso_datetime(predicted_at)
+    rows = np.clip(np.nan_to_num(probabilities, nan=0.0), 0.0, 1.0)
+    bodies, claims = [], []
+    if meta.task == "repurchase":
+        for (record, event), (p0, p1) in zip(fresh, rows.tolist()):
+            label = int(p1 > p0)
+            bodies.append(write(event.event_id, event.user_id, event.ts, label, p1))
+            claims.append(EventClaim(record.ref, model_version, at, label, p1, None, None))
+        return bodies, claims
+    top_k = np.argsort(-rows, axis=1)[:, :TOP_CLASSES]
+    top_p = np.take_along_axis(rows, top_k, axis=1)  # only these become Python floats, not whole rows
+    for (record, event), order, ranked in zip(fresh, top_k.tolist(), top_p.tolist()):
+        bodies.append(write(event.event_id, event.user_id, event.ts, order[0], ranked[0], list(zip(order, ranked))))
+        claims.append(EventClaim(record.ref, model_version, at, order[0], ranked[0], order, ranked))
+    return bodies, claims
+
+
+def replayed_prediction(claim: EventClaim, event: PurchaseEvent, meta: ModelMeta) -> bytes:
+    """The prediction message of a replayed record, the same bytes as when it was first predicted (`event` is
+    the record's event again). Class indices are read with this model's classes: every version fine-tuned
+    from one source checkpoint has its classes."""
+    write = PredictionWriter(task=meta.task, model_version=claim.model_version, classes=meta.classes,
+                             predicted_at=datetime.fromisoformat(claim.predicted_at))
+    ranked = (None if claim.ranked_classes is None
+              else list(zip(claim.ranked_classes, claim.ranked_probabilities or (), strict=True)))
+    return write(event.event_id, event.user_id, event.ts, claim.label, claim.score, ranked)
+
+
+def make_dead_letter(record: InputRecord, rejection: Rejection, failed_at: datetime, max_payload_chars: int) -> DeadLetter:
+    payload, encoding = DeadLetter.encode_payload(record.value, max_payload_chars)
+    return DeadLetter(
+        payload=payload, payload_encoding=encoding, payload_bytes=len(record.value or b""),
+        reason=rejection.reason, detail=rejection.detail, topic=record.topic, partition=record.partition,
+        offset=record.offset, failed_at=failed_at,
+    )
+
+
+def next_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition): the offset after the last record of the batch, i.e. what to commit."""
+    offsets: dict[tuple[str, int], int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        offsets[key] = max(offsets.get(key, 0), record.offset + 1)
+    return offsets
+
+
+def first_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
+    """Per (topic, partition): the offset of the batch's first record, i.e. where to rewind to read it again."""
+    offsets: dict[tuple[str, int], int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        offsets[key] = min(offsets.get(key, record.offset), record.offset)
+    return offsets
+
+
+def newest_event_times(fresh: list[tuple[InputRecord, PurchaseEvent]]) -> dict[str, float]:
+    """Per input partition (as `partition_ref` names it): the newest event time among these events."""
+    newest: dict[tuple[str, int], float] = {}
+    for record, event in fresh:
+        key, ts_s = (record.topic, record.partition), event.ts_s
+        if ts_s > newest.get(key, float("-inf")):
+            newest[key] = ts_s
+    return {partition_ref(topic, partition): ts_s for (topic, partition), ts_s in newest.items()}

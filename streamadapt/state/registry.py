@@ -1,0 +1,151 @@
+"""Model registry and trainer lease in Redis (no shared filesystem between hosts is assumed).
+
+Keys under `{prefix}:models:{name}:`
+  seq                 version counter
+  versions            hash: version -> ModelVersion JSON (every run, promoted or not)
+  artifact:{version}  the weights (numpy .npz bytes); its sha256 is in the version record
+  champion            the version every replica should serve
+  unannounced         set: versions stored but not yet published on the model-versions topic
+Trainer lease: `{prefix}:trainer:lease` holds "{fence}:{uuid}" with a TTL; `{prefix}:trainer:fence`
+counts acquisitions. Renewing and promoting are Lua scripts that act only while the caller still holds
+the lease, so a trainer that lost it (paused, partitioned, killed) cannot promote.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+
+import numpy as np
+import redis
+
+from streamadapt.schemas import ModelVersion
+from streamadapt.model.checkpoint import Parameters
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_PROMOTE_IF_LEADER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+class ArtifactError(ValueError):
+    """An artifact that must not be served: missing, tampered with, or of another shape."""
+
+
+def encode_parameters(parameters: Parameters) -> bytes:
+    """A version's artifact: a numpy .npz of its weights (`arr_0`, `arr_1`, ...) and its calibration."""
+    buffer = io.BytesIO()
+    calibrated = {} if parameters.calibration is None else {"calibration": np.asarray(parameters.calibration, np.float64)}
+    np.savez(buffer, *parameters.weights, **calibrated)
+    return buffer.getvalue()
+
+
+def decode_parameters(raw: bytes, expected_sha256: str) -> Parameters:
+    """A version's parameters from artifact bytes, after checking their sha256. Never unpickles."""
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != expected_sha256:
+        raise ArtifactError(f"artifact sha256 {actual[:12]}… does not match {expected_sha256[:12]}…")
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            weights = [archive[f"arr_{i}"] for i in range(sum(name.startswith("arr_") for name in archive.files))]
+            return Parameters(weights, archive["calibration"] if "calibration" in archive.files else None)
+    except (ValueError, KeyError, OSError) as error:
+        raise ArtifactError(f"artifact is not a weights archive: {error}") from error
+
+
+class Registry:
+    def __init__(self, client: redis.Redis, key_prefix: str, model_name: str):
+        self._client = client
+        base = f"{key_prefix}:models:{model_name}"
+        self._seq, self._versions, self._champion = f"{base}:seq", f"{base}:versions", f"{base}:champion"
+        self._unannounced = f"{base}:unannounced"
+        self._artifact_prefix = f"{base}:artifact:"
+        self._lease, self._fence = f"{key_prefix}:trainer:lease", f"{key_prefix}:trainer:fence"
+        self._renew = client.register_script(_RENEW)
+        self._promote = client.register_script(_PROMOTE_IF_LEADER)
+
+    # versions and artifacts
+    def next_version_number(self) -> int:
+        return int(self._client.incr(self._seq))
+
+    def artifact_ref(self, version: str) -> str:
+        return self._artifact_prefix + version
+
+    def put(self, record: ModelVersion, artifact: bytes) -> None:
+        """Store the artifact, then its record (a record never points at a missing artifact), together with
+        a note that it is still to be announced."""
+        self._client.set(self.artifact_ref(record.version), artifact)
+        with self._client.pipeline() as transaction:
+            transaction.hset(self._versions, record.version, record.model_dump_json())
+            transaction.sadd(self._unannounced, record.version)
+            transaction.execute()
+
+    def unannounced_versions(self) -> set[str]:
+        """The versions not yet announced on the model-versions topic (a version deleted by hand may linger)."""
+        return {version.decode() for version in self._client.smembers(self._unannounced)}
+
+    def unannounced(self) -> list[ModelVersion]:
+        """The records not yet announced on the model-versions topic, as they stand now, oldest first."""
+        records = []
+        for version in self.unannounced_versions():
+            record = self.get(version)
+            if record is None:  # deleted by hand: nothing left to announce
+                self.mark_announced(version)
+            else:
+                records.append(record)
+        return sorted(records, key=lambda r: r.created_at)
+
+    def mark_announced(self, version: str) -> None:
+        self._client.srem(self._unannounced, version)
+
+    def mark_unannounced(self, version: str) -> None:
+        self._client.sadd(self._unannounced, version)
+
+    def get(self, version: str) -> ModelVersion | None:
+        raw = self._client.hget(self._versions, version)
+        return ModelVersion.model_validate_json(raw) if raw else None
+
+    def all(self) -> list[ModelVersion]:
+        records = [ModelVersion.model_validate_json(v) for v in self._client.hvals(self._versions)]
+        return sorted(records, key=lambda r: r.created_at)
+
+    def parameters(self, record: ModelVersion) -> Parameters:
+        """The version's weights and calibration, verified against its sha256. Raises ArtifactError."""
+        raw = self._client.get(self.artifact_ref(record.version))
+        if raw is None:
+            raise ArtifactError(f"artifact of {record.version} is missing")
+        return decode_parameters(raw, record.artifact_sha256)
+
+    def champion(self) -> str | None:
+        raw = self._client.get(self._champion)
+        return raw.decode() if raw else None
+
+    def set_champion(self, version: str) -> None:
+        """Operator action (rollback): make `version` champion, whoever holds the trainer lease."""
+        if self.get(version) is None:
+            raise KeyError(version)
+        self._client.set(self._champion, version)
+
+    # the trainer lease
+    def acquire_lease(self, ttl_s: float) -> str | None:
+        """A fencing token when the lease was free, else None."""
+        token = f"{int(self._client.incr(self._fence))}:{uuid.uuid4().hex}"
+        return token if self._client.set(self._lease, token, nx=True, px=int(ttl_s * 1000)) else None
+
+    def renew_lease(self, token: str, ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self._lease], args=[token, int(ttl_s * 1000)]))
+
+    def release_lease(self, token: str) -> None:
+        self._client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                          1, self._lease, token)
+
+    def promote_if_leader(self, token: str, record: ModelVersion) -> bool:
+        """Make `record` champion (and store it as promoted) only while `token` holds the lease."""
+        return bool(self._promote(keys=[self._lease, self._champion, self._versions],
+                                  args=[token, record.version, record.model_dump_json()]))

@@ -1,0 +1,1 @@
+"""streamadapt/training"""

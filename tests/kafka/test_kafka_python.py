@@ -1,0 +1,234 @@
+import socket
+from types import SimpleNamespace
+
+import pytest
+from kafka import TopicPartition
+from kafka.errors import (
+    CommitFailedError, IllegalGenerationError, KafkaConnectionError, MessageSizeTooLargeError,
+    NotLeaderForPartitionError, ProducerFencedError, RebalanceInProgressError, UnknownMemberIdError,
+)
+from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
+
+from streamadapt.kafka.kafka_python import (
+    Acks, KeyPartitioner, NotAcknowledged, ProducerFenced, ServingConsumer, ServingProducer, TransactionAborted, _drain_fetches_that_land_late,
+    commit,
+)
+
+
+class RefusingConsumer:
+    """Stands in for the consumer's commit call only; the real path is in tests/integration."""
+
+    def __init__(self, error=None):
+        self.error, self.committed = error, None
+
+    def commit(self, offsets):
+        if self.error is not None:
+            raise self.error
+        self.committed = offsets
+
+
+def test_commit_sends_the_next_offsets():
+    consumer = RefusingConsumer()
+    assert commit(consumer, {TopicPartition("t", 0): 7})
+    assert consumer.committed[TopicPartition("t", 0)].offset == 7
+
+
+@pytest.mark.parametrize("error", [CommitFailedError(), RebalanceInProgressError(), IllegalGenerationError(),
+                                   UnknownMemberIdError()])
+def test_a_rebalance_refuses_the_commit_without_crashing(error):
+    assert commit(RefusingConsumer(error), {TopicPartition("t", 0): 7}) is False
+
+
+def test_other_errors_still_raise():
+    with pytest.raises(KafkaConnectionError):
+        commit(RefusingConsumer(KafkaConnectionError()), {TopicPartition("t", 0): 7})
+
+
+class _Metadata:
+    def __init__(self, partitions):
+        self.partitions = partitions
+
+    def topics(self):
+        return {"t"}
+
+    def partitions_for_topic(self, topic):
+        return set(self.partitions)
+
+    def available_partitions_for_topic(self, topic):
+        return set(self.partitions)
+
+
+class _Producer:
+    def __init__(self, partitions):
+        self.metadata = _Metadata(partitions)
+
+    def partitions_for(self, topic):
+        return self.metadata.partitions_for_topic(topic)
+
+
+def test_key_partitioner_agrees_with_kafka_pythons_default_partitioner_and_follows_new_partitions():
+    from kafka.partitioner.default import DefaultPartitioner
+
+    producer = _Producer(range(6))
+    partition_of = KeyPartitioner(producer, max_keys_per_topic=50)
+    keys = [f"user-{i}".encode() for i in range(300)] * 2  # repeated keys, and more keys than the memo holds
+    for partitions in (range(6), range(9)):
+        producer.metadata.partitions = partitions
+        partition_of.new_batch()
+        expected = [DefaultPartitioner().partition("t", k, k, None, None, producer.metadata) for k in keys]
+        assert [partition_of("t", k) for k in keys] == expected
+    assert partition_of("t", None) is None
+
+
+class TransactionalProducer:
+    """kafka-python's transactional calls, recorded; `commit_error` is raised by commit_transaction."""
+
+    def __init__(self, commit_error=None):
+        self.commit_error, self.calls = commit_error, []
+
+    def partitions_for(self, topic):
+        return {0, 1}
+
+    def begin_transaction(self):
+        self.calls.append("begin")
+
+    def send(self, topic, key=None, value=None, partition=None):
+        self.calls.append(f"send {topic}/{partition}")
+        return _Acknowledged()
+
+    def flush(self, timeout=None):
+        self.calls.append("flush")
+
+    def send_offsets_to_transaction(self, offsets, group_metadata):
+        self.calls.append(f"offsets {sorted((tp.partition, o.offset) for tp, o in offsets.items())} {group_metadata}")
+
+    def commit_transaction(self):
+        self.calls.append("commit")
+        if self.commit_error is not None:
+            raise self.commit_error
+
+    def abort_transaction(self):
+        self.calls.append("abort")
+
+
+class _Acknowledged:
+    is_done, exception = True, None
+
+
+MESSAGES = [("predictions", b"user-1", b"{}"), ("dlq", None, b"{}")]
+
+
+class _Future:
+    def __init__(self, is_done=False, exception=None):
+        self.is_done, self.exception = is_done, exception
+
+
+def test_a_batch_is_acknowledged_once_every_record_is_and_a_refusal_says_whether_it_is_an_outage():
+    futures = [_Future(True), _Future(), _Future(True)]
+    acks = Acks(futures)
+    assert not acks.done()
+    futures[1].is_done = True
+    assert acks.done()
+    acks.check()  # all acknowledged
+    futures[2].exception = NotLeaderForPartitionError()
+    with pytest.raises(NotAcknowledged, match="NotLeaderForPartitionError"):
+        acks.check()  # retriable: an outage, the batch is read again
+    futures[2].exception = MessageSizeTooLargeError()
+    with pytest.raises(MessageSizeTooLargeError):
+        acks.check()  # not retriable: a bug, the worker stops
+
+
+def test_a_transaction_sends_the_batch_then_the_offsets_then_commits():
+    producer = TransactionalProducer()
+    ServingProducer(producer).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "generation-7")
+    partition = KeyPartitioner(producer)("predictions", b"user-1")
+    assert producer.calls == ["begin", f"send predictions/{partition}", "send dlq/None", "flush",
+                              "offsets [(0, 12)] generation-7", "commit"]
+
+
+def test_a_refused_transaction_is_aborted_and_a_fenced_producer_says_so():
+    producer = TransactionalProducer(CommitFailedError("generation is stale"))
+    with pytest.raises(TransactionAborted, match="CommitFailedError"):
+        ServingProducer(producer).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "g")
+    assert producer.calls[-2:] == ["commit", "abort"]
+    fenced = TransactionalProducer(ProducerFencedError())
+    with pytest.raises(ProducerFenced, match="own --kafka-transactional-id"):
+        ServingProducer(fenced).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "g")
+    assert "abort" not in fenced.calls
+
+
+class RacedFetcher:
+    """kafka-python 3.0's `Fetcher.fetch_records` contract, (records, idle): the first call reports idle although
+    a response landed meanwhile, as in the race; later calls drain what landed."""
+
+    def __init__(self, landed: dict):
+        self.landed, self.calls = landed, 0
+
+    def fetch_records(self, max_records=None, update_offsets=True, timeout_ms=None):
+        self.calls += 1
+        if self.calls == 1:
+            return {}, True
+        landed, self.landed = self.landed, {}
+        return landed, not landed
+
+
+def test_records_that_land_while_a_poll_looks_idle_are_returned_at_once():
+    landed = {TopicPartition("t", 0): ["record"]}
+    fetcher = RacedFetcher(landed)
+    _drain_fetches_that_land_late(fetcher)
+    assert fetcher.fetch_records(2000, timeout_ms=200) == (landed, False)
+    assert fetcher.calls == 2
+
+
+def test_a_consumer_idle_in_truth_is_still_reported_idle():
+    fetcher = RacedFetcher({})
+    _drain_fetches_that_land_late(fetcher)
+    assert fetcher.fetch_records(2000, timeout_ms=200) == ({}, True)  # so that kafka-python's poll sleeps
+
+
+class SocketEnd:
+    """What a kafka-python transport's `_sock_recv` reads through: its `_sock`, a non-blocking socket."""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self._sock = sock
+
+
+def test_bytes_read_just_before_the_broker_closes_reach_the_protocol_before_the_close():
+    for transport_class in (KafkaTCPTransport, KafkaSSLTransport):
+        ours, brokers = socket.socketpair()
+        with ours:
+            brokers.sendall(b"Authentication failed: Invalid username or password")
+            brokers.close()  # the answer and the close arrive together, as from a broker refusing credentials
+            transport = SocketEnd(ours)
+            assert transport_class._sock_recv(transport) == (b"Authentication failed: Invalid username or password", None)
+            data, error = transport_class._sock_recv(transport)
+            assert data == b"" and isinstance(error, KafkaConnectionError)
+
+
+def test_a_close_with_no_bytes_before_it_is_reported_at_once():
+    ours, brokers = socket.socketpair()
+    with ours:
+        brokers.close()
+        data, error = KafkaTCPTransport._sock_recv(SocketEnd(ours))
+        assert data == b"" and isinstance(error, KafkaConnectionError)
+
+
+def test_bytes_of_an_open_connection_pass_as_they_come():
+    ours, brokers = socket.socketpair()
+    with ours, brokers:
+        brokers.sendall(b"response")
+        transport = SocketEnd(ours)
+        assert KafkaTCPTransport._sock_recv(transport) == (b"response", None)
+        assert KafkaTCPTransport._sock_recv(transport) == (b"", None)  # nothing more yet, and still open
+
+
+@pytest.mark.parametrize("metrics, fetching", [
+    ({"consumer-fetch-manager-metrics": {"fetch-rate": 1.9}}, True),
+    ({"consumer-fetch-manager-metrics": {"fetch-rate": 0.0}}, False),
+    ({"consumer-fetch-manager-metrics": {}}, None),  # a renamed metric must not read as a stall
+    (None, None),  # metrics switched off
+])
+def test_whether_the_consumer_fetches_comes_from_kafka_pythons_fetch_rate(metrics, fetching):
+    consumer = ServingConsumer(SimpleNamespace(metrics=lambda: metrics))
+    assert consumer.fetching() is fetching

@@ -1,0 +1,99 @@
+"""Registry and lease against the real Redis of the dev stack."""
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import redis
+
+from streamadapt.schemas import ModelVersion, TrainedOn
+from tests.conftest import new_names
+from streamadapt.model.checkpoint import Parameters
+from streamadapt.state.registry import ArtifactError, Registry, decode_parameters, encode_parameters
+
+
+@pytest.fixture
+def registry(stack):
+    client = redis.Redis.from_url(stack.redis_url)
+    yield Registry(client, new_names().key_prefix, "purchases")  # its keys go at the end of the run
+    client.close()
+
+
+def record(version: str, artifact: bytes, promoted=False) -> ModelVersion:
+    import hashlib
+
+    return ModelVersion(model="purchases", version=version, task="repurchase", source_checkpoint_sha256="s" * 64,
+                        created_at=datetime.now(timezone.utc), trained_on=TrainedOn(examples=1), promoted=promoted,
+                        artifact_sha256=hashlib.sha256(artifact).hexdigest(), artifact_ref=f"ref/{version}")
+
+
+def test_parameters_round_trip_and_tampering_is_refused():
+    import hashlib
+
+    weights = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros(3, np.float32)]
+    for fitted in (None, np.array([1.2, 0.0, -0.3])):
+        raw = encode_parameters(Parameters(weights, fitted))
+        back = decode_parameters(raw, hashlib.sha256(raw).hexdigest())
+        assert len(back.weights) == 2 and all(np.array_equal(a, b) for a, b in zip(weights, back.weights))
+        assert (back.calibration is None) if fitted is None else np.array_equal(back.calibration, fitted)
+    with pytest.raises(ArtifactError, match="sha256"):
+        decode_parameters(raw[:10] + bytes([raw[10] ^ 0xFF]) + raw[11:], hashlib.sha256(raw).hexdigest())
+
+
+def test_put_get_and_champion(registry):
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
+    registry.put(record("v1", artifact), artifact)
+    assert registry.get("v1").version == "v1" and registry.get("nope") is None
+    assert [r.version for r in registry.all()] == ["v1"]
+    assert registry.champion() is None
+    registry.set_champion("v1")
+    assert registry.champion() == "v1"
+    with pytest.raises(KeyError):
+        registry.set_champion("v9")
+
+
+def test_a_stale_trainer_cannot_promote(registry):
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
+    registry.put(record("v1", artifact), artifact)
+    first = registry.acquire_lease(ttl_s=0.3)
+    assert first is not None and registry.acquire_lease(ttl_s=5) is None
+    assert registry.renew_lease(first, ttl_s=0.3)
+    import time
+
+    deadline = time.monotonic() + 5
+    second = None
+    while second is None and time.monotonic() < deadline:  # the first lease lapses unrenewed
+        second = registry.acquire_lease(ttl_s=10)
+    assert second is not None and int(second.split(":")[0]) > int(first.split(":")[0])
+    assert not registry.renew_lease(first, ttl_s=10)
+    assert not registry.promote_if_leader(first, record("v1", artifact, promoted=True))
+    assert registry.champion() is None
+    assert registry.promote_if_leader(second, record("v1", artifact, promoted=True))
+    assert registry.champion() == "v1" and registry.get("v1").promoted
+
+
+def test_missing_artifact_is_refused(registry, stack):
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
+    registry.put(record("v1", artifact), artifact)
+    redis.Redis.from_url(stack.redis_url).delete(registry.artifact_ref("v1"))
+    with pytest.raises(ArtifactError, match="missing"):
+        registry.parameters(registry.get("v1"))
+
+
+def test_a_stored_version_is_unannounced_until_marked_and_is_read_as_it_stands(stack, names):
+    client = redis.Redis.from_url(stack.redis_url)
+    registry = Registry(client, names.key_prefix, "purchases")
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
+    registry.put(record("v1", artifact), artifact)
+    registry.put(record("v2", artifact), artifact)
+    assert [r.version for r in registry.unannounced()] == ["v1", "v2"]  # oldest first
+    token = registry.acquire_lease(ttl_s=10)
+    assert registry.promote_if_leader(token, record("v2", artifact, promoted=True))
+    assert [r.promoted for r in registry.unannounced()] == [False, True]
+    registry.mark_announced("v1")
+    assert [r.version for r in registry.unannounced()] == ["v2"]
+    registry.mark_unannounced("v1")
+    client.hdel(f"{names.key_prefix}:models:purchases:versions", "v2")
+    assert [r.version for r in registry.unannounced()] == ["v1"]  # a record deleted by hand is dropped
+    registry.mark_announced("v1")
+    assert registry.unannounced() == []
+    client.close()

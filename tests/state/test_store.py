@@ -1,0 +1,121 @@
+"""StateStore against the real Redis of the dev stack."""
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from streamadapt.core.examples import Example
+from streamadapt.core.features import UserState
+from streamadapt.settings import RedisSettings
+from streamadapt.state.store import StateStore, StateWrites, drop_keys
+
+
+@pytest.fixture
+def store(stack):
+    settings = RedisSettings(url=stack.redis_url, key_prefix=f"test-state-{uuid.uuid4().hex[:8]}")
+    client = redis.Redis.from_url(stack.redis_url)
+    yield StateStore(client, settings)
+    drop_keys(client, settings.key_prefix)
+
+
+def pending(user, ts_s):
+    return Example(f"e-{user}", ts_s, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32))
+
+
+def test_due_deadlines_stay_until_the_batch_that_settles_them_is_saved(store):
+    store.save(StateWrites(pendings={"a": pending("a", 10.0), "b": pending("b", 20.0), "c": pending("c", 90.0)},
+                           deadlines={"in/0": {"a": 15.0, "b": 25.0}, "in/1": {"c": 95.0}}))
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {"in/0": ["a", "b"]}
+    # A worker that dies before saving its batch settles nothing: the next owner finds the same users due.
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {"in/0": ["a", "b"]}
+    # Settled: a became a negative, b bought again and got a new deadline in the same transaction.
+    store.save(StateWrites(cleared_pendings={"a": None}, settled_deadlines={"in/0": ["a", "b"]},
+                           pendings={"b": pending("b", 28.0)}, deadlines={"in/0": {"b": 33.0}}))
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=30.0) == {}
+    assert store.due_deadlines(["in/0", "in/1"], watermark_s=100.0) == {"in/0": ["b"], "in/1": ["c"]}
+    assert set(store.load_profiles(["a", "b", "c"])[1]) == {"b", "c"}
+
+
+def test_a_batch_that_requeues_nothing_still_saves(store):
+    store.save(StateWrites(deadlines={"in/0": {"a": 1.0}}))
+    store.save(StateWrites(settled_deadlines={"in/0": ["a"]}, deadlines={"in/0": {}}))
+    assert store.due_deadlines(["in/0"], watermark_s=5.0) == {}
+
+
+def test_only_the_partitions_asked_for_are_read(store):
+    store.save(StateWrites(deadlines={"in/0": {"a": 1.0}, "in/1": {"b": 1.0}}))
+    assert store.due_deadlines(["in/1"], watermark_s=5.0) == {"in/1": ["b"]}
+
+
+def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state(store):
+    state = UserState(purchases=2, last_ts_s=5.0, categories={"books": [1.98, 1.85, 5.0, 2]}, total_count=1.98)
+    store.save(StateWrites(states={"a": state}, pendings={"a": pending("a", 5.0)}))
+    states, pendings = store.load_profiles(["a"])
+    assert states == {"a": state} and pendings["a"].event_id == "e-a"
+    store.save(StateWrites(cleared_pendings={"a": state}))
+    assert store.load_profiles(["a"]) == ({"a": state}, {})
+
+
+def test_states_are_kept_from_the_oldest_event_of_the_first_batch_whatever_later_batches_hold(store):
+    assert store.load(["e1"], ["a"], 1_000.5)[3] == 1_000.5
+    assert store.load(["e2"], ["b"], 500.0)[3] == 1_000.5  # a later batch with older events does not move it
+    assert store.load(["e3"], ["c"], 9_000.0)[3] == 1_000.5
+    assert store.load([], [], 7.0)[3] == 7.0  # a batch without valid events reads nothing
+
+
+def test_a_profile_that_cannot_be_read_counts_as_a_new_user(store, stack):
+    client = redis.Redis.from_url(stack.redis_url)
+    client.set(f"{store._p}:profile:old", b'[1, 2.0, "toys", {"toys": 1.0}, 0.0, 0.0]\n')  # another version's state
+    client.set(f"{store._p}:profile:torn", b'[1, 2.0, {}, 1.0, 0.0, 0.0]\nnot an example')
+    store.save(StateWrites(states={"fine": UserState(purchases=3)}))
+    claims, states, pendings, _ = store.load(["e-1"], ["old", "torn", "fine"], 0.0)
+    assert states == {"fine": UserState(purchases=3)} and pendings == {} and claims == {}
+
+
+def test_a_drift_alarm_is_taken_once_and_its_regime_start_is_kept(store):
+    assert store.regime_since_ts() is None and not store.take_drift_alarm()
+    store.raise_drift_alarm(1_750_000_000.25)
+    assert store.take_drift_alarm() and not store.take_drift_alarm()
+    assert store.regime_since_ts() == 1_750_000_000.25  # a trainer that takes over later trains on the same regime
+
+
+def test_drop_keys_takes_a_glob_of_prefixes_and_counts_what_it_dropped(stack):
+    client = redis.Redis.from_url(stack.redis_url)
+    run = uuid.uuid4().hex[:8]
+    for prefix in (f"test-drop-{run}-a", f"test-drop-{run}-b", f"test-keep-{run}"):
+        client.mset({f"{prefix}:k{i}": i for i in range(1500)})  # over one UNLINK's thousand
+    try:
+        assert drop_keys(client, f"test-drop-{run}-*") == 3000
+        assert not list(client.scan_iter(f"test-drop-{run}-*", count=1000))
+        assert len(list(client.scan_iter(f"test-keep-{run}:*", count=1000))) == 1500
+    finally:
+        drop_keys(client, f"test-keep-{run}")
+        drop_keys(client, f"test-drop-{run}-*")
+
+
+def test_the_trainer_reads_the_newest_examples_up_to_a_time_skipping_newer_windows(store):
+    day = 86400.0
+    labelled = [Example(f"e{k}", k * day / 4, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 1,
+                        k * day / 4 + 1) for k in range(12)]  # three days, four examples a day
+    store.save(StateWrites(examples=labelled))
+    assert [e.event_id for e in store.recent_examples(5)] == ["e7", "e8", "e9", "e10", "e11"]
+    # up to the middle of the second day: the third day's window is not read, the second's newer half is left out
+    assert [e.event_id for e in store.recent_examples(3, until_ts_s=1.5 * day)] == ["e4", "e5", "e6"]
+    assert [e.event_id for e in store.recent_examples(100, until_ts_s=1.5 * day)] == [f"e{k}" for k in range(7)]
+    assert store.recent_examples(100, until_ts_s=-1.0) == []
+
+
+def test_the_trainer_finds_the_purchases_whose_horizon_is_still_running(store):
+    """Watermark 100, horizon 30: purchases after 70 are unsettled. Those repurchased already are in the windows
+    (labelled 1); the others wait in their users' profiles, found through the deadline index."""
+    day_70 = 70.0
+    repurchased = Example("e-r", 80.0, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 1, 85.0)
+    settled = Example("e-s", 60.0, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 0, 91.0)
+    store.save(StateWrites(examples=[repurchased, settled],
+                           pendings={"a": pending("a", 75.0), "b": pending("b", 95.0), "old": pending("old", 65.0)},
+                           deadlines={"in/0": {"a": 105.0, "old": 95.0}, "in/1": {"b": 125.0}},
+                           newest_by_partition={"in/0": 101.0, "in/1": 102.0}))
+    found = store.unsettled_examples(since_ts_s=day_70, max_examples=100)
+    assert [(e.event_id, e.label) for e in found] == [("e-a", -1), ("e-r", 1), ("e-b", -1)]
+    assert [e.event_id for e in store.unsettled_examples(since_ts_s=day_70, max_examples=2)] == ["e-r", "e-b"]
