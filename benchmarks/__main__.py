@@ -9,7 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from streamadapt.cli import Parser, add_settings_flags, run_reporting_errors, settings_overrides
+from streamadapt.cli import (
+    Parser,
+    add_settings_flags,
+    run_reporting_errors,
+    settings_overrides,
+)
 from streamadapt.settings import SettingsError, load_settings
 
 
@@ -96,8 +101,8 @@ def _bench_adaptation(args: argparse.Namespace) -> None:
     import tempfile
 
     from benchmarks.adaptation import run_adaptation_bench
-    from streamadapt.training.finetune import STRATEGIES
     from streamadapt.ops.generate import generate_events, write_events
+    from streamadapt.settings import STRATEGIES
     from streamadapt.training.pretrain import pretrain, read_events
 
     strategies = tuple(s for s in args.strategies.split(",") if s)
@@ -151,7 +156,10 @@ def _bench_adaptation(args: argparse.Namespace) -> None:
                                       oracle_goal=args.events is None, curve_sizes=_sizes(args.curve_sizes))
         if args.through_worker:
             from benchmarks.adaptation import MEASURE
-            from benchmarks.adaptation_e2e import print_through_worker, run_through_worker
+            from benchmarks.adaptation_e2e import (
+                print_through_worker,
+                run_through_worker,
+            )
             from benchmarks.results import write_json
 
             result.update(run_through_worker(settings, events, checkpoint, result["split_at"], args.replay_rate))

@@ -35,17 +35,35 @@ from pathlib import Path
 
 import numpy as np
 
-from streamadapt.schemas import PurchaseEvent
 from benchmarks.results import cell, goal_line, write_json
-from streamadapt.training.candidate import (Round, Scorer, examples_before_next_round, fine_tune_round, labels_known_until,
-                              round_examples)
 from streamadapt.core.examples import Example, expired_windows, window_start
-from streamadapt.core.features import FREQUENCY_PRIOR, OTHER, encode_stream
-from streamadapt.training.finetune import FineTuneConfig, FineTuneError, fine_tune
-from streamadapt.core.labels import file_labels, next_of_same_user, repurchase_label, resolve_on_purchase, settled
-from streamadapt.model.checkpoint import ModelMeta, Parameters, ServingModel, load_checkpoint
+from streamadapt.core.features import FREQUENCY_PRIOR, OTHER, CategoryFeatures
+from streamadapt.core.labels import (
+    file_labels,
+    next_of_same_user,
+    repurchase_label,
+    resolve_on_purchase,
+    settled,
+)
+from streamadapt.core.plugin import encode_stream
 from streamadapt.core.quality import QualityMonitor, auc, scores
+from streamadapt.model.checkpoint import (
+    ModelMeta,
+    Parameters,
+    ServingModel,
+    load_checkpoint,
+)
+from streamadapt.schemas import PurchaseEvent
 from streamadapt.settings import TrainingSettings
+from streamadapt.training.candidate import (
+    Round,
+    Scorer,
+    examples_before_next_round,
+    fine_tune_round,
+    labels_known_until,
+    round_examples,
+)
+from streamadapt.training.finetune import FineTuneConfig, FineTuneError, fine_tune
 
 ROLLING_LABELS = 1000  # labelled events in the rolling quality of the plot
 AFTER_SPLIT_LABELS = 5000  # the first span after the split; the oracle goal starts after it
@@ -105,7 +123,7 @@ def build_stream(events: list[PurchaseEvent], meta: ModelMeta, split_at: int | N
     end_watermark = (ts_s[-1] - allowed_lateness_s) if len(ts_s) else 0.0
     scored = (labels >= 0) & settled(ts_s, horizon, end_watermark)
     purchase_classes = np.array([meta.feature_spec.index_of(e.category) for e in ordered], dtype=np.int64)
-    return Stream(meta.task, horizon, ordered, encode_stream(ordered, meta.feature_spec), labels, revealed_at,
+    return Stream(meta.task, horizon, ordered, encode_stream(ordered, CategoryFeatures(meta.feature_spec)), labels, revealed_at,
                   split_at if split_at is not None else len(ordered) // 2, scored, purchase_classes)
 
 

@@ -24,13 +24,19 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from streamadapt.schemas import Prediction, PurchaseEvent
-from streamadapt.kafka import kafka_python as kafka_io
 from benchmarks.adaptation import Outcome, Stream, build_stream, summarise
-from benchmarks.throughput import _wait_ready, deleted_when_done, topics_of, worker_process
-from streamadapt.core.features import encode_stream
+from benchmarks.throughput import (
+    _wait_ready,
+    deleted_when_done,
+    topics_of,
+    worker_process,
+)
+from streamadapt.core.features import CategoryFeatures
+from streamadapt.core.plugin import encode_stream
+from streamadapt.kafka.kafka_python import client_options
 from streamadapt.model.checkpoint import ModelMeta, ServingModel
 from streamadapt.ops.replay import replay
+from streamadapt.schemas import Prediction, PurchaseEvent
 from streamadapt.settings import Settings
 from streamadapt.state.store import connect
 
@@ -67,7 +73,7 @@ def run_through_worker(settings: Settings, events: list[PurchaseEvent], checkpoi
     # The worker keeps states from the oldest event of its first batch, which need not be the log's first
     # event (that batch may hold only some partitions); the replay it is compared with keeps them from the same.
     offline = Outcome("replay-static", model.predict_many(
-        encode_stream(stream.events, model.meta.feature_spec, observed_since_s["static"])))
+        encode_stream(stream.events, CategoryFeatures(model.meta.feature_spec), observed_since_s["static"])))
     agreement = _agreement(served["static"], offline, stream, model.meta)
     return {"through_worker": rows, "static_agreement": agreement, "replay_rate_per_s": rate_per_s}
 
@@ -94,7 +100,7 @@ def _serve(settings: Settings, checkpoint: Path, ordered: Path, input_topic: str
 
 def _read_predictions(settings: Settings, topic: str, expected: int, process, log_path: Path) -> dict[str, Prediction]:
     """Every prediction on `topic`, by event id (a replayed record's is the same message again)."""
-    consumer = KafkaConsumer(**kafka_io.client_options(settings.kafka, "bench-reader"), enable_auto_commit=False,
+    consumer = KafkaConsumer(**client_options(settings.kafka, "bench-reader"), enable_auto_commit=False,
                              group_id=None, auto_offset_reset="earliest")
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -9,9 +9,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from streamadapt.schemas import Prediction, PurchaseEvent
 from streamadapt.core.labels import Task, file_labels
 from streamadapt.core.quality import scores
+from streamadapt.schemas import Prediction, PurchaseEvent
 
 
 def stream_labels(events: Iterable[PurchaseEvent], task: Task, horizon_days: float = 7.0) -> dict[str, str]:

@@ -18,9 +18,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import latency
-from streamadapt.kafka import kafka_python as kafka_io
 from benchmarks.latency import bare_loop
 from benchmarks.results import cell, goal_line, write_json
-from streamadapt.ops.generate import write_events
+from streamadapt.kafka.admin import delete_topics, ensure_topics
 from streamadapt.model.checkpoint import Parameters, ServingModel, read_metadata
+from streamadapt.ops.generate import write_events
 from streamadapt.ops.replay import replay
+from streamadapt.ops.watch import metric_totals
 from streamadapt.settings import KafkaSettings, Settings
 from streamadapt.state.store import connect, drop_keys
-from streamadapt.ops.watch import metric_totals
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class DrainResult:
 def drain_bare(kafka: KafkaSettings, client: str, mode: str, input_topic: str, output_topic: str, events: int,
                timeout_s: float) -> DrainResult:
     """Drain time of a bare loop (benchmarks.latency.bare_loop) on `client` in `mode`."""
-    kafka_io.ensure_topics(kafka, [output_topic])  # as many partitions as the worker's outputs, and no error logged
+    ensure_topics(kafka, [output_topic])  # as many partitions as the worker's outputs, and no error logged
     consumed, started, finished, deadline = 0, None, None, time.monotonic() + timeout_s
 
     def counted(n: int, polled_at: float) -> None:  # once a batch is handled, in the loop's mode
@@ -88,7 +88,7 @@ def deleted_when_done(kafka: KafkaSettings) -> Iterator[list[str]]:
     try:
         yield made
     finally:
-        kafka_io.delete_topics(kafka, made)
+        delete_topics(kafka, made)
 
 
 @contextmanager
@@ -164,7 +164,7 @@ def worker_latency(settings: Settings, checkpoint: Path, input_topic: str, paylo
     extra = {"STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_ON_DRIFT": "false",
              "STREAMADAPT_TRAINING_EVERY_S": str(FINETUNE_EVERY_S), "STREAMADAPT_TRAINING_EVERY_EXAMPLES": str(10**9),
              "STREAMADAPT_TRAINING_MIN_EXAMPLES": "500"} if finetune else {}
-    kafka_io.ensure_topics(settings.kafka, topics_of(input_topic)[:3])  # the worker makes its one-partition model-versions
+    ensure_topics(settings.kafka, topics_of(input_topic)[:3])  # the worker makes its one-partition model-versions
     redis_before = _redis_housekeeping(settings)
     name = f"worker ({settings.kafka.client}{', with its trainer' if finetune else ''})"
     with worker_process(settings, checkpoint, input_topic, log_path, extra) as (process, port):
@@ -197,7 +197,7 @@ def bare_latency(kafka: KafkaSettings, client: str, payloads: Path, rate: float,
     stop, ready = context.Event(), context.Event()
     with deleted_when_done(kafka) as made:
         made += [input_topic, output_topic]
-        kafka_io.ensure_topics(kafka, [input_topic, output_topic])
+        ensure_topics(kafka, [input_topic, output_topic])
         loop = context.Process(target=latency.run_bare_loop,
                                args=(client, latency.AT_LEAST_ONCE, kafka.bootstrap, input_topic, output_topic,
                                      f"bench-bare-{run}", kafka.max_poll_records, stop, ready), daemon=True)

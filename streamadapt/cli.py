@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import streamadapt
 from streamadapt.core.features import USER_MEMORY_DAYS
-from streamadapt.settings import OPTIONS, SettingsError, load_settings
+from streamadapt.settings import BUILT_IN_FEATURES, OPTIONS, SettingsError, load_settings
 
 EXIT_USAGE = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -27,15 +28,21 @@ def add_settings_flags(parser: argparse.ArgumentParser, parts: set[str | None]) 
         if option.part not in parts:
             continue
         help_text = f"{option.description} [{option.env}]"
-        if option.annotation is bool:  # --flag and --no-flag, but a negative setting (--no-finetune) has one form
-            action = "store_true" if option.field.startswith("no_") else argparse.BooleanOptionalAction
-            group.add_argument(option.flag, dest=option.env, action=action, default=None, help=help_text)
+        if option.annotation is bool and option.field.startswith("no_"):  # --no-finetune, and --finetune to undo it
+            group.add_argument(option.flag, dest=option.env, action="store_const", const=True, default=None,
+                               help=help_text)
+            group.add_argument(option.flag.replace("--no-", "--", 1), dest=option.env, action="store_const",
+                               const=False, help=f"the opposite of {option.flag}")
+        elif option.annotation is bool:  # --flag and --no-flag
+            group.add_argument(option.flag, dest=option.env, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         else:
             group.add_argument(option.flag, dest=option.env, default=None, metavar="VALUE", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="streamadapt", description="Keep a deep model fresh on a live Kafka event stream.")
+    parser.add_argument("--version", action="version", version=f"streamadapt {streamadapt.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     gen = commands.add_parser("generate", help="write a synthetic purchase stream (JSONL), deterministic by seed")
@@ -55,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a user idle for longer is forgotten, in pretraining and serving alike (event time; "
                           "default: %(default)g, so that yearly customers are remembered)")
     pre.add_argument("--epochs", type=int, default=12, help="at most this many epochs (early stopping)")
+    pre.add_argument("--model-builder", default=None, metavar="MODULE:FUNCTION",
+                     help="your own network: FUNCTION(n_features, n_outputs, task) returns an uncompiled Keras model "
+                          "(docs/extending.md; default: the built-in one)")
+    pre.add_argument("--features", default=BUILT_IN_FEATURES, metavar="MODULE:NAME",
+                     help="feature plug-in to train with; `run` must then be given the same (docs/extending.md; "
+                          "default: %(default)s)")
     pre.add_argument("--seed", type=int, default=0)
 
     rep = commands.add_parser("replay", help="produce a JSONL event file to the input topic")
@@ -102,6 +115,8 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     from kafka.errors import KafkaError
     from redis import RedisError
 
+    from streamadapt.kafka.protocol import KafkaClientError
+
     try:
         return command()
     except KeyboardInterrupt:
@@ -109,7 +124,7 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     except (SettingsError, ValueError, OSError, RuntimeError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, SettingsError) else 1
-    except KafkaError as error:
+    except (KafkaError, KafkaClientError) as error:
         print(f"{prog}: error: Kafka: {error} (is STREAMADAPT_KAFKA_BOOTSTRAP right?)", file=sys.stderr)
         return 1
     except RedisError as error:
@@ -134,7 +149,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not (args.horizon_days > 0 and args.user_memory_days > 0):
             raise SettingsError("--horizon-days and --user-memory-days must be positive")
         result = pretrain(args.events, args.out, task=args.task, horizon_days=args.horizon_days,
-                          epochs=args.epochs, seed=args.seed, user_memory_days=args.user_memory_days)
+                          epochs=args.epochs, seed=args.seed, user_memory_days=args.user_memory_days,
+                          model_builder=args.model_builder, features_plugin=args.features)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in result.validation.items() if k != "examples")
         print(f"wrote {args.task} checkpoint {result.meta.version} to {args.out} (validation on the newest "
               f"{result.validation['examples']:,.0f} settled examples: {shown}; training log_loss="

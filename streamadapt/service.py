@@ -23,15 +23,24 @@ from contextlib import ExitStack, closing, contextmanager
 import redis
 from kafka.errors import KafkaError
 
-from streamadapt.kafka import kafka_python as kafka_io
-from streamadapt.serving.batch import BatchBuilder
 from streamadapt.core.features import FeatureSpec
-from streamadapt.serving.hotswap import ModelFollower
+from streamadapt.kafka.admin import ensure_topics
+from streamadapt.kafka.kafka_python import open_producer
+from streamadapt.kafka.protocol import KafkaClientError
+from streamadapt.kafka.serving_clients import open_serving_clients
 from streamadapt.metrics import HealthServer, WorkerMetrics
-from streamadapt.model.checkpoint import ServingModel, limit_cpu_threads, load_checkpoint
-from streamadapt.state.registry import Registry
+from streamadapt.model.checkpoint import (
+    ServingModel,
+    features_for,
+    limit_cpu_threads,
+    load_checkpoint,
+    read_metadata,
+)
+from streamadapt.serving.batch import BatchBuilder
+from streamadapt.serving.hotswap import ModelFollower
 from streamadapt.serving.loop import ServingLoop
 from streamadapt.settings import Settings, SettingsError
+from streamadapt.state.registry import Registry
 from streamadapt.state.store import StateStore, WindowPolicy, connect
 
 log = logging.getLogger(__name__)
@@ -58,8 +67,10 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         if handle_signals:
             stack.enter_context(_stop_on_signals(stop))
         metrics = WorkerMetrics()
+        # the plug-in first: a checkpoint pretrained with other features stops start-up before any client opens
+        features = features_for(read_metadata(settings.source_checkpoint), settings.features)
         redis_client = stack.enter_context(closing(connect(settings.redis)))
-        store = StateStore(redis_client, settings.redis, WindowPolicy.of(settings.training))
+        store = StateStore(redis_client, settings.redis, WindowPolicy.of(settings.training), features)
         registry = Registry(redis_client, settings.redis.key_prefix, settings.model_name)
         ready = _Readiness(store)
         server = stack.enter_context(HealthServer(metrics, settings.metrics.host, settings.metrics.port, ready))
@@ -81,19 +92,19 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         k = settings.kafka
         with _kafka_client_warnings() as client_trouble:
             try:
-                kafka_io.ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic],
+                ensure_topics(k, [k.input_topic, k.predictions_topic, k.dlq_topic, k.model_versions_topic],
                                        single_partition=(k.model_versions_topic,))
                 if settings.role == "trainer":  # publishes model versions only: never transactional
-                    trainer_producer = kafka_io.open_producer(k)
+                    trainer_producer = open_producer(k)
                     stack.callback(trainer_producer.close, timeout=30)
                 else:
                     transactional_id = k.effective_transactional_id(socket.gethostname()) if k.exactly_once else None
-                    consumer, producer = kafka_io.open_serving_clients(k, transactional_id)
+                    consumer, producer = open_serving_clients(k, transactional_id)
                     stack.callback(producer.close)
                     stack.callback(consumer.close)
                     log.info("serving clients on %s%s", k.client, f"; exactly-once, each batch one transaction of "
                              f"transactional id {transactional_id}" if transactional_id is not None else "")
-            except KafkaError as error:
+            except (KafkaError, KafkaClientError) as error:
                 raise StartupError(f"cannot reach Kafka at {k.bootstrap}: {error}{_cause(client_trouble)}") from error
         if settings.role == "trainer":
             _run_trainer(settings, stack, store, registry, trainer_producer, source_model, meta, metrics, ready, stop)
@@ -112,7 +123,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 "STREAMADAPT_ROLE": "worker", "STREAMADAPT_PROCESSES": "1",
                 "STREAMADAPT_METRICS_PORT": _child_metrics_port(settings, 1 + index),
                 "STREAMADAPT_KAFKA_TRANSACTIONAL_ID": f"{transactional_id}-{index}" if transactional_id else ""}, stop))
-        builder = BatchBuilder(settings, store, model)
+        builder = BatchBuilder(settings, store, model, features)
         loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower, store.raise_drift_alarm)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused

@@ -3,22 +3,30 @@
 Every field is a command-line flag and an environment variable with the same name:
 `kafka.bootstrap` is `--kafka-bootstrap` and `STREAMADAPT_KAFKA_BOOTSTRAP`; top-level `metrics_port`
 is `--metrics-port` and `STREAMADAPT_METRICS_PORT`. A flag beats the variable, the variable beats the
-default. An unknown `STREAMADAPT_*` variable or a bad value stops start-up with one readable line.
+default. A bad value stops start-up with one readable line. An unknown `STREAMADAPT_*` variable is logged as
+a warning, naming the setting it is closest to: Kubernetes sets `STREAMADAPT_PORT` and the like in every pod
+of a namespace with a Service named `streamadapt`, so such variables must not stop the worker.
 """
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamadapt.training.finetune import Strategy
-
 ENV_PREFIX = "STREAMADAPT_"
+
+BUILT_IN_FEATURES = "streamadapt.core.features:CategoryFeatures"  # the default feature plug-in
+Strategy = Literal["head", "full", "l2sp", "calibrate"]  # how a round fine-tunes (streamadapt.training.finetune)
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -57,7 +65,7 @@ class KafkaSettings(BaseSettings):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
         "PLAIN", description="SASL mechanism (with a SASL_* security protocol)")
     sasl_username: str = Field("", description="SASL user name (with a SASL_* security protocol)")
-    sasl_password: str = Field("", description="SASL password (masked when settings are printed)")
+    sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (masked when settings are printed)")
     ssl_cafile: Path | None = Field(None, description="PEM file of the CA that signed the brokers' certificates")
     ssl_certfile: Path | None = Field(None, description="PEM client certificate, for brokers that require one")
     ssl_keyfile: Path | None = Field(None, description="PEM private key of --kafka-ssl-certfile")
@@ -76,10 +84,11 @@ class KafkaSettings(BaseSettings):
     @model_validator(mode="after")
     def _coherent_security(self) -> "KafkaSettings":
         sasl = self.security_protocol.startswith("SASL_")
-        if sasl and not (self.sasl_username and self.sasl_password):
+        password = self.sasl_password.get_secret_value()
+        if sasl and not (self.sasl_username and password):
             raise ValueError(f"security protocol {self.security_protocol} needs STREAMADAPT_KAFKA_SASL_USERNAME "
                              "and STREAMADAPT_KAFKA_SASL_PASSWORD")
-        if not sasl and (self.sasl_username or self.sasl_password):
+        if not sasl and (self.sasl_username or password):
             raise ValueError("a SASL user name or password is set but STREAMADAPT_KAFKA_SECURITY_PROTOCOL is "
                              f"{self.security_protocol}, which does not use SASL")
         tls_files = {"SSL_CAFILE": self.ssl_cafile, "SSL_CERTFILE": self.ssl_certfile, "SSL_KEYFILE": self.ssl_keyfile}
@@ -102,7 +111,8 @@ class KafkaSettings(BaseSettings):
 class RedisSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX + "REDIS_", frozen=True, extra="forbid")
 
-    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, may hold a password")
+    url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"),
+                           description="redis:// or rediss:// URL, may hold a password (masked when settings are printed)")
     key_prefix: str = Field("streamadapt", min_length=1, description="prefix of every key the worker writes")
     dedupe_ttl_s: int = Field(7 * 86400, ge=60, description="how long an event_id is remembered")
     user_state_ttl_s: int = Field(400 * 86400, ge=60, description="idle time after which a user's state expires "
@@ -114,7 +124,7 @@ class RedisSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent_tls(self) -> "RedisSettings":
-        scheme = urlsplit(self.url).scheme
+        scheme = urlsplit(self.url.get_secret_value()).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"STREAMADAPT_REDIS_URL must start with redis://, rediss:// (TLS) or unix://, not {scheme}://")
         for name, path in {"TLS_CA_FILE": self.tls_ca_file, "TLS_CERTFILE": self.tls_certfile,
@@ -130,9 +140,10 @@ class RedisSettings(BaseSettings):
         return self
 
     def masked_url(self) -> str:
-        parts = urlsplit(self.url)
+        url = self.url.get_secret_value()
+        parts = urlsplit(url)
         if parts.password is None:
-            return self.url
+            return url
         host = parts.hostname or ""
         netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
@@ -187,6 +198,8 @@ class Settings(BaseSettings):
 
     role: Literal["all", "worker", "trainer"] = Field("all", description="which loops this process runs")
     source_checkpoint: Path | None = Field(None, description="checkpoint directory written by `streamadapt pretrain`")
+    features: str = Field(BUILT_IN_FEATURES, description="feature plug-in MODULE:NAME the checkpoint was pretrained "
+                                                          "with (docs/extending.md)")
     no_finetune: bool = Field(False, description="serve the source model unchanged (the static baseline)")
     model_name: str = Field("purchases", min_length=1, description="name under which model versions are published")
     processes: int = Field(1, ge=1, le=64, description="serving processes, each a member of the consumer group with "
@@ -208,6 +221,8 @@ class Settings(BaseSettings):
         values = {}
         for option in OPTIONS:
             value = option.read(self)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value is not None:
                 values[option.env] = str(value).lower() if isinstance(value, bool) else str(value)
         return values
@@ -222,13 +237,10 @@ class Settings(BaseSettings):
             value = option.read(self)
             if option.env == ENV_PREFIX + "REDIS_URL":
                 value = self.redis.masked_url()
-            elif option.env in SECRETS and value:
-                value = "***"
+            elif isinstance(value, SecretStr):
+                value = "***" if value.get_secret_value() else ""
             yield option.env, value
 
-
-# Settings printed as *** (the Redis URL shows everything but its password).
-SECRETS = frozenset({ENV_PREFIX + "KAFKA_SASL_PASSWORD"})
 
 PARTS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings, "redis": RedisSettings, "metrics": MetricsSettings, "training": TrainingSettings,
@@ -266,6 +278,8 @@ def _options() -> list[Option]:
 
 
 OPTIONS: list[Option] = _options()
+# Their values are never shown (a bad one included): the settings held as SecretStr.
+SECRET_VARIABLES = frozenset(option.env for option in OPTIONS if option.annotation is SecretStr)
 
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -276,9 +290,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     environ = os.environ
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     known = {option.env for option in OPTIONS}
-    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
-    if unknown:
-        raise SettingsError(f"unknown environment variable {unknown[0]}: `streamadapt run --help` lists the valid ones")
+    for name in sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known):
+        log.warning("%s", unknown_variable_warning(name, known))
     by_part: dict[str | None, dict[str, Any]] = {}
     for option in OPTIONS:
         if option.env in overrides:
@@ -291,6 +304,15 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         raise SettingsError(_one_line(error)) from error
 
 
+def unknown_variable_warning(name: str, known: set[str]) -> str:
+    """What the log says of a `STREAMADAPT_*` variable that names no setting, with the nearest one if any."""
+    # compared without the prefix they all share, which would make any two names look alike
+    close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), sorted(k.removeprefix(ENV_PREFIX) for k in known),
+                                      n=1, cutoff=0.8)
+    hint = f"did you mean {ENV_PREFIX}{close[0]}? " if close else ""
+    return f"ignoring the environment variable {name}, which names no setting: {hint}`streamadapt run --help` lists them"
+
+
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     if not first["loc"]:  # a check across fields: its message names them
@@ -299,5 +321,5 @@ def _one_line(error: ValidationError) -> str:
     field = ".".join(str(x) for x in first["loc"])
     env = f"{ENV_PREFIX}{part + '_' if part else ''}{field}".upper()
     value = first.get("input")
-    shown = "***" if "URL" in env or env in SECRETS else repr(value)
+    shown = "***" if env in SECRET_VARIABLES else repr(value)
     return f"invalid setting {env} (flag --{(part + '-' if part else '') + field.replace('_', '-')}) = {shown}: {first['msg']}"

@@ -70,12 +70,13 @@ def test_unreachable_broker_is_one_line(tmp_path):
     assert "error: Kafka:" in result.stderr and "STREAMADAPT_KAFKA_BOOTSTRAP" in result.stderr
 
 
-def test_unknown_environment_variable_stops_start_up(monkeypatch):
+def test_an_unknown_environment_variable_does_not_stop_start_up():
     import os
 
-    env = {**os.environ, "STREAMADAPT_KAFKA_BOOSTRAP": "x"}
-    result = streamadapt("run", env=env)
-    assert result.returncode == 2 and "unknown environment variable STREAMADAPT_KAFKA_BOOSTRAP" in result.stderr
+    env = {**os.environ, "STREAMADAPT_KAFKA_BOOSTRAP": "x", "STREAMADAPT_PORT": "tcp://10.0.0.7:9400"}
+    result = streamadapt("run", env=env)  # still stops: no --source-checkpoint, after the warnings
+    assert result.returncode == 2 and "--source-checkpoint" in result.stderr
+    assert "did you mean STREAMADAPT_KAFKA_BOOTSTRAP?" in result.stderr and "STREAMADAPT_PORT" in result.stderr
 
 
 def test_run_help_lists_every_variable_and_the_baseline():
@@ -115,3 +116,19 @@ def test_tls_and_sasl_settings_are_checked_before_anything_connects(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], (extra, result.stderr)
         assert "s3cret-value" not in result.stderr
+
+
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    result = streamadapt("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"streamadapt {version('streamadapt')}"
+
+
+@pytest.mark.parametrize("argv, no_finetune", [
+    ([], None), (["--no-finetune"], True), (["--no-finetune", "--finetune"], False), (["--finetune"], False),
+])
+def test_a_negative_switch_can_be_switched_back(argv, no_finetune):
+    from streamadapt.cli import build_parser
+
+    assert build_parser().parse_args(["run", *argv]).STREAMADAPT_NO_FINETUNE is no_finetune

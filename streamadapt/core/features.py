@@ -262,22 +262,6 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
     return out
 
 
-def encode_stream(ordered: Sequence[PurchaseEvent], spec: FeatureSpec, observed_since_s: float | None = None
-                  ) -> np.ndarray:
-    """Features of every event of a stream in event-time order, each from its user's state before it,
-    as the worker computes them event by event; states kept from `observed_since_s` (default: the first
-    event)."""
-    states: dict[str, UserState] = {}
-    pairs = []
-    for event in ordered:
-        state = spec.recall(states.get(event.user_id), event.ts_s)
-        pairs.append((state, event))
-        states[event.user_id] = advance(state, event)
-    if observed_since_s is None:
-        observed_since_s = ordered[0].ts_s if ordered else 0.0
-    return encode(pairs, spec, observed_since_s)
-
-
 def advance(state: UserState, event: PurchaseEvent) -> UserState:
     """The user's state after `event`."""
     ts_s, purchases = event.ts_s, state.purchases + 1
@@ -311,3 +295,41 @@ def advance(state: UserState, event: PurchaseEvent) -> UserState:
 def _utc_offset_s(ts: datetime) -> float:
     offset = ts.utcoffset()
     return offset.total_seconds() if offset else 0.0
+
+
+class CategoryFeatures:
+    """The built-in feature plug-in (streamadapt.core.plugin.Features): the class block and the context block of
+    this module, from a UserState per user. Subclass it to add features: extend `encode` (append columns after
+    the built-in ones, so that the built-in network still finds its class block) and `n_features`, and keep
+    what you need of an event in a state of your own around the UserState."""
+
+    name = "streamadapt.category"
+    version = "1"
+    # 24 tracked categories of 128-character names, their four figures each, and the scalars, with room to spare
+    max_state_bytes = 16 * 1024
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+
+    @property
+    def n_features(self) -> int:
+        return self.spec.n_features
+
+    @property
+    def class_block_width(self) -> int:
+        return self.spec.class_block_width
+
+    def recall(self, state: UserState | None, ts_s: float) -> UserState:
+        return self.spec.recall(state, ts_s)
+
+    def encode(self, rows: Sequence[tuple[UserState, PurchaseEvent]], observed_since_s: float) -> np.ndarray:
+        return encode(rows, self.spec, observed_since_s)
+
+    def advance(self, state: UserState, event: PurchaseEvent) -> UserState:
+        return advance(state, event)
+
+    def state_to_json(self, state: UserState) -> list:
+        return state.to_json()
+
+    def state_from_json(self, payload: list) -> UserState:
+        return UserState.from_json(payload)

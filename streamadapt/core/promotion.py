@@ -26,7 +26,6 @@ import numpy as np
 
 from streamadapt.core.quality import EPS, auc_difference
 
-
 PRIOR_Z = 2.0  # a candidate beats the label prior by this many standard errors: enough to refuse one that learnt
 # nothing but base rates (its gain over the prior is then about zero), without asking of a small holdout the
 # certainty the champion test asks

@@ -1,6 +1,6 @@
 """The serving loop's consumer and producer on confluent-kafka (librdkafka), for `--kafka-client confluent`.
 
-Same interface and guarantees as kafka_io.ServingConsumer / ServingProducer; the work of the Kafka
+The protocol's adapter (streamadapt.kafka.protocol) on librdkafka, with the guarantees of the kafka-python one; the work of the Kafka
 protocol (fetching, batching, compression, acknowledgements) happens in librdkafka's C threads instead
 of in Python. Keyed records go to the partition the Java client and kafka-python pick (murmur2), so
 replicas on either client agree.
@@ -15,14 +15,18 @@ from contextlib import contextmanager
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as ConfluentPartition
-from kafka import TopicPartition
-from kafka.errors import KafkaError as ClientError
-from kafka.errors import KafkaTimeoutError
 
-from streamadapt.kafka.kafka_python import (
-    ACK_TIMEOUT_S, NotAcknowledged, ProducerFenced, TransactionAborted,
+from streamadapt.kafka.protocol import (
+    ACK_TIMEOUT_S,
+    InputRecord,
+    KafkaClientError,
+    KafkaUnavailable,
+    Message,
+    NotAcknowledged,
+    ProducerFenced,
+    TopicPartition,
+    TransactionAborted,
 )
-from streamadapt.serving.plan import InputRecord, Message
 from streamadapt.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -35,12 +39,12 @@ UNAVAILABLE = {KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL
 
 
 def client_config(settings: KafkaSettings, role: str) -> dict:
-    """librdkafka's names for kafka_io.client_options."""
+    """librdkafka's names for streamadapt.kafka.kafka_python.client_options."""
     config = {"bootstrap.servers": settings.bootstrap, "client.id": f"{settings.client_id}-{role}",
               "security.protocol": settings.security_protocol.lower()}
     if settings.security_protocol.startswith("SASL_"):
         config.update({"sasl.mechanism": settings.sasl_mechanism, "sasl.username": settings.sasl_username,
-                       "sasl.password": settings.sasl_password})
+                       "sasl.password": settings.sasl_password.get_secret_value()})
     for key, path in (("ssl.ca.location", settings.ssl_cafile), ("ssl.certificate.location", settings.ssl_certfile),
                       ("ssl.key.location", settings.ssl_keyfile)):
         if path is not None:
@@ -56,12 +60,20 @@ def _log_client_error(error: KafkaError) -> None:
 
 
 @contextmanager
-def _reported_like_kafka_python() -> Iterator[None]:
-    """librdkafka's errors while a client opens, as the kafka-python KafkaError start-up reports."""
+def _reported_as_protocol() -> Iterator[None]:
+    """librdkafka's errors as the protocol's: an outage as KafkaUnavailable, any other as KafkaClientError."""
     try:
         yield
     except KafkaException as error:
-        raise ClientError(str(error.args[0].str() if error.args else error)) from error
+        raise _protocol_error(error) from error
+
+
+def _protocol_error(error: KafkaException) -> KafkaClientError:
+    cause = error.args[0] if error.args else None
+    if not isinstance(cause, KafkaError):
+        return KafkaClientError(str(error))
+    unavailable = cause.retriable() or cause.code() in UNAVAILABLE
+    return (KafkaUnavailable if unavailable else KafkaClientError)(f"{cause.name()}: {cause.str()}")
 
 
 class ServingConsumer:
@@ -72,7 +84,7 @@ class ServingConsumer:
         self.before_revoke: Callable[[], None] = lambda: None  # called inside poll before partitions go
 
     @classmethod
-    @_reported_like_kafka_python()
+    @_reported_as_protocol()
     def open(cls, settings: KafkaSettings, metadata_timeout_s: float = 60.0) -> ServingConsumer:
         answered: deque[Callable[[], None]] = deque()
 
@@ -101,13 +113,13 @@ class ServingConsumer:
             "error_cb": _log_client_error,
         })
         deadline = time.monotonic() + metadata_timeout_s
-        while True:  # as kafka_io.open_consumer: subscribe once the topic's partitions are visible
+        while True:  # as kafka_python.open_consumer: subscribe once the topic's partitions are visible
             topic = consumer.list_topics(settings.input_topic, timeout=5).topics.get(settings.input_topic)
             if topic is not None and topic.error is None and topic.partitions:
                 break
             if time.monotonic() > deadline:
                 consumer.close()
-                raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after "
+                raise KafkaClientError(f"topic {settings.input_topic} has no visible partitions after "
                                         f"{metadata_timeout_s:.0f} s")
             time.sleep(0.2)
         serving = cls(consumer, settings.max_poll_records, answered)
@@ -158,7 +170,7 @@ class ServingConsumer:
             if error.args[0].code() in GROUP_CHANGED:
                 log.warning("offset commit refused during a rebalance, the records will be replayed: %s", error)
                 return False
-            raise
+            raise _protocol_error(error) from error
         return True
 
     def commit_async(self, next_offsets: dict[TopicPartition, int], done: Callable[[], None]) -> None:
@@ -194,7 +206,7 @@ class ServingConsumer:
         return lag
 
     def fetching(self) -> None:
-        """Not known: librdkafka fetches on threads of its own and does not say (kafka_io.ServingConsumer)."""
+        """Not known: librdkafka fetches on threads of its own and does not say."""
         return None
 
     def group_metadata(self):
@@ -212,7 +224,7 @@ LAG_LOOKUP_TIMEOUT_S = 2.0  # the committed offsets of partitions not read yet, 
 
 
 class Acks:
-    """The delivery reports of one batch's records (kafka_io.Acks): librdkafka calls `delivered` for each
+    """The delivery reports of one batch's records (protocol.Acks): librdkafka calls `delivered` for each
     from the producer's `poll`, which `done()` serves."""
 
     def __init__(self, producer: Producer, records: int):
@@ -240,7 +252,7 @@ class Acks:
             return
         if error.retriable() or error.code() in UNAVAILABLE:
             raise NotAcknowledged(f"{error.name()}: {error.str()}")
-        raise KafkaException(error)
+        raise KafkaClientError(f"{error.name()}: {error.str()}")
 
 
 class ServingProducer:
@@ -248,13 +260,13 @@ class ServingProducer:
         self._producer = producer
 
     @classmethod
-    @_reported_like_kafka_python()
+    @_reported_as_protocol()
     def open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
         config = {
             **client_config(settings, "serving"),
             "acks": "all",
             "enable.idempotence": True,
-            "linger.ms": 0,  # a batch is produced at once and never flushed (kafka_io.open_producer)
+            "linger.ms": 0,  # a batch is produced at once and never flushed (kafka_python.open_producer)
             "batch.size": 256 * 1024,
             "message.max.bytes": 4 << 20,
             "partitioner": "murmur2_random",  # keyed records: the Java client's (and kafka-python's) partition
@@ -305,3 +317,11 @@ class ServingProducer:
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._producer.flush(timeout_s)
+
+
+def open_serving_producer(settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
+    return ServingProducer.open(settings, transactional_id)
+
+
+def open_serving_consumer(settings: KafkaSettings) -> ServingConsumer:
+    return ServingConsumer.open(settings)

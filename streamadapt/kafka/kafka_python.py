@@ -1,71 +1,58 @@
-"""Kafka adapter: every Kafka client the worker opens, configured in one place.
-
-The serving loop talks to two small interfaces, `ServingConsumer` and `ServingProducer`, so that it does
-not depend on the client library. `open_serving_clients` gives those of `streamadapt/kafka/confluent.py` on librdkafka
-(the default), or with `--kafka-client kafka-python` the kafka-python ones here. Everything else (topic
-creation, the trainer's and the tools' producers, the model follower) uses kafka-python.
+"""The Kafka clients on kafka-python: the serving loop's adapter (streamadapt.kafka.protocol), and the plain
+clients everything else opens (the trainer's and the tools' producers, the model follower, the admin client).
+Every client is configured here, from one KafkaSettings.
 """
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 
-from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as KafkaPartition
 from kafka.errors import (
-    CommitFailedError, IllegalGenerationError, KafkaError, KafkaTimeoutError, ProducerFencedError,
-    RebalanceInProgressError, TopicAlreadyExistsError, UnknownMemberIdError,
+    BrokerNotAvailableError,
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    ProducerFencedError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
 )
-from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
-from streamadapt.serving.plan import InputRecord, Message
+from streamadapt.kafka import workarounds
+from streamadapt.kafka.protocol import (
+    ACK_TIMEOUT_S,
+    InputRecord,
+    KafkaClientError,
+    KafkaUnavailable,
+    Message,
+    NotAcknowledged,
+    ProducerFenced,
+    TopicPartition,
+    TransactionAborted,
+)
 from streamadapt.settings import KafkaSettings
 
-ACK_TIMEOUT_S = 30.0
-
 log = logging.getLogger(__name__)
-
-
-def _hand_over_bytes_read_before_a_close(transport_class) -> None:
-    """Work around kafka-python 3.0's transports losing the bytes they read just before the peer closed the
-    connection: `_sock_recv` returns them together with the close, and the reader aborts without passing them
-    on. A broker that refuses SASL credentials answers "Authentication failed: Invalid username or password"
-    and then closes, so a wrong password was reported as a bare "socket disconnected" on 30 of 39 attempts
-    in four start-ups here (and a start-up whose every attempt lost it said only "Unable to bootstrap").
-    The bytes now go to the protocol first, and the close is reported by the next read: a closed socket
-    stays readable, so that read comes at once."""
-    sock_recv = transport_class.__dict__["_sock_recv"]
-
-    def sock_recv_bytes_first(transport):
-        held_error = transport.__dict__.pop("_streamadapt_held_error", None)
-        if held_error is not None:
-            return b"", held_error
-        data, error = sock_recv(transport)
-        if data and error is not None:
-            transport._streamadapt_held_error = error
-            return data, None
-        return data, error
-
-    transport_class._sock_recv = sock_recv_bytes_first
-
-
-for _transport_class in (KafkaTCPTransport, KafkaSSLTransport):  # each defines its own _sock_recv
-    _hand_over_bytes_read_before_a_close(_transport_class)
 
 
 def client_options(settings: KafkaSettings, role: str = "") -> dict:
     """What every Kafka client of the worker shares: where the brokers are, who we are, and how we
     authenticate (TLS and SASL). `role` is appended to the client id, as broker logs show it."""
+    workarounds.apply_to_transports()  # every kafka-python client is built from these options
     options = {"bootstrap_servers": settings.bootstrap,
                "client_id": f"{settings.client_id}-{role}" if role else settings.client_id,
                "security_protocol": settings.security_protocol}
     if settings.security_protocol.startswith("SASL_"):
         options.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
-                       sasl_plain_password=settings.sasl_password)
+                       sasl_plain_password=settings.sasl_password.get_secret_value())
     if settings.security_protocol.endswith("SSL"):
         options.update(ssl_cafile=_path(settings.ssl_cafile), ssl_certfile=_path(settings.ssl_certfile),
                        ssl_keyfile=_path(settings.ssl_keyfile))
@@ -74,41 +61,6 @@ def client_options(settings: KafkaSettings, role: str = "") -> dict:
 
 def _path(path) -> str | None:
     return None if path is None else str(path)
-
-
-def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: tuple[str, ...] = ()) -> None:
-    """Create missing topics with settings.topic_partitions partitions (one for `single_partition` topics,
-    where order matters) and the broker's default replication."""
-    admin = KafkaAdminClient(**client_options(settings, "admin"))
-    try:
-        existing = set(admin.list_topics())
-        missing = [t for t in topics if t not in existing]
-        if missing:
-            try:
-                admin.create_topics({t: {"num_partitions": 1 if t in single_partition else settings.topic_partitions,
-                                         "replication_factor": -1}
-                                     for t in missing}, wait_for_metadata=True)
-                log.info("created topics %s", ", ".join(missing))
-            except TopicAlreadyExistsError:
-                pass  # another replica created them first
-    finally:
-        admin.close()
-
-
-def delete_topics(settings: KafkaSettings, topics: Iterable[str] = (), matching: re.Pattern | None = None) -> list[str]:
-    """Delete those of `topics` that exist, and every topic whose whole name `matching` matches; the names
-    deleted. For tools that make topics of their own and should not leave them behind: a topic's last
-    segment outlives the retention period until it rolls, after a week."""
-    admin = KafkaAdminClient(**client_options(settings, "admin"))
-    try:
-        wanted = set(topics)
-        present = sorted(t for t in admin.list_topics() if t in wanted or (matching is not None and matching.fullmatch(t)))
-        if present:
-            admin.delete_topics(present)
-            log.info("deleted topics %s", ", ".join(present))
-        return present
-    finally:
-        admin.close()
 
 
 def open_consumer(settings: KafkaSettings, before_revoke: Callable[[], None],
@@ -142,49 +94,9 @@ def open_consumer(settings: KafkaSettings, before_revoke: Callable[[], None],
             raise KafkaTimeoutError(f"topic {settings.input_topic} has no visible partitions after {metadata_timeout_s:.0f} s")
         consumer.topics()  # forces a metadata refresh
         time.sleep(0.2)
-    _rejoin_until_joined(consumer._coordinator)
+    workarounds.apply_to_consumer(consumer)
     consumer.subscribe([settings.input_topic], listener=_BeforeRevoke(before_revoke))
-    _drain_fetches_that_land_late(consumer._fetcher)
     return consumer
-
-
-def _rejoin_until_joined(coordinator) -> None:
-    """Work around kafka-python 3.0 losing a rebalance that the topic's metadata started. The leader rebalances
-    when the partitions it assigned differ from the metadata: the first metadata after subscribing came after
-    the first join (a poll right after subscribing), or partitions were added. Such a rejoin is not marked as
-    needed; the coordinator rejoins only while the two differ. Our revoke callback first finishes the batches
-    in flight, which can outlast the poll: the join then goes on between two polls, the leader's new
-    assignment makes the two equal, and the next poll finds nothing to do and never completes the join. The
-    partitions stay revoked and the consumer reads nothing more, for good: a worker whose first poll came
-    right after subscribing stalled after its first batch in 4 of 10 start-ups here, and
-    tests/integration/test_rebalance.py stalls every time without this. As the Java client does since
-    KAFKA-9815, the rejoin is now marked as needed when it begins, so the next poll sees it through (with a
-    second JoinGroup if the first finished between the polls)."""
-    need_rejoin = coordinator.need_rejoin
-
-    def need_rejoin_marked() -> bool:
-        needed = need_rejoin()
-        if needed:
-            coordinator.rejoin_needed = True  # cleared by kafka-python once the join completes
-        return needed
-
-    coordinator.need_rejoin = need_rejoin_marked
-
-
-def _drain_fetches_that_land_late(fetcher) -> None:
-    """Work around a race in kafka-python 3.0's `Fetcher.fetch_records`: when a fetch response lands after
-    it has drained its buffer but before it looks for fetches in flight, it finds none in flight and reports
-    the consumer idle, and `poll` then sleeps `retry_backoff_ms` (100 ms) while the response's records wait
-    in the buffer. A second call drains them at once; a consumer idle in truth is idle again and sleeps."""
-    fetch_records = fetcher.fetch_records
-
-    def fetch_records_again_when_idle(*args, **kwargs):
-        records, idle = fetch_records(*args, **kwargs)
-        if idle and not records:
-            records, idle = fetch_records(*args, **kwargs)
-        return records, idle
-
-    fetcher.fetch_records = fetch_records_again_when_idle
 
 
 class _BeforeRevoke(ConsumerRebalanceListener):
@@ -227,22 +139,6 @@ def open_producer(settings: KafkaSettings, transactional_id: str | None = None, 
     return producer
 
 
-class NotAcknowledged(Exception):
-    """A produced record was not acknowledged by a retriable error (the broker or partition leader is away)."""
-
-
-class TransactionAborted(Exception):
-    """Exactly-once: the batch's transaction failed and was aborted; nothing of it is visible to read_committed."""
-
-
-class ProducerFenced(RuntimeError):
-    """Exactly-once: another producer took over this worker's transactional id."""
-
-    def __init__(self) -> None:
-        super().__init__("another producer took over this worker's transactional id: give each replica its own "
-                         "--kafka-transactional-id (the default is <group-id>-<hostname>)")
-
-
 # The group changed under the consumer (a replica joined or left): the commit is refused, not failed.
 GROUP_CHANGED = (CommitFailedError, RebalanceInProgressError, IllegalGenerationError, UnknownMemberIdError)
 
@@ -253,11 +149,12 @@ def commit(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int]) -> 
     Returns False when the group rebalanced under us: the partitions' new owner then reads these records
     again, and since outputs are idempotent by event_id it re-emits the same ones. Other errors raise.
     """
-    try:
-        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()})
-    except GROUP_CHANGED as error:
-        log.warning("offset commit refused during a rebalance, the records will be replayed: %s", error)
-        return False
+    with _reported_as_protocol():
+        try:
+            consumer.commit(_offsets(next_offsets))
+        except GROUP_CHANGED as error:
+            log.warning("offset commit refused during a rebalance, the records will be replayed: %s", error)
+            return False
     return True
 
 
@@ -277,8 +174,7 @@ def commit_async(consumer: KafkaConsumer, next_offsets: dict[TopicPartition, int
         done()
 
     try:
-        consumer.commit_async({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()},
-                              callback=answered)
+        consumer.commit_async(_offsets(next_offsets), callback=answered)
     except KafkaError as error:  # no coordinator (the broker is away): refused at once, as if answered so
         answered(next_offsets, error)
 
@@ -292,7 +188,7 @@ def consumer_lag(consumer: KafkaConsumer) -> dict[TopicPartition, int]:
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
         if highwater is not None:
-            lag[tp] = max(0, highwater - consumer.position(tp))
+            lag[_ours(tp)] = max(0, highwater - consumer.position(tp))
     return lag
 
 
@@ -342,12 +238,13 @@ class ServingConsumer:
         self.before_revoke: Callable[[], None] = lambda: None
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
-        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        with _reported_as_protocol():
+            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         return [InputRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value)
                 for batch in polled.values() for r in batch]
 
     def assignment(self) -> set[TopicPartition]:
-        return set(self._consumer.assignment())
+        return {_ours(tp) for tp in self._consumer.assignment()}
 
     def pause_all(self) -> None:
         self._consumer.pause(*self._consumer.assignment())
@@ -356,7 +253,7 @@ class ServingConsumer:
         self._consumer.resume(*self._consumer.paused())
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
-        self._consumer.seek(tp, offset)
+        self._consumer.seek(KafkaPartition(*tp), offset)
 
     def commit(self, next_offsets: dict[TopicPartition, int]) -> bool:
         return commit(self._consumer, next_offsets)
@@ -413,7 +310,7 @@ def _refusal(error: Exception) -> Exception:
     """A send error as the serving loop tells them apart: retriable ones (an outage) as NotAcknowledged."""
     if isinstance(error, KafkaError) and (getattr(error, "retriable", False) or isinstance(error, KafkaTimeoutError)):
         return NotAcknowledged(f"{type(error).__name__}: {error}")
-    return error
+    return KafkaClientError(f"{type(error).__name__}: {error}") if isinstance(error, KafkaError) else error
 
 
 class ServingProducer:
@@ -428,29 +325,31 @@ class ServingProducer:
         """Hand `messages` to the client, which sends them at once (linger 0) on its own thread."""
         self._partition_of.new_batch()
         send, partition_of = self._producer.send, self._partition_of
-        return Acks([send(topic, key=key, value=value, partition=partition_of(topic, key))
-                     for topic, key, value in messages])
+        with _reported_as_protocol():  # a send waits for the topic's metadata, and can time out
+            return Acks([send(topic, key=key, value=value, partition=partition_of(topic, key))
+                         for topic, key, value in messages])
 
     def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
         """Wait until every record sent so far is acknowledged or refused (their Acks say which)."""
-        self._producer.flush(timeout=timeout_s)
+        with _reported_as_protocol():
+            self._producer.flush(timeout=timeout_s)
 
     def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
                             group_metadata) -> None:
         """`messages` and the consumer's `next_offsets` in one transaction. Raises TransactionAborted
         (after aborting) when it fails, ProducerFenced when another producer has our transactional id."""
         producer = self._producer
-        producer.begin_transaction()
+        with _reported_as_protocol():
+            producer.begin_transaction()
         try:
             acks = self.send(messages)
             producer.flush(timeout=ACK_TIMEOUT_S)
             acks.check()
-            producer.send_offsets_to_transaction(
-                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()}, group_metadata)
+            producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata)
             producer.commit_transaction()
         except ProducerFencedError as error:
             raise ProducerFenced() from error
-        except (KafkaError, NotAcknowledged) as error:
+        except (KafkaError, KafkaClientError) as error:
             producer.abort_transaction()
             raise TransactionAborted(f"{type(error).__name__}: {error}") from error
 
@@ -458,21 +357,35 @@ class ServingProducer:
         self._producer.close(timeout=timeout_s)
 
 
-def open_serving_clients(settings: KafkaSettings, transactional_id: str | None):
-    """The serving loop's (consumer, producer) on the client library `settings.client` names."""
-    if settings.client == "confluent":
-        from streamadapt.kafka import confluent as kafka_confluent
+def open_serving_producer(settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
+    with _reported_as_protocol():
+        return ServingProducer(open_producer(settings, transactional_id, linger_ms=0))
 
-        producer = kafka_confluent.ServingProducer.open(settings, transactional_id)
-        try:
-            return kafka_confluent.ServingConsumer.open(settings), producer
-        except BaseException:
-            producer.close()
-            raise
-    producer = ServingProducer(open_producer(settings, transactional_id, linger_ms=0))
-    try:
+
+def open_serving_consumer(settings: KafkaSettings) -> ServingConsumer:
+    with _reported_as_protocol():
         consumer = ServingConsumer(open_consumer(settings, lambda: consumer.before_revoke()))
-        return consumer, producer
-    except BaseException:
-        producer.close()
-        raise
+    return consumer
+
+
+# A broker, leader or coordinator away for now: the loop produces the batch again once it is back.
+_UNAVAILABLE = (KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError)
+
+
+@contextmanager
+def _reported_as_protocol() -> Iterator[None]:
+    """kafka-python's errors as the protocol's: an outage as KafkaUnavailable, any other as KafkaClientError."""
+    try:
+        yield
+    except _UNAVAILABLE as error:
+        raise KafkaUnavailable(f"{type(error).__name__}: {error}") from error
+    except KafkaError as error:
+        raise KafkaClientError(f"{type(error).__name__}: {error}") from error
+
+
+def _ours(tp: KafkaPartition) -> TopicPartition:
+    return TopicPartition(tp.topic, tp.partition)
+
+
+def _offsets(next_offsets: dict[TopicPartition, int]) -> dict[KafkaPartition, OffsetAndMetadata]:
+    return {KafkaPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in next_offsets.items()}

@@ -23,9 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # silence TensorFlow's C++ s
 import numpy as np  # noqa: E402
 
 from streamadapt.core import calibration  # noqa: E402
-from streamadapt.core.features import PER_CLASS_FEATURES, FeatureSpec  # noqa: E402
-from streamadapt.model.graph import Graph, UnsupportedLayer  # noqa: E402
+from streamadapt.core.features import PER_CLASS_FEATURES, CategoryFeatures, FeatureSpec  # noqa: E402
 from streamadapt.core.labels import Task  # noqa: E402
+from streamadapt.core.plugin import BUILT_IN, Features, FeaturesError, load_features  # noqa: E402
+from streamadapt.model.graph import Graph, UnsupportedLayer  # noqa: E402
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -45,6 +46,27 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
+class FeaturesUsed:
+    """The feature plug-in a checkpoint was trained with (streamadapt.core.plugin), and its input width."""
+
+    plugin: str  # MODULE:NAME, as given to pretrain
+    name: str
+    version: str
+    n_features: int
+
+    @classmethod
+    def built_in(cls, spec: FeatureSpec) -> FeaturesUsed:
+        return cls(BUILT_IN, CategoryFeatures.name, CategoryFeatures.version, spec.n_features)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"plugin": self.plugin, "name": self.name, "version": self.version, "n_features": self.n_features}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> FeaturesUsed:
+        return cls(str(payload["plugin"]), str(payload["name"]), str(payload["version"]), int(payload["n_features"]))
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     task: Task
     classes: tuple[str, ...]
@@ -52,6 +74,11 @@ class ModelMeta:
     horizon_days: float | None
     sha256: str
     extra: dict[str, Any]
+    features: FeaturesUsed
+
+    @property
+    def n_features(self) -> int:
+        return self.features.n_features
 
     @property
     def version(self) -> str:
@@ -60,8 +87,8 @@ class ModelMeta:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "task": self.task, "classes": list(self.classes),
-                "feature_spec": self.feature_spec.to_json(), "horizon_days": self.horizon_days,
-                "model_sha256": self.sha256, **self.extra}
+                "feature_spec": self.feature_spec.to_json(), "features": self.features.to_json(),
+                "horizon_days": self.horizon_days, "model_sha256": self.sha256, **self.extra}
 
 
 def limit_cpu_threads(threads: int) -> None:
@@ -101,7 +128,8 @@ CONTEXT_DROPOUT = 0.3  # ... and so did this one without dropout: its class logi
 DENSE_HIDDEN_UNITS = (128, 64)  # repurchase's network
 
 
-def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_classes: int, seed: int = 0):
+def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_classes: int, seed: int = 0,
+                class_block_width: int | None = None):
     """The built-in network, uncompiled. Feature statistics of `train_features` become constants of its
     normalisation layers (not weights: adapt() state would not survive clone_model/set_weights, so every
     clone and fine-tuned version normalises exactly as the source did).
@@ -112,12 +140,17 @@ def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_cla
       price, time). The shared scorer learns from every class at once what a user's history says, and so
       holds for rare classes and long histories as for the common ones the source file is full of.
     - repurchase: a dense network over every feature, and one sigmoid unit.
+
+    The class block is the first `class_block_width` columns (default: the built-in features'); the rest,
+    whatever a feature plug-in appends, is context. With no class block (0: a plug-in of other features),
+    next_category gets a dense network over every feature and a softmax.
     """
     tf = import_tensorflow()
     keras = tf.keras
     keras.utils.set_random_seed(seed)
     x = np.asarray(train_features, np.float64)
-    inputs = keras.Input(shape=(spec.n_features,), name="features", dtype="float32")
+    inputs = keras.Input(shape=(x.shape[1],), name="features", dtype="float32")
+    width = spec.class_block_width if class_block_width is None else class_block_width
 
     def normalised(tensor, columns: np.ndarray, name: str):
         return keras.layers.Normalization(mean=columns.mean(axis=0).tolist(),
@@ -128,11 +161,14 @@ def build_model(spec: FeatureSpec, train_features: np.ndarray, task: Task, n_cla
             tensor = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(tensor)
         return tensor
 
-    if task == "repurchase":
+    if task == "repurchase" or width == 0:
         hidden = dense_stack(normalised(inputs, x, "normalise"), DENSE_HIDDEN_UNITS)
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="head")(hidden)
-        return keras.Model(inputs, outputs, name="streamadapt_repurchase")
-    width, size, per_class = spec.class_block_width, len(spec.vocabulary), len(PER_CLASS_FEATURES)
+        if task == "repurchase":
+            return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="head")(hidden),
+                               name="streamadapt_repurchase")
+        return keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax", name="head")(hidden),
+                           name="streamadapt_next_category_dense")
+    size, per_class = len(spec.vocabulary), len(PER_CLASS_FEATURES)
     context = keras.layers.Dropout(CONTEXT_DROPOUT, name="context_dropout")(
         normalised(inputs[:, width:], x[:, width:], "normalise_context"))
     context = keras.layers.Dropout(CONTEXT_DROPOUT, name="context_hidden_dropout")(
@@ -157,12 +193,13 @@ def file_sha256(path: Path) -> str:
 
 
 def save_checkpoint(model, directory: Path, *, task: Task, classes: tuple[str, ...], feature_spec: FeatureSpec,
-                    horizon_days: float | None, extra: dict[str, Any]) -> ModelMeta:
+                    horizon_days: float | None, extra: dict[str, Any], features: FeaturesUsed | None = None) -> ModelMeta:
     directory.mkdir(parents=True, exist_ok=True)
     model_path = directory / MODEL_FILE
     model.save(model_path)
     meta = ModelMeta(task=task, classes=classes, feature_spec=feature_spec, horizon_days=horizon_days,
-                     sha256=file_sha256(model_path), extra=extra)
+                     sha256=file_sha256(model_path), extra=extra,
+                     features=features or FeaturesUsed.built_in(feature_spec))
     (directory / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n")
     return meta
 
@@ -177,11 +214,15 @@ def read_metadata(directory: Path) -> ModelMeta:
         payload = json.loads(meta_path.read_text())
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{meta_path}: unknown checkpoint format {payload.get('format')!r}")
+        if "features" not in payload:
+            raise CheckpointError(f"{meta_path}: written by an older streamadapt (it does not name its feature "
+                                  "plug-in): pretrain it again")
         extra = {k: v for k, v in payload.items()
-                 if k not in {"format", "task", "classes", "feature_spec", "horizon_days", "model_sha256"}}
-        meta = ModelMeta(task=payload["task"], classes=tuple(payload["classes"]),
-                         feature_spec=FeatureSpec.from_json(payload["feature_spec"]),
-                         horizon_days=payload.get("horizon_days"), sha256=payload["model_sha256"], extra=extra)
+                 if k not in {"format", "task", "classes", "feature_spec", "features", "horizon_days", "model_sha256"}}
+        spec = FeatureSpec.from_json(payload["feature_spec"])
+        meta = ModelMeta(task=payload["task"], classes=tuple(payload["classes"]), feature_spec=spec,
+                         horizon_days=payload.get("horizon_days"), sha256=payload["model_sha256"], extra=extra,
+                         features=FeaturesUsed.from_json(payload["features"]))
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, CheckpointError):
             raise
@@ -201,11 +242,30 @@ def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
     return model, meta
 
 
+def features_for(meta: ModelMeta, reference: str) -> Features:
+    """The feature plug-in named by `reference` (MODULE:NAME), built for this checkpoint; CheckpointError when
+    it is not the plug-in, or not the version, the checkpoint was trained with."""
+    try:
+        plugin = load_features(reference)
+    except FeaturesError as error:
+        raise CheckpointError(str(error)) from error
+    used = meta.features
+    if (plugin.name, str(plugin.version)) != (used.name, used.version):
+        raise CheckpointError(f"checkpoint {meta.version} was pretrained with feature plug-in {used.name} version "
+                              f"{used.version} ({used.plugin}), not {plugin.name} version {plugin.version} "
+                              f"({reference}): run with --features {used.plugin}, or pretrain again")
+    features = plugin(meta.feature_spec)
+    if features.n_features != used.n_features:
+        raise CheckpointError(f"feature plug-in {reference} gives {features.n_features} features, not the "
+                              f"{used.n_features} checkpoint {meta.version} was pretrained on")
+    return features
+
+
 def _check_shape(directory: Path, meta: ModelMeta, n_inputs: int, n_outputs: int) -> None:
     expected_outputs = 1 if meta.task == "repurchase" else len(meta.classes)
-    if n_inputs != meta.feature_spec.n_features or n_outputs != expected_outputs:
+    if n_inputs != meta.n_features or n_outputs != expected_outputs:
         raise CheckpointError(f"{directory}: model of {n_inputs} inputs and {n_outputs} outputs does not fit its "
-                              f"metadata ({meta.feature_spec.n_features} features, {expected_outputs} outputs)")
+                              f"metadata ({meta.n_features} features, {expected_outputs} outputs)")
 
 
 def class_probabilities(raw: np.ndarray, task: Task) -> np.ndarray:
@@ -246,12 +306,10 @@ class ServingModel:
     @classmethod
     def of_keras(cls, model, meta: ModelMeta) -> ServingModel:
         """Serve a Keras model already loaded (the trainer's gate scores candidates by this forward pass)."""
-        config = model.get_config()
-        graph = _plan(config, {layer.name: len(layer.weights) for layer in model.layers}, model.name)
-        return cls(meta, graph, model.get_weights())
+        return cls(meta, plan_of_keras(model), model.get_weights())
 
     def _check_fits(self, origin) -> None:
-        x = np.zeros((1, self.meta.feature_spec.n_features))
+        x = np.zeros((1, self.meta.n_features))
         try:
             out = self._graph.forward(x, self._weights)
         except (ValueError, IndexError) as error:
@@ -294,6 +352,11 @@ class ServingModel:
         """The network's own probabilities, before the version's calibration (what a calibration is fitted on)."""
         raw = self._graph.forward(np.asarray(features, np.float64), self._weights)
         return class_probabilities(raw.astype(np.float32), self.meta.task)
+
+
+def plan_of_keras(model) -> Graph:
+    """The NumPy pass of a Keras model already built; CheckpointError naming a layer it cannot compute."""
+    return _plan(model.get_config(), {layer.name: len(layer.weights) for layer in model.layers}, model.name)
 
 
 def _layer_name(layer: dict) -> str:

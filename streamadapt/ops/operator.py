@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from contextlib import closing
 
-from streamadapt.kafka import kafka_python as kafka_io
-from streamadapt.state.registry import Registry
+from streamadapt.kafka.kafka_python import open_producer
 from streamadapt.settings import Settings, SettingsError
+from streamadapt.state.registry import Registry
 from streamadapt.state.store import connect
 
 
@@ -24,7 +24,7 @@ def models_command(settings: Settings, action: str, version: str | None) -> str:
         registry.parameters(record)  # refuse to roll back to an artifact that would not verify
         registry.set_champion(record.version)
         announced = record.model_copy(update={"promoted": True, "decision": f"rollback by operator (was {champion})"})
-        producer = kafka_io.open_producer(settings.kafka)
+        producer = open_producer(settings.kafka)
         try:
             producer.send(settings.kafka.model_versions_topic, key=record.model.encode(),
                           value=announced.model_dump_json().encode()).get(timeout=30)

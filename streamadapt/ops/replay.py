@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from streamadapt.kafka import kafka_python as kafka_io
+from streamadapt.kafka.admin import ensure_topics
+from streamadapt.kafka.kafka_python import open_producer
 from streamadapt.settings import KafkaSettings
 
 
@@ -27,8 +28,8 @@ def replay(path: Path, settings: KafkaSettings, rate_per_s: float | None = None,
     """
     if rate_per_s is not None and rate_per_s <= 0:
         raise ValueError("--rate must be > 0 events per second")
-    kafka_io.ensure_topics(settings, [settings.input_topic])
-    producer = kafka_io.open_producer(settings)
+    ensure_topics(settings, [settings.input_topic])
+    producer = open_producer(settings)
     started = time.monotonic()
     sent = 0
     try:

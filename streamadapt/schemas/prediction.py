@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from json.encoder import encode_basestring as _json_string  # the C encoder when available
+from json.encoder import (
+    encode_basestring as _json_string,  # the C encoder when available
+)
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field

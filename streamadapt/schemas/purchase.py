@@ -4,7 +4,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
@@ -29,9 +36,11 @@ class _EpochSeconds:
 
 class PurchaseEvent(BaseModel):
     """One purchase. The worker validates with `streamadapt.core.parsing.parse_event`, which also refuses events
-    too far ahead of its clock (a rule about the worker's clock, not about the payload alone)."""
+    too far ahead of its clock (a rule about the worker's clock, not about the payload alone). Fields beyond
+    these are kept, unvalidated, in `model_extra`: the built-in features ignore them, a feature plug-in may
+    read them."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, ignored_types=(_EpochSeconds,))
+    model_config = ConfigDict(extra="allow", frozen=True, ignored_types=(_EpochSeconds,))
 
     event_id: Identifier
     user_id: Identifier

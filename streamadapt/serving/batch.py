@@ -15,11 +15,18 @@ from typing import NamedTuple
 import numpy as np
 
 from streamadapt.core.labels import watermark
-from streamadapt.model.checkpoint import ServingModel
 from streamadapt.core.parsing import Rejection, parse_event
+from streamadapt.core.plugin import Features
+from streamadapt.kafka.protocol import InputRecord, Message
+from streamadapt.model.checkpoint import ServingModel
 from streamadapt.serving.plan import (
-    InputRecord, Message, expire_pendings, make_dead_letter, make_predictions, newest_event_times,
-    plan_batch, resolved_examples, served_examples,
+    expire_pendings,
+    make_dead_letter,
+    make_predictions,
+    newest_event_times,
+    plan_batch,
+    resolved_examples,
+    served_examples,
 )
 from streamadapt.settings import Settings
 from streamadapt.state.store import StateStore, StateWrites
@@ -64,11 +71,13 @@ class Built:
 
 
 class BatchBuilder:
-    def __init__(self, settings: Settings, store: StateStore, model: ServingModel,
+    def __init__(self, settings: Settings, store: StateStore, model: ServingModel, features: Features,
                  clock=lambda: datetime.now(timezone.utc)):
+        """`features` is the plug-in the model was trained with; `store` keeps the users' states by it."""
         self._settings = settings
         self._store = store
         self._model = model
+        self._features = features
         self._clock = clock
 
     def build(self, records: list[InputRecord]) -> tuple[Built, StateWrites]:
@@ -90,7 +99,7 @@ class BatchBuilder:
             [e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
             min((e.ts_s for _, e in valid), default=0.0))
         model, meta = self._model, self._model.meta
-        plan = plan_batch(valid, claims, states, pendings, meta, observed_since_s)
+        plan = plan_batch(valid, claims, states, pendings, meta, self._features, observed_since_s)
         probabilities = model.predict_many(plan.features)
         predictions, claims = make_predictions(plan.fresh, probabilities, meta, model.version, now)
         writes = StateWrites(states=plan.states)

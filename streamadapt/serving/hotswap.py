@@ -14,11 +14,11 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
-from streamadapt.kafka import kafka_python as kafka_io
+from streamadapt.kafka.kafka_python import client_options
 from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import Parameters
-from streamadapt.state.registry import ArtifactError, Registry
 from streamadapt.settings import KafkaSettings
+from streamadapt.state.registry import ArtifactError, Registry
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ModelFollower:
             consumer.close()
 
     def _open_consumer(self) -> KafkaConsumer | None:
-        consumer = KafkaConsumer(**kafka_io.client_options(self._kafka, "follower"), enable_auto_commit=False,
+        consumer = KafkaConsumer(**client_options(self._kafka, "follower"), enable_auto_commit=False,
                                  group_id=None)
         partitions = consumer.partitions_for_topic(self._kafka.model_versions_topic)
         if not partitions:

@@ -25,17 +25,24 @@ from typing import Protocol
 
 import numpy as np
 import redis
-from kafka import TopicPartition
-from kafka.errors import BrokerNotAvailableError, KafkaConnectionError, KafkaTimeoutError
 
-from streamadapt.kafka import kafka_python as kafka_io
-from streamadapt.serving.batch import Built, Resolved
-from streamadapt.serving.hotswap import ModelFollower
-from streamadapt.kafka.kafka_python import ServingConsumer, ServingProducer
+from streamadapt.core.quality import QualityMonitor
+from streamadapt.kafka.protocol import (
+    ACK_TIMEOUT_S,
+    Acks,
+    InputRecord,
+    KafkaUnavailable,
+    NotAcknowledged,
+    ServingConsumer,
+    ServingProducer,
+    TopicPartition,
+    TransactionAborted,
+)
 from streamadapt.metrics import WorkerMetrics, observe_many
 from streamadapt.model.checkpoint import ServingModel
-from streamadapt.serving.plan import InputRecord, first_offsets, next_offsets
-from streamadapt.core.quality import QualityMonitor
+from streamadapt.serving.batch import Built, Resolved
+from streamadapt.serving.hotswap import ModelFollower
+from streamadapt.serving.plan import first_offsets, next_offsets
 from streamadapt.settings import Settings
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateWrites
 
@@ -43,9 +50,6 @@ log = logging.getLogger(__name__)
 
 OUTAGE_FIRST_RETRY_S = 0.5
 OUTAGE_MAX_RETRY_S = 30.0
-# Errors of an unavailable Kafka: the batch's outputs are produced again, not dropped, and the worker does
-# not exit. (Redis's are in streamadapt.state.store.)
-KAFKA_OUTAGE_ERRORS = (KafkaTimeoutError, KafkaConnectionError, BrokerNotAvailableError, kafka_io.NotAcknowledged)
 
 
 class BatchAborted(Exception):
@@ -71,16 +75,6 @@ class Builder(Protocol):
     def build(self, records: list[InputRecord]) -> tuple[Built, StateWrites]: ...
 
     def save(self, built: Built, writes: StateWrites) -> Built: ...
-
-
-class Acks(Protocol):
-    """One batch's acknowledgements (kafka_io.Acks, kafka_confluent.Acks)."""
-
-    def done(self) -> bool: ...
-
-    def wait(self, timeout_s: float) -> None: ...
-
-    def check(self) -> None: ...
 
 
 @dataclass
@@ -180,8 +174,8 @@ class ServingLoop:
             self._commits_answered.popleft()
             if committing:
                 committing.popleft()
-        while committing and time.monotonic() - committing[0][1] > kafka_io.ACK_TIMEOUT_S:
-            log.warning("an offset commit was not answered within %.0f s", kafka_io.ACK_TIMEOUT_S)
+        while committing and time.monotonic() - committing[0][1] > ACK_TIMEOUT_S:
+            log.warning("an offset commit was not answered within %.0f s", ACK_TIMEOUT_S)
             committing.popleft()  # its answer, if one comes, is taken for a later commit's: nothing waits for ever
 
     def _serve(self, records: list[InputRecord], stop: threading.Event) -> None:
@@ -200,18 +194,18 @@ class ServingLoop:
         if not self._transactional:
             try:
                 acks = self._producer.send(built.messages)
-            except KAFKA_OUTAGE_ERRORS as error:  # kafka-python waits for metadata in send, and can time out
+            except KafkaUnavailable as error:  # kafka-python waits for metadata in send, and can time out
                 self._rewind_window(error, stop, also=records)
                 return
             self._in_flight.append(_Batch(records, built, acks, polled_at, time.monotonic()))
             return
         try:
             self._send_in_transaction(records, built)
-        except KAFKA_OUTAGE_ERRORS as error:
+        except KafkaUnavailable as error:
             try:
                 self._retry_through_outage(lambda: self._send_in_transaction(records, built), error,
-                                           KAFKA_OUTAGE_ERRORS, stop)
-            except KAFKA_OUTAGE_ERRORS:
+                                           KafkaUnavailable, stop)
+            except KafkaUnavailable:
                 self._rewind(records)
                 return
         except BatchAborted as aborted:
@@ -252,10 +246,10 @@ class ServingLoop:
                 offsets.update(next_offsets(batch.records))
                 settled += len(batch.records)
                 self._committed(batch.records, batch.built, batch.polled_at, ends_outage)
-            if window and time.monotonic() - window[0].sent_monotonic > kafka_io.ACK_TIMEOUT_S:
-                raise kafka_io.NotAcknowledged(f"a batch waited over {kafka_io.ACK_TIMEOUT_S:.0f} s for its "
+            if window and time.monotonic() - window[0].sent_monotonic > ACK_TIMEOUT_S:
+                raise NotAcknowledged(f"a batch waited over {ACK_TIMEOUT_S:.0f} s for its "
                                                "acknowledgements")
-        except KAFKA_OUTAGE_ERRORS as error:
+        except KafkaUnavailable as error:
             self._commit_async(offsets, settled)
             if stop is None:  # inside a rebalance or a stop: the caller leaves the window to be read again
                 raise
@@ -301,9 +295,9 @@ class ServingLoop:
         if not self._in_flight:
             return
         try:
-            self._producer.flush(kafka_io.ACK_TIMEOUT_S)
+            self._producer.flush(ACK_TIMEOUT_S)
             self._settle(None)
-        except KAFKA_OUTAGE_ERRORS as error:
+        except KafkaUnavailable as error:
             log.warning("the batches in flight are left to be read again (%s: %s)", type(error).__name__, error)
         self._drop_in_flight()
 
@@ -323,7 +317,7 @@ class ServingLoop:
         try:
             self._producer.send_in_transaction(built.messages, _by_partition(next_offsets(records)),
                                                self._consumer.group_metadata())
-        except kafka_io.TransactionAborted as error:
+        except TransactionAborted as error:
             raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
                                "they will be read again") from error
 
@@ -351,7 +345,7 @@ class ServingLoop:
             if self._in_flight:
                 self._producer.flush(SETTLE_SAVED_WAIT_S)  # their acknowledgements are due any moment
             self._settle(None, ends_outage=False)
-        except KAFKA_OUTAGE_ERRORS:
+        except KafkaUnavailable:
             pass
 
     def _end_outage(self) -> None:

@@ -6,46 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
 
 import numpy as np
 
+from streamadapt.core.examples import Example
+from streamadapt.core.labels import resolve_on_purchase
+from streamadapt.core.parsing import Rejection
+from streamadapt.core.plugin import Features, State
+from streamadapt.kafka.protocol import InputRecord, partition_ref
+from streamadapt.model.checkpoint import ModelMeta
 from streamadapt.schemas import DeadLetter, PurchaseEvent
 from streamadapt.schemas.prediction import PredictionWriter, iso_datetime
-from streamadapt.core.examples import Example
-from streamadapt.core.features import UserState, advance, encode
-from streamadapt.core.labels import resolve_on_purchase
-from streamadapt.model.checkpoint import ModelMeta
-from streamadapt.core.parsing import Rejection
 from streamadapt.state.store import EventClaim
 
 TOP_CLASSES = 3
-# (topic, key, value): one record a batch produces
-Message = tuple[str, "bytes | None", bytes]
-
-
-class InputRecord(NamedTuple):
-    """The parts of a consumed Kafka record the pipeline uses (a tuple: one is built per record)."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None
-
-    @property
-    def ref(self) -> str:
-        return f"{self.topic}/{self.partition}/{self.offset}"
-
-    @property
-    def partition_ref(self) -> str:
-        return partition_ref(self.topic, self.partition)
-
-
-def partition_ref(topic: str, partition: int) -> str:
-    """"{topic}/{partition}": how Redis keys an input partition (event-time progress, deadlines)."""
-    return f"{topic}/{partition}"
 
 
 @dataclass
@@ -56,7 +30,7 @@ class BatchPlan:
     features: np.ndarray | None = None  # one row per fresh event
     replays: list[tuple[InputRecord, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
     duplicates: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)
-    states: dict[str, UserState] = field(default_factory=dict)  # user states changed by this batch
+    states: dict[str, State] = field(default_factory=dict)  # user states changed by this batch
     # label join: (a stored pending prediction, or the index of an earlier fresh event here, label index,
     # event time of the purchase that resolved it)
     resolutions: list[tuple[Example | int, int, float]] = field(default_factory=list)
@@ -64,21 +38,22 @@ class BatchPlan:
 
 
 def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str, EventClaim],
-               states: dict[str, UserState], pendings: dict[str, Example], meta: ModelMeta,
+               states: dict[str, State], pendings: dict[str, Example], meta: ModelMeta, features: Features,
                observed_since_s: float) -> BatchPlan:
     """Sort each valid event into fresh, replay or duplicate, and compute features of the fresh ones.
 
     - replay: Redis says this very record (same topic/partition/offset) was already predicted, so its
       stored prediction is re-emitted and the user's state is left alone (it already holds the event);
     - duplicate: another record already carried this event_id (earlier in Redis or in this batch);
-    - fresh: features from the user's state before the event, then the state advances; and the event
-      resolves the label of the user's previous prediction (stored in `pendings`, or earlier in this batch).
-    `observed_since_s` is the event time from which the states have been kept (streamadapt.core.features.encode).
+    - fresh: features from the user's state before the event (by the `features` plug-in), then the state
+      advances; and the event resolves the label of the user's previous prediction (stored in `pendings`, or
+      earlier in this batch).
+    `observed_since_s` is the event time from which the states have been kept.
     Events of one user are handled in arrival order, so the result does not depend on batch boundaries.
     """
     spec = meta.feature_spec
     plan = BatchPlan()
-    before: list[tuple[UserState, PurchaseEvent]] = []  # each fresh event with its user's state before it
+    before: list[tuple[State, PurchaseEvent]] = []  # each fresh event with its user's state before it
     claimed_here: set[str] = set()
     for record, event in valid:
         claim = claims.get(event.event_id)
@@ -89,10 +64,11 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
             plan.duplicates.append((record, event))
         else:
             user = event.user_id
-            state = spec.recall(plan.states.get(user) or states.get(user), event.ts_s)
+            state = plan.states.get(user)
+            state = features.recall(states.get(user) if state is None else state, event.ts_s)
             index = len(plan.fresh)
             before.append((state, event))
-            plan.states[user] = advance(state, event)
+            plan.states[user] = features.advance(state, event)
             previous = plan.last_fresh_of_user.get(user)
             source: Example | int | None = previous if previous is not None else pendings.get(user)
             if source is not None:
@@ -103,7 +79,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
             plan.last_fresh_of_user[user] = index
             plan.fresh.append((record, event))
             claimed_here.add(event.event_id)
-    plan.features = encode(before, spec, observed_since_s)
+    plan.features = features.encode(before, observed_since_s)
     return plan
 
 

@@ -19,8 +19,8 @@ import uuid
 import numpy as np
 import redis
 
-from streamadapt.schemas import ModelVersion
 from streamadapt.model.checkpoint import Parameters
+from streamadapt.schemas import ModelVersion
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end

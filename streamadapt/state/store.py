@@ -3,7 +3,7 @@
 Keys (all under the configured prefix):
   {p}:event:{event_id}   JSON array: the input record "{topic}/{partition}/{offset}" that first carried it and
                          what was predicted (EventClaim, ~150 bytes); TTL dedupe_ttl_s
-  {p}:profile:{user_id}  the user's state (JSON of streamadapt.core.features.UserState), a newline, then their last
+  {p}:profile:{user_id}  the user's state (JSON, as the feature plug-in writes it), a newline, then their last
                          served prediction while it waits for its label (Example, label -1); TTL user_state_ttl_s
   {p}:deadlines:{topic}/{partition}   zset user_id -> repurchase deadline (event time), by the input
                          partition of the user's pending prediction: its consumer owns them
@@ -33,7 +33,7 @@ import redis
 from pydantic_core import from_json, to_json
 
 from streamadapt.core.examples import Example, window_start
-from streamadapt.core.features import UserState
+from streamadapt.core.plugin import Features, State
 from streamadapt.settings import RedisSettings, TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -81,15 +81,15 @@ class StateWrites:
     written whole: a user with a pending prediction belongs in `states` too (else their state is dropped)."""
 
     claims: list[tuple[str, EventClaim]] = field(default_factory=list)  # (event_id, claim)
-    states: Mapping[str, UserState] = field(default_factory=dict)
+    states: Mapping[str, State] = field(default_factory=dict)
     pendings: dict[str, Example] = field(default_factory=dict)
     deadlines: dict[str, dict[str, float]] = field(default_factory=dict)  # "{topic}/{partition}" -> user -> time
     settled_deadlines: dict[str, list[str]] = field(default_factory=dict)  # "{topic}/{partition}" -> users
-    cleared_pendings: dict[str, UserState | None] = field(default_factory=dict)  # user -> the state to keep
+    cleared_pendings: dict[str, State | None] = field(default_factory=dict)  # user -> the state to keep
     examples: list[Example] = field(default_factory=list)
     newest_by_partition: dict[str, float] = field(default_factory=dict)  # "{topic}/{partition}" -> event time
 
-    def profiles(self) -> dict[str, tuple[UserState | None, Example | None]]:
+    def profiles(self) -> dict[str, tuple[State | None, Example | None]]:
         """Every profile the batch writes, whole: user -> (state, pending prediction)."""
         states = {**self.cleared_pendings, **self.states}
         states.update({user: None for user in self.pendings if user not in states})
@@ -109,11 +109,12 @@ class WindowPolicy:
 
 def connect(settings: RedisSettings) -> redis.Redis:
     tls = {}
-    if settings.url.startswith("rediss://"):
+    url = settings.url.get_secret_value()
+    if url.startswith("rediss://"):
         tls = {"ssl_ca_certs": settings.tls_ca_file and str(settings.tls_ca_file),
                "ssl_certfile": settings.tls_certfile and str(settings.tls_certfile),
                "ssl_keyfile": settings.tls_keyfile and str(settings.tls_keyfile)}
-    return redis.Redis.from_url(settings.url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
                                 **tls)
 
 
@@ -132,8 +133,12 @@ def drop_keys(client: redis.Redis, key_prefix: str) -> int:
 
 
 class StateStore:
-    def __init__(self, client: redis.Redis, settings: RedisSettings, windows: WindowPolicy | None = None):
+    def __init__(self, client: redis.Redis, settings: RedisSettings, windows: WindowPolicy | None = None,
+                 features: Features | None = None):
+        """`features` reads and writes the users' states; without it (the trainer) a profile gives its pending
+        prediction only."""
         self._client = client
+        self._features = features
         self._p = settings.key_prefix
         self._dedupe_ttl_s = settings.dedupe_ttl_s
         self._user_state_ttl_s = settings.user_state_ttl_s
@@ -143,7 +148,7 @@ class StateStore:
         return bool(self._client.ping())
 
     def load(self, event_ids: list[str], user_ids: list[str], oldest_ts_s: float
-             ) -> tuple[dict[str, EventClaim], dict[str, UserState], dict[str, Example], float]:
+             ) -> tuple[dict[str, EventClaim], dict[str, State], dict[str, Example], float]:
         """Existing claims for these events, states and pending predictions of these users, and the event time
         from which states have been kept (`oldest_ts_s`, the batch's oldest event, if no batch came before): one
         round trip."""
@@ -158,21 +163,22 @@ class StateStore:
         states, pendings = self._profiles(user_ids, profiles_raw)
         return claims, states, pendings, oldest_ts_s if observed_since is None else float(observed_since)
 
-    def load_profiles(self, user_ids: list[str]) -> tuple[dict[str, UserState], dict[str, Example]]:
+    def load_profiles(self, user_ids: list[str]) -> tuple[dict[str, State], dict[str, Example]]:
         """States and pending predictions of these users."""
         if not user_ids:
             return {}, {}
         return self._profiles(user_ids, self._client.mget([f"{self._p}:profile:{u}" for u in user_ids]))
 
     def _profiles(self, user_ids: list[str], raws: list[bytes | None]
-                  ) -> tuple[dict[str, UserState], dict[str, Example]]:
+                  ) -> tuple[dict[str, State], dict[str, Example]]:
         states, pendings = {}, {}
         for user, raw in zip(user_ids, raws):
             if raw is None:
                 continue
             try:
                 state_json, _, pending = raw.partition(b"\n")
-                state = None if state_json == b"null" else UserState.from_json(from_json(state_json))
+                state = None if state_json == b"null" or self._features is None else (
+                    self._features.state_from_json(from_json(state_json)))
                 example = Example.decode(pending) if pending else None
             except (ValueError, TypeError) as error:
                 log.warning("the profile of user %r cannot be read (%s): the user counts as new", user[:64], error)
@@ -209,7 +215,7 @@ class StateStore:
         profiles = writes.profiles()
         if profiles:
             pipe.eval(_SET_MANY, len(profiles), *(f"{p}:profile:{user}" for user in profiles), self._user_state_ttl_s,
-                      *(_profile(state, pending) for state, pending in profiles.values()))
+                      *(self._profile(user, state, pending) for user, (state, pending) in profiles.items()))
         for partition, users in writes.settled_deadlines.items():  # before the ZADDs: a user may be settled and re-added
             pipe.zrem(f"{p}:deadlines:{partition}", *users)
         for partition, deadlines in writes.deadlines.items():
@@ -227,6 +233,19 @@ class StateStore:
         if writes.newest_by_partition:
             pipe.zadd(f"{p}:event_time", writes.newest_by_partition, gt=True)
         pipe.execute()
+
+    def _profile(self, user: str, state: State | None, pending: Example | None) -> bytes:
+        """A profile's value: the state's JSON (null when unknown), a newline, the pending prediction if any. A
+        state whose JSON outgrows the plug-in's max_state_bytes is dropped: the user counts as new."""
+        state_json = b"null"
+        if state is not None:
+            state_json = to_json(self._features.state_to_json(state))
+            if len(state_json) > self._features.max_state_bytes:
+                log.warning("the state of user %r is %d bytes, over the %d of feature plug-in %s: it is dropped, and "
+                            "the user counts as new", user[:64], len(state_json), self._features.max_state_bytes,
+                            self._features.name)
+                state_json = b"null"
+        return state_json + b"\n" + (b"" if pending is None else pending.encode())
 
     # read by the trainer
     def examples_total(self) -> int:
@@ -289,9 +308,3 @@ class StateStore:
         if starts:
             self._client.delete(*[f"{self._p}:window:{s}" for s in starts])
             self._client.zrem(f"{self._p}:windows", *[str(s) for s in starts])
-
-
-def _profile(state: UserState | None, pending: Example | None) -> bytes:
-    """A profile's value: the state's JSON (null when unknown), a newline, the pending prediction if any."""
-    state_json = b"null" if state is None else to_json(state.to_json())
-    return state_json + b"\n" + (b"" if pending is None else pending.encode())

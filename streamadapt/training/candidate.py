@@ -26,11 +26,18 @@ from streamadapt.core.calibration import CalibrationError, exposed_losses
 from streamadapt.core.censoring import MIN_POSITIVES, exposure, repurchase_delays
 from streamadapt.core.examples import Example, recency_weights
 from streamadapt.core.labels import settled
-from streamadapt.training.finetune import FineTuneConfig, FineTuneError, fine_tune
-from streamadapt.model.checkpoint import ModelMeta, Parameters, ServingModel
-from streamadapt.core.promotion import Decision, Ranking, decide, example_losses, paired_gain, prior_probabilities
+from streamadapt.core.promotion import (
+    Decision,
+    Ranking,
+    decide,
+    example_losses,
+    paired_gain,
+    prior_probabilities,
+)
 from streamadapt.core.quality import scores
+from streamadapt.model.checkpoint import ModelMeta, Parameters, ServingModel
 from streamadapt.settings import TrainingSettings
+from streamadapt.training.finetune import FineTuneConfig, FineTuneError, fine_tune
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,13 @@ full window, and a fixed epoch count undertrains the one or overfits the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from streamadapt.model.graph import input_names
 from streamadapt.model.checkpoint import import_tensorflow
+from streamadapt.model.graph import input_names
+from streamadapt.settings import STRATEGIES, Strategy
 
-Strategy = Literal["head", "full", "l2sp", "calibrate"]
-STRATEGIES: tuple[Strategy, ...] = ("head", "full", "l2sp", "calibrate")
 MIN_VALIDATION_ROWS = 50  # fewer held-out rows judge an epoch by noise: train all epochs on everything
 
 

@@ -18,13 +18,27 @@ from pathlib import Path
 
 import numpy as np
 
-from streamadapt.schemas import PurchaseEvent
-from streamadapt.core.features import OBSERVED_CAP_DAYS, USER_MEMORY_DAYS, FeatureSpec, encode_stream
+from streamadapt.core.features import (
+    OBSERVED_CAP_DAYS,
+    USER_MEMORY_DAYS,
+    CategoryFeatures,
+    FeatureSpec,
+)
 from streamadapt.core.labels import BINARY_CLASSES, Task, file_labels, settled
-from streamadapt.model.checkpoint import ModelMeta, build_model, class_probabilities, import_tensorflow, save_checkpoint
 from streamadapt.core.parsing import Rejection, parse_event
+from streamadapt.core.plugin import BUILT_IN, Features, encode_stream, load_features
 from streamadapt.core.promotion import example_losses
 from streamadapt.core.quality import log_loss, scores
+from streamadapt.model.builder import build, load_builder
+from streamadapt.model.checkpoint import (
+    FeaturesUsed,
+    ModelMeta,
+    build_model,
+    class_probabilities,
+    import_tensorflow,
+    save_checkpoint,
+)
+from streamadapt.schemas import PurchaseEvent
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +96,12 @@ def classes_for(task: Task, spec: FeatureSpec) -> tuple[str, ...]:
     return spec.vocabulary if task == "next_category" else BINARY_CLASSES
 
 
-def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, horizon_days: float) -> Examples:
-    """Labelled examples: each purchase, its features before it, and its label, for the purchases whose label
-    the file settles (streamadapt.core.labels.settled, with the file's last event time as the watermark): for
-    repurchase, not the last horizon of the file, where only the positives are known."""
+def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, horizon_days: float,
+                   features: Features | None = None) -> Examples:
+    """Labelled examples: each purchase, its features before it (by the `features` plug-in; default: the
+    built-in one), and its label, for the purchases whose label the file settles (streamadapt.core.labels.settled,
+    with the file's last event time as the watermark): for repurchase, not the last horizon of the file, where
+    only the positives are known."""
     ordered = sorted(events, key=lambda e: e.ts)
     binary_index = {c: i for i, c in enumerate(BINARY_CLASSES)}
     class_of = spec.index_of if task == "next_category" else binary_index.__getitem__  # unknown categories: OTHER
@@ -93,26 +109,27 @@ def build_examples(events: list[PurchaseEvent], spec: FeatureSpec, task: Task, h
                        for label in file_labels(ordered, task, horizon_days)], dtype=np.int64)
     ts_s = np.array([e.ts_s for e in ordered])
     keep = (labels >= 0) & settled(ts_s, horizon_days if task == "repurchase" else None, ts_s[-1] if len(ts_s) else 0.0)
-    return Examples(encode_stream(ordered, spec)[keep], labels[keep], ts_s[keep])
+    encoded = encode_stream(ordered, features or CategoryFeatures(spec))
+    return Examples(encoded[keep], labels[keep], ts_s[keep])
 
 
 def restarted(ordered: list[PurchaseEvent], examples: Examples, split: int, spec: FeatureSpec, task: Task,
-              horizon_days: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              horizon_days: float, features: Features | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The training part (the first `split` examples) and its readings from later starts, stacked, with each
     row's sample weight: 1 for the first reading, RESTART_WEIGHT for the later ones. They show the model what a
     worker started there sees while its states warm up; at full weight they would outnumber the long histories
     of the first reading, and a model fed mostly short histories learns to trust a user's history less than a
     long one deserves."""
     end_s = examples.ts_s[split - 1]
-    features, labels, weights = [examples.features[:split]], [examples.labels[:split]], [np.ones(split, np.float32)]
+    rows, labels, weights = [examples.features[:split]], [examples.labels[:split]], [np.ones(split, np.float32)]
     for k in range(1, RESTARTS):
         start_s = ordered[0].ts_s + (end_s - ordered[0].ts_s) * k / RESTARTS
-        again = build_examples([e for e in ordered if e.ts_s >= start_s], spec, task, horizon_days)
+        again = build_examples([e for e in ordered if e.ts_s >= start_s], spec, task, horizon_days, features)
         keep = again.ts_s <= end_s
-        features.append(again.features[keep])
+        rows.append(again.features[keep])
         labels.append(again.labels[keep])
         weights.append(np.full(int(keep.sum()), RESTART_WEIGHT, np.float32))
-    return np.concatenate(features), np.concatenate(labels), np.concatenate(weights)
+    return np.concatenate(rows), np.concatenate(labels), np.concatenate(weights)
 
 
 @dataclass(frozen=True)
@@ -124,11 +141,16 @@ class Pretrained:
 
 
 def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, epochs: int = 12,
-             seed: int = 0, user_memory_days: float = USER_MEMORY_DAYS) -> Pretrained:
-    """Train and save the source checkpoint. Raises ValueError, in one line, when the file cannot give a model
-    whose validation figures mean anything: too few settled examples, or a validation part too small or of a
-    single class."""
+             seed: int = 0, user_memory_days: float = USER_MEMORY_DAYS, model_builder: str | None = None,
+             features_plugin: str = BUILT_IN) -> Pretrained:
+    """Train and save the source checkpoint: the built-in network, or the one `model_builder` ("MODULE:FUNCTION",
+    streamadapt.model.builder) returns. Raises ValueError, in one line, when the file cannot give a model whose
+    validation figures mean anything (too few settled examples, or a validation part too small or of a single
+    class), or when the builder's model is not one the worker can serve. Features come from the plug-in
+    `features_plugin` names (MODULE:NAME, streamadapt.core.plugin), which the checkpoint records."""
     tf = import_tensorflow()
+    build_custom = load_builder(model_builder) if model_builder is not None else None
+    plugin = load_features(features_plugin)
 
     events, refused = read_events(events_path)
     if len(events) < MIN_EXAMPLES:
@@ -136,7 +158,8 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
     spec = category_spec(events, user_memory_days)
     classes = classes_for(task, spec)
     ordered = sorted(events, key=lambda e: e.ts)
-    examples = build_examples(ordered, spec, task, horizon_days)
+    features = plugin(spec)
+    examples = build_examples(ordered, spec, task, horizon_days, features)
     if len(examples.labels) < MIN_EXAMPLES:
         raise ValueError(f"{events_path} settles the {task} label of {len(examples.labels)} purchases"
                          + (f" (those more than {horizon_days:g} days before its last event, "
@@ -150,13 +173,18 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
     if problem:
         raise ValueError(f"{events_path}: {problem}; pretraining cannot measure the model it would write"
                          + (" (a longer file, or a shorter --horizon-days)" if task == "repurchase" else " (a longer file)"))
-    train_x, train_y, train_w = restarted(ordered, examples, split, spec, task, horizon_days)
+    train_x, train_y, train_w = restarted(ordered, examples, split, spec, task, horizon_days, features)
     log.info("pretraining %s on %d examples (%d of them read again from later starts; %d held out) from %d events, "
              "%d refused lines", task, len(train_y), len(train_y) - split, len(val_y), len(events), refused)
 
     tf.config.experimental.enable_op_determinism()
-    model = build_model(spec, train_x, task, len(classes), seed=seed)
     binary = task == "repurchase"
+    if build_custom is None:
+        model = build_model(spec, train_x, task, len(classes), seed=seed, class_block_width=features.class_block_width)
+    else:
+        tf.keras.utils.set_random_seed(seed)
+        model = build(build_custom, model_builder, n_features=features.n_features,
+                      n_outputs=1 if binary else len(classes), task=task)
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
                   loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy")
     # Epochs are chosen on a random tenth of the training part, so that the validation part, the newest
@@ -176,12 +204,14 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
     training_loss = log_loss(predict(examples.features[:split]), examples.labels[:split])
     warnings = implausible_validation(training_loss, example_losses(val_probabilities, val_y))
     meta = save_checkpoint(model, out, task=task, classes=classes, feature_spec=spec,
+                           features=FeaturesUsed(features_plugin, plugin.name, str(plugin.version), features.n_features),
                            horizon_days=horizon_days if binary else None,
                            extra={"trained_on": {"events_file": events_path.name, "events": len(events),
                                                  "examples": int(split), "refused_lines": refused,
                                                  "event_time_from": _iso(examples.ts_s[0]),
                                                  "event_time_to": _iso(examples.ts_s[split - 1])},
-                                  "validation": metrics, "training_log_loss": training_loss, "seed": seed})
+                                  "validation": metrics, "training_log_loss": training_loss, "seed": seed,
+                                  "model_builder": model_builder or "built-in"})
     return Pretrained(meta, metrics, training_loss, warnings)
 
 

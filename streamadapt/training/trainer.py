@@ -17,17 +17,23 @@ from datetime import datetime, timezone
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from streamadapt.schemas import ModelVersion, TrainedOn
-from streamadapt.training.candidate import (Scorer, examples_before_next_round, fine_tune_round, labels_known_until,
-                              newest_trainable_ts, round_examples)
 from streamadapt.core.examples import Example, expired_windows
-from streamadapt.training.finetune import FineTuneError
 from streamadapt.core.labels import watermark
 from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import ModelMeta, Parameters
-from streamadapt.state.registry import Registry, encode_parameters
+from streamadapt.schemas import ModelVersion, TrainedOn
 from streamadapt.settings import Settings
+from streamadapt.state.registry import Registry, encode_parameters
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateStore
+from streamadapt.training.candidate import (
+    Scorer,
+    examples_before_next_round,
+    fine_tune_round,
+    labels_known_until,
+    newest_trainable_ts,
+    round_examples,
+)
+from streamadapt.training.finetune import FineTuneError
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +155,7 @@ class Trainer:
         """The examples made for the source checkpoint's features and classes. Those of another (a deployment
         that changed its checkpoint, or its version's feature code, over the same Redis) are left out, with a
         warning, until their windows age out: they cannot be trained or judged on."""
-        n_features, n_classes = self._meta.feature_spec.n_features, len(self._meta.classes)
+        n_features, n_classes = self._meta.n_features, len(self._meta.classes)
         fitting = [e for e in stored if len(e.features) == n_features and len(e.probabilities) == n_classes]
         if len(fitting) < len(stored):
             log.warning("%d of %d stored examples were made for another checkpoint's features or classes (not %d "

@@ -2,17 +2,21 @@
 is asserted here beyond what must hold by construction)."""
 import json
 
+import numpy as np
 import pytest
 
-from streamadapt.schemas import PurchaseEvent
-import numpy as np
-
 from benchmarks.adaptation import (
-    build_stream, goals, river_contenders, run_adaptation_bench, run_frequency_baselines, run_river,
+    build_stream,
+    goals,
+    river_contenders,
+    run_adaptation_bench,
+    run_frequency_baselines,
+    run_river,
 )
 from benchmarks.results import finite_or_null
-from streamadapt.ops.generate import generate_events
 from streamadapt.model.checkpoint import load_checkpoint
+from streamadapt.ops.generate import generate_events
+from streamadapt.schemas import PurchaseEvent
 from streamadapt.settings import TrainingSettings
 
 

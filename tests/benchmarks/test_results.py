@@ -2,7 +2,6 @@ import json
 import math
 
 import numpy as np
-
 import pytest
 
 from benchmarks.results import cell, finite_or_null, goal_line, write_json

@@ -3,7 +3,12 @@ themselves run against the real stack in tests/integration/test_bench.py)."""
 import pytest
 
 from benchmarks.throughput import (
-    Drains, DrainResult, WorkerDrain, print_throughput, run_throughput_bench, throughput_result,
+    DrainResult,
+    Drains,
+    WorkerDrain,
+    print_throughput,
+    run_throughput_bench,
+    throughput_result,
 )
 from streamadapt.model.checkpoint import CheckpointError
 from streamadapt.settings import load_settings

@@ -3,7 +3,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamadapt.core.examples import Example, expired_windows, recency_weights, window_start
+from streamadapt.core.examples import (
+    Example,
+    expired_windows,
+    recency_weights,
+    window_start,
+)
 
 
 def test_example_round_trips_through_bytes():

@@ -6,10 +6,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamadapt.core.features import (
+    COUNT_DECAY,
+    FREQUENCY_PRIOR,
+    MAX_TRACKED_CATEGORIES,
+    NEVER_DAYS,
+    NUMERIC_FEATURES,
+    OBSERVED_CAP_DAYS,
+    OTHER,
+    PER_CLASS_FEATURES,
+    USER_MEMORY_DAYS,
+    CategoryFeatures,
+    FeatureSpec,
+    UserState,
+    advance,
+    encode,
+)
+from streamadapt.core.plugin import encode_stream
 from streamadapt.schemas import PurchaseEvent
-from streamadapt.core.features import (COUNT_DECAY, FREQUENCY_PRIOR, MAX_TRACKED_CATEGORIES, NEVER_DAYS, NUMERIC_FEATURES,
-                             OBSERVED_CAP_DAYS, OTHER, PER_CLASS_FEATURES, USER_MEMORY_DAYS, FeatureSpec, UserState,
-                             advance, encode, encode_stream)
 
 SPEC = FeatureSpec(("books", "music", "toys"), (0.4, 0.3, 0.2, 0.1))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)  # a Monday
@@ -110,14 +124,14 @@ def test_history_watched_stops_counting_at_the_specs_cap():
 
 
 def test_a_stream_is_watched_from_its_first_event():
-    rows = [named(row) for row in encode_stream([event(hours=0, event_id="a"), event(hours=48, event_id="b")], SPEC)]
+    rows = [named(row) for row in encode_stream([event(hours=0, event_id="a"), event(hours=48, event_id="b")], CategoryFeatures(SPEC))]
     assert [f["log_days_observed"] for f in rows] == [0.0, pytest.approx(math.log1p(2))]
 
 
 @pytest.mark.parametrize("idle_days, remembered", [(30.0, True), (USER_MEMORY_DAYS, True), (USER_MEMORY_DAYS + 1, False)])
 def test_a_user_idle_for_longer_than_the_memory_is_seen_as_new(idle_days, remembered):
     rows = [named(row) for row in encode_stream([event(hours=0, event_id="a"), event(hours=24 * idle_days, event_id="b")],
-                                                SPEC)]
+                                                CategoryFeatures(SPEC))]
     assert rows[1]["is_first_purchase"] == (0.0 if remembered else 1.0)
     assert rows[1]["log_purchases_before"] == pytest.approx(math.log(2) if remembered else 0.0)
     assert rows[1]["log_days_observed"] == pytest.approx(math.log1p(min(idle_days, OBSERVED_CAP_DAYS)))  # still watched

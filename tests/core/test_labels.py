@@ -4,7 +4,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamadapt.core.examples import expired_windows, window_start
-from streamadapt.core.labels import next_of_same_user, repurchase_label, resolve_on_purchase, settled, watermark
+from streamadapt.core.labels import (
+    next_of_same_user,
+    repurchase_label,
+    resolve_on_purchase,
+    settled,
+    watermark,
+)
 
 DAY = 86400.0
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamadapt.schemas import PurchaseEvent, RejectReason
 from streamadapt.core.parsing import Rejection, parse_event
+from streamadapt.schemas import PurchaseEvent, RejectReason
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 LIMIT = 4096

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from streamadapt.core.promotion import Ranking, decide, example_losses, paired_gain, prior_probabilities
+from streamadapt.core.promotion import (
+    Ranking,
+    decide,
+    example_losses,
+    paired_gain,
+    prior_probabilities,
+)
 
 RNG = np.random.default_rng(0)
 BASE = RNG.exponential(1.0, 2000)  # per-example losses of a champion on a holdout

@@ -5,7 +5,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamadapt.core.quality import PageHinkley, QualityMonitor, auc, auc_difference, brier, log_loss, scores
+from streamadapt.core.quality import (
+    PageHinkley,
+    QualityMonitor,
+    auc,
+    auc_difference,
+    brier,
+    log_loss,
+    scores,
+)
 
 
 def brute_force_auc(p, y):

@@ -1,8 +1,8 @@
 """docker compose cannot run here, so the file is checked against the code it deploys."""
 import re
 
-from tests.deploy.conftest import COMPOSE, REPO, compose
 from streamadapt.settings import OPTIONS, load_settings
+from tests.deploy.conftest import COMPOSE, REPO, compose
 
 REQUIRED = {"kafka", "redis", "worker", "trainer", "prometheus", "grafana"}
 

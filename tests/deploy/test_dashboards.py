@@ -5,10 +5,17 @@ import subprocess
 
 import pytest
 
-from tests.deploy.conftest import (
-    ALERTS, DASHBOARDS, HISTOGRAM_SUFFIXES, REPO, SCRAPE_CONFIG, alert_rules, dashboard_queries, metric_names,
-)
 from streamadapt.metrics import WorkerMetrics
+from tests.deploy.conftest import (
+    ALERTS,
+    DASHBOARDS,
+    HISTOGRAM_SUFFIXES,
+    REPO,
+    SCRAPE_CONFIG,
+    alert_rules,
+    dashboard_queries,
+    metric_names,
+)
 
 
 def exported_families() -> set[str]:

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from streamadapt.schemas import ModelVersion, TrainedOn
-from tests.conftest import Names, Stack
 from streamadapt.model.checkpoint import Parameters
+from streamadapt.schemas import ModelVersion, TrainedOn
 from streamadapt.state.registry import Registry, encode_parameters
+from tests.conftest import Names, Stack
 
 pytestmark = pytest.mark.integration
 

@@ -14,15 +14,22 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from streamadapt.schemas import ModelVersion, Prediction
-from tests.conftest import Names, Stack, new_names
-from tests.integration.conftest import WorkerProcess, dumps, event, produce, put_version, read_topic
-from benchmarks.evaluation import stream_labels, score_predictions
+from benchmarks.evaluation import score_predictions, stream_labels
 from streamadapt.model.checkpoint import Parameters, load_checkpoint
-from streamadapt.training.pretrain import read_events
-from streamadapt.state.registry import Registry, encode_parameters
 from streamadapt.ops.replay import replay
+from streamadapt.schemas import ModelVersion, Prediction
 from streamadapt.settings import KafkaSettings
+from streamadapt.state.registry import Registry, encode_parameters
+from streamadapt.training.pretrain import read_events
+from tests.conftest import Names, Stack, new_names
+from tests.integration.conftest import (
+    WorkerProcess,
+    dumps,
+    event,
+    produce,
+    put_version,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -8,11 +8,16 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
-from streamadapt.kafka import kafka_python as kafka_io
 from benchmarks.results import goal_line
 from benchmarks.throughput import (
-    deleted_when_done, drain_worker, run_throughput_bench, topics_of, wait_for_redis_at_rest, worker_latency,
+    deleted_when_done,
+    drain_worker,
+    run_throughput_bench,
+    topics_of,
+    wait_for_redis_at_rest,
+    worker_latency,
 )
+from streamadapt.kafka.admin import delete_topics, ensure_topics
 from streamadapt.settings import load_settings
 from streamadapt.state.store import drop_keys
 
@@ -95,14 +100,14 @@ def test_delete_topics_takes_names_and_a_pattern_and_says_what_it_deleted(stack,
     monkeypatch.setenv("STREAMADAPT_KAFKA_BOOTSTRAP", stack.kafka_bootstrap)
     kafka = load_settings().kafka
     base = names.input_topic
-    kafka_io.ensure_topics(kafka, [f"{base}.a-1", f"{base}.a-2", f"{base}.named", f"{base}.kept"])
+    ensure_topics(kafka, [f"{base}.a-1", f"{base}.a-2", f"{base}.named", f"{base}.kept"])
     try:
-        deleted = kafka_io.delete_topics(kafka, [f"{base}.named", f"{base}.never-made"],
+        deleted = delete_topics(kafka, [f"{base}.named", f"{base}.never-made"],
                                          matching=re.compile(re.escape(base) + r"\.a-[0-9]"))
         assert deleted == [f"{base}.a-1", f"{base}.a-2", f"{base}.named"]
         assert settled_topics(stack, base, {f"{base}.kept"}) == {f"{base}.kept"}
     finally:
-        kafka_io.delete_topics(kafka, [f"{base}.kept"])
+        delete_topics(kafka, [f"{base}.kept"])
 
 
 def settled_topics(stack, prefix: str, expected: set[str], timeout_s: float = 30.0) -> set[str]:
@@ -158,7 +163,7 @@ def test_a_bare_loop_row_times_every_event_from_its_schedule(stack, tmp_path, cl
     stop, ready = context.Event(), context.Event()
     with deleted_when_done(settings) as made:
         made += [input_topic, output_topic]
-        kafka_io.ensure_topics(settings, [input_topic, output_topic])
+        ensure_topics(settings, [input_topic, output_topic])
         loop = context.Process(target=run_bare_loop, args=(client, AT_LEAST_ONCE, stack.kafka_bootstrap, input_topic,
                                                            output_topic, f"bench-lat-{run}", 500, stop, ready))
         loop.start()

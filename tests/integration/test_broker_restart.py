@@ -10,7 +10,13 @@ import pytest
 from kafka import KafkaProducer
 
 from tests.conftest import STACK_SCRIPT
-from tests.integration.conftest import WorkerProcess, check_every_event_predicted, dumps, event, read_topic
+from tests.integration.conftest import (
+    WorkerProcess,
+    check_every_event_predicted,
+    dumps,
+    event,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
 

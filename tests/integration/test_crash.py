@@ -6,7 +6,14 @@ import signal
 
 import pytest
 
-from tests.integration.conftest import WorkerProcess, check_every_event_predicted, dumps, event, produce, read_topic
+from tests.integration.conftest import (
+    WorkerProcess,
+    check_every_event_predicted,
+    dumps,
+    event,
+    produce,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
 

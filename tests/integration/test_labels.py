@@ -4,13 +4,13 @@ from collections import Counter
 import pytest
 import redis
 
-from tests.integration.conftest import WorkerProcess, produce, read_topic
 from benchmarks.evaluation import stream_labels
 from streamadapt.core.examples import Example
 from streamadapt.ops.generate import write_events
-from streamadapt.training.pretrain import read_events
 from streamadapt.ops.replay import replay
 from streamadapt.settings import KafkaSettings
+from streamadapt.training.pretrain import read_events
+from tests.integration.conftest import WorkerProcess, produce, read_topic
 
 pytestmark = pytest.mark.integration
 

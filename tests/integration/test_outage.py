@@ -10,8 +10,16 @@ import pytest
 import redis
 
 from tests.integration.conftest import (
-    WorkerProcess, check_every_event_predicted, dumps, event, free_port, needs_redis_server, produce, read_topic,
-    start_redis, wait_for_redis,
+    WorkerProcess,
+    check_every_event_predicted,
+    dumps,
+    event,
+    free_port,
+    needs_redis_server,
+    produce,
+    read_topic,
+    start_redis,
+    wait_for_redis,
 )
 
 pytestmark = pytest.mark.integration

@@ -10,13 +10,20 @@ import redis
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 
-from tests.integration.conftest import (
-    WorkerProcess, check_every_event_predicted, committed_offsets, dumps, event, produce, put_version, read_topic,
-)
-from streamadapt.kafka import kafka_python as kafka_io
+from streamadapt.kafka.kafka_python import open_consumer
 from streamadapt.model.checkpoint import load_checkpoint
-from streamadapt.state.registry import Registry
 from streamadapt.settings import load_settings
+from streamadapt.state.registry import Registry
+from tests.integration.conftest import (
+    WorkerProcess,
+    check_every_event_predicted,
+    committed_offsets,
+    dumps,
+    event,
+    produce,
+    put_version,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +98,7 @@ def test_a_rebalance_begun_by_new_topic_metadata_completes_though_the_revoke_out
     """kafka-python joins the group with the partitions its first metadata after subscribing shows; when that
     metadata comes after the first join (a poll right after subscribing), or shows new partitions later, the
     leader rebalances again. The worker's revoke callback first finishes its batches in flight, which can take
-    longer than the poll: without kafka_io's workaround the join then completed between two polls and was
+    longer than the poll: without streamadapt.kafka.workarounds.rejoin_until_joined the join then completed between two polls and was
     never finished, and the consumer read nothing more (a stalled worker at start-up)."""
     admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
     admin.create_topics([NewTopic(names.input_topic, 4, 1)])
@@ -107,7 +114,7 @@ def test_a_rebalance_begun_by_new_topic_metadata_completes_though_the_revoke_out
     send(b"first")
     revokes = []
     settings = load_settings(names.env(stack)).kafka
-    consumer = kafka_io.open_consumer(settings, before_revoke=lambda: (revokes.append(1), time.sleep(0.3)))
+    consumer = open_consumer(settings, before_revoke=lambda: (revokes.append(1), time.sleep(0.3)))
     seen = {partition: 0 for partition in range(4)}
     try:
         began = time.monotonic()

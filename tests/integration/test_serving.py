@@ -10,7 +10,13 @@ import pytest
 
 from streamadapt.schemas import DeadLetter, Prediction
 from tests.integration.conftest import (
-    WorkerProcess, committed_offsets, dumps, event, metric_at, produce, read_topic,
+    WorkerProcess,
+    committed_offsets,
+    dumps,
+    event,
+    metric_at,
+    produce,
+    read_topic,
 )
 
 pytestmark = pytest.mark.integration

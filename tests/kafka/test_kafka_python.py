@@ -1,17 +1,31 @@
-import socket
 from types import SimpleNamespace
 
 import pytest
-from kafka import TopicPartition
 from kafka.errors import (
-    CommitFailedError, IllegalGenerationError, KafkaConnectionError, MessageSizeTooLargeError,
-    NotLeaderForPartitionError, ProducerFencedError, RebalanceInProgressError, UnknownMemberIdError,
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
+    ProducerFencedError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
 )
-from kafka.net.transport import KafkaSSLTransport, KafkaTCPTransport
 
 from streamadapt.kafka.kafka_python import (
-    Acks, KeyPartitioner, NotAcknowledged, ProducerFenced, ServingConsumer, ServingProducer, TransactionAborted, _drain_fetches_that_land_late,
+    Acks,
+    KeyPartitioner,
+    ServingConsumer,
+    ServingProducer,
     commit,
+)
+from streamadapt.kafka.protocol import (
+    KafkaClientError,
+    KafkaUnavailable,
+    NotAcknowledged,
+    ProducerFenced,
+    TopicPartition,
+    TransactionAborted,
 )
 
 
@@ -39,9 +53,11 @@ def test_a_rebalance_refuses_the_commit_without_crashing(error):
     assert commit(RefusingConsumer(error), {TopicPartition("t", 0): 7}) is False
 
 
-def test_other_errors_still_raise():
-    with pytest.raises(KafkaConnectionError):
+def test_an_unreachable_coordinator_is_an_outage_and_other_errors_still_raise():
+    with pytest.raises(KafkaUnavailable):
         commit(RefusingConsumer(KafkaConnectionError()), {TopicPartition("t", 0): 7})
+    with pytest.raises(KafkaClientError):
+        commit(RefusingConsumer(MessageSizeTooLargeError()), {TopicPartition("t", 0): 7})
 
 
 class _Metadata:
@@ -134,7 +150,7 @@ def test_a_batch_is_acknowledged_once_every_record_is_and_a_refusal_says_whether
     with pytest.raises(NotAcknowledged, match="NotLeaderForPartitionError"):
         acks.check()  # retriable: an outage, the batch is read again
     futures[2].exception = MessageSizeTooLargeError()
-    with pytest.raises(MessageSizeTooLargeError):
+    with pytest.raises(KafkaClientError, match="MessageSizeTooLargeError"):
         acks.check()  # not retriable: a bug, the worker stops
 
 
@@ -155,72 +171,6 @@ def test_a_refused_transaction_is_aborted_and_a_fenced_producer_says_so():
     with pytest.raises(ProducerFenced, match="own --kafka-transactional-id"):
         ServingProducer(fenced).send_in_transaction(MESSAGES, {TopicPartition("in", 0): 12}, "g")
     assert "abort" not in fenced.calls
-
-
-class RacedFetcher:
-    """kafka-python 3.0's `Fetcher.fetch_records` contract, (records, idle): the first call reports idle although
-    a response landed meanwhile, as in the race; later calls drain what landed."""
-
-    def __init__(self, landed: dict):
-        self.landed, self.calls = landed, 0
-
-    def fetch_records(self, max_records=None, update_offsets=True, timeout_ms=None):
-        self.calls += 1
-        if self.calls == 1:
-            return {}, True
-        landed, self.landed = self.landed, {}
-        return landed, not landed
-
-
-def test_records_that_land_while_a_poll_looks_idle_are_returned_at_once():
-    landed = {TopicPartition("t", 0): ["record"]}
-    fetcher = RacedFetcher(landed)
-    _drain_fetches_that_land_late(fetcher)
-    assert fetcher.fetch_records(2000, timeout_ms=200) == (landed, False)
-    assert fetcher.calls == 2
-
-
-def test_a_consumer_idle_in_truth_is_still_reported_idle():
-    fetcher = RacedFetcher({})
-    _drain_fetches_that_land_late(fetcher)
-    assert fetcher.fetch_records(2000, timeout_ms=200) == ({}, True)  # so that kafka-python's poll sleeps
-
-
-class SocketEnd:
-    """What a kafka-python transport's `_sock_recv` reads through: its `_sock`, a non-blocking socket."""
-
-    def __init__(self, sock: socket.socket):
-        sock.setblocking(False)
-        self._sock = sock
-
-
-def test_bytes_read_just_before_the_broker_closes_reach_the_protocol_before_the_close():
-    for transport_class in (KafkaTCPTransport, KafkaSSLTransport):
-        ours, brokers = socket.socketpair()
-        with ours:
-            brokers.sendall(b"Authentication failed: Invalid username or password")
-            brokers.close()  # the answer and the close arrive together, as from a broker refusing credentials
-            transport = SocketEnd(ours)
-            assert transport_class._sock_recv(transport) == (b"Authentication failed: Invalid username or password", None)
-            data, error = transport_class._sock_recv(transport)
-            assert data == b"" and isinstance(error, KafkaConnectionError)
-
-
-def test_a_close_with_no_bytes_before_it_is_reported_at_once():
-    ours, brokers = socket.socketpair()
-    with ours:
-        brokers.close()
-        data, error = KafkaTCPTransport._sock_recv(SocketEnd(ours))
-        assert data == b"" and isinstance(error, KafkaConnectionError)
-
-
-def test_bytes_of_an_open_connection_pass_as_they_come():
-    ours, brokers = socket.socketpair()
-    with ours, brokers:
-        brokers.sendall(b"response")
-        transport = SocketEnd(ours)
-        assert KafkaTCPTransport._sock_recv(transport) == (b"response", None)
-        assert KafkaTCPTransport._sock_recv(transport) == (b"", None)  # nothing more yet, and still open
 
 
 @pytest.mark.parametrize("metrics, fetching", [

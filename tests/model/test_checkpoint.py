@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from streamadapt.core.features import USER_MEMORY_DAYS
-from streamadapt.model.checkpoint import CheckpointError, Parameters, ServingModel, load_checkpoint, save_checkpoint
+from streamadapt.model.checkpoint import (
+    CheckpointError,
+    Parameters,
+    ServingModel,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_checkpoint_round_trip_and_batch_invariance(checkpoint):

@@ -2,8 +2,8 @@ import json
 from collections import Counter
 from datetime import datetime
 
-from streamadapt.schemas import PurchaseEvent
 from streamadapt.ops.generate import CATEGORIES, generate_events, write_events
+from streamadapt.schemas import PurchaseEvent
 
 
 def test_same_seed_same_stream_and_other_seed_other_stream():

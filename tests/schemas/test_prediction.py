@@ -1,7 +1,8 @@
 """The hot path writes prediction JSON by hand; it must mean exactly what the pydantic model means."""
 from datetime import datetime, timedelta, timezone
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamadapt.schemas import ClassProbability, Prediction
 from streamadapt.schemas.prediction import PredictionWriter, iso_datetime

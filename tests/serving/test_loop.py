@@ -7,12 +7,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import redis
-from kafka import TopicPartition
 
-from streamadapt.kafka import kafka_python as kafka_io
-from streamadapt.serving.batch import Built, Resolved
+from streamadapt.kafka.protocol import (
+    InputRecord,
+    KafkaUnavailable,
+    NotAcknowledged,
+    ProducerFenced,
+    TopicPartition,
+    TransactionAborted,
+)
 from streamadapt.metrics import WorkerMetrics
-from streamadapt.serving.plan import InputRecord
+from streamadapt.serving.batch import Built, Resolved
 from streamadapt.serving.loop import ServingLoop
 from streamadapt.settings import load_settings
 
@@ -227,7 +232,7 @@ def test_a_refused_output_rewinds_to_its_batch_drops_the_window_and_reads_both_a
     producer = FakeProducer(log, hold=True)
 
     def first_refused():
-        producer.acknowledge(0, kafka_io.NotAcknowledged("NotLeaderForPartitionError"))
+        producer.acknowledge(0, NotAcknowledged("NotLeaderForPartitionError"))
         return []
 
     def read_again():
@@ -246,7 +251,7 @@ def test_a_refused_output_rewinds_to_its_batch_drops_the_window_and_reads_both_a
 
 def test_a_send_that_times_out_is_an_outage_and_its_batch_is_read_again():
     log, stop = Log(), threading.Event()
-    producer = FakeProducer(log, [kafka_io.KafkaTimeoutError("no metadata for topic predictions after 60 s")])
+    producer = FakeProducer(log, [KafkaUnavailable("no metadata for topic predictions after 60 s")])
     consumer = FakeConsumer(log, [records(0, 10, 11), lambda: records(0, 10, 11)], stop=stop)
     loop = make_loop(consumer, producer, FakeBuilder(log))
     loop.run(stop)
@@ -254,7 +259,7 @@ def test_a_send_that_times_out_is_an_outage_and_its_batch_is_read_again():
 
 
 def test_a_batch_unacknowledged_for_too_long_is_an_outage(monkeypatch):
-    monkeypatch.setattr("streamadapt.kafka.kafka_python.ACK_TIMEOUT_S", 0.0)
+    monkeypatch.setattr("streamadapt.serving.loop.ACK_TIMEOUT_S", 0.0)
     log, stop = Log(), threading.Event()
     producer = FakeProducer(log, hold=True)
     consumer = FakeConsumer(log, [records(0, 10), []], stop=stop)
@@ -315,7 +320,7 @@ def test_a_batch_is_one_transaction_with_the_offsets_after_it_and_the_group_meta
 def test_an_aborted_transaction_rewinds_its_batch_on_the_partitions_still_owned():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4) + records(2, 7)], owned=(P0, P1), stop=stop)
-    producer = FakeProducer(log, [kafka_io.TransactionAborted("CommitFailedError: generation is stale")])
+    producer = FakeProducer(log, [TransactionAborted("CommitFailedError: generation is stale")])
     make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
     # partition 2 went to another worker: not ours to rewind
     assert consumer.seeks == {P0: 10, P1: 4}
@@ -324,7 +329,7 @@ def test_an_aborted_transaction_rewinds_its_batch_on_the_partitions_still_owned(
 def test_a_kafka_outage_in_exactly_once_mode_sends_the_same_built_batch_again():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10, 11), []], stop=stop)
-    producer = FakeProducer(log, [kafka_io.NotAcknowledged("leader not available")])
+    producer = FakeProducer(log, [NotAcknowledged("leader not available")])
     make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
     assert [entry for entry in log if entry[0] in ("build", "transaction")] == [("build", 10), ("transaction", 2),
                                                                                ("transaction", 2)]
@@ -333,8 +338,8 @@ def test_a_kafka_outage_in_exactly_once_mode_sends_the_same_built_batch_again():
 def test_a_fenced_producer_ends_the_loop_with_a_reason():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10)], stop=stop)
-    producer = FakeProducer(log, [kafka_io.ProducerFenced()])
-    with pytest.raises(kafka_io.ProducerFenced, match="own --kafka-transactional-id"):
+    producer = FakeProducer(log, [ProducerFenced()])
+    with pytest.raises(ProducerFenced, match="own --kafka-transactional-id"):
         make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
 
 

@@ -5,21 +5,38 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamadapt.schemas import Prediction, PurchaseEvent, RejectReason
-from streamadapt.core.features import USER_MEMORY_DAYS, FeatureSpec, UserState, advance, encode
-from streamadapt.model.checkpoint import ModelMeta
-from streamadapt.core.parsing import Rejection
 from streamadapt.core.examples import Example
+from streamadapt.core.features import (
+    USER_MEMORY_DAYS,
+    CategoryFeatures,
+    FeatureSpec,
+    UserState,
+    advance,
+    encode,
+)
+from streamadapt.core.parsing import Rejection
+from streamadapt.kafka.protocol import InputRecord
+from streamadapt.model.checkpoint import FeaturesUsed, ModelMeta
+from streamadapt.schemas import Prediction, PurchaseEvent, RejectReason
 from streamadapt.serving.plan import (
-    InputRecord, expire_pendings, first_offsets, make_dead_letter, make_predictions, newest_event_times, next_offsets,
-    plan_batch, replayed_prediction, resolved_examples, served_examples,
+    expire_pendings,
+    first_offsets,
+    make_dead_letter,
+    make_predictions,
+    newest_event_times,
+    next_offsets,
+    plan_batch,
+    replayed_prediction,
+    resolved_examples,
+    served_examples,
 )
 from streamadapt.state.store import EventClaim
 
 SPEC = FeatureSpec(("books", "music"))
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 META = ModelMeta(task="next_category", classes=("books", "music", "<other>"), feature_spec=SPEC,
-                 horizon_days=None, sha256="ab" * 32, extra={})
+                 horizon_days=None, sha256="ab" * 32, extra={}, features=FeaturesUsed.built_in(SPEC))
+FEATURES = CategoryFeatures(SPEC)
 
 
 def rec(offset, partition=0, value=b"{}"):
@@ -37,7 +54,7 @@ def ev(event_id, user="u1", category="books", hours=0):
 
 def test_fresh_events_chain_each_users_state_in_order():
     valid = [(rec(0), ev("a", hours=0)), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="music", hours=2))]
-    plan = plan_batch(valid, {}, {}, {}, META, 0.0)
+    plan = plan_batch(valid, {}, {}, {}, META, FEATURES, 0.0)
     assert [e.event_id for _, e in plan.fresh] == ["a", "b", "c"]
     after_a = advance(UserState(), valid[0][1])
     np.testing.assert_array_equal(plan.features[2], encode([(after_a, valid[2][1])], SPEC, 0.0)[0])
@@ -47,7 +64,7 @@ def test_fresh_events_chain_each_users_state_in_order():
 def test_a_stored_state_older_than_the_memory_is_forgotten_and_its_pending_still_resolved():
     stored_state = advance(UserState(), ev("old", category="music", hours=-24 * (USER_MEMORY_DAYS + 30)))
     pending = Example("old", stored_state.last_ts_s, "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.2, 0.8, 0.0]))
-    plan = plan_batch([(rec(0), ev("a"))], {}, {"u1": stored_state}, {"u1": pending}, META, 0.0)
+    plan = plan_batch([(rec(0), ev("a"))], {}, {"u1": stored_state}, {"u1": pending}, META, FEATURES, 0.0)
     np.testing.assert_array_equal(plan.features[0], encode([(UserState(), ev("a"))], SPEC, 0.0)[0])
     assert plan.states["u1"] == advance(UserState(), ev("a"))
     assert [(source.event_id, label) for source, label, _ in plan.resolutions] == [("old", 0)]  # books
@@ -59,11 +76,11 @@ def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases,
     valid = [(rec(i), ev(f"e{i}", user=f"u{user}", category=category, hours=i))
              for i, (user, category) in enumerate(purchases)]
     split = data.draw(st.integers(1, len(valid) - 1))
-    whole = plan_batch(valid, {}, {}, {}, META, 0.0)
-    first = plan_batch(valid[:split], {}, {}, {}, META, 0.0)
+    whole = plan_batch(valid, {}, {}, {}, META, FEATURES, 0.0)
+    first = plan_batch(valid[:split], {}, {}, {}, META, FEATURES, 0.0)
     pendings = {user: served_examples(first, np.full((len(first.fresh), 3), 1 / 3), "v")[i]
                 for user, i in first.last_fresh_of_user.items()}
-    second = plan_batch(valid[split:], {}, first.states, pendings, META, 0.0)
+    second = plan_batch(valid[split:], {}, first.states, pendings, META, FEATURES, 0.0)
     np.testing.assert_array_equal(whole.features, np.vstack([first.features, second.features]))
     assert {**first.states, **second.states} == whole.states
     # every purchase but each user's first resolves a label, whichever batch its pending was served in
@@ -75,16 +92,16 @@ def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases,
 def test_duplicates_in_batch_and_in_redis_are_dropped():
     claims = {"old": claim("purchases/0/99")}
     valid = [(rec(0), ev("a")), (rec(1), ev("a")), (rec(2), ev("old"))]
-    plan = plan_batch(valid, claims, {}, {}, META, 0.0)
+    plan = plan_batch(valid, claims, {}, {}, META, FEATURES, 0.0)
     assert [e.event_id for _, e in plan.fresh] == ["a"]
     assert [(r.offset, e.event_id) for r, e in plan.duplicates] == [(1, "a"), (2, "old")]
 
 
 def test_replayed_record_re_emits_its_prediction_without_touching_state():
-    first = plan_batch([(rec(7), ev("a"))], {}, {}, {}, META, 0.0)
+    first = plan_batch([(rec(7), ev("a"))], {}, {}, {}, META, FEATURES, 0.0)
     [body], [stored] = make_predictions(first.fresh, np.array([[0.2, 0.7, 0.1]], np.float32), META, "v1", T0)
     state = UserState(purchases=3)
-    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim.decode(stored.encode())}, {"u1": state}, {}, META, 0.0)
+    plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim.decode(stored.encode())}, {"u1": state}, {}, META, FEATURES, 0.0)
     assert plan.replays == [(rec(7), body)] and plan.fresh == [] and plan.states == {}
     assert plan.features.shape == (0, SPEC.n_features)
 
@@ -94,7 +111,8 @@ def test_replayed_record_re_emits_its_prediction_without_touching_state():
        st.datetimes(timezones=st.just(timezone.utc)) | st.datetimes(timezones=st.just(timezone(timedelta(hours=-3)))))
 def test_a_replay_writes_the_first_predictions_bytes(rows, task, predicted_at):
     meta = META if task == "next_category" else ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC,
-                                                          horizon_days=7, sha256="0" * 64, extra={})
+                                                          horizon_days=7, sha256="0" * 64, extra={},
+                       features=FeaturesUsed.built_in(SPEC))
     probabilities = np.array(rows, np.float32)[:, :len(meta.classes)]
     fresh = [(rec(i), ev(f"e{i}", user=f"u{i}", hours=i)) for i in range(len(rows))]
     bodies, claims = make_predictions(fresh, probabilities, meta, "v1-\"quoted\"", predicted_at)
@@ -112,7 +130,8 @@ def test_multiclass_predictions_carry_top_classes():
 
 
 def test_binary_predictions_score_is_probability_of_positive():
-    meta = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7, sha256="0" * 64, extra={})
+    meta = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7, sha256="0" * 64, extra={},
+                       features=FeaturesUsed.built_in(SPEC))
     p = Prediction.model_validate_json(make_predictions([(rec(0), ev("a"))], np.array([[0.3, 0.7]]), meta, "v1", T0)[0][0])
     assert (p.label, p.score, p.probabilities) == ("1", pytest.approx(0.7), None)
 
@@ -145,13 +164,14 @@ def test_newest_event_times_are_per_input_partition_whatever_the_order():
     assert newest_event_times(fresh) == {"purchases/0": fresh[0][1].ts_s, "purchases/1": fresh[2][1].ts_s}
 
 
-REPURCHASE = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7.0, sha256="0" * 64, extra={})
+REPURCHASE = ModelMeta(task="repurchase", classes=("0", "1"), feature_spec=SPEC, horizon_days=7.0, sha256="0" * 64, extra={},
+                       features=FeaturesUsed.built_in(SPEC))
 
 
 def test_each_purchase_resolves_the_users_previous_prediction():
     stored = Example("old", T0.timestamp() - 3600, "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.5, 0.5, 0.0]))
     valid = [(rec(0), ev("a", category="music")), (rec(1), ev("b", user="u2")), (rec(2), ev("c", category="books", hours=1))]
-    plan = plan_batch(valid, {}, {}, {"u1": stored}, META, 0.0)
+    plan = plan_batch(valid, {}, {}, {"u1": stored}, META, FEATURES, 0.0)
     probabilities = np.full((3, 3), 1 / 3, dtype=np.float32)
     served = served_examples(plan, probabilities, "v1")
     resolved = resolved_examples(plan, served)
@@ -166,14 +186,14 @@ def test_each_purchase_resolves_the_users_previous_prediction():
 @pytest.mark.parametrize("gap_hours, label", [(24, 1), (24 * 8, 0)])
 def test_repurchase_resolution_on_purchase(gap_hours, label):
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
-    plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, {"u1": pending}, REPURCHASE, 0.0)
+    plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, {"u1": pending}, REPURCHASE, FEATURES, 0.0)
     assert plan.resolutions == [(pending, label, plan.fresh[0][1].ts_s)]
 
 
 def test_replays_and_duplicates_resolve_nothing():
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
     claims = {"a": claim("purchases/0/0"), "b": claim("purchases/0/99")}
-    plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, {"u1": pending}, REPURCHASE, 0.0)
+    plan = plan_batch([(rec(0), ev("a")), (rec(1), ev("b"))], claims, {}, {"u1": pending}, REPURCHASE, FEATURES, 0.0)
     assert plan.resolutions == [] and plan.last_fresh_of_user == {}
 
 

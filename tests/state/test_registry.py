@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 import redis
 
-from streamadapt.schemas import ModelVersion, TrainedOn
-from tests.conftest import new_names
 from streamadapt.model.checkpoint import Parameters
-from streamadapt.state.registry import ArtifactError, Registry, decode_parameters, encode_parameters
+from streamadapt.schemas import ModelVersion, TrainedOn
+from streamadapt.state.registry import (
+    ArtifactError,
+    Registry,
+    decode_parameters,
+    encode_parameters,
+)
+from tests.conftest import new_names
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import redis
 
 from streamadapt.core.examples import Example
-from streamadapt.core.features import UserState
+from streamadapt.core.features import CategoryFeatures, FeatureSpec, UserState
 from streamadapt.settings import RedisSettings
 from streamadapt.state.store import StateStore, StateWrites, drop_keys
 
@@ -15,7 +15,7 @@ from streamadapt.state.store import StateStore, StateWrites, drop_keys
 def store(stack):
     settings = RedisSettings(url=stack.redis_url, key_prefix=f"test-state-{uuid.uuid4().hex[:8]}")
     client = redis.Redis.from_url(stack.redis_url)
-    yield StateStore(client, settings)
+    yield StateStore(client, settings, features=CategoryFeatures(FeatureSpec(("books",))))
     drop_keys(client, settings.key_prefix)
 
 
@@ -119,3 +119,13 @@ def test_the_trainer_finds_the_purchases_whose_horizon_is_still_running(store):
     found = store.unsettled_examples(since_ts_s=day_70, max_examples=100)
     assert [(e.event_id, e.label) for e in found] == [("e-a", -1), ("e-r", 1), ("e-b", -1)]
     assert [e.event_id for e in store.unsettled_examples(since_ts_s=day_70, max_examples=2)] == ["e-r", "e-b"]
+
+
+def test_a_state_over_the_plug_ins_byte_bound_is_dropped_and_the_user_counts_as_new(store, caplog):
+    big = UserState(purchases=2, last_ts_s=5.0, categories={f"c{i}-" + "x" * 1000: [1.0, 1.0, 5.0, 2] for i in range(24)})
+    small = UserState(purchases=1, last_ts_s=5.0, categories={"books": [1.0, 1.0, 5.0, 1]})
+    store.save(StateWrites(states={"big": big, "small": small}, pendings={"big": pending("big", 5.0)}))
+    states, pendings = store.load_profiles(["big", "small"])
+    assert states == {"small": small} and set(pendings) == {"big"}  # the pending prediction is kept
+    assert any("over the 16384" in r.getMessage() for r in caplog.records)
+

@@ -3,10 +3,17 @@ import math
 
 import numpy as np
 
-from streamadapt.training.candidate import (by_label_time, examples_before_next_round, labels_known_until, newest_trainable_ts,
-                              regime_examples, resolved_period, round_examples)
 from streamadapt.core.examples import Example
 from streamadapt.settings import TrainingSettings
+from streamadapt.training.candidate import (
+    by_label_time,
+    examples_before_next_round,
+    labels_known_until,
+    newest_trainable_ts,
+    regime_examples,
+    resolved_period,
+    round_examples,
+)
 
 
 def example(ts_s, resolved_ts_s):

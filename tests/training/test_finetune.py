@@ -3,10 +3,16 @@ differ as documented, and a candidate trained on shuffled labels does not pass t
 import numpy as np
 import pytest
 
-from streamadapt.training.finetune import FineTuneConfig, FineTuneError, _validation_split, fine_tune, head_layers
-from streamadapt.model.checkpoint import Parameters, load_checkpoint
-from streamadapt.training.pretrain import build_examples, read_events
 from streamadapt.core.promotion import decide, example_losses, prior_probabilities
+from streamadapt.model.checkpoint import Parameters, load_checkpoint
+from streamadapt.training.finetune import (
+    FineTuneConfig,
+    FineTuneError,
+    _validation_split,
+    fine_tune,
+    head_layers,
+)
+from streamadapt.training.pretrain import build_examples, read_events
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +154,9 @@ def test_a_round_sends_the_fleet_back_to_the_source_when_the_source_beats_the_ch
     """A champion gone bad (its output scrambled) and a candidate taught nonsense (every training label the
     same class): the source checkpoint beats both on the holdout, so the round returns to it; with the
     source as champion there is nothing to go back to."""
-    from streamadapt.training.candidate import Scorer, fine_tune_round
     from streamadapt.core.examples import Example
     from streamadapt.settings import TrainingSettings
+    from streamadapt.training.candidate import Scorer, fine_tune_round
 
     model, meta, examples = setup
     n = 3000
@@ -175,9 +181,9 @@ def test_a_base_rate_that_moved_within_the_last_horizon_is_followed_from_its_uns
     """Settled labels drawn from the source's own probabilities: nothing to gain there. The purchases of the last
     horizon come back far more often, which only their unsettled labels show (repurchases seen so far): a round
     given them promotes the champion recalibrated to the new rate; a round without them keeps the champion."""
-    from streamadapt.training.candidate import Scorer, fine_tune_round
     from streamadapt.core.examples import Example
     from streamadapt.settings import TrainingSettings
+    from streamadapt.training.candidate import Scorer, fine_tune_round
 
     model, meta = load_checkpoint(repurchase_checkpoint)
     events, _ = read_events(source_events)

@@ -1,16 +1,22 @@
 """Pretraining's examples: the training part is read again from later starts, as a worker started there sees it;
 users idle for longer than the memory asked for are forgotten."""
 import math
-
-import pytest
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
+import pytest
 
-from streamadapt.schemas import PurchaseEvent
 from streamadapt.core.features import USER_MEMORY_DAYS, FeatureSpec
-from streamadapt.training.pretrain import (RESTART_WEIGHT, RESTARTS, build_examples, category_spec, implausible_validation, restarted,
-                             validation_problem)
+from streamadapt.schemas import PurchaseEvent
+from streamadapt.training.pretrain import (
+    RESTART_WEIGHT,
+    RESTARTS,
+    build_examples,
+    category_spec,
+    implausible_validation,
+    restarted,
+    validation_problem,
+)
 
 SPEC = FeatureSpec(("books",))
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -11,16 +11,15 @@ import numpy as np
 import redis
 from kafka.errors import KafkaTimeoutError
 
-from streamadapt.schemas import ModelVersion
-
-from streamadapt.training import trainer as trainer_module
 from streamadapt.core.examples import Example
 from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import load_checkpoint
 from streamadapt.ops.operator import models_command
-from streamadapt.state.registry import Registry
+from streamadapt.schemas import ModelVersion
 from streamadapt.settings import load_settings
+from streamadapt.state.registry import Registry
 from streamadapt.state.store import StateStore, StateWrites
+from streamadapt.training import trainer as trainer_module
 from streamadapt.training.trainer import Trainer
 
 
@@ -154,11 +153,11 @@ def test_a_champion_the_source_beats_on_the_newest_holdout_hands_the_fleet_back_
                                                                                                tmp_path):
     """A promoted version gone bad, and a round whose candidate is no better: the trainer makes the source
     checkpoint champion again and announces it, as an operator's rollback would."""
-    from streamadapt.ops.generate import write_events
-    from streamadapt.training.pretrain import build_examples, read_events
-    from streamadapt.training.finetune import head_layers
     from streamadapt.model.checkpoint import Parameters
+    from streamadapt.ops.generate import write_events
     from streamadapt.state.registry import encode_parameters
+    from streamadapt.training.finetune import head_layers
+    from streamadapt.training.pretrain import build_examples, read_events
 
     settings = load_settings({**names.env(stack), "STREAMADAPT_TRAINING_EPOCHS": "2"})
     client = redis.Redis.from_url(stack.redis_url)

@@ -1,0 +1,97 @@
+"""Your own network: `streamadapt pretrain --model-builder MODULE:FUNCTION`.
+
+FUNCTION(n_features: int, n_outputs: int, task: str) returns an uncompiled Keras 3 model built from Keras' own
+layers, sequential or functional, that maps the feature vector to class probabilities: one sigmoid unit for
+`repurchase`, a softmax over the classes for `next_category`. MODULE is imported from the working directory
+or PYTHONPATH. The model is checked before any training, so that a network the worker could not serve stops
+`pretrain` with one line instead of a checkpoint that fails later.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamadapt.core.labels import Task
+from streamadapt.model.checkpoint import (
+    CheckpointError,
+    import_tensorflow,
+    plan_of_keras,
+)
+
+BuilderFunction = Callable[..., Any]  # (n_features, n_outputs, task) -> an uncompiled keras.Model
+
+
+class ModelBuilderError(ValueError):
+    """A --model-builder that cannot be used, worded for the user in one line."""
+
+
+def load_builder(reference: str) -> BuilderFunction:
+    """The function named by "MODULE:FUNCTION", imported with the working directory on the path."""
+    module_name, _, function_name = reference.partition(":")
+    if not module_name or not function_name:
+        raise ModelBuilderError(f"--model-builder takes MODULE:FUNCTION, not {reference!r}")
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    import_tensorflow()  # first, so that the builder's own `import keras` loads it with its banners silenced
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelBuilderError(f"--model-builder {reference}: cannot import {module_name} ({error})") from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ModelBuilderError(f"--model-builder {reference}: {module_name} has no function {function_name}")
+    return function
+
+
+def build(function: BuilderFunction, reference: str, *, n_features: int, n_outputs: int, task: Task):
+    """Call the builder and check what it returns: a Keras model of `n_features` inputs and `n_outputs`
+    probabilities, as a functional model (a Sequential one is rebuilt as one, sharing its layers)."""
+    keras = _keras()
+    model = function(n_features=n_features, n_outputs=n_outputs, task=task)
+    if not isinstance(model, keras.Model):
+        raise ModelBuilderError(f"--model-builder {reference} returned {type(model).__name__}, not a keras.Model")
+    if isinstance(model, keras.Sequential):
+        model = functional(model, n_features)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelBuilderError(f"--model-builder {reference}: the model must have one input and one output, not "
+                                f"{len(model.inputs)} and {len(model.outputs)}")
+    if tuple(model.input_shape[1:]) != (n_features,) or tuple(model.output_shape[1:]) != (n_outputs,):
+        raise ModelBuilderError(f"--model-builder {reference}: the model maps {model.input_shape[1:]} to "
+                                f"{model.output_shape[1:]}; it must map ({n_features},) features to ({n_outputs},) "
+                                f"{'probability' if n_outputs == 1 else 'class probabilities'}")
+    _check_probabilities(model, reference, n_features, n_outputs)
+    try:
+        plan_of_keras(model)  # the worker serves it by this NumPy pass
+    except CheckpointError as error:
+        raise ModelBuilderError(f"--model-builder {reference}: the worker cannot serve this model: {error}") from error
+    return model
+
+
+def functional(model, n_features: int):
+    """A Sequential model as a functional one over the same layers (the same weights)."""
+    keras = _keras()
+    inputs = keras.Input(shape=(n_features,), name="features", dtype="float32")
+    tensor = inputs
+    for layer in model.layers:
+        tensor = layer(tensor)
+    return keras.Model(inputs, tensor, name=model.name)
+
+
+def _check_probabilities(model, reference: str, n_features: int, n_outputs: int) -> None:
+    """A sigmoid unit, or a softmax: outputs in [0, 1] that (for several classes) sum to 1, on varied inputs."""
+    probe = np.random.default_rng(0).normal(0.0, 3.0, size=(64, n_features)).astype(np.float32)
+    out = np.asarray(model(probe, training=False))
+    in_range = np.all(np.isfinite(out)) and out.min() >= 0.0 and out.max() <= 1.0
+    sums_to_one = n_outputs == 1 or np.allclose(out.sum(axis=1), 1.0, atol=1e-4)
+    if not (in_range and sums_to_one):
+        raise ModelBuilderError(f"--model-builder {reference}: the model's outputs are not probabilities (end it "
+                                f"with {'a sigmoid unit' if n_outputs == 1 else 'a softmax over the classes'})")
+
+
+def _keras():
+    return import_tensorflow().keras
