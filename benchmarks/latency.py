@@ -148,7 +148,7 @@ def _keyed(payloads: str, n: int) -> list[tuple[bytes, bytes]]:
     lines = Path(payloads).read_bytes().splitlines()[:n]
     if len(lines) < n:
         raise ValueError(f"{payloads} has {len(lines)} events, the row needs {n}")
-    return [(json.loads(line)["user_id"].encode(), line) for line in lines]  # keyed by user_id, as DESIGN.md asks
+    return [(json.loads(line)["user_id"].encode(), line) for line in lines]  # keyed by user_id, as producers of the input topic are asked to
 
 
 def _generate(bootstrap: str, topic: str, payloads: str, n: int, rate: float, t0: float, conn) -> None:

@@ -128,11 +128,10 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
         ready.stalled = lambda: loop.stalled
-        # What start-up created lives as long as the process (when serving still imported TensorFlow, 350k
-        # tracked objects, and full collections walking them were a third of the serving loop's time).
-        # Frozen, it is never walked again; objects created from here on are collected as usual. The loop's
-        # objects are freed by reference counting, so young collections found nearly nothing but cost
-        # 5-10 us an event; 50k net allocations between them keeps memory bounded all the same.
+        # What start-up created lives as long as the process: frozen, the collector never walks it again,
+        # and objects created from here on are collected as usual. The loop's objects are freed by reference
+        # counting, so frequent young collections would find next to nothing at a cost on every event;
+        # 50k net allocations between them keeps memory bounded all the same.
         gc.freeze()
         gc.set_threshold(50_000)
         log.info("consuming %s as group %s", k.input_topic, k.group_id)

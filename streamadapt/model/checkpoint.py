@@ -3,8 +3,8 @@
 A checkpoint is a directory with `model.keras` (Keras v3 format, loaded in safe mode) and
 `metadata.json` (task, classes, feature spec, training summary, and the sha256 of model.keras,
 verified at load). Training loads it with Keras; serving reads the same file without TensorFlow (its
-layer configs and weights), so a serving process starts in about 1.5 s instead of the 4 to 13 s it took
-while it imported TensorFlow, and holds none of TensorFlow's memory (BENCHMARKS.md).
+layer configs and weights), so a serving process neither waits for TensorFlow to import nor holds its
+memory.
 """
 from __future__ import annotations
 
@@ -280,9 +280,9 @@ class ServingModel:
     """A checkpoint served by a NumPy forward pass over its weights (streamadapt.model.graph), without TensorFlow,
     followed by the version's calibration (streamadapt.core.calibration).
 
-    Calling Keras for a batch cost about 1.5 ms whatever its size, which at moderate load was a tenth of
-    the serving loop; the NumPy pass costs microseconds, and swapping versions is replacing a list.
-    tests/model/test_checkpoint.py checks it agrees with Keras, also after a swap.
+    A call into Keras has a fixed cost per batch that small batches cannot spread; the NumPy pass has
+    next to none, and swapping versions is replacing a list. tests/model/test_checkpoint.py checks it agrees
+    with Keras, also after a swap.
     """
 
     def __init__(self, meta: ModelMeta, graph: Graph, weights: list[np.ndarray]):

@@ -1,4 +1,5 @@
-"""Message schemas of the external contract (DESIGN.md). Each model exports its JSON Schema."""
+"""The messages of the external contract: the input event, the prediction, the dead letter and the model
+version. Each exports its JSON Schema (`python -m streamadapt.schemas.export`)."""
 from streamadapt.schemas.dead_letter import DeadLetter, RejectReason
 from streamadapt.schemas.model_version import ModelVersion, TrainedOn
 from streamadapt.schemas.prediction import ClassProbability, Prediction

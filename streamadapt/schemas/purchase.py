@@ -1,4 +1,4 @@
-"""The input event on the `purchases` topic (see DESIGN.md, "Input event")."""
+"""The input event on the `purchases` topic (its JSON Schema: streamadapt/schemas/json/purchase_event.json)."""
 from __future__ import annotations
 
 from datetime import datetime
