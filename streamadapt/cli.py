@@ -10,7 +10,12 @@ from typing import NoReturn
 
 import streamadapt
 from streamadapt.core.features import USER_MEMORY_DAYS
-from streamadapt.settings import BUILT_IN_FEATURES, OPTIONS, SettingsError, load_settings
+from streamadapt.settings import (
+    BUILT_IN_FEATURES,
+    OPTIONS,
+    SettingsError,
+    load_settings,
+)
 
 EXIT_USAGE = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -2,9 +2,9 @@
 
 A background thread listens on the model-versions topic (every replica reads every message) and also
 checks the registry's champion pointer every few seconds, so a missed message or a rollback is caught
-up. It fetches the artifact and verifies its sha256 off the serving thread; the serving loop calls take()
-between batches and swaps the weights in (ServingModel.swap refuses other shapes and replaces the weight
-list its NumPy forward pass reads).
+up. It fetches the artifact and verifies its sha256 off the serving thread; the serving loop calls
+swap_ready() between batches, which swaps the weights in (ServingModel.swap refuses other shapes and
+replaces the weight list its NumPy forward pass reads).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streamadapt.kafka.kafka_python import client_options
 from streamadapt.metrics import WorkerMetrics
-from streamadapt.model.checkpoint import Parameters
+from streamadapt.model.checkpoint import Parameters, ServingModel
 from streamadapt.settings import KafkaSettings
 from streamadapt.state.registry import ArtifactError, Registry
 
@@ -50,6 +50,25 @@ class ModelFollower:
         with self._lock:
             ready, self._ready = self._ready, None
         return ready
+
+    def swap_ready(self, model: ServingModel) -> None:
+        """Serve the new champion with `model`, if one is ready (called by the serving thread, between batches).
+        Parameters that do not fit the model are refused and counted; the current version keeps serving."""
+        ready = self.take()
+        if ready is None:
+            return
+        version, parameters = ready
+        started = time.perf_counter()
+        try:
+            model.swap(parameters, version)
+        except ValueError as error:
+            self._metrics.swaps_refused.inc()
+            log.error("refusing model %s, the current model keeps serving: %s", version, error)
+            return
+        self._metrics.swap_duration.observe(time.perf_counter() - started)
+        self._metrics.model_swaps.inc()
+        self._metrics.model_info.info({"version": version, "task": model.meta.task})
+        log.info("now serving model %s (swap took %.2f ms)", version, (time.perf_counter() - started) * 1000)
 
     def _run(self) -> None:
         consumer = None

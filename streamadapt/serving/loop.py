@@ -6,8 +6,8 @@ client, which sends them on its own thread, and the batch joins the window of ba
 polls the next. Each batch keeps the order that makes a replay safe: its Redis transaction has landed before
 its outputs are sent, and its offsets are committed only once every output of it, and of every batch before
 it, is acknowledged. A refused output rewinds the partitions to the oldest batch not committed and reads it
-again; the event claims in Redis make its outputs the same. The labels a committed batch resolved are scored
-here: rolling live quality per version, and the drift detector on the loss of every label this worker sees.
+again; the event claims in Redis make its outputs the same. Each committed batch goes to the Observer
+(metrics, live quality, the drift detector); a new champion is swapped in between two batches.
 
 In exactly-once mode each batch is one Kafka transaction (its outputs and its offsets), committed before
 the next batch is polled.
@@ -20,13 +20,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Protocol
 
 import numpy as np
 import redis
 
-from streamadapt.core.quality import QualityMonitor
 from streamadapt.kafka.protocol import (
     ACK_TIMEOUT_S,
     Acks,
@@ -40,8 +38,9 @@ from streamadapt.kafka.protocol import (
 )
 from streamadapt.metrics import WorkerMetrics, observe_many
 from streamadapt.model.checkpoint import ServingModel
-from streamadapt.serving.batch import Built, Resolved
+from streamadapt.serving.batch import Built
 from streamadapt.serving.hotswap import ModelFollower
+from streamadapt.serving.observer import Observer
 from streamadapt.serving.plan import first_offsets, next_offsets
 from streamadapt.settings import Settings
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateWrites
@@ -57,10 +56,6 @@ class BatchAborted(Exception):
     it is read again by whoever owns them (this worker, or a new owner after a rebalance)."""
 
 
-GAUGE_REFRESH_S = 5.0  # consumer lag and live quality are observations: refreshed on a timer, not per batch
-# A consumer that owns partitions, is not paused, and has not fetched for this long has stalled inside the client
-# (ServingLoop.stalled). Its fetch rate covers about a minute, so a stall shows about two minutes after it began.
-STALLED_AFTER_S = 60.0
 # While batches wait for acknowledgements, a poll waits at most this long, so that a batch acknowledged
 # meanwhile is committed (and the window freed) soon after; a busy stream returns at once anyway.
 IN_FLIGHT_POLL_MS = 5
@@ -96,7 +91,6 @@ class ServingLoop:
         `raise_drift_alarm(regime_since_ts)` asks the trainer for a fine-tune (StateStore.raise_drift_alarm)."""
         self._settings = settings
         self._follower = follower
-        self._quality_series: set[tuple[str, str]] = set()
         self._consumer = consumer
         self._producer = producer
         self._builder = builder
@@ -106,8 +100,6 @@ class ServingLoop:
         self._model = model
         self._metrics = metrics
         self.last_poll_ok_monotonic: float | None = None
-        self.stalled = False  # see _check_fetching
-        self._not_fetching_since: float | None = None
         self._outage_since: float | None = None  # monotonic time the current outage began
         self._retry_in_s = OUTAGE_FIRST_RETRY_S
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
@@ -116,18 +108,17 @@ class ServingLoop:
         # They count in the window, so that a crash replays at most `max_in_flight_records` records.
         self._committing: deque[tuple[int, float]] = deque()
         self._commits_answered: deque[None] = deque()  # one entry per answer, appended on the client's thread
-        self._quality = QualityMonitor(model.meta.task, settings.training.quality_window)
-        self._raise_drift_alarm = raise_drift_alarm
+        self.observer = Observer(consumer, metrics, model.meta.task, settings.training.quality_window,
+                                 settings.progress_interval_s, raise_drift_alarm)
         consumer.before_revoke = self._commit_in_flight_before_revoke
         metrics.model_info.info({"version": model.version, "task": model.meta.task})
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set; then wait for the batches in flight and commit them."""
         timeout_ms = self._settings.kafka.poll_timeout_ms
-        next_lag_at = next_progress_at = time.monotonic()
-        progress = _Progress(self._metrics)
         while not stop.is_set():
-            self._maybe_swap()
+            if self._follower is not None:
+                self._follower.swap_ready(self._model)  # between batches: a batch is built by one version
             self._settle(stop)
             room = self._window_records - self.in_flight
             if room <= 0:
@@ -138,22 +129,18 @@ class ServingLoop:
             self.last_poll_ok_monotonic = time.monotonic()
             if records:
                 self._serve(records, stop)
-            now = time.monotonic()
-            if now >= next_lag_at:
-                self._refresh_lag()
-                self._check_fetching(now)
-                self._refresh_quality()
-                next_lag_at = now + GAUGE_REFRESH_S
-            if now >= next_progress_at:
-                progress.log(now)
-                next_progress_at = now + self._settings.progress_interval_s
+            self.observer.tick(time.monotonic(), self.paused)
         self._finish_in_flight()
         owned = self._consumer.assignment()
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
         if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
             self._consumer.commit(final)
-        self._refresh_quality()
-        progress.log(time.monotonic())
+        self.observer.final()
+
+    @property
+    def stalled(self) -> bool:
+        """True while the consumer owns partitions and has stopped fetching (Observer.check_fetching)."""
+        return self.observer.stalled
 
     @property
     def paused(self) -> bool:
@@ -277,7 +264,7 @@ class ServingLoop:
         """Metrics and scores of a batch whose outputs are acknowledged and whose offsets are committed."""
         if ends_outage:
             self._end_outage()
-        self._account(built)
+        self.observer.committed(built)
         self._metrics.batch_duration.observe(time.perf_counter() - polled_at)
         self._metrics.batch_size.observe(len(records))
         sent_ms = built.input_timestamps_ms
@@ -385,113 +372,8 @@ class ServingLoop:
             self.last_poll_ok_monotonic = time.monotonic()
         self._consumer.pause_all()
 
-    def _account(self, built: Built) -> None:
-        """Metrics of a committed batch."""
-        m, task = self._metrics, self._model.meta.task
-        for reason in built.dead_letter_reasons:
-            m.dead_letters.labels(reason).inc()
-        m.duplicates.inc(built.duplicates)
-        m.replayed.inc(built.replayed)
-        m.predictions.labels(task).inc(built.predicted)
-        if built.resolved is not None:
-            m.labels_resolved.labels(task).inc(built.labels_resolved)
-            self._score(built.resolved)
-
-    def _score(self, resolved: Resolved) -> None:
-        """Prequential scores of the labels a committed batch resolved; on a drift alarm, ask the trainer for a
-        fine-tune on the examples since the estimated change."""
-        observe = self._quality.observe
-        changes = [change for version, probabilities, label, resolved_ts_s in zip(*resolved, strict=True)
-                   if (change := observe(version, probabilities, label, resolved_ts_s)) is not None]
-        if not changes:
-            return
-        self._metrics.drift_alarms.inc(len(changes))
-        log.warning("drift detector alarmed on the live loss stream; the change is estimated at event time %s",
-                    datetime.fromtimestamp(changes[-1], tz=timezone.utc).isoformat())
-        if self._raise_drift_alarm is not None:
-            try:
-                self._raise_drift_alarm(changes[-1])
-            except redis.RedisError as error:  # the batch is committed; a lost alarm only delays a fine-tune
-                log.warning("could not pass the drift alarm to the trainer: %s", error)
-
-    def _refresh_quality(self) -> None:
-        """Export rolling quality per tracked version; drop the series of versions no longer tracked."""
-        exported = set()
-        for version, measures in self._quality.snapshot().items():
-            for measure, value in measures.items():
-                self._metrics.live_quality.labels(version, measure).set(value)
-                exported.add((version, measure))
-        for stale in self._quality_series - exported:
-            self._metrics.live_quality.remove(*stale)
-        self._quality_series = exported
-
-    def _maybe_swap(self) -> None:
-        ready = self._follower.take() if self._follower is not None else None
-        if ready is None:
-            return
-        version, parameters = ready
-        started = time.perf_counter()
-        try:
-            self._model.swap(parameters, version)  # checks that they fit; the builder builds with this model
-        except ValueError as error:
-            self._metrics.swaps_refused.inc()
-            log.error("refusing model %s, the current model keeps serving: %s", version, error)
-            return
-        self._metrics.swap_duration.observe(time.perf_counter() - started)
-        self._metrics.model_swaps.inc()
-        self._metrics.model_info.info({"version": version, "task": self._model.meta.task})
-        log.info("now serving model %s (swap took %.2f ms)", version, (time.perf_counter() - started) * 1000)
-
-    def _check_fetching(self, now: float) -> None:
-        """Whether the consumer has stalled: it owns partitions, consumption is not paused, and the client sent
-        no fetch for STALLED_AFTER_S. Every poll then succeeds and returns nothing, and the lag gauge (the last
-        fetch's high-water mark) can read 0, so nothing else would show it: kafka-python 3.0 once left a
-        rebalance unfinished that way (streamadapt/kafka/kafka_python.py). A stalled worker is not ready, and says so once."""
-        try:
-            fetching = self._consumer.fetching()
-        except Exception as error:  # an observation, as the lag: a failed look-up must not stop serving
-            log.warning("could not read whether the Kafka consumer fetches: %s", error)
-            fetching = None
-        owned = self._consumer.assignment() if fetching is False and self._outage_since is None else set()
-        if not owned:
-            self._not_fetching_since = None
-        elif self._not_fetching_since is None:
-            self._not_fetching_since = now
-        stalled = self._not_fetching_since is not None and now - self._not_fetching_since >= STALLED_AFTER_S
-        if stalled and not self.stalled:
-            log.error("the Kafka consumer owns %d partitions but has fetched nothing for over a minute, though every "
-                      "poll succeeds: /readyz reports not ready; restart the worker if it does not recover", len(owned))
-        elif self.stalled and not stalled:
-            log.info("the Kafka consumer fetches again")
-        self.stalled = stalled
-
-    def _refresh_lag(self) -> None:
-        try:
-            for tp, lag in self._consumer.lag().items():
-                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-        except Exception as error:  # lag is an observation; a failed look-up must not stop serving
-            log.warning("could not read consumer lag: %s", error)
 
 
 def _by_partition(offsets: dict[tuple[str, int], int]) -> dict[TopicPartition, int]:
     """pipeline's (topic, partition) keys as the Kafka clients' TopicPartition."""
     return {TopicPartition(topic, partition): offset for (topic, partition), offset in offsets.items()}
-
-
-class _Progress:
-    """Periodic one-line progress reports from the counters."""
-
-    def __init__(self, metrics: WorkerMetrics):
-        self._metrics = metrics
-        self._last = (time.monotonic(), 0.0)
-
-    def log(self, now: float) -> None:
-        consumed = self._metrics.total("streamadapt_events_consumed_total")
-        predicted = self._metrics.total("streamadapt_predictions_total")
-        dead = self._metrics.total("streamadapt_events_dead_lettered_total")
-        duplicates = self._metrics.total("streamadapt_events_duplicate_total")
-        then, consumed_then = self._last
-        rate = (consumed - consumed_then) / max(1e-9, now - then)
-        self._last = (now, consumed)
-        log.info("progress: consumed=%d predicted=%d dead_lettered=%d duplicates=%d rate=%.0f events/s",
-                 consumed, predicted, dead, duplicates, rate)

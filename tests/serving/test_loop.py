@@ -417,19 +417,19 @@ def test_a_drift_alarm_that_cannot_reach_redis_is_logged_and_serving_goes_on(cap
 
 
 def test_a_consumer_that_owns_partitions_and_stops_fetching_makes_the_loop_stalled_until_it_fetches_again(caplog):
-    caplog.set_level(logging.INFO, logger="streamadapt.serving.loop")
+    caplog.set_level(logging.INFO, logger="streamadapt.serving.observer")
     consumer = FakeConsumer(Log(), [])
     consumer.fetching = lambda: fetching
     loop = make_loop(consumer, FakeProducer(Log()), FakeBuilder(Log()))
     fetching = False
     for now in (100.0, 130.0, 159.0):  # not fetching, but not yet for STALLED_AFTER_S
-        loop._check_fetching(now)
+        loop.observer.check_fetching(now, False)
         assert not loop.stalled
-    loop._check_fetching(160.0)
+    loop.observer.check_fetching(160.0, False)
     assert loop.stalled
     assert "has fetched nothing for over a minute" in caplog.text
     fetching = True
-    loop._check_fetching(165.0)
+    loop.observer.check_fetching(165.0, False)
     assert not loop.stalled and "fetches again" in caplog.text
 
 
@@ -445,8 +445,7 @@ def test_a_consumer_that_does_not_fetch_for_a_reason_or_cannot_say_is_not_stalle
 
     consumer.fetching = fetching
     loop = make_loop(consumer, FakeProducer(Log()), FakeBuilder(Log()))
-    if why == "consumption paused by an outage":
-        loop._outage_since = 0.0
+    paused = why == "consumption paused by an outage"
     for now in (0.0, 60.0, 600.0):
-        loop._check_fetching(now)
+        loop.observer.check_fetching(now, paused)
         assert not loop.stalled
