@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="length of each latency row (1k, 2k, 5k, 8k events/s and half the drain rate; "
                                  "0 skips them)")
     add_settings_flags(throughput, {"kafka", "redis"})
+    paths = benches.add_parser("serving-paths", help="one batch on the NumPy serving path against TensorFlow, "
+                                                     "on the same checkpoint")
+    paths.add_argument("--source-checkpoint", type=Path, required=True, help="checkpoint to serve both ways")
+    paths.add_argument("--repeats", type=int, default=200, help="timed batches per size and path")
     adaptation = benches.add_parser(
         "adaptation", help="prequential quality of adapted serving against static, scratch, River, frequency "
                            "baselines and an oracle (offline, by the worker's own code; the checkpoint's task)",
@@ -169,7 +173,13 @@ def _bench_adaptation(args: argparse.Namespace) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.which == "throughput":
+    if args.which == "serving-paths":
+        from benchmarks.serving_paths import measure_paths, print_paths
+
+        if args.repeats < 1:
+            raise SettingsError("--repeats must be at least 1")
+        print_paths(measure_paths(args.source_checkpoint, args.repeats))
+    elif args.which == "throughput":
         from benchmarks.throughput import run_throughput_bench
 
         if args.events < 100 or args.repeat < 1 or args.latency_seconds < 0:

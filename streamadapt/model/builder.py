@@ -4,11 +4,13 @@ FUNCTION(n_features: int, n_outputs: int, task: str) returns an uncompiled Keras
 layers, sequential or functional, that maps the feature vector to class probabilities: one sigmoid unit for
 `repurchase`, a softmax over the classes for `next_category`. MODULE is imported from the working directory
 or PYTHONPATH. The model is checked before any training, so that a network the worker could not serve stops
-`pretrain` with one line instead of a checkpoint that fails later.
+`pretrain` with one line instead of a checkpoint that fails later. A layer the worker's NumPy pass does not
+compute is served through TensorFlow instead, and `pretrain` says so.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,8 @@ from streamadapt.model.checkpoint import (
     import_tensorflow,
     plan_of_keras,
 )
+
+log = logging.getLogger(__name__)
 
 BuilderFunction = Callable[..., Any]  # (n_features, n_outputs, task) -> an uncompiled keras.Model
 
@@ -66,9 +70,10 @@ def build(function: BuilderFunction, reference: str, *, n_features: int, n_outpu
                                 f"{'probability' if n_outputs == 1 else 'class probabilities'}")
     _check_probabilities(model, reference, n_features, n_outputs)
     try:
-        plan_of_keras(model)  # the worker serves it by this NumPy pass
+        plan_of_keras(model)
     except CheckpointError as error:
-        raise ModelBuilderError(f"--model-builder {reference}: the worker cannot serve this model: {error}") from error
+        log.warning("--model-builder %s: the worker will serve this model through TensorFlow, slower than its "
+                    "NumPy pass (%s)", reference, error)
     return model
 
 

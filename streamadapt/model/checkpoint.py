@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import zipfile
@@ -27,6 +28,8 @@ from streamadapt.core.features import PER_CLASS_FEATURES, CategoryFeatures, Feat
 from streamadapt.core.labels import Task  # noqa: E402
 from streamadapt.core.plugin import BUILT_IN, Features, FeaturesError, load_features  # noqa: E402
 from streamadapt.model.graph import Graph, UnsupportedLayer  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -276,16 +279,37 @@ def class_probabilities(raw: np.ndarray, task: Task) -> np.ndarray:
     return raw
 
 
+class KerasForward:
+    """The general serving path: a Keras model's forward pass through TensorFlow, compiled once for batches of
+    any size, for a network with a layer the NumPy pass does not compute. `forward` has the NumPy pass's
+    signature; a new weight list (a swap) is loaded into the model before the first batch that uses it."""
+
+    def __init__(self, model):
+        tf = import_tensorflow()
+        self._model = model
+        self._served: list[np.ndarray] | None = None
+        signature = [tf.TensorSpec([None, model.input_shape[-1]], tf.float32)]
+        self._call = tf.function(lambda x: model(x, training=False), input_signature=signature)
+
+    def forward(self, x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+        if weights is not self._served:
+            self._model.set_weights([np.asarray(w, np.float32) for w in weights])
+            self._served = weights
+        return self._call(np.asarray(x, np.float32)).numpy().astype(np.float64)
+
+
 class ServingModel:
     """A checkpoint served by a NumPy forward pass over its weights (streamadapt.model.graph), without TensorFlow,
-    followed by the version's calibration (streamadapt.core.calibration).
+    followed by the version's calibration (streamadapt.core.calibration). A network with a layer the NumPy
+    pass does not compute is served through TensorFlow instead (KerasForward), at a higher cost per batch
+    (BENCHMARKS.md, "Serving paths").
 
     A call into Keras has a fixed cost per batch that small batches cannot spread; the NumPy pass has
-    next to none, and swapping versions is replacing a list. tests/model/test_checkpoint.py checks it agrees
-    with Keras, also after a swap.
+    next to none, and swapping versions is replacing a list. tests/model/test_checkpoint.py checks both
+    paths agree with Keras, also after a swap.
     """
 
-    def __init__(self, meta: ModelMeta, graph: Graph, weights: list[np.ndarray]):
+    def __init__(self, meta: ModelMeta, graph: Graph | KerasForward, weights: list[np.ndarray]):
         self.meta = meta
         self.version = meta.version
         self._graph = graph
@@ -295,18 +319,35 @@ class ServingModel:
 
     @classmethod
     def from_checkpoint(cls, directory: Path) -> ServingModel:
-        """Read a checkpoint without TensorFlow (what a serving process does)."""
+        """Read a checkpoint without TensorFlow (what a serving process does), or with it when the NumPy pass
+        cannot compute one of the network's layers."""
         meta = read_metadata(directory)
         config, variables = _read_keras_file(directory / MODEL_FILE)
-        model = cls(meta, _plan(config, {name: len(v) for name, v in variables.items()}, directory / MODEL_FILE),
-                    [w for layer in config["layers"] for w in variables.get(_layer_name(layer), ())])
+        try:
+            graph = _plan(config, {name: len(v) for name, v in variables.items()}, directory / MODEL_FILE)
+        except CheckpointError as error:
+            log.warning("serving %s through TensorFlow, slower than the NumPy pass: %s", meta.version, error)
+            keras_model, meta = load_checkpoint(directory)
+            return cls.of_keras(keras_model, meta, force_keras=True)
+        model = cls(meta, graph, [w for layer in config["layers"] for w in variables.get(_layer_name(layer), ())])
         model._check_fits(directory)
         return model
 
     @classmethod
-    def of_keras(cls, model, meta: ModelMeta) -> ServingModel:
-        """Serve a Keras model already loaded (the trainer's gate scores candidates by this forward pass)."""
-        return cls(meta, plan_of_keras(model), model.get_weights())
+    def of_keras(cls, model, meta: ModelMeta, force_keras: bool = False) -> ServingModel:
+        """Serve a Keras model already loaded (the trainer's gate scores candidates by this forward pass): by
+        the NumPy pass where it computes every layer (unless `force_keras`), else through TensorFlow."""
+        forward: Graph | KerasForward
+        try:
+            forward = KerasForward(model) if force_keras else plan_of_keras(model)
+        except CheckpointError:
+            forward = KerasForward(model)
+        return cls(meta, forward, model.get_weights())
+
+    @property
+    def path(self) -> str:
+        """Which forward pass serves: "numpy" or "tensorflow"."""
+        return "tensorflow" if isinstance(self._graph, KerasForward) else "numpy"
 
     def _check_fits(self, origin) -> None:
         x = np.zeros((1, self.meta.n_features))

@@ -133,7 +133,8 @@ def test_serving_a_checkpoint_does_not_import_tensorflow(checkpoint):
     assert out == [ServingModel.from_checkpoint(checkpoint).version, "False", "False"]
 
 
-def test_a_network_serving_cannot_compute_is_refused_with_its_layer(checkpoint, tmp_path):
+def test_a_network_the_numpy_pass_cannot_compute_is_served_through_tensorflow_naming_the_layer(checkpoint, tmp_path,
+                                                                                                 caplog):
     import tensorflow as tf
 
     model, meta = load_checkpoint(checkpoint)
@@ -145,8 +146,10 @@ def test_a_network_serving_cannot_compute_is_refused_with_its_layer(checkpoint, 
     other = tf.keras.Model(inputs, tf.keras.layers.Dense(len(meta.classes), activation="softmax")(x))
     save_checkpoint(other, tmp_path / "other", task=meta.task, classes=meta.classes, feature_spec=meta.feature_spec,
                     horizon_days=meta.horizon_days, extra={})
-    with pytest.raises(CheckpointError, match="conv_here .Conv1D. is not a 1x1 convolution"):
-        ServingModel.from_checkpoint(tmp_path / "other")
+    served = ServingModel.from_checkpoint(tmp_path / "other")
+    assert served.path == "tensorflow" and "conv_here (Conv1D) is not a 1x1 convolution" in caplog.text
+    x = np.random.default_rng(2).normal(size=(5, n)).astype(np.float32)
+    np.testing.assert_allclose(served.predict_many(x), other.predict(x, verbose=0), atol=1e-5)
 
 
 def test_common_keras_layers_are_served_exactly_as_keras_computes_them(tmp_path):
@@ -191,3 +194,27 @@ def test_a_model_file_that_is_not_a_keras_archive_is_a_readable_error(checkpoint
     (copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="not a Keras model file"):
         ServingModel.from_checkpoint(copy)
+
+
+def test_a_layer_the_numpy_pass_does_not_know_is_served_through_tensorflow_and_swaps_alike(checkpoint, tmp_path):
+    """Rescaling is a Keras layer the NumPy pass does not compute: the checkpoint still serves, through
+    TensorFlow, agrees with Keras, and takes a new version's weights."""
+    from streamadapt.model.checkpoint import import_tensorflow, read_metadata
+
+    keras = import_tensorflow().keras
+    meta = read_metadata(checkpoint)
+    n_features, n_classes = meta.n_features, len(meta.classes)
+    inputs = keras.Input(shape=(n_features,))
+    hidden = keras.layers.Dense(8, activation="relu")(keras.layers.Rescaling(0.5)(inputs))
+    network = keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(hidden))
+    save_checkpoint(network, tmp_path / "rescaled", task="next_category", classes=meta.classes,
+                    feature_spec=meta.feature_spec, horizon_days=None, extra={}, features=meta.features)
+    served = ServingModel.from_checkpoint(tmp_path / "rescaled")
+    assert served.path == "tensorflow" and ServingModel.from_checkpoint(checkpoint).path == "numpy"
+    x = np.random.default_rng(1).normal(size=(33, n_features)).astype(np.float32)
+    np.testing.assert_allclose(served.predict_many(x), network.predict(x, verbose=0), atol=1e-5)
+    moved = [w + 0.1 for w in served.weights]
+    served.swap(Parameters(moved), "v2")
+    network.set_weights(moved)
+    np.testing.assert_allclose(served.predict_many(x), network.predict(x, verbose=0), atol=1e-5)
+    assert served.version == "v2"
