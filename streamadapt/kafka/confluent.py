@@ -1,7 +1,7 @@
 """The serving loop's consumer and producer on confluent-kafka (librdkafka), for `--kafka-client confluent`.
 
-The protocol's adapter (streamadapt.kafka.protocol) on librdkafka, with the guarantees of the kafka-python one; the work of the Kafka
-protocol (fetching, batching, compression, acknowledgements) happens in librdkafka's C threads instead
+The protocol's adapter (streamadapt.kafka.protocol) on librdkafka, with the guarantees of the kafka-python
+one; the work of the Kafka protocol (fetching, batching, compression, acknowledgements) happens in librdkafka's C threads instead
 of in Python. Keyed records go to the partition the Java client and kafka-python pick (murmur2), so
 replicas on either client agree.
 """
@@ -70,10 +70,13 @@ def _reported_as_protocol() -> Iterator[None]:
 
 def _protocol_error(error: KafkaException) -> KafkaClientError:
     cause = error.args[0] if error.args else None
-    if not isinstance(cause, KafkaError):
-        return KafkaClientError(str(error))
-    unavailable = cause.retriable() or cause.code() in UNAVAILABLE
-    return (KafkaUnavailable if unavailable else KafkaClientError)(f"{cause.name()}: {cause.str()}")
+    return _as_protocol(cause) if isinstance(cause, KafkaError) else KafkaClientError(str(error))
+
+
+def _as_protocol(error: KafkaError, unavailable: type[KafkaUnavailable] = KafkaUnavailable) -> KafkaClientError:
+    """A librdkafka error as the protocol's: a retriable one, or one of UNAVAILABLE, as `unavailable`."""
+    kind = unavailable if error.retriable() or error.code() in UNAVAILABLE else KafkaClientError
+    return kind(f"{error.name()}: {error.str()}")
 
 
 class ServingConsumer:
@@ -250,9 +253,7 @@ class Acks:
         error = self._failure
         if error is None:
             return
-        if error.retriable() or error.code() in UNAVAILABLE:
-            raise NotAcknowledged(f"{error.name()}: {error.str()}")
-        raise KafkaClientError(f"{error.name()}: {error.str()}")
+        raise _as_protocol(error, NotAcknowledged)
 
 
 class ServingProducer:
