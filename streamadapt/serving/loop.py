@@ -174,7 +174,8 @@ class ServingLoop:
             built = self._build_and_save(records)
         except REDIS_OUTAGE_ERRORS as error:
             try:
-                built = self._retry_through_outage(lambda: self._build_and_save(records), error, REDIS_OUTAGE_ERRORS, stop)
+                built = self._retry_through_outage(lambda: self._build_and_save(records), error, REDIS_OUTAGE_ERRORS,
+                                                   stop, between=self._settle_saved)
             except REDIS_OUTAGE_ERRORS:
                 self._rewind(records)  # stopped during the outage: read again by whoever owns them next
                 return
@@ -308,15 +309,16 @@ class ServingLoop:
             raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
                                "they will be read again") from error
 
-    def _retry_through_outage(self, attempt, error: Exception, outage_errors: tuple, stop: threading.Event | None):
+    def _retry_through_outage(self, attempt, error: Exception,
+                              outage_errors: type[Exception] | tuple[type[Exception], ...], stop: threading.Event | None,
+                              between: Callable[[], None] = lambda: None):
         """After `error`, wait the outage out (paused, with backoff) and call `attempt` again until it returns,
         or until `stop` is set (or there is no `stop`: inside a rebalance), when the last error is raised and
-        the batch is read again by the partitions' next owner."""
+        the batch is read again by the partitions' next owner. `between()` is called before each wait."""
         while True:
             if stop is None or stop.is_set():
                 raise error
-            if outage_errors is REDIS_OUTAGE_ERRORS:
-                self._settle_saved()
+            between()
             self._wait_out(error, self._retry_in_s, stop)
             self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
             try:
