@@ -92,11 +92,6 @@ def load_features(reference: str) -> type[Features]:
     return plugin
 
 
-def identity(plugin: type[Features]) -> dict[str, str]:
-    """What a checkpoint records of the plug-in it was trained with."""
-    return {"name": plugin.name, "version": str(plugin.version)}
-
-
 def encode_stream(ordered: Sequence[PurchaseEvent], features: Features, observed_since_s: float | None = None
                   ) -> np.ndarray:
     """Features of every event of a stream in event-time order, each from its user's state before it, as the
