@@ -13,15 +13,13 @@ an event field to it.
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from streamadapt.core.features import FeatureSpec
+from streamadapt.core.named import import_named
 from streamadapt.schemas import PurchaseEvent
 from streamadapt.settings import BUILT_IN_FEATURES
 
@@ -74,16 +72,7 @@ class FeaturesError(ValueError):
 
 def load_features(reference: str) -> type[Features]:
     """The plug-in class named by "MODULE:NAME", imported with the working directory on the path."""
-    module_name, _, class_name = reference.partition(":")
-    if not module_name or not class_name:
-        raise FeaturesError(f"--features takes MODULE:NAME, not {reference!r}")
-    if str(Path.cwd()) not in sys.path and "" not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise FeaturesError(f"--features {reference}: cannot import {module_name} ({error})") from error
-    plugin = getattr(module, class_name, None)
+    plugin = import_named(reference, "--features", "MODULE:NAME", FeaturesError)
     missing = [a for a in ("name", "version", "max_state_bytes", "recall", "encode", "advance", "state_to_json",
                            "state_from_json") if not hasattr(plugin, a)]
     if not isinstance(plugin, type) or missing:

@@ -9,16 +9,14 @@ compute is served through TensorFlow instead, and `pretrain` says so.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from streamadapt.core.labels import Task
+from streamadapt.core.named import import_named
 from streamadapt.model.checkpoint import (
     CheckpointError,
     import_tensorflow,
@@ -36,18 +34,10 @@ class ModelBuilderError(ValueError):
 
 def load_builder(reference: str) -> BuilderFunction:
     """The function named by "MODULE:FUNCTION", imported with the working directory on the path."""
-    module_name, _, function_name = reference.partition(":")
-    if not module_name or not function_name:
-        raise ModelBuilderError(f"--model-builder takes MODULE:FUNCTION, not {reference!r}")
-    if str(Path.cwd()) not in sys.path and "" not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
     import_tensorflow()  # first, so that the builder's own `import keras` loads it with its banners silenced
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ModelBuilderError(f"--model-builder {reference}: cannot import {module_name} ({error})") from error
-    function = getattr(module, function_name, None)
+    function = import_named(reference, "--model-builder", "MODULE:FUNCTION", ModelBuilderError)
     if not callable(function):
+        module_name, _, function_name = reference.partition(":")
         raise ModelBuilderError(f"--model-builder {reference}: {module_name} has no function {function_name}")
     return function
 
