@@ -58,8 +58,13 @@ class FeaturesUsed:
     n_features: int
 
     @classmethod
+    def of(cls, plugin: str, features: Features) -> FeaturesUsed:
+        """What a checkpoint records of `features`, the plug-in `plugin` (MODULE:NAME) names."""
+        return cls(plugin, features.name, str(features.version), features.n_features)
+
+    @classmethod
     def built_in(cls, spec: FeatureSpec) -> FeaturesUsed:
-        return cls(BUILT_IN, CategoryFeatures.name, CategoryFeatures.version, spec.n_features)
+        return cls.of(BUILT_IN, CategoryFeatures(spec))
 
     def to_json(self) -> dict[str, Any]:
         return {"plugin": self.plugin, "name": self.name, "version": self.version, "n_features": self.n_features}
@@ -239,10 +244,15 @@ def read_metadata(directory: Path) -> ModelMeta:
 def load_checkpoint(directory: Path) -> tuple[Any, ModelMeta]:
     """The checkpoint as a Keras model (for training) and its metadata. Raises CheckpointError."""
     meta = read_metadata(directory)
+    return _keras_model(directory, meta), meta
+
+
+def _keras_model(directory: Path, meta: ModelMeta):
+    """The Keras model of a checkpoint whose metadata `meta` was read (and its model file checked) already."""
     keras = import_tensorflow().keras
     model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
     _check_shape(directory, meta, model.input_shape[-1], model.output_shape[-1])
-    return model, meta
+    return model
 
 
 def features_for(meta: ModelMeta, reference: str) -> Features:
@@ -327,8 +337,7 @@ class ServingModel:
             graph = _plan(config, {name: len(v) for name, v in variables.items()}, directory / MODEL_FILE)
         except CheckpointError as error:
             log.warning("serving %s through TensorFlow, slower than the NumPy pass: %s", meta.version, error)
-            keras_model, meta = load_checkpoint(directory)
-            return cls.of_keras(keras_model, meta, force_keras=True)
+            return cls.of_keras(_keras_model(directory, meta), meta, force_keras=True)
         model = cls(meta, graph, [w for layer in config["layers"] for w in variables.get(_layer_name(layer), ())])
         model._check_fits(directory)
         return model

@@ -204,7 +204,7 @@ def pretrain(events_path: Path, out: Path, *, task: Task, horizon_days: float, e
     training_loss = log_loss(predict(examples.features[:split]), examples.labels[:split])
     warnings = implausible_validation(training_loss, example_losses(val_probabilities, val_y))
     meta = save_checkpoint(model, out, task=task, classes=classes, feature_spec=spec,
-                           features=FeaturesUsed(features_plugin, plugin.name, str(plugin.version), features.n_features),
+                           features=FeaturesUsed.of(features_plugin, features),
                            horizon_days=horizon_days if binary else None,
                            extra={"trained_on": {"events_file": events_path.name, "events": len(events),
                                                  "examples": int(split), "refused_lines": refused,
