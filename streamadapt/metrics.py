@@ -54,6 +54,9 @@ class WorkerMetrics:
                                     ["reason"], registry=r)
         for reason in RejectReason:
             self.dead_letters.labels(reason.value)  # export zeros so rate() works from the start
+        self.outputs_refused = Counter("streamadapt_outputs_refused",
+                                       "Outputs the broker refused for what they are (larger than the topic accepts, "
+                                       "invalid), skipped with their input committed, by topic.", ["topic"], registry=r)
         self.duplicates = Counter("streamadapt_events_duplicate", "Valid events dropped as duplicates of an earlier event_id.",
                                   registry=r)
         self.predictions = Counter("streamadapt_predictions", "Predictions published.", ["task"], registry=r)

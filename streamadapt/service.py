@@ -24,7 +24,7 @@ import redis
 from kafka.errors import KafkaError
 
 from streamadapt.core.features import FeatureSpec
-from streamadapt.kafka.admin import ensure_topics
+from streamadapt.kafka.admin import ensure_topics, max_message_bytes
 from streamadapt.kafka.kafka_python import open_producer
 from streamadapt.kafka.protocol import KafkaClientError
 from streamadapt.kafka.serving_clients import open_serving_clients
@@ -39,6 +39,7 @@ from streamadapt.model.checkpoint import (
 from streamadapt.serving.batch import BatchBuilder
 from streamadapt.serving.hotswap import ModelFollower
 from streamadapt.serving.loop import ServingLoop
+from streamadapt.serving.plan import DLQ_MIN_BYTES
 from streamadapt.settings import Settings, SettingsError
 from streamadapt.state.registry import Registry
 from streamadapt.state.store import StateStore, WindowPolicy, connect
@@ -98,8 +99,13 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                     trainer_producer = open_producer(k)
                     stack.callback(trainer_producer.close, timeout=30)
                 else:
+                    limits = max_message_bytes(k, [k.predictions_topic, k.dlq_topic])
+                    dlq_max_bytes = _dead_letter_bound(settings, limits.get(k.dlq_topic))
                     transactional_id = k.effective_transactional_id(socket.gethostname()) if k.exactly_once else None
-                    consumer, producer = open_serving_clients(k, transactional_id)
+                    # the broker's limit is on a batch of records: the producer's batches must fit every output topic
+                    smallest = min(limits.values(), default=None)
+                    consumer, producer = open_serving_clients(
+                        k, transactional_id, None if smallest is None else smallest - RECORD_OVERHEAD_BYTES)
                     stack.callback(producer.close)
                     stack.callback(consumer.close)
                     log.info("serving clients on %s%s", k.client, f"; exactly-once, each batch one transaction of "
@@ -123,7 +129,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 "STREAMADAPT_ROLE": "worker", "STREAMADAPT_PROCESSES": "1",
                 "STREAMADAPT_METRICS_PORT": _child_metrics_port(settings, 1 + index),
                 "STREAMADAPT_KAFKA_TRANSACTIONAL_ID": f"{transactional_id}-{index}" if transactional_id else ""}, stop))
-        builder = BatchBuilder(settings, store, model, features)
+        builder = BatchBuilder(settings, store, model, features, dlq_max_bytes)
         loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower, store.raise_drift_alarm)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
@@ -212,6 +218,23 @@ def user_state_ttl_warning(ttl_s: int, spec: FeatureSpec) -> str | None:
     return (f"--redis-user-state-ttl-s is {ttl_s / 86400:g} days, shorter than the model's memory of an idle user "
             f"({spec.user_memory_days:g} days): a customer who comes back in between will look new to the model, "
             f"which pretraining remembered; raise it to {math.ceil(spec.memory_s)} or more")
+
+
+# What a record batch of one record takes beyond its key and value (headers, lengths, CRC), with room to spare.
+RECORD_OVERHEAD_BYTES = 512
+
+
+def _dead_letter_bound(settings: Settings, topic_max_bytes: int | None) -> int:
+    """How large a dead letter may be: --dlq-max-bytes, less if the dead-letter topic accepts less."""
+    bound = settings.dlq_max_bytes
+    if topic_max_bytes is not None and topic_max_bytes - RECORD_OVERHEAD_BYTES < bound:
+        bound = topic_max_bytes - RECORD_OVERHEAD_BYTES
+        if bound < DLQ_MIN_BYTES:
+            raise SettingsError(f"topic {settings.kafka.dlq_topic} accepts records of at most {topic_max_bytes} bytes "
+                                f"(max.message.bytes); a dead letter needs {DLQ_MIN_BYTES + RECORD_OVERHEAD_BYTES}")
+        log.info("dead letters cut to %d bytes: topic %s accepts %d (max.message.bytes)", bound,
+                 settings.kafka.dlq_topic, topic_max_bytes)
+    return bound
 
 
 def _check_redis(store: StateStore, settings: Settings) -> None:

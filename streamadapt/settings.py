@@ -20,6 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamadapt.core.parsing import InputLimits
+from streamadapt.schemas.purchase import FREE_TEXT_MAX_CHARS
+
 ENV_PREFIX = "STREAMADAPT_"
 
 BUILT_IN_FEATURES = "streamadapt.core.features:CategoryFeatures"  # the default feature plug-in
@@ -207,7 +210,16 @@ class Settings(BaseSettings):
                            "--metrics-port + 1 + i")
     max_payload_bytes: int = Field(64 * 1024, ge=256, description="larger input records are dead-lettered")
     max_future_skew_s: int = Field(3600, ge=0, description="events further ahead of the clock are dead-lettered")
-    dlq_payload_max_chars: int = Field(64 * 1024, ge=64, description="dead letters carry at most this much payload")
+    max_past_skew_s: int = Field(365 * 86400, ge=1, description="events further behind the newest event time seen on "
+                                 "their input partition are dead-lettered (relative to the stream, not the clock, so "
+                                 "that a historical log can be replayed)")
+    max_item_id_chars: int = Field(256, ge=1, le=FREE_TEXT_MAX_CHARS,
+                                   description="events with a longer item_id are dead-lettered")
+    max_category_chars: int = Field(256, ge=1, le=FREE_TEXT_MAX_CHARS,
+                                    description="events with a longer category are dead-lettered")
+    dlq_max_bytes: int = Field(256 * 1024, ge=4096, description="a dead letter's key and value take at most this much "
+                               "(less if the dead-letter topic's max.message.bytes is smaller): a longer payload or "
+                               "key is cut, and the dead letter says so")
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
@@ -215,6 +227,11 @@ class Settings(BaseSettings):
     redis: RedisSettings
     metrics: MetricsSettings
     training: TrainingSettings
+
+    @property
+    def input_limits(self) -> InputLimits:
+        return InputLimits(max_payload_bytes=self.max_payload_bytes, max_future_skew_s=self.max_future_skew_s,
+                           max_item_id_chars=self.max_item_id_chars, max_category_chars=self.max_category_chars)
 
     def as_environment(self) -> dict[str, str]:
         """Every setting as its environment variable (for a child process; secrets in clear)."""

@@ -1,8 +1,8 @@
 import pytest
 
 from streamadapt.core.features import FeatureSpec
-from streamadapt.service import _cause, user_state_ttl_warning
-from streamadapt.settings import RedisSettings
+from streamadapt.service import RECORD_OVERHEAD_BYTES, _cause, _dead_letter_bound, user_state_ttl_warning
+from streamadapt.settings import RedisSettings, SettingsError, load_settings
 
 
 def test_the_last_handshake_error_kafka_python_logged_is_the_cause_once_named():
@@ -32,3 +32,17 @@ def test_the_operator_is_warned_when_user_states_expire_before_the_model_forgets
 
 def test_the_default_user_state_ttl_covers_the_default_memory():
     assert user_state_ttl_warning(RedisSettings().user_state_ttl_s, FeatureSpec(("books",))) is None
+
+
+@pytest.mark.parametrize("topic_max_bytes, expected", [
+    (None, 256 * 1024),  # the broker does not say: the setting
+    (1_048_588, 256 * 1024),  # Kafka's default topic limit is above the setting
+    (65_536, 65_536 - RECORD_OVERHEAD_BYTES),
+])
+def test_a_dead_letter_is_bounded_by_the_setting_and_by_what_its_topic_accepts(topic_max_bytes, expected):
+    assert _dead_letter_bound(load_settings({}), topic_max_bytes) == expected
+
+
+def test_a_dead_letter_topic_too_small_for_any_dead_letter_stops_start_up_with_one_line():
+    with pytest.raises(SettingsError, match="accepts records of at most 2000 bytes"):
+        _dead_letter_bound(load_settings({}), 2000)

@@ -7,12 +7,23 @@ from datetime import datetime
 from pydantic import ValidationError
 
 from streamadapt.schemas import PurchaseEvent, RejectReason
+from streamadapt.schemas.purchase import FREE_TEXT_MAX_CHARS
 
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
     reason: RejectReason
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """The limits a valid record keeps beyond the schema's own (settings: --max-payload-bytes, ...)."""
+
+    max_payload_bytes: int
+    max_future_skew_s: float
+    max_item_id_chars: int = FREE_TEXT_MAX_CHARS
+    max_category_chars: int = FREE_TEXT_MAX_CHARS
 
 
 # pydantic error type -> our reason. Types not listed fall back by suffix in _reason_for().
@@ -25,28 +36,35 @@ _REASONS: dict[str, RejectReason] = {
     "finite_number": RejectReason.NON_FINITE_NUMBER,
     "unsupported_schema_version": RejectReason.UNSUPPORTED_SCHEMA_VERSION,
     "timezone_aware": RejectReason.INVALID_TIMESTAMP,
+    "timestamp_before_epoch": RejectReason.PAST_TIMESTAMP,
+    "string_too_long": RejectReason.FIELD_TOO_LONG,
 }
 
 
-def parse_event(
-    raw: bytes | None, *, now: datetime, max_payload_bytes: int, max_future_skew_s: float
-) -> PurchaseEvent | Rejection:
+def parse_event(raw: bytes | None, *, now: datetime, limits: InputLimits) -> PurchaseEvent | Rejection:
     """Validate one record value against the input contract.
 
-    `now` is the worker's clock (aware datetime); events more than `max_future_skew_s` ahead are refused.
+    `now` is the worker's clock (aware datetime); events more than `limits.max_future_skew_s` ahead are
+    refused. (How far behind the stream an event may be is judged per partition: plan.split_stale.)
     Never raises for bad input: every way a payload can break the contract comes back as a Rejection.
     """
     if raw is None or len(raw) == 0:
         return Rejection(RejectReason.EMPTY_PAYLOAD, "record has no value")
-    if len(raw) > max_payload_bytes:
-        return Rejection(RejectReason.PAYLOAD_TOO_LARGE, f"{len(raw)} bytes > limit of {max_payload_bytes}")
+    if len(raw) > limits.max_payload_bytes:
+        return Rejection(RejectReason.PAYLOAD_TOO_LARGE, f"{len(raw)} bytes > limit of {limits.max_payload_bytes}")
     try:
         event = PurchaseEvent.model_validate_json(raw)
     except ValidationError as error:
         return _rejection(error, raw)
-    if event.ts_s > now.timestamp() + max_future_skew_s:
-        return Rejection(RejectReason.FUTURE_TIMESTAMP,
-                         f"ts: {event.ts.isoformat()} is more than {max_future_skew_s:g} s ahead of the worker's clock")
+    if event.ts_s > now.timestamp() + limits.max_future_skew_s:
+        return Rejection(RejectReason.FUTURE_TIMESTAMP, f"ts: {event.ts.isoformat()} is more than "
+                         f"{limits.max_future_skew_s:g} s ahead of the worker's clock")
+    if len(event.item_id) > limits.max_item_id_chars:
+        return Rejection(RejectReason.FIELD_TOO_LONG,
+                         f"item_id: {len(event.item_id)} characters > limit of {limits.max_item_id_chars}")
+    if len(event.category) > limits.max_category_chars:
+        return Rejection(RejectReason.FIELD_TOO_LONG,
+                         f"category: {len(event.category)} characters > limit of {limits.max_category_chars}")
     return event
 
 

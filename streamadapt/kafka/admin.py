@@ -6,7 +6,8 @@ import re
 from collections.abc import Iterable
 
 from kafka import KafkaAdminClient
-from kafka.errors import TopicAlreadyExistsError
+from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streamadapt.kafka.kafka_python import client_options
 from streamadapt.settings import KafkaSettings
@@ -29,6 +30,28 @@ def ensure_topics(settings: KafkaSettings, topics: list[str], single_partition: 
                 log.info("created topics %s", ", ".join(missing))
             except TopicAlreadyExistsError:
                 pass  # another replica created them first
+    finally:
+        admin.close()
+
+
+def max_message_bytes(settings: KafkaSettings, topics: list[str]) -> dict[str, int]:
+    """The largest record batch the broker accepts on each of `topics` (max.message.bytes); a topic is left out
+    when the broker does not say (a client without the DescribeConfigs permission)."""
+    admin = KafkaAdminClient(**client_options(settings, "admin"))
+    try:
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, None) for topic in topics],
+                                           config_filter="all").get("topic", {})
+        limits = {}
+        for topic in topics:
+            value = described.get(topic, {}).get("max.message.bytes", {}).get("value")
+            if value is None:
+                log.warning("the broker does not say how large a record topic %s accepts", topic)
+            else:
+                limits[topic] = int(value)
+        return limits
+    except (KafkaError, ValueError) as error:
+        log.warning("cannot read max.message.bytes of topics %s (%s: %s)", ", ".join(topics), type(error).__name__, error)
+        return {}
     finally:
         admin.close()
 

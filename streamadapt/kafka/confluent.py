@@ -24,6 +24,7 @@ from streamadapt.kafka.protocol import (
     Message,
     NotAcknowledged,
     ProducerFenced,
+    RecordsRefused,
     TopicPartition,
     TransactionAborted,
 )
@@ -226,19 +227,35 @@ def _offsets(next_offsets: dict[TopicPartition, int]) -> list[ConfluentPartition
 LAG_LOOKUP_TIMEOUT_S = 2.0  # the committed offsets of partitions not read yet, for the lag gauge
 
 
+# The broker (or librdkafka) refuses the record itself: sending it again would fail again.
+RECORD_REFUSED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+                  KafkaError.INVALID_TIMESTAMP}
+
+
 class Acks:
-    """The delivery reports of one batch's records (protocol.Acks): librdkafka calls `delivered` for each
-    from the producer's `poll`, which `done()` serves."""
+    """The delivery reports of one batch's records (protocol.Acks): librdkafka calls the callback of each from
+    the producer's `poll`, which `done()` serves."""
 
     def __init__(self, producer: Producer, records: int):
         self._producer = producer
         self._waiting = records
         self._failure: KafkaError | None = None
+        self.refused: dict[int, str] = {}
 
-    def delivered(self, error, _message) -> None:
+    def delivered_callback(self, index: int) -> Callable[[KafkaError | None, object], None]:
+        def delivered(error, _message) -> None:
+            self._waiting -= 1
+            if error is None:
+                return
+            if error.code() in RECORD_REFUSED:
+                self.refused[index] = f"{error.name()}: {error.str()}"
+            elif self._failure is None:
+                self._failure = error
+        return delivered
+
+    def refused_at_once(self, index: int, error: KafkaError) -> None:
         self._waiting -= 1
-        if error is not None and self._failure is None:
-            self._failure = error
+        self.refused[index] = f"{error.name()}: {error.str()}"
 
     def done(self) -> bool:
         if self._waiting:
@@ -249,11 +266,11 @@ class Acks:
         if self._waiting:
             self._producer.poll(timeout_s)  # returns as soon as a delivery report is served
 
-    def check(self) -> None:
+    def check(self) -> dict[int, str]:
         error = self._failure
-        if error is None:
-            return
-        raise _as_protocol(error, NotAcknowledged)
+        if error is not None:
+            raise _as_protocol(error, NotAcknowledged)
+        return self.refused
 
 
 class ServingProducer:
@@ -262,13 +279,14 @@ class ServingProducer:
 
     @classmethod
     @_reported_as_protocol()
-    def open(cls, settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
+    def open(cls, settings: KafkaSettings, transactional_id: str | None, max_batch_bytes: int | None = None
+             ) -> ServingProducer:
         config = {
             **client_config(settings, "serving"),
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 0,  # a batch is produced at once and never flushed (kafka_python.open_producer)
-            "batch.size": 256 * 1024,
+            "batch.size": min(256 * 1024, max_batch_bytes or 256 * 1024),  # within the output topics' limits
             "message.max.bytes": 4 << 20,
             "partitioner": "murmur2_random",  # keyed records: the Java client's (and kafka-python's) partition
             "error_cb": _log_client_error,
@@ -282,14 +300,19 @@ class ServingProducer:
 
     def send(self, messages: list[Message]) -> Acks:
         acks = Acks(self._producer, len(messages))
-        produce, delivered = self._producer.produce, acks.delivered
-        for topic, key, value in messages:
+        produce, delivered = self._producer.produce, acks.delivered_callback
+        for index, (topic, key, value) in enumerate(messages):
             while True:
                 try:
-                    produce(topic, value=value, key=key, on_delivery=delivered)
+                    produce(topic, value=value, key=key, on_delivery=delivered(index))
                     break
                 except BufferError:  # librdkafka's queue is full: let it drain
                     self._producer.poll(0.05)
+                except KafkaException as error:  # larger than message.max.bytes: refused before it is queued
+                    if error.args and isinstance(error.args[0], KafkaError) and error.args[0].code() in RECORD_REFUSED:
+                        acks.refused_at_once(index, error.args[0])
+                        break
+                    raise
         self._producer.poll(0)
         return acks
 
@@ -305,23 +328,26 @@ class ServingProducer:
             remaining = producer.flush(ACK_TIMEOUT_S)
             if remaining:
                 raise NotAcknowledged(f"{remaining} records not acknowledged within {ACK_TIMEOUT_S:.0f} s")
-            acks.check()
+            refused = acks.check()
+            if refused:
+                raise RecordsRefused(refused)
             producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata, ACK_TIMEOUT_S)
             producer.commit_transaction(ACK_TIMEOUT_S)
-        except (KafkaException, NotAcknowledged) as error:
+        except (KafkaException, KafkaClientError) as error:  # the transaction cannot commit: abort it
             kafka_error = error.args[0] if isinstance(error, KafkaException) and error.args else None
             if isinstance(kafka_error, KafkaError) and (
                     kafka_error.fatal() or kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
                 raise ProducerFenced() from error
             producer.abort_transaction(ACK_TIMEOUT_S)
-            raise TransactionAborted(str(error)) from error
+            raise TransactionAborted(str(error), error.refused if isinstance(error, RecordsRefused) else None) from error
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._producer.flush(timeout_s)
 
 
-def open_serving_producer(settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
-    return ServingProducer.open(settings, transactional_id)
+def open_serving_producer(settings: KafkaSettings, transactional_id: str | None,
+                          max_batch_bytes: int | None = None) -> ServingProducer:
+    return ServingProducer.open(settings, transactional_id, max_batch_bytes)
 
 
 def open_serving_consumer(settings: KafkaSettings) -> ServingConsumer:

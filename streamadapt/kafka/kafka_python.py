@@ -16,11 +16,15 @@ from kafka.errors import (
     BrokerNotAvailableError,
     CommitFailedError,
     IllegalGenerationError,
+    InvalidRecordError,
+    InvalidTimestampError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     ProducerFencedError,
     RebalanceInProgressError,
+    RecordListTooLargeError,
     UnknownMemberIdError,
 )
 from kafka.partitioner.default import murmur2
@@ -35,6 +39,7 @@ from streamadapt.kafka.protocol import (
     Message,
     NotAcknowledged,
     ProducerFenced,
+    RecordsRefused,
     TopicPartition,
     TransactionAborted,
 )
@@ -111,7 +116,8 @@ class _BeforeRevoke(ConsumerRebalanceListener):
         pass
 
 
-def open_producer(settings: KafkaSettings, transactional_id: str | None = None, linger_ms: int = 5) -> KafkaProducer:
+def open_producer(settings: KafkaSettings, transactional_id: str | None = None, linger_ms: int = 5,
+                  max_batch_bytes: int | None = None) -> KafkaProducer:
     """An idempotent producer; a transactional one (initialised, ready for `begin_transaction`) when
     `transactional_id` is given. The serving loop's has `linger_ms` 0: it sends a whole batch at once and
     never flushes, so a linger would only delay every batch. Initialising aborts whatever transaction a
@@ -125,8 +131,8 @@ def open_producer(settings: KafkaSettings, transactional_id: str | None = None, 
         # A polled batch's predictions often all go to one partition (the input and the output are keyed by
         # user_id alike), about 1 MB for 2,000. Once a partition's records outgrow one producer batch,
         # kafka-python wakes its sender thread on every further send, so a batch this large keeps those
-        # wake-ups rare. Kept under the broker's default message.max.bytes (1 MiB).
-        batch_size=1_000_000,
+        # wake-ups rare. Kept under the broker's default message.max.bytes (1 MiB), and under the output topics'.
+        batch_size=min(1_000_000, max_batch_bytes or 1_000_000),
         max_request_size=4 << 20,
         transactional_id=transactional_id,
     )
@@ -201,9 +207,14 @@ class KeyPartitioner:
     whose count changed starts a fresh memo.
     """
 
-    def __init__(self, producer: KafkaProducer, max_keys_per_topic: int = 1_000_000):
+    # An entry costs about its key plus this (a dict slot, a bytes object, an int): the memo is bounded in bytes,
+    # since keys are any bytes a producer sends (an invalid record's key comes back on its dead letter).
+    ENTRY_OVERHEAD_BYTES = 120
+
+    def __init__(self, producer: KafkaProducer, max_memo_bytes: int = 64 << 20):
         self._producer = producer
-        self._max_keys = max_keys_per_topic
+        self._max_memo_bytes = max_memo_bytes
+        self._memo_bytes = 0
         self._topics: dict[str, tuple[list[int], dict[bytes, int]]] = {}
         self._checked: set[str] = set()
 
@@ -223,10 +234,18 @@ class KeyPartitioner:
         partitions, memo = self._topics[topic]
         partition = memo.get(key)
         if partition is None:
-            if len(memo) >= self._max_keys:
-                memo.clear()
-            partition = memo[key] = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            self._memo_bytes += len(key) + self.ENTRY_OVERHEAD_BYTES
+            if self._memo_bytes > self._max_memo_bytes:
+                for _, other in self._topics.values():
+                    other.clear()
+                self._memo_bytes = len(key) + self.ENTRY_OVERHEAD_BYTES
+            memo[key] = partition
         return partition
+
+    @property
+    def memo_bytes(self) -> int:
+        return self._memo_bytes
 
 
 class ServingConsumer:
@@ -281,16 +300,17 @@ class ServingConsumer:
 
 
 class Acks:
-    """The acknowledgements of one batch's records on kafka-python: `done()` once every record is acknowledged
-    or refused, without waiting; then `check()` raises the first refusal (NotAcknowledged when retriable)."""
+    """The acknowledgements of one batch's records on kafka-python (protocol.Acks). `refused` are records the
+    client refused when they were sent (larger than its request size), by index."""
 
-    def __init__(self, futures: list[Future]):
+    def __init__(self, futures: list[Future | None], refused: dict[int, str] | None = None):
         self._futures = futures
+        self._refused = refused or {}
         self._next = 0  # the futures before this one are done: each is looked at until done, then never again
 
     def done(self) -> bool:
         futures, i, n = self._futures, self._next, len(self._futures)
-        while i < n and futures[i].is_done:
+        while i < n and (futures[i] is None or futures[i].is_done):
             i += 1
         self._next = i
         return i == n
@@ -300,10 +320,20 @@ class Acks:
         if not self.done():
             time.sleep(timeout_s)
 
-    def check(self) -> None:
-        for future in self._futures:
-            if future.exception is not None:
+    def check(self) -> dict[int, str]:
+        refused = dict(self._refused)
+        for index, future in enumerate(self._futures):
+            if future is None or future.exception is None:
+                continue
+            if isinstance(future.exception, RECORD_REFUSED):
+                refused[index] = f"{type(future.exception).__name__}: {future.exception}"
+            else:
                 raise _refusal(future.exception)
+        return refused
+
+
+# The broker (or the client) refuses the record itself: sending it again would fail again.
+RECORD_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, InvalidTimestampError)
 
 
 def _refusal(error: Exception) -> Exception:
@@ -325,9 +355,16 @@ class ServingProducer:
         """Hand `messages` to the client, which sends them at once (linger 0) on its own thread."""
         self._partition_of.new_batch()
         send, partition_of = self._producer.send, self._partition_of
+        futures: list[Future | None] = []
+        refused: dict[int, str] = {}
         with _reported_as_protocol():  # a send waits for the topic's metadata, and can time out
-            return Acks([send(topic, key=key, value=value, partition=partition_of(topic, key))
-                         for topic, key, value in messages])
+            for index, (topic, key, value) in enumerate(messages):
+                try:
+                    futures.append(send(topic, key=key, value=value, partition=partition_of(topic, key)))
+                except MessageSizeTooLargeError as error:
+                    futures.append(None)
+                    refused[index] = f"{type(error).__name__}: {error}"
+        return Acks(futures, refused)
 
     def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
         """Wait until every record sent so far is acknowledged or refused (their Acks say which)."""
@@ -344,22 +381,26 @@ class ServingProducer:
         try:
             acks = self.send(messages)
             producer.flush(timeout=ACK_TIMEOUT_S)
-            acks.check()
+            refused = acks.check()
+            if refused:
+                raise RecordsRefused(refused)
             producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata)
             producer.commit_transaction()
         except ProducerFencedError as error:
             raise ProducerFenced() from error
         except (KafkaError, KafkaClientError) as error:
             producer.abort_transaction()
-            raise TransactionAborted(f"{type(error).__name__}: {error}") from error
+            raise TransactionAborted(f"{type(error).__name__}: {error}",
+                                     error.refused if isinstance(error, RecordsRefused) else None) from error
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._producer.close(timeout=timeout_s)
 
 
-def open_serving_producer(settings: KafkaSettings, transactional_id: str | None) -> ServingProducer:
+def open_serving_producer(settings: KafkaSettings, transactional_id: str | None,
+                          max_batch_bytes: int | None = None) -> ServingProducer:
     with _reported_as_protocol():
-        return ServingProducer(open_producer(settings, transactional_id, linger_ms=0))
+        return ServingProducer(open_producer(settings, transactional_id, linger_ms=0, max_batch_bytes=max_batch_bytes))
 
 
 def open_serving_consumer(settings: KafkaSettings) -> ServingConsumer:

@@ -60,7 +60,21 @@ class NotAcknowledged(KafkaUnavailable):
 
 
 class TransactionAborted(KafkaClientError):
-    """Exactly-once: the batch's transaction failed and was aborted; nothing of it is visible to read_committed."""
+    """Exactly-once: the batch's transaction failed and was aborted; nothing of it is visible to read_committed.
+    `refused` are the indices of the batch's records that the broker will never accept (Acks.check)."""
+
+    def __init__(self, message: str, refused: dict[int, str] | None = None):
+        super().__init__(message)
+        self.refused = refused or {}
+
+
+class RecordsRefused(KafkaClientError):
+    """Exactly-once: records of the batch were refused for what they are (Acks.check), so its transaction cannot
+    commit; `refused` maps their index in the batch to the error."""
+
+    def __init__(self, refused: dict[int, str]):
+        super().__init__(f"{len(refused)} records refused: {next(iter(refused.values()))}")
+        self.refused = refused
 
 
 class ProducerFenced(RuntimeError):
@@ -74,13 +88,16 @@ class ProducerFenced(RuntimeError):
 
 class Acks(Protocol):
     """The acknowledgements of one batch's records: `done()` once every record is acknowledged or refused,
-    without waiting; then `check()` raises the first refusal (NotAcknowledged when retriable)."""
+    without waiting. Then `check()` raises the first refusal that concerns more than one record
+    (NotAcknowledged when retriable, KafkaClientError when not), and returns the records the broker refused
+    for what they are (too large for the topic, invalid), by index in the batch, with the error: sending them
+    again would fail again."""
 
     def done(self) -> bool: ...
 
     def wait(self, timeout_s: float) -> None: ...
 
-    def check(self) -> None: ...
+    def check(self) -> dict[int, str]: ...
 
 
 class ServingConsumer(Protocol):

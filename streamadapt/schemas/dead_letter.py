@@ -22,6 +22,8 @@ class RejectReason(str, Enum):
     NON_FINITE_NUMBER = "non_finite_number"
     INVALID_TIMESTAMP = "invalid_timestamp"
     FUTURE_TIMESTAMP = "future_timestamp"
+    PAST_TIMESTAMP = "past_timestamp"
+    FIELD_TOO_LONG = "field_too_long"
     UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
 
 
@@ -34,6 +36,9 @@ class DeadLetter(BaseModel):
     payload: str | None = Field(description="the original bytes: UTF-8 text, or base64 when not valid UTF-8")
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
     payload_bytes: int = Field(ge=0, description="size of the original payload")
+    payload_truncated: bool = Field(False, description="the payload is only the start of the original: a dead "
+                                                       "letter must fit the topic's record size limit")
+    key_truncated: bool = Field(False, description="the record's key is only the start of the input record's key")
     reason: RejectReason
     detail: str
     topic: str
@@ -42,11 +47,11 @@ class DeadLetter(BaseModel):
     failed_at: datetime
 
     @staticmethod
-    def encode_payload(raw: bytes | None, max_chars: int) -> tuple[str | None, str]:
-        """Text when the bytes are UTF-8, else base64; cut to `max_chars` so a dead letter stays small."""
+    def encode_payload(raw: bytes | None) -> tuple[str | None, str]:
+        """Text when the bytes are UTF-8, else base64."""
         if raw is None:
             return None, "utf-8"
         try:
-            return raw.decode("utf-8")[:max_chars], "utf-8"
+            return raw.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
-            return base64.b64encode(raw).decode("ascii")[:max_chars], "base64"
+            return base64.b64encode(raw).decode("ascii"), "base64"

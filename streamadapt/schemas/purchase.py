@@ -1,7 +1,7 @@
 """The input event on the `purchases` topic (its JSON Schema: streamadapt/schemas/json/purchase_event.json)."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from pydantic import (
@@ -18,6 +18,14 @@ SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 MAX_QUANTITY = 2**31 - 1  # keeps every derived float finite; no real basket comes near it
 
 Identifier = Annotated[str, Field(strict=True, min_length=1, max_length=128)]
+# item_id and category: the worker's limits are settings (--max-item-id-chars, --max-category-chars), at most this
+FREE_TEXT_MAX_CHARS = 4096
+FreeText = Annotated[str, Field(strict=True, min_length=1, max_length=FREE_TEXT_MAX_CHARS)]
+ShortText = Annotated[str, Field(strict=True, max_length=128)]
+# Event time starts at the Unix epoch: every later conversion (to epoch seconds, back to a datetime, into a
+# Kafka timestamp) is then total. How far behind the stream an event may be is a setting (--max-past-skew-s).
+EARLIEST_TS = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EARLIEST_NAIVE = EARLIEST_TS.replace(tzinfo=None)
 
 
 class _EpochSeconds:
@@ -44,15 +52,15 @@ class PurchaseEvent(BaseModel):
 
     event_id: Identifier
     user_id: Identifier
-    item_id: Annotated[str, Field(strict=True, min_length=1)]
-    category: Annotated[str, Field(strict=True, min_length=1)] = "unknown"
+    item_id: FreeText
+    category: FreeText = "unknown"
     price: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False, description="unit price")]
     quantity: Annotated[int, Field(strict=True, ge=1, le=MAX_QUANTITY)]
     currency: Annotated[str, Field(strict=True, pattern=r"^[A-Z]{3}$", description="ISO 4217 code")] = "USD"
     ts: Annotated[AwareDatetime, Field(description="event time, ISO 8601 with a time zone")]
-    country: Annotated[str, Field(strict=True)] | None = None
-    channel: Annotated[str, Field(strict=True)] | None = None
-    session_id: Annotated[str, Field(strict=True)] | None = None
+    country: ShortText | None = None
+    channel: ShortText | None = None
+    session_id: ShortText | None = None
     schema_version: Annotated[int, Field(strict=True)] = 1
 
     ts_s = _EpochSeconds()  # ts in epoch seconds, read several times per event by the serving path
@@ -88,6 +96,14 @@ class PurchaseEvent(BaseModel):
                 return value
         if not isinstance(value, datetime):
             raise PydanticCustomError("string_type", "ts must be an ISO 8601 string")
+        return value
+
+    @field_validator("ts")
+    @classmethod
+    def _not_before_the_epoch(cls, value: datetime) -> datetime:
+        # Compared without converting: a datetime near year 1 with a positive offset has no UTC equivalent.
+        if value.replace(tzinfo=None) < _EARLIEST_NAIVE + (value.utcoffset() or timedelta(0)):
+            raise PydanticCustomError("timestamp_before_epoch", "ts is before 1970-01-01T00:00:00Z")
         return value
 
     @field_validator("schema_version")

@@ -20,13 +20,14 @@ from streamadapt.core.plugin import Features
 from streamadapt.kafka.protocol import InputRecord, Message
 from streamadapt.model.checkpoint import ServingModel
 from streamadapt.serving.plan import (
+    dead_letter_message,
     expire_pendings,
-    make_dead_letter,
     make_predictions,
     newest_event_times,
     plan_batch,
     resolved_examples,
     served_examples,
+    split_stale,
 )
 from streamadapt.settings import Settings
 from streamadapt.state.store import StateStore, StateWrites
@@ -53,10 +54,11 @@ class Resolved(NamedTuple):
 
 @dataclass
 class Built:
-    """A built batch: the records to produce as (topic, key, value); and what it amounts to, for the metrics
+    """A built batch: the records to produce as (topic, key, value), each with its input record; and what it amounts to, for the metrics
     and the quality monitor once the batch is committed (`resolved` is filled in by `BatchBuilder.save`)."""
 
     messages: list[Message]
+    sources: list[InputRecord]  # the input record of each message
     # the input record timestamp (ms) of each prediction, for the event-to-prediction latency histogram
     input_timestamps_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     dead_letter_reasons: list[str] = field(default_factory=list)
@@ -72,9 +74,14 @@ class Built:
 
 class BatchBuilder:
     def __init__(self, settings: Settings, store: StateStore, model: ServingModel, features: Features,
-                 clock=lambda: datetime.now(timezone.utc)):
-        """`features` is the plug-in the model was trained with; `store` keeps the users' states by it."""
+                 dlq_max_bytes: int | None = None, clock=lambda: datetime.now(timezone.utc)):
+        """`features` is the plug-in the model was trained with; `store` keeps the users' states by it.
+        `dlq_max_bytes` bounds a dead letter (default: settings.dlq_max_bytes; service.run lowers it to what
+        the dead-letter topic accepts)."""
         self._settings = settings
+        self._limits = settings.input_limits
+        self._dlq_max_bytes = dlq_max_bytes or settings.dlq_max_bytes
+        self._newest_s: dict[str, float] | None = None  # newest event time per input partition, read once from Redis
         self._store = store
         self._model = model
         self._features = features
@@ -85,16 +92,18 @@ class BatchBuilder:
         has been saved). Redis errors propagate."""
         s = self._settings
         now = self._clock()
-        valid, messages, reasons = [], [], []
+        valid, rejected = [], []
         for record in records:
-            parsed = parse_event(record.value, now=now, max_payload_bytes=s.max_payload_bytes,
-                                 max_future_skew_s=s.max_future_skew_s)
-            if isinstance(parsed, Rejection):
-                letter = make_dead_letter(record, parsed, now, s.dlq_payload_max_chars)
-                messages.append((s.kafka.dlq_topic, record.key, letter.model_dump_json().encode()))
-                reasons.append(parsed.reason.value)
-            else:
-                valid.append((record, parsed))
+            parsed = parse_event(record.value, now=now, limits=self._limits)
+            (rejected if isinstance(parsed, Rejection) else valid).append((record, parsed))
+        if self._newest_s is None:
+            self._newest_s = self._store.newest_by_partition()
+        valid, stale = split_stale(valid, self._newest_s, s.max_past_skew_s)
+        rejected += stale
+        messages = [dead_letter_message(record, rejection, now, s.kafka.dlq_topic, self._dlq_max_bytes)
+                    for record, rejection in rejected]
+        sources = [record for record, _ in rejected]
+        reasons = [rejection.reason.value for _, rejection in rejected]
         claims, states, pendings, observed_since_s = self._store.load(
             [e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
             min((e.ts_s for _, e in valid), default=0.0))
@@ -104,13 +113,15 @@ class BatchBuilder:
         predictions, claims = make_predictions(plan.fresh, probabilities, meta, model.version, now)
         writes = StateWrites(states=plan.states)
         predictions_topic = s.kafka.predictions_topic
-        for (_, event), body, claim in zip(plan.fresh, predictions, claims):
+        for (record, event), body, claim in zip(plan.fresh, predictions, claims):
             writes.claims.append((event.event_id, claim))
             messages.append((predictions_topic, event.user_id.encode(), body))
-        for record, body in plan.replays:
-            messages.append((predictions_topic, record.key, body))
+            sources.append(record)
+        for record, event, body in plan.replays:
+            messages.append((predictions_topic, event.user_id.encode(), body))
+            sources.append(record)
         input_timestamps_ms = np.array([record.timestamp_ms for record, _ in plan.fresh]
-                                       + [record.timestamp_ms for record, _ in plan.replays], dtype=np.float64)
+                                       + [record.timestamp_ms for record, _, _ in plan.replays], dtype=np.float64)
         served = served_examples(plan, probabilities, model.version)
         writes.examples = resolved_examples(plan, served)
         writes.pendings = {user: served[i] for user, i in plan.last_fresh_of_user.items()}
@@ -118,7 +129,7 @@ class BatchBuilder:
         if meta.task == "repurchase":
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
             self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
-        built = Built(messages, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
+        built = Built(messages, sources, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
                       predicted=len(predictions) + len(plan.replays))
         return built, writes
 

@@ -53,7 +53,17 @@ OUTAGE_MAX_RETRY_S = 30.0
 
 class BatchAborted(Exception):
     """Exactly-once mode: the batch's transaction was aborted; its partitions are rewound to its start and
-    it is read again by whoever owns them (this worker, or a new owner after a rebalance)."""
+    it is read again by whoever owns them (this worker, or a new owner after a rebalance). `refused` are the
+    indices of the outputs the broker refused for what they are."""
+
+    def __init__(self, message: str, refused: dict[int, str]):
+        super().__init__(message)
+        self.refused = refused
+
+
+# Outputs refused for what they are, remembered in exactly-once mode to be left out when their batch is read again
+# after the abort; bounded, since a refused output is rare and is read again within moments.
+MAX_REMEMBERED_REFUSALS = 10_000
 
 
 # While batches wait for acknowledgements, a poll waits at most this long, so that a batch acknowledged
@@ -108,6 +118,8 @@ class ServingLoop:
         # They count in the window, so that a crash replays at most `max_in_flight_records` records.
         self._committing: deque[tuple[int, float]] = deque()
         self._commits_answered: deque[None] = deque()  # one entry per answer, appended on the client's thread
+        # exactly-once: (input record ref, topic) of outputs refused for what they are -> the error
+        self._refused: dict[tuple[str, str], str] = {}
         self.observer = Observer(consumer, metrics, model.meta.task, settings.training.quality_window,
                                  settings.progress_interval_s, raise_drift_alarm)
         consumer.before_revoke = self._commit_in_flight_before_revoke
@@ -187,6 +199,8 @@ class ServingLoop:
                 return
             self._in_flight.append(_Batch(records, built, acks, polled_at, time.monotonic()))
             return
+        if self._refused:
+            built = self._without_refused(built)
         try:
             self._send_in_transaction(records, built)
         except KafkaUnavailable as error:
@@ -198,9 +212,37 @@ class ServingLoop:
                 return
         except BatchAborted as aborted:
             log.warning("%s", aborted)
+            for index, error in aborted.refused.items():  # left out when the batch is read again
+                if len(self._refused) >= MAX_REMEMBERED_REFUSALS:
+                    self._refused.pop(next(iter(self._refused)))
+                self._refused[(built.sources[index].ref, built.messages[index][0])] = error
             self._rewind(records)
             return
         self._committed(records, built, polled_at)
+
+    def _without_refused(self, built: Built) -> Built:
+        """Exactly-once: the batch without the outputs refused for what they are when it was sent before."""
+        refused = {}
+        for index, (message, source) in enumerate(zip(built.messages, built.sources)):
+            error = self._refused.pop((source.ref, message[0]), None)
+            if error is not None:
+                refused[index] = error
+        if not refused:
+            return built
+        self._skip_refused(built, refused)
+        kept = [i for i in range(len(built.messages)) if i not in refused]
+        built.messages = [built.messages[i] for i in kept]
+        built.sources = [built.sources[i] for i in kept]
+        return built
+
+    def _skip_refused(self, built: Built, refused: dict[int, str]) -> None:
+        """Outputs the broker refused for what they are (sending them again would fail again): counted, logged
+        with their input record, and skipped; the input's offset is committed with its batch."""
+        for index, error in refused.items():
+            topic = built.messages[index][0]
+            self._metrics.outputs_refused.labels(topic).inc()
+            log.error("the output to %s of input record %s was refused (%s): skipped, and the input committed",
+                      topic, built.sources[index].ref, error)
 
     def _wait_for_room(self) -> None:
         """With the window full: wait a moment for the oldest batch's acknowledgements, which the producer's
@@ -229,7 +271,9 @@ class ServingLoop:
         try:
             while window and window[0].acks.done():
                 batch = window[0]
-                batch.acks.check()
+                refused = batch.acks.check()
+                if refused:
+                    self._skip_refused(batch.built, refused)
                 window.popleft()
                 offsets.update(next_offsets(batch.records))
                 settled += len(batch.records)
@@ -307,7 +351,7 @@ class ServingLoop:
                                                self._consumer.group_metadata())
         except TransactionAborted as error:
             raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
-                               "they will be read again") from error
+                               "they will be read again", error.refused) from error
 
     def _retry_through_outage(self, attempt, error: Exception,
                               outage_errors: type[Exception] | tuple[type[Exception], ...], stop: threading.Event | None,

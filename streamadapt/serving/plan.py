@@ -13,9 +13,9 @@ from streamadapt.core.examples import Example
 from streamadapt.core.labels import resolve_on_purchase
 from streamadapt.core.parsing import Rejection
 from streamadapt.core.plugin import Features, State
-from streamadapt.kafka.protocol import InputRecord, partition_ref
+from streamadapt.kafka.protocol import InputRecord, Message, partition_ref
 from streamadapt.model.checkpoint import ModelMeta
-from streamadapt.schemas import DeadLetter, PurchaseEvent
+from streamadapt.schemas import DeadLetter, PurchaseEvent, RejectReason
 from streamadapt.schemas.prediction import PredictionWriter, iso_datetime
 from streamadapt.state.store import EventClaim
 
@@ -28,7 +28,7 @@ class BatchPlan:
 
     fresh: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)  # to predict, in order
     features: np.ndarray | None = None  # one row per fresh event
-    replays: list[tuple[InputRecord, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
+    replays: list[tuple[InputRecord, PurchaseEvent, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
     duplicates: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)
     states: dict[str, State] = field(default_factory=dict)  # user states changed by this batch
     # label join: (a stored pending prediction, or the index of an earlier fresh event here, label index,
@@ -58,7 +58,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
     for record, event in valid:
         claim = claims.get(event.event_id)
         if claim is not None and claim.record == record.ref and event.event_id not in claimed_here:
-            plan.replays.append((record, replayed_prediction(claim, event, meta)))
+            plan.replays.append((record, event, replayed_prediction(claim, event, meta)))
             claimed_here.add(event.event_id)
         elif claim is not None or event.event_id in claimed_here:
             plan.duplicates.append((record, event))
@@ -152,13 +152,40 @@ def replayed_prediction(claim: EventClaim, event: PurchaseEvent, meta: ModelMeta
     return write(event.event_id, event.user_id, event.ts, claim.label, claim.score, ranked)
 
 
-def make_dead_letter(record: InputRecord, rejection: Rejection, failed_at: datetime, max_payload_chars: int) -> DeadLetter:
-    payload, encoding = DeadLetter.encode_payload(record.value, max_payload_chars)
-    return DeadLetter(
-        payload=payload, payload_encoding=encoding, payload_bytes=len(record.value or b""),
-        reason=rejection.reason, detail=rejection.detail, topic=record.topic, partition=record.partition,
-        offset=record.offset, failed_at=failed_at,
+# A dead letter's Kafka key is the input record's key, cut to this: a key only places the record on a partition.
+DLQ_KEY_MAX_BYTES = 1024
+DETAIL_MAX_CHARS = 500
+DLQ_MIN_BYTES = 4096  # the key, and the rest of a letter with an empty payload, fit in this
+
+
+def dead_letter_message(record: InputRecord, rejection: Rejection, failed_at: datetime, topic: str,
+                        max_bytes: int) -> Message:
+    """The dead letter of `record` for `topic`, its key and value together at most `max_bytes` (the dead-letter
+    topic's record size limit; at least DLQ_MIN_BYTES): a longer key or payload is cut, and the letter says so
+    (`key_truncated`, `payload_truncated`; `payload_bytes` is the original size)."""
+    key = record.key
+    key_truncated = key is not None and len(key) > DLQ_KEY_MAX_BYTES
+    if key_truncated:
+        key = key[:DLQ_KEY_MAX_BYTES]
+    payload, encoding = DeadLetter.encode_payload(record.value)
+    letter = DeadLetter(
+        payload=payload, payload_encoding=encoding, payload_bytes=len(record.value or b""), key_truncated=key_truncated,
+        reason=rejection.reason, detail=rejection.detail[:DETAIL_MAX_CHARS], topic=record.topic,
+        partition=record.partition, offset=record.offset, failed_at=failed_at,
     )
+    value = letter.model_dump_json().encode()
+    budget = max_bytes - len(key or b"")
+    if len(value) > budget and payload:
+        # A character takes 1 to 6 bytes of JSON (a control character is escaped as \u00XX): keep the share of
+        # the payload that fits at the bytes per character of what is kept, one character less at least.
+        cut = letter.model_copy(update={"payload": "", "payload_truncated": True})
+        room = budget - len(cut.model_dump_json().encode())
+        kept = len(payload)
+        while len(value) > budget and kept > 0:
+            used = len(value) - (budget - room)
+            kept = max(0, min(kept - 1, int(kept * room / used)))
+            value = cut.model_copy(update={"payload": payload[:kept]}).model_dump_json().encode()
+    return topic, key, value
 
 
 def next_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
@@ -177,6 +204,27 @@ def first_offsets(records: list[InputRecord]) -> dict[tuple[str, int], int]:
         key = (record.topic, record.partition)
         offsets[key] = min(offsets.get(key, record.offset), record.offset)
     return offsets
+
+
+def split_stale(valid: list[tuple[InputRecord, PurchaseEvent]], newest_s: dict[str, float], max_past_skew_s: float
+                ) -> tuple[list[tuple[InputRecord, PurchaseEvent]], list[tuple[InputRecord, Rejection]]]:
+    """The events at most `max_past_skew_s` behind the newest event time of their input partition, and the others
+    as past_timestamp rejections. A partition's newest time is the later of `newest_s` (what earlier batches
+    saw, by partition_ref; updated here) and this batch's newest there, so that one ancient event is refused in
+    a first batch too. Judged against the stream, not the clock, so that a historical log can be replayed."""
+    for partition, ts_s in newest_event_times(valid).items():
+        if ts_s > newest_s.get(partition, float("-inf")):
+            newest_s[partition] = ts_s
+    kept, stale = [], []
+    for record, event in valid:
+        newest = newest_s[record.partition_ref]
+        if newest - event.ts_s > max_past_skew_s:
+            stale.append((record, Rejection(RejectReason.PAST_TIMESTAMP, f"ts: {event.ts.isoformat()} is "
+                          f"{(newest - event.ts_s) / 86400:.1f} days behind the newest event of input partition "
+                          f"{record.partition_ref}, more than the limit of {max_past_skew_s:g} s")))
+        else:
+            kept.append((record, event))
+    return kept, stale
 
 
 def newest_event_times(fresh: list[tuple[InputRecord, PurchaseEvent]]) -> dict[str, float]:

@@ -25,7 +25,7 @@ from streamadapt.core.features import (
     FeatureSpec,
 )
 from streamadapt.core.labels import BINARY_CLASSES, Task, file_labels, settled
-from streamadapt.core.parsing import Rejection, parse_event
+from streamadapt.core.parsing import InputLimits, Rejection, parse_event
 from streamadapt.core.plugin import BUILT_IN, Features, encode_stream, load_features
 from streamadapt.core.promotion import example_losses
 from streamadapt.core.quality import log_loss, scores
@@ -64,13 +64,14 @@ class Examples:
 def read_events(path: Path, *, max_payload_bytes: int = 1 << 20) -> tuple[list[PurchaseEvent], int]:
     """Valid events of a JSONL file, by the worker's own parser; also how many lines it refused."""
     now = datetime.now(timezone.utc)
+    limits = InputLimits(max_payload_bytes=max_payload_bytes, max_future_skew_s=3600)
     events, refused = [], 0
     with path.open("rb") as lines:
         for line in lines:
             line = line.strip()
             if not line:
                 continue
-            parsed = parse_event(line, now=now, max_payload_bytes=max_payload_bytes, max_future_skew_s=3600)
+            parsed = parse_event(line, now=now, limits=limits)
             if isinstance(parsed, Rejection):
                 refused += 1
             else:

@@ -7,17 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamadapt.core.parsing import Rejection, parse_event
+from streamadapt.core.parsing import InputLimits, Rejection, parse_event
 from streamadapt.schemas import PurchaseEvent, RejectReason
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-LIMIT = 4096
+LIMIT = 16384
+LIMITS = InputLimits(max_payload_bytes=LIMIT, max_future_skew_s=3600, max_item_id_chars=256, max_category_chars=256)
 VALID = {"event_id": "e-1", "user_id": "u-1", "item_id": "i-1", "category": "books", "price": 12.5,
          "quantity": 2, "currency": "EUR", "ts": "2026-06-01T10:00:00+02:00"}
 
 
 def parse(raw):
-    return parse_event(raw, now=NOW, max_payload_bytes=LIMIT, max_future_skew_s=3600)
+    return parse_event(raw, now=NOW, limits=LIMITS)
 
 
 def encode(**changes):
@@ -66,7 +67,7 @@ def test_ts_s_is_the_event_time_of_the_event_and_of_its_copies_with_another_ts()
     (encode(quantity=0), RejectReason.INVALID_VALUE),
     (encode(quantity=10**30), RejectReason.INVALID_VALUE),
     (encode(event_id=""), RejectReason.INVALID_VALUE),
-    (encode(event_id="x" * 129), RejectReason.INVALID_VALUE),
+    (encode(event_id="x" * 129), RejectReason.FIELD_TOO_LONG),
     (encode(currency="euro"), RejectReason.INVALID_VALUE),
     (encode(price=float("nan")), RejectReason.NON_FINITE_NUMBER),  # json.dumps writes NaN
     (encode(price=float("inf")), RejectReason.NON_FINITE_NUMBER),
@@ -75,6 +76,14 @@ def test_ts_s_is_the_event_time_of_the_event_and_of_its_copies_with_another_ts()
     (encode(ts="2026-06-01T10:00:00"), RejectReason.INVALID_TIMESTAMP),
     (encode(ts="yesterday"), RejectReason.INVALID_TIMESTAMP),
     (encode(ts="2026-06-01T14:00:01Z"), RejectReason.FUTURE_TIMESTAMP),
+    (encode(ts="0001-01-01T00:00:00+23:59"), RejectReason.PAST_TIMESTAMP),  # no UTC equivalent at all
+    (encode(ts="1969-12-31T23:59:59Z"), RejectReason.PAST_TIMESTAMP),
+    (encode(ts="1970-01-01T00:59:59+01:00"), RejectReason.PAST_TIMESTAMP),
+    (encode(item_id="i" * 257), RejectReason.FIELD_TOO_LONG),  # the worker's default limit
+    (encode(category="c" * 257), RejectReason.FIELD_TOO_LONG),
+    (encode(category="c" * 5000), RejectReason.FIELD_TOO_LONG),  # beyond the schema's own ceiling
+    (encode(country="x" * 129), RejectReason.FIELD_TOO_LONG),
+    (encode(session_id="s" * 129), RejectReason.FIELD_TOO_LONG),
     (encode(schema_version=2), RejectReason.UNSUPPORTED_SCHEMA_VERSION),
     (json.dumps({"schema_version": 7}).encode(), RejectReason.UNSUPPORTED_SCHEMA_VERSION),
 ])
@@ -87,6 +96,12 @@ def test_contract_breaking_input_is_rejected_with_its_reason(raw, reason):
 
 def test_timestamp_within_the_allowed_skew_is_accepted():
     assert isinstance(parse(encode(ts=(NOW + timedelta(minutes=59)).isoformat())), PurchaseEvent)
+
+
+def test_the_earliest_event_time_and_the_longest_fields_are_accepted():
+    event = parse(encode(ts="1970-01-01T01:00:00+01:00", item_id="i" * 256, category="c" * 256, country="x" * 128))
+    assert isinstance(event, PurchaseEvent), event
+    assert event.ts_s == 0.0
 
 
 def test_null_optional_fields_take_their_defaults():
@@ -131,5 +146,5 @@ def test_every_valid_event_parses_back_to_its_values(price, quantity, minutes_ag
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 5_000 + b"1" + b"}" * 5_000])
 def test_deeply_nested_json_is_refused_without_recursing(raw):
-    rejection = parse_event(raw, now=NOW, max_payload_bytes=len(raw), max_future_skew_s=3600)
+    rejection = parse_event(raw, now=NOW, limits=InputLimits(max_payload_bytes=len(raw), max_future_skew_s=3600))
     assert isinstance(rejection, Rejection) and rejection.reason is RejectReason.INVALID_JSON

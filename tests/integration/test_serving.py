@@ -84,6 +84,60 @@ def test_bad_input_is_dead_lettered_duplicates_dropped_and_every_valid_event_pre
         assert worker.stop() == 0
 
 
+@pytest.mark.parametrize("client, exactly_once", [("confluent", "false"), ("kafka-python", "false"),
+                                                   ("confluent", "true"), ("kafka-python", "true")])
+def test_hostile_records_are_dead_lettered_within_the_topics_limit_and_the_records_around_them_served(
+        stack, names, checkpoint, tmp_path, client, exactly_once):
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    dlq_limit = 65_536  # the dead-letter topic accepts less than the worker's default bound: read at start-up
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin.create_topics([NewTopic(names.dlq_topic, 1, 1, topic_configs={"max.message.bytes": str(dlq_limit)})])
+    admin.close()
+    hostile = [  # (key, value, reason)
+        (b"k" * 700_000, b"\x01" * 300_000, "payload_too_large"),  # about 1.09 MB of dead letter, uncut
+        (b"k", dumps(event(900101, ts="0001-01-01T00:00:00+23:59")), "past_timestamp"),
+        (b"k", dumps(event(900102, ts="1971-01-01T00:00:00Z")), "past_timestamp"),
+        (b"k", dumps(event(900103, category="c" * 5000)), "field_too_long"),
+        (b"k", dumps(event(900104, item_id="i" * 300)), "field_too_long"),
+        (b"k", dumps(event(900105, event_id="e" * 200)), "field_too_long"),
+    ]
+    valid = [event(i) for i in range(300)]
+    keys, values, expected = [], [], {}
+    for i, body in enumerate(valid):
+        keys.append(b"k")
+        values.append(dumps(body))
+        if i % 50 == 25:
+            key, value, reason = hostile[i // 50]
+            expected[len(values)] = reason
+            keys.append(key)
+            values.append(value)
+    with WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", STREAMADAPT_KAFKA_CLIENT=client,
+                       STREAMADAPT_KAFKA_EXACTLY_ONCE=exactly_once) as worker:
+        coordinates = produce(stack, names.input_topic, values, keys=keys)
+        committed_only = exactly_once == "true"
+        predictions = read_topic(stack, names.predictions_topic, expect=len(valid), committed_only=committed_only)
+        letters = read_topic(stack, names.dlq_topic, expect=len(expected), committed_only=committed_only)
+        worker.wait_metric("streamadapt_events_consumed_total", len(values))
+        assert Counter(json.loads(r.value)["event_id"] for r in predictions) == Counter(b["event_id"] for b in valid)
+        assert len(letters) == len(expected)
+        got = {(d.partition, d.offset): (d, r) for r in letters for d in [DeadLetter.model_validate_json(r.value)]}
+        for position, reason in expected.items():
+            letter, record = got[coordinates[position]]
+            assert letter.reason.value == reason, letter.detail
+            assert len(record.key or b"") + len(record.value) <= dlq_limit
+        big, record = got[coordinates[26]]
+        assert big.payload_truncated and big.key_truncated and big.payload_bytes == 300_000
+        assert record.key == b"k" * 1024 and set(big.payload) == {"\x01"}
+        assert worker.metric("streamadapt_outputs_refused_total") == 0
+        assert worker.http_status("/readyz") == 200
+        worker.wait_until(lambda: sum(committed_offsets(stack, names.group_id, names.input_topic).values()) == len(values),
+                          what="every record committed")
+        assert worker.stop() == 0
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()
+
+
 def test_sigterm_in_the_middle_of_a_backlog_loses_nothing(stack, names, checkpoint, tmp_path):
     bodies = [event(i, user=f"user-{i % 211}") for i in range(20_000)]
     produce(stack, names.input_topic, [dumps(b) for b in bodies], keys=[b["user_id"].encode() for b in bodies])

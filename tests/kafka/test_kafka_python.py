@@ -6,6 +6,7 @@ from kafka.errors import (
     IllegalGenerationError,
     KafkaConnectionError,
     MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
     NotLeaderForPartitionError,
     ProducerFencedError,
     RebalanceInProgressError,
@@ -86,7 +87,7 @@ def test_key_partitioner_agrees_with_kafka_pythons_default_partitioner_and_follo
     from kafka.partitioner.default import DefaultPartitioner
 
     producer = _Producer(range(6))
-    partition_of = KeyPartitioner(producer, max_keys_per_topic=50)
+    partition_of = KeyPartitioner(producer, max_memo_bytes=50 * (8 + KeyPartitioner.ENTRY_OVERHEAD_BYTES))
     keys = [f"user-{i}".encode() for i in range(300)] * 2  # repeated keys, and more keys than the memo holds
     for partitions in (range(6), range(9)):
         producer.metadata.partitions = partitions
@@ -94,6 +95,15 @@ def test_key_partitioner_agrees_with_kafka_pythons_default_partitioner_and_follo
         expected = [DefaultPartitioner().partition("t", k, k, None, None, producer.metadata) for k in keys]
         assert [partition_of("t", k) for k in keys] == expected
     assert partition_of("t", None) is None
+
+
+def test_key_partitioner_memo_is_bounded_in_bytes_whatever_the_keys():
+    producer = _Producer(range(6))
+    partition_of = KeyPartitioner(producer, max_memo_bytes=4 << 20)
+    partition_of.new_batch()
+    for i in range(100):  # an invalid record's key is any size: its dead letter carries it back
+        partition_of("purchases.dlq", i.to_bytes(4, "big") * 100_000)
+        assert partition_of.memo_bytes <= 4 << 20
 
 
 class TransactionalProducer:
@@ -145,13 +155,15 @@ def test_a_batch_is_acknowledged_once_every_record_is_and_a_refusal_says_whether
     assert not acks.done()
     futures[1].is_done = True
     assert acks.done()
-    acks.check()  # all acknowledged
+    assert acks.check() == {}  # all acknowledged
     futures[2].exception = NotLeaderForPartitionError()
     with pytest.raises(NotAcknowledged, match="NotLeaderForPartitionError"):
         acks.check()  # retriable: an outage, the batch is read again
+    futures[2].exception = TopicAuthorizationFailedError()
+    with pytest.raises(KafkaClientError, match="TopicAuthorizationFailedError"):
+        acks.check()  # not retriable, and not about the record: the operator must act, the worker stops
     futures[2].exception = MessageSizeTooLargeError()
-    with pytest.raises(KafkaClientError, match="MessageSizeTooLargeError"):
-        acks.check()  # not retriable: a bug, the worker stops
+    assert list(acks.check()) == [2]  # refused for what it is: the loop skips it
 
 
 def test_a_transaction_sends_the_batch_then_the_offsets_then_commits():

@@ -42,7 +42,7 @@ class FakeBuilder:
         self.log.append(("build", batch[0].offset))
         if self.failures and (failure := self.failures.pop(0)) is not None:
             raise failure
-        return Built([("out", b"k", b"{}")] * len(batch), np.zeros(len(batch)), predicted=len(batch)), None
+        return Built([("out", b"k", b"{}")] * len(batch), list(batch), np.zeros(len(batch)), predicted=len(batch)), None
 
     def save(self, built, writes):
         return built
@@ -105,6 +105,7 @@ class FakeConsumer:
 class FakeAcks:
     def __init__(self, first_offset: int, acknowledged: bool):
         self.first_offset, self.acknowledged, self.error, self.waits = first_offset, acknowledged, None, 0
+        self.refused = {}
 
     def done(self):
         return self.acknowledged
@@ -115,6 +116,7 @@ class FakeAcks:
     def check(self):
         if self.error is not None:
             raise self.error
+        return self.refused
 
 
 class FakeProducer:
@@ -133,8 +135,9 @@ class FakeProducer:
         self.sent.append(acks)
         return acks
 
-    def acknowledge(self, index: int, error: Exception | None = None):
+    def acknowledge(self, index: int, error: Exception | None = None, refused: dict[int, str] | None = None):
         self.sent[index].acknowledged, self.sent[index].error = True, error
+        self.sent[index].refused = refused or {}
 
     def flush(self, timeout_s=None):
         self.log.append(("flush",))
@@ -143,6 +146,7 @@ class FakeProducer:
 
     def send_in_transaction(self, messages, next_offsets, group_metadata):
         self.transactions.append((len(messages), dict(next_offsets), group_metadata))
+        self.sent_messages = messages
         self.log.append(("transaction", len(messages)))
         if self.failures:
             raise self.failures.pop(0)
@@ -249,6 +253,23 @@ def test_a_refused_output_rewinds_to_its_batch_drops_the_window_and_reads_both_a
     assert metrics.total("streamadapt_predictions_total") == 3  # the dropped batches count once, when committed
 
 
+def test_an_output_refused_for_what_it_is_is_counted_and_skipped_and_its_batch_committed(caplog):
+    log, stop, metrics = Log(), threading.Event(), WorkerMetrics()
+    producer = FakeProducer(log, hold=True)
+
+    def second_record_refused():
+        producer.acknowledge(0, refused={1: "MSG_SIZE_TOO_LARGE: larger than the topic accepts"})
+        return []
+
+    consumer = FakeConsumer(log, [records(0, 10, 11, 12), second_record_refused], stop=stop)
+    loop = make_loop(consumer, producer, FakeBuilder(log), metrics=metrics)
+    with caplog.at_level(logging.ERROR):
+        loop.run(stop)
+    assert consumer.committed == {P0: 13} and consumer.seeks == {} and not loop.paused
+    assert metrics.total("streamadapt_outputs_refused_total") == 1
+    assert "in/0/11" in caplog.text and "MSG_SIZE_TOO_LARGE" in caplog.text
+
+
 def test_a_send_that_times_out_is_an_outage_and_its_batch_is_read_again():
     log, stop = Log(), threading.Event()
     producer = FakeProducer(log, [KafkaUnavailable("no metadata for topic predictions after 60 s")])
@@ -324,6 +345,16 @@ def test_an_aborted_transaction_rewinds_its_batch_on_the_partitions_still_owned(
     make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
     # partition 2 went to another worker: not ours to rewind
     assert consumer.seeks == {P0: 10, P1: 4}
+
+
+def test_exactly_once_leaves_out_an_output_refused_for_what_it_is_when_the_aborted_batch_is_read_again():
+    log, stop, metrics = Log(), threading.Event(), WorkerMetrics()
+    consumer = FakeConsumer(log, [records(0, 10, 11, 12), lambda: records(0, 10, 11, 12)], stop=stop)
+    producer = FakeProducer(log, [TransactionAborted("1 records refused", {1: "MSG_SIZE_TOO_LARGE: too large"})])
+    make_loop(consumer, producer, FakeBuilder(log), exactly_once=True, metrics=metrics).run(stop)
+    assert consumer.seeks == {P0: 10}
+    assert [(n, offsets) for n, offsets, _ in producer.transactions] == [(3, {P0: 13}), (2, {P0: 13})]
+    assert metrics.total("streamadapt_outputs_refused_total") == 1
 
 
 def test_a_kafka_outage_in_exactly_once_mode_sends_the_same_built_batch_again():

@@ -1,3 +1,4 @@
+import base64
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -17,11 +18,11 @@ from streamadapt.core.features import (
 from streamadapt.core.parsing import Rejection
 from streamadapt.kafka.protocol import InputRecord
 from streamadapt.model.checkpoint import FeaturesUsed, ModelMeta
-from streamadapt.schemas import Prediction, PurchaseEvent, RejectReason
+from streamadapt.schemas import DeadLetter, Prediction, PurchaseEvent, RejectReason
 from streamadapt.serving.plan import (
     expire_pendings,
     first_offsets,
-    make_dead_letter,
+    dead_letter_message,
     make_predictions,
     newest_event_times,
     next_offsets,
@@ -29,6 +30,7 @@ from streamadapt.serving.plan import (
     replayed_prediction,
     resolved_examples,
     served_examples,
+    split_stale,
 )
 from streamadapt.state.store import EventClaim
 
@@ -39,8 +41,8 @@ META = ModelMeta(task="next_category", classes=("books", "music", "<other>"), fe
 FEATURES = CategoryFeatures(SPEC)
 
 
-def rec(offset, partition=0, value=b"{}"):
-    return InputRecord("purchases", partition, offset, 1_000, b"u", value)
+def rec(offset, partition=0, value=b"{}", key=b"u"):
+    return InputRecord("purchases", partition, offset, 1_000, key, value)
 
 
 def claim(record):
@@ -102,7 +104,7 @@ def test_replayed_record_re_emits_its_prediction_without_touching_state():
     [body], [stored] = make_predictions(first.fresh, np.array([[0.2, 0.7, 0.1]], np.float32), META, "v1", T0)
     state = UserState(purchases=3)
     plan = plan_batch([(rec(7), ev("a"))], {"a": EventClaim.decode(stored.encode())}, {"u1": state}, {}, META, FEATURES, 0.0)
-    assert plan.replays == [(rec(7), body)] and plan.fresh == [] and plan.states == {}
+    assert plan.replays == [(rec(7), ev("a"), body)] and plan.fresh == [] and plan.states == {}
     assert plan.features.shape == (0, SPEC.n_features)
 
 
@@ -147,10 +149,50 @@ def test_predictions_stay_valid_when_the_model_outputs_nan_or_rounding_overshoot
     (b"\xff\x00", "base64", "/wA="),
     (None, "utf-8", None),
 ])
-def test_dead_letter_keeps_payload_and_coordinates(value, encoding, payload):
-    letter = make_dead_letter(rec(41, partition=3, value=value), Rejection(RejectReason.INVALID_JSON, "why"), T0, 1000)
+def test_dead_letter_keeps_payload_key_and_coordinates(value, encoding, payload):
+    topic, key, raw = dead_letter_message(rec(41, partition=3, value=value), Rejection(RejectReason.INVALID_JSON, "why"),
+                                          T0, "purchases.dlq", 4096)
+    letter = DeadLetter.model_validate_json(raw)
+    assert (topic, key) == ("purchases.dlq", b"u")
     assert (letter.payload, letter.payload_encoding, letter.reason, letter.detail) == (payload, encoding, RejectReason.INVALID_JSON, "why")
     assert (letter.topic, letter.partition, letter.offset) == ("purchases", 3, 41)
+    assert not letter.payload_truncated and not letter.key_truncated
+
+
+@pytest.mark.parametrize("key, value", [
+    (b"k" * 700_000, b"\x01" * 300_000),  # control characters: six bytes each in JSON
+    (b"u", "\u00e9\U0001f600".encode() * 100_000),  # two and four bytes each
+    (None, b"\xff" * 100_000),  # base64
+    (b"u", b"x" * 4095),
+])
+@pytest.mark.parametrize("max_bytes", [4096, 65_536, 1_048_064])
+def test_a_dead_letter_always_fits_its_bound_and_says_what_it_cut(key, value, max_bytes):
+    _, cut_key, raw = dead_letter_message(rec(7, key=key, value=value), Rejection(RejectReason.PAYLOAD_TOO_LARGE, "big"),
+                                          T0, "purchases.dlq", max_bytes)
+    letter = DeadLetter.model_validate_json(raw)
+    assert len(cut_key or b"") + len(raw) <= max_bytes
+    assert letter.payload_bytes == len(value)
+    assert letter.key_truncated == (key is not None and len(key) > 1024)
+    assert cut_key == (key[:1024] if key is not None else None)
+    original = value.decode() if letter.payload_encoding == "utf-8" else base64.b64encode(value).decode()
+    assert original.startswith(letter.payload)
+    assert letter.payload_truncated == (letter.payload != original)
+    # what is cut is no more than needed: one character more would not have fitted
+    if letter.payload_truncated and max_bytes > 4096:
+        assert len(cut_key or b"") + len(raw) > max_bytes * 0.9
+
+
+def test_events_far_behind_their_partitions_newest_are_refused_as_past_timestamps():
+    newest = {"purchases/1": (T0 + timedelta(days=400)).timestamp()}
+    valid = [(rec(0, 0), ev("a", hours=0)), (rec(1, 0), ev("old", hours=-24 * 366)),  # behind this batch's newest
+             (rec(2, 1), ev("b", hours=0)),  # behind what an earlier batch saw on partition 1
+             (rec(3, 0), ev("c", hours=-24 * 365 + 1))]
+    kept, stale = split_stale(valid, newest, 365 * 86400)
+    assert [e.event_id for _, e in kept] == ["a", "c"]
+    assert [(r.offset, rejection.reason) for r, rejection in stale] == [(1, RejectReason.PAST_TIMESTAMP),
+                                                                        (2, RejectReason.PAST_TIMESTAMP)]
+    assert "purchases/1" in stale[1][1].detail
+    assert newest == {"purchases/0": T0.timestamp(), "purchases/1": (T0 + timedelta(days=400)).timestamp()}
 
 
 def test_next_offsets_is_one_past_the_last_record_per_partition_and_first_offsets_the_first():
