@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 import redis
 
+from streamadapt.core.event_time import utc_datetime
 from streamadapt.core.quality import QualityMonitor
 from streamadapt.kafka.protocol import ServingConsumer
 from streamadapt.metrics import WorkerMetrics
@@ -80,7 +80,7 @@ class Observer:
             return
         self._metrics.drift_alarms.inc(len(changes))
         log.warning("drift detector alarmed on the live loss stream; the change is estimated at event time %s",
-                    datetime.fromtimestamp(changes[-1], tz=timezone.utc).isoformat())
+                    utc_datetime(changes[-1]).isoformat())
         if self._raise_drift_alarm is not None:
             try:
                 self._raise_drift_alarm(changes[-1])

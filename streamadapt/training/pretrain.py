@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamadapt.core.event_time import utc_datetime
 from streamadapt.core.features import (
     OBSERVED_CAP_DAYS,
     USER_MEMORY_DAYS,
@@ -257,4 +258,4 @@ def _early_stopping_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _iso(ts_s: float) -> str:
-    return datetime.fromtimestamp(float(ts_s), tz=timezone.utc).isoformat()
+    return utc_datetime(ts_s).isoformat()

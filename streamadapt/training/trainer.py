@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from streamadapt.core.event_time import utc_datetime
 from streamadapt.core.examples import Example, expired_windows
 from streamadapt.core.labels import watermark
 from streamadapt.metrics import WorkerMetrics
@@ -262,4 +263,4 @@ class Trainer:
 
 
 def _utc(ts_s: float) -> datetime:
-    return datetime.fromtimestamp(float(ts_s), tz=timezone.utc)
+    return utc_datetime(ts_s)
