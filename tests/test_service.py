@@ -1,7 +1,12 @@
 import pytest
 
 from streamadapt.core.features import FeatureSpec
-from streamadapt.service import RECORD_OVERHEAD_BYTES, _cause, _dead_letter_bound, user_state_ttl_warning
+from streamadapt.service import (
+    RECORD_OVERHEAD_BYTES,
+    _cause,
+    _dead_letter_bound,
+    user_state_ttl_warning,
+)
 from streamadapt.settings import RedisSettings, SettingsError, load_settings
 
 

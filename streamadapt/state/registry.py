@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import uuid
+import zipfile
 
 import numpy as np
 import redis
@@ -52,11 +54,28 @@ def decode_parameters(raw: bytes, expected_sha256: str) -> Parameters:
     if actual != expected_sha256:
         raise ArtifactError(f"artifact sha256 {actual[:12]}… does not match {expected_sha256[:12]}…")
     try:
+        _check_declared_sizes(raw)
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
             weights = [archive[f"arr_{i}"] for i in range(sum(name.startswith("arr_") for name in archive.files))]
             return Parameters(weights, archive["calibration"] if "calibration" in archive.files else None)
-    except (ValueError, KeyError, OSError) as error:
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as error:
         raise ArtifactError(f"artifact is not a weights archive: {error}") from error
+
+
+def _check_declared_sizes(raw: bytes) -> None:
+    """NumPy allocates an array as its header declares before reading its data: refuse an archive whose arrays
+    declare more bytes than it holds (we write them uncompressed, so a true one never does)."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+                declared = math.prod(shape) * dtype.itemsize
+                if dtype.hasobject or declared > len(raw):
+                    raise ArtifactError(f"array {name} of the artifact declares {declared} bytes of {dtype}, "
+                                        f"in an artifact of {len(raw)}")
 
 
 class Registry:

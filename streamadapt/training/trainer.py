@@ -24,7 +24,7 @@ from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import ModelMeta, Parameters
 from streamadapt.schemas import ModelVersion, TrainedOn
 from streamadapt.settings import Settings
-from streamadapt.state.registry import Registry, encode_parameters
+from streamadapt.state.registry import ArtifactError, Registry, encode_parameters
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateStore
 from streamadapt.training.candidate import (
     Scorer,
@@ -92,6 +92,7 @@ class Trainer:
         self._wanted_examples = settings.training.every_examples  # new examples that make the next round due
         self._last_run = time.monotonic()
         self._source_registered = False
+        self._refused: set[str] = set()  # champions whose artifacts failed their checks
 
     def run(self, stop: threading.Event) -> None:
         """Lead when the lease says so: a round whenever one is due, and every stored version announced.
@@ -182,10 +183,7 @@ class Trainer:
                      self._t.min_examples, self._wanted_examples)
             self._metrics.finetune_runs.labels("skipped").inc()
             return None
-        champion_version = self._registry.champion() or self._meta.version
-        champion_record = self._registry.get(champion_version)
-        champion = (self._registry.parameters(champion_record)
-                    if champion_record and champion_version != self._meta.version else None)  # None: the source
+        champion_version, champion = self._champion(token)
         log.info("fine-tune (%s): %s on %d settled examples, champion %s", reason, self._t.strategy, len(examples),
                  champion_version)
         recent = (self._fitting(self._store.unsettled_examples(known_until, self._t.max_examples))
@@ -221,13 +219,32 @@ class Trainer:
             self._back_to_source(token, champion_version, decision.reason)
         return record
 
+    def _champion(self, token: str) -> tuple[str, Parameters | None]:
+        """The champion's version and parameters (None: the source checkpoint). A champion whose artifact fails
+        its checks is refused once, with the alert of a refused model, and the source becomes champion again:
+        the fleet then serves a model it can verify, and the trainer does not stop on stored bytes."""
+        version = self._registry.champion() or self._meta.version
+        if version == self._meta.version or version in self._refused:
+            return self._meta.version, None
+        try:
+            record = self._registry.get(version)
+            if record is None:
+                raise ArtifactError(f"champion {version} has no registry record")
+            return version, self._registry.parameters(record)
+        except ArtifactError as error:
+            self._refused.add(version)
+            self._metrics.swaps_refused.inc()
+            log.error("champion %s cannot be used (%s): the source checkpoint is champion again", version, error)
+            self._back_to_source(token, version, f"the artifact of {version} failed its checks")
+            return self._meta.version, None
+
     def _back_to_source(self, token: str, champion_version: str, reason: str) -> None:
         """Make the source checkpoint champion again and announce it, as an operator's rollback would."""
         source = self._registry.get(self._meta.version)
         back = source.model_copy(update={"promoted": True, "decision": f"{reason} (was {champion_version})"})
         if self._registry.promote_if_leader(token, back):
             self._registry.mark_unannounced(back.version)
-            log.warning("%s is champion again: it beat %s on the newest holdout", back.version, champion_version)
+            log.warning("%s is champion again instead of %s: %s", back.version, champion_version, reason)
         else:
             log.warning("the source beat %s, but this trainer no longer holds the lease: not promoted", champion_version)
 

@@ -6,10 +6,10 @@ from kafka.errors import (
     IllegalGenerationError,
     KafkaConnectionError,
     MessageSizeTooLargeError,
-    TopicAuthorizationFailedError,
     NotLeaderForPartitionError,
     ProducerFencedError,
     RebalanceInProgressError,
+    TopicAuthorizationFailedError,
     UnknownMemberIdError,
 )
 

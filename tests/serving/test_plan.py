@@ -20,9 +20,9 @@ from streamadapt.kafka.protocol import InputRecord
 from streamadapt.model.checkpoint import FeaturesUsed, ModelMeta
 from streamadapt.schemas import DeadLetter, Prediction, PurchaseEvent, RejectReason
 from streamadapt.serving.plan import (
+    dead_letter_message,
     expire_pendings,
     first_offsets,
-    dead_letter_message,
     make_predictions,
     newest_event_times,
     next_offsets,

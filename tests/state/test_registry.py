@@ -1,4 +1,7 @@
 """Registry and lease against the real Redis of the dev stack."""
+import hashlib
+import io
+import zipfile
 from datetime import datetime, timezone
 
 import numpy as np
@@ -102,3 +105,14 @@ def test_a_stored_version_is_unannounced_until_marked_and_is_read_as_it_stands(s
     registry.mark_announced("v1")
     assert registry.unannounced() == []
     client.close()
+
+
+def test_an_artifact_whose_arrays_declare_more_bytes_than_it_holds_is_refused_before_any_allocation():
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)})
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("arr_0.npy", header.getvalue() + b"\0" * 64)
+    raw = archive.getvalue()
+    with pytest.raises(ArtifactError, match="declares 4000000000000 bytes"):
+        decode_parameters(raw, hashlib.sha256(raw).hexdigest())

@@ -195,3 +195,27 @@ def test_a_champion_the_source_beats_on_the_newest_holdout_hands_the_fleet_back_
     assert announced[meta.version].promoted and "(was v1)" in announced[meta.version].decision  # replicas swap back
     registry.release_lease(lease.token)
     client.close()
+
+
+def test_a_champion_whose_artifact_fails_its_checks_is_refused_once_and_the_source_is_champion_again(stack, names,
+                                                                                                     checkpoint):
+    settings = load_settings({**names.env(stack), "STREAMADAPT_TRAINING_EPOCHS": "1"})
+    client = redis.Redis.from_url(stack.redis_url)
+    store, registry = StateStore(client, settings.redis), Registry(client, names.key_prefix, settings.model_name)
+    model, meta = load_checkpoint(checkpoint)
+    lease = SimpleNamespace(token=registry.acquire_lease(ttl_s=60))
+    metrics = WorkerMetrics()
+    trainer = Trainer(settings, store, registry, AwayBroker(back=True), model, meta, metrics, lease)
+    trainer._register_source(lease.token)
+    corrupt = registry.get(meta.version).model_copy(update={
+        "version": "v1", "parent_version": meta.version, "artifact_ref": registry.artifact_ref("v1"),
+        "artifact_sha256": "0" * 64})  # the bytes stored do not match it
+    registry.put(corrupt, b"not the artifact the record names")
+    assert registry.promote_if_leader(lease.token, corrupt) and registry.champion() == "v1"
+
+    assert trainer._champion(lease.token) == (meta.version, None)
+    assert trainer._champion(lease.token) == (meta.version, None)  # refused once, not at every round
+    assert metrics.total("streamadapt_model_swaps_refused_total") == 1
+    assert registry.champion() == meta.version and "v1" in registry.get(meta.version).decision
+    registry.release_lease(lease.token)
+    client.close()
