@@ -116,8 +116,7 @@ class HealthServer:
 
     def __init__(self, metrics: WorkerMetrics, host: str, port: int, is_ready: Callable[[], bool]):
         handler = _handler(metrics, is_ready)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedHTTPServer((host, port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="health-server", daemon=True)
 
     @property
@@ -133,8 +132,37 @@ class HealthServer:
         self._server.server_close()
 
 
+# A client that connects and sends nothing (or trickles) holds a thread: each connection gets this long per read
+# or write, and at most this many are served at once; more are closed at once. Scrapes and probes take
+# milliseconds, and come a few at a time.
+REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 16
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # the listen backlog: connections beyond it wait seconds for a SYN retry
+
+    def __init__(self, address, handler) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def _handler(metrics: WorkerMetrics, is_ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

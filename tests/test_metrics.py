@@ -56,6 +56,29 @@ def test_health_endpoints(ready, expected):
         assert get(server.port, "/nope")[0] == 404
 
 
+def test_idle_connections_neither_hold_the_server_for_ever_nor_keep_a_scrape_out(monkeypatch):
+    import socket
+    import time
+
+    monkeypatch.setattr("streamadapt.metrics.REQUEST_TIMEOUT_S", 0.5)
+    with HealthServer(WorkerMetrics(), "127.0.0.1", 0, is_ready=lambda: True) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]  # slowloris: never a request
+        time.sleep(0.2)
+        started = time.monotonic()
+        try:  # while every slot is held: closed at once, not left waiting
+            get(server.port, "/healthz")
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() - started < 0.4
+        time.sleep(1.0)  # the server has timed the idle ones out
+        for connection in idle:
+            connection.settimeout(2.0)
+            assert connection.recv(1) == b""  # closed by the server, its thread free
+        assert get(server.port, "/healthz")[0] == 200
+        for connection in idle:
+            connection.close()
+
+
 LATENCY = "streamadapt_event_to_prediction_latency_seconds"
 
 

@@ -45,10 +45,17 @@ def test_settings_are_frozen():
         settings.kafka.bootstrap = "elsewhere:1"
 
 
-def test_password_is_masked_in_the_printed_config():
-    settings = load_settings({"STREAMADAPT_REDIS_URL": "redis://:hunter2@cache:6379/0"})
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:hunter2@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("redis://app:hunter2@cache:6379/0", "redis://app:***@cache:6379/0"),
+    ("redis://cache:6379/0?password=hunter2&socket_timeout=5", "redis://cache:6379/0?password=***&socket_timeout=5"),
+    ("rediss://cache:6379/0?Password=hunter2", "rediss://cache:6379/0?Password=***"),
+    ("redis://cache:6379/0", "redis://cache:6379/0"),
+])
+def test_password_is_masked_in_the_printed_config(url, shown):
+    settings = load_settings({"STREAMADAPT_REDIS_URL": url})
     assert "hunter2" not in settings.describe()
-    assert "STREAMADAPT_REDIS_URL=redis://:***@cache:6379/0" in settings.describe()
+    assert f"STREAMADAPT_REDIS_URL={shown}" in settings.describe()
 
 
 def test_secrets_are_secret_strings_shown_nowhere_but_where_they_are_used(monkeypatch):
