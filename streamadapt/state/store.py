@@ -31,6 +31,8 @@ from typing import NamedTuple
 
 import redis
 from pydantic_core import from_json, to_json
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from streamadapt.core.examples import Example, window_start
 from streamadapt.core.plugin import Features, State
@@ -114,8 +116,11 @@ def connect(settings: RedisSettings) -> redis.Redis:
         tls = {"ssl_ca_certs": settings.tls_ca_file and str(settings.tls_ca_file),
                "ssl_certfile": settings.tls_certfile and str(settings.tls_certfile),
                "ssl_keyfile": settings.tls_keyfile and str(settings.tls_keyfile)}
+    # No retry inside redis-py: a MULTI/EXEC retried after a timeout may have landed already, and a batch's
+    # RPUSH and INCRBY are not idempotent. The caller's own retry builds the batch again from what Redis holds,
+    # and a transaction that landed makes that a replay.
     return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30,
-                                **tls)
+                                retry=Retry(NoBackoff(), 0), **tls)
 
 
 def drop_keys(client: redis.Redis, key_prefix: str) -> int:

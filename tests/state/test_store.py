@@ -129,3 +129,43 @@ def test_a_state_over_the_plug_ins_byte_bound_is_dropped_and_the_user_counts_as_
     assert states == {"small": small} and set(pendings) == {"big"}  # the pending prediction is kept
     assert any("over the 16384" in r.getMessage() for r in caplog.records)
 
+
+
+_ANSWERS = {b"PING": b"+PONG\r\n", b"HELLO": b"-ERR unknown command 'HELLO'\r\n"}  # an old Redis: RESP2
+
+
+def test_a_batch_transaction_that_times_out_is_not_sent_again_by_the_redis_client():
+    """A MULTI/EXEC retried after a timeout may land twice (its RPUSH and INCRBY are not idempotent): the
+    client must leave the retry to the serving loop, which builds the batch again from what Redis holds."""
+    import re
+    import socket
+    import threading
+
+    from streamadapt.state.store import connect
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    transactions = []
+
+    def serve() -> None:  # answers +OK to every command until a MULTI, then never again
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                while chunk := connection.recv(65536):
+                    if b"MULTI" in chunk:
+                        transactions.append(chunk)
+                        continue
+                    commands = re.findall(rb"(?:^|\n)\*\d+\r\n\$\d+\r\n(\w+)", chunk)
+                    connection.sendall(b"".join(_ANSWERS.get(c.upper(), b"+OK\r\n") for c in commands))
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = connect(RedisSettings(url=f"redis://127.0.0.1:{listener.getsockname()[1]}/0"))
+    client.connection_pool.connection_kwargs["socket_timeout"] = 0.3
+    store = StateStore(client, RedisSettings(key_prefix="t"), features=CategoryFeatures(FeatureSpec(("a",))))
+    example = Example("e1", 1.0, "v1", np.zeros(3, np.float32), np.zeros(2, np.float32), 0, 1.0)
+    with pytest.raises(redis.TimeoutError):
+        store.save(StateWrites(examples=[example]))
+    listener.close()
+    assert len(transactions) == 1
