@@ -185,11 +185,17 @@ class ServingLoop:
         try:
             built = self._build_and_save(records)
         except REDIS_OUTAGE_ERRORS as error:
+            def attempt() -> Built | None:  # a rebalance during the outage may have taken partitions away
+                nonlocal records
+                records = self._still_owned(records)
+                return self._build_and_save(records) if records else None
             try:
-                built = self._retry_through_outage(lambda: self._build_and_save(records), error, REDIS_OUTAGE_ERRORS,
-                                                   stop, between=self._settle_saved)
+                built = self._retry_through_outage(attempt, error, REDIS_OUTAGE_ERRORS, stop, between=self._settle_saved)
             except REDIS_OUTAGE_ERRORS:
                 self._rewind(records)  # stopped during the outage: read again by whoever owns them next
+                return
+            if built is None:
+                self._end_outage("the batch's partitions were all revoked during the outage")
                 return
         if not self._transactional:
             try:
@@ -202,16 +208,17 @@ class ServingLoop:
         if self._refused:
             built = self._without_refused(built)
         try:
-            self._send_in_transaction(records, built)
-        except KafkaUnavailable as error:
             try:
-                self._retry_through_outage(lambda: self._send_in_transaction(records, built), error,
+                self._send_in_transaction(records, built)
+            except KafkaUnavailable as error:
+                self._retry_through_outage(lambda: self._send_in_transaction(records, built, owned_only=True), error,
                                            KafkaUnavailable, stop)
-            except KafkaUnavailable:
-                self._rewind(records)
-                return
+        except KafkaUnavailable:
+            self._rewind(records)
+            return
         except BatchAborted as aborted:
             log.warning("%s", aborted)
+            self._end_outage("batch aborted")  # read again from its start, unpaused
             for index, error in aborted.refused.items():  # left out when the batch is read again
                 if len(self._refused) >= MAX_REMEMBERED_REFUSALS:
                     self._refused.pop(next(iter(self._refused)))
@@ -343,9 +350,25 @@ class ServingLoop:
             return
         self._finish_in_flight()
 
-    def _send_in_transaction(self, records: list[InputRecord], built: Built) -> None:
+    def _still_owned(self, records: list[InputRecord]) -> list[InputRecord]:
+        """The records of partitions this worker still owns: after a rebalance during an outage, the others
+        belong to their new owner, which reads them from the last committed offset. Writing their Redis state
+        or committing them now would overwrite what the new owner writes."""
+        owned = self._consumer.assignment()
+        kept = [record for record in records if (record.topic, record.partition) in owned]
+        if len(kept) < len(records):
+            log.warning("%d records of the batch belong to partitions revoked during the outage: left to their "
+                        "new owner", len(records) - len(kept))
+        return kept
+
+    def _send_in_transaction(self, records: list[InputRecord], built: Built, owned_only: bool = False) -> None:
         """Exactly-once: the batch's outputs and the offsets after it in one Kafka transaction, so a
-        read_committed reader sees its outputs once, whatever happens."""
+        read_committed reader sees its outputs once, whatever happens. With `owned_only` (a retry after an
+        outage, during which a rebalance may have taken partitions away) a batch with records of a partition
+        no longer owned is not sent: its partitions still owned are read again, and replayed from Redis."""
+        if owned_only and len(self._still_owned(records)) < len(records):
+            raise BatchAborted("partitions of the batch were revoked during the outage; the rest of it will be "
+                               "read again", {})
         try:
             self._producer.send_in_transaction(built.messages, _by_partition(next_offsets(records)),
                                                self._consumer.group_metadata())
@@ -381,10 +404,10 @@ class ServingLoop:
         except KafkaUnavailable:
             pass
 
-    def _end_outage(self) -> None:
+    def _end_outage(self, why: str = "outputs accepted again") -> None:
         self._retry_in_s = OUTAGE_FIRST_RETRY_S
         if self._outage_since is not None:
-            log.warning("outputs accepted again after %.1f s: resuming consumption", time.monotonic() - self._outage_since)
+            log.warning("%s after %.1f s: resuming consumption", why, time.monotonic() - self._outage_since)
             self._outage_since = None
             self._metrics.paused.set(0)
             self._consumer.resume_all()

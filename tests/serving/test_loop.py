@@ -298,6 +298,32 @@ def test_a_redis_outage_builds_the_batch_again_once_redis_answers_and_then_sends
     assert not loop.paused
 
 
+class RevokedWhilePaused(FakeConsumer):
+    """A rebalance during the outage: partition 1 goes to another worker while this one waits paused."""
+
+    def pause_all(self):
+        super().pause_all()
+        self.owned = {P0}
+
+
+def test_a_batch_retried_after_a_redis_outage_leaves_out_the_partitions_revoked_meanwhile():
+    log, stop = Log(), threading.Event()
+    consumer = RevokedWhilePaused(log, [records(0, 10, 11) + records(1, 4), []], stop=stop)
+    loop = make_loop(consumer, FakeProducer(log), FakeBuilder(log, [redis.ConnectionError("Redis is away")]))
+    loop.run(stop)
+    assert [entry for entry in log if entry[0] in ("build", "send")] == [("build", 10), ("build", 10), ("send", 2)]
+    assert consumer.committed == {P0: 12}  # partition 1 is its new owner's to read, write and commit
+
+
+def test_exactly_once_does_not_send_a_batch_whose_partitions_were_revoked_during_a_kafka_outage():
+    log, stop = Log(), threading.Event()
+    consumer = RevokedWhilePaused(log, [records(0, 10, 11) + records(1, 4), []], stop=stop)
+    producer = FakeProducer(log, [NotAcknowledged("leader not available")])
+    make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
+    assert [entry for entry in log if entry[0] == "transaction"] == [("transaction", 3)]  # the first, refused
+    assert consumer.seeks == {P0: 10}  # read again, and replayed from the claims the batch saved
+
+
 def test_batches_saved_before_a_redis_outage_are_committed_during_it_and_the_outage_lasts():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), []], stop=stop)
