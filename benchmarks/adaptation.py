@@ -36,7 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.results import cell, goal_line, write_json
-from streamadapt.core.examples import Example, expired_windows, window_start
+from streamadapt.core.examples import (
+    Example,
+    expired_windows,
+    labels_known_until,
+    window_start,
+)
 from streamadapt.core.features import FREQUENCY_PRIOR, OTHER, CategoryFeatures
 from streamadapt.core.labels import (
     file_labels,
@@ -60,7 +65,6 @@ from streamadapt.training.candidate import (
     Scorer,
     examples_before_next_round,
     fine_tune_round,
-    labels_known_until,
     round_examples,
 )
 from streamadapt.training.finetune import FineTuneConfig, FineTuneError, fine_tune

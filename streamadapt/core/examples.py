@@ -65,9 +65,18 @@ def window_start(ts_s: float, window_s: int) -> int:
     return int(math.floor(ts_s / window_s) * window_s)
 
 
+def labels_known_until(task: str, horizon_days: float | None, watermark_s: float | None) -> float | None:
+    """The event time up to which every purchase's label is as known as it will be: the watermark, and for
+    repurchase the watermark less the horizon (a negative resolves only at its deadline). None before any
+    event time was seen. Windows age from it."""
+    if watermark_s is None:
+        return None
+    return watermark_s - (horizon_days or 0.0) * 86400.0 if task == "repurchase" else watermark_s
+
+
 def expired_windows(starts: list[int], known_until_s: float, window_s: int, max_age_s: int) -> list[int]:
     """Windows that ended more than `max_age_s` before `known_until_s`, the event time up to which labels
-    are known (streamadapt.training.candidate.labels_known_until)."""
+    are known (labels_known_until)."""
     return [s for s in starts if s + window_s + max_age_s <= known_until_s]
 
 

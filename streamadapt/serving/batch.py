@@ -8,12 +8,14 @@ offsets. The pure logic is in streamadapt.serving.plan.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NamedTuple
 
 import numpy as np
 
+from streamadapt.core.examples import labels_known_until
 from streamadapt.core.labels import watermark
 from streamadapt.core.parsing import Rejection, parse_event
 from streamadapt.core.plugin import Features
@@ -31,6 +33,8 @@ from streamadapt.serving.plan import (
 )
 from streamadapt.settings import Settings
 from streamadapt.state.store import StateStore, StateWrites
+
+WINDOWS_EXPIRY_INTERVAL_S = 60.0  # how often a serving process drops example windows past their maximum age
 
 
 class Resolved(NamedTuple):
@@ -82,6 +86,7 @@ class BatchBuilder:
         self._limits = settings.input_limits
         self._dlq_max_bytes = dlq_max_bytes or settings.dlq_max_bytes
         self._newest_s: dict[str, float] | None = None  # newest event time per input partition, read once from Redis
+        self._windows_expire_at = 0.0  # monotonic
         self._store = store
         self._model = model
         self._features = features
@@ -129,6 +134,8 @@ class BatchBuilder:
         if meta.task == "repurchase":
             partition_of_user = {user: plan.fresh[i][0].partition_ref for user, i in plan.last_fresh_of_user.items()}
             self._resolve_negatives(writes, partition_of_user, meta.horizon_days or 0.0)
+        if time.monotonic() >= self._windows_expire_at:
+            self._expire_windows()
         built = Built(messages, sources, input_timestamps_ms, reasons, duplicates=len(plan.duplicates), replayed=len(plan.replays),
                       predicted=len(predictions) + len(plan.replays))
         return built, writes
@@ -140,6 +147,14 @@ class BatchBuilder:
         self._store.save(writes)
         built.resolved = Resolved.of(writes)
         return built
+
+    def _expire_windows(self) -> None:
+        """Drop the example windows whose labels have been known for longer than their maximum age, as the
+        trainer does before each round: with --no-finetune no trainer runs, and Redis must stay bounded."""
+        meta = self._model.meta
+        now_watermark = watermark(self._store.newest_by_partition(), self._settings.training.allowed_lateness_s)
+        self._store.expire_windows(labels_known_until(meta.task, meta.horizon_days, now_watermark))
+        self._windows_expire_at = time.monotonic() + WINDOWS_EXPIRY_INTERVAL_S
 
     def _resolve_negatives(self, writes: StateWrites, partition_of_user: dict[str, str], horizon_days: float) -> None:
         """Repurchase: new deadlines for the new pendings, and negatives for deadlines the watermark passed, on

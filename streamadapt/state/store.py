@@ -34,7 +34,7 @@ from pydantic_core import from_json, to_json
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from streamadapt.core.examples import Example, window_start
+from streamadapt.core.examples import Example, expired_windows, window_start
 from streamadapt.core.plugin import Features, State
 from streamadapt.settings import RedisSettings, TrainingSettings
 
@@ -103,10 +103,11 @@ class StateWrites:
 class WindowPolicy:
     window_s: int
     max_examples: int
+    max_age_s: int = 30 * 86400  # after their labels are all known
 
     @classmethod
     def of(cls, training: TrainingSettings) -> WindowPolicy:
-        return cls(training.window_s, training.window_max_examples)
+        return cls(training.window_s, training.window_max_examples, training.window_max_age_s)
 
 
 def connect(settings: RedisSettings) -> redis.Redis:
@@ -307,6 +308,16 @@ class StateStore:
         for start in starts:
             pipe.llen(f"{self._p}:window:{start}")
         return dict(zip(starts, pipe.execute()))
+
+    def expire_windows(self, known_until_s: float | None) -> dict[int, int]:
+        """Drop the windows whose labels have all been known for longer than the policy's max_age_s (event
+        time: a replay ages them as fast as it replays); the sizes of those left, by start."""
+        sizes = self.window_sizes()
+        if known_until_s is not None:
+            old = expired_windows(list(sizes), known_until_s, self._windows.window_s, self._windows.max_age_s)
+            self.drop_windows(old)
+            sizes = {start: n for start, n in sizes.items() if start not in old}
+        return sizes
 
     def drop_windows(self, starts: Iterable[int]) -> None:
         starts = list(starts)

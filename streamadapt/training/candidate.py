@@ -24,7 +24,7 @@ import numpy as np
 from streamadapt.core import calibration
 from streamadapt.core.calibration import CalibrationError, exposed_losses
 from streamadapt.core.censoring import MIN_POSITIVES, exposure, repurchase_delays
-from streamadapt.core.examples import Example, recency_weights
+from streamadapt.core.examples import Example, labels_known_until, recency_weights
 from streamadapt.core.labels import settled
 from streamadapt.core.promotion import (
     Decision,
@@ -83,15 +83,6 @@ def regime_examples(examples: list[Example], regime_since_ts: float | None, task
     if task == "repurchase":
         return [e for e in examples if e.ts_s >= regime_since_ts]
     return [e for e in examples if e.resolved_ts_s >= regime_since_ts]
-
-
-def labels_known_until(task: str, horizon_days: float | None, watermark_s: float | None) -> float | None:
-    """The event time up to which every purchase's label is as known as it will be: the watermark, and for
-    repurchase the watermark less the horizon (a negative resolves only at its deadline). None before any
-    event time was seen. Windows age from it."""
-    if watermark_s is None:
-        return None
-    return watermark_s - (horizon_days or 0.0) * 86400.0 if task == "repurchase" else watermark_s
 
 
 def newest_trainable_ts(task: str, horizon_days: float | None, watermark_s: float | None) -> float:

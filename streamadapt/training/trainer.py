@@ -18,7 +18,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from streamadapt.core.event_time import utc_datetime
-from streamadapt.core.examples import Example, expired_windows
+from streamadapt.core.examples import Example, labels_known_until
 from streamadapt.core.labels import watermark
 from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import ModelMeta, Parameters
@@ -30,7 +30,6 @@ from streamadapt.training.candidate import (
     Scorer,
     examples_before_next_round,
     fine_tune_round,
-    labels_known_until,
     newest_trainable_ts,
     round_examples,
 )
@@ -252,11 +251,7 @@ class Trainer:
         """Drop the windows whose labels have all been known for longer than window_max_age_s. Aged from when
         their labels are known, not from the watermark: a repurchase horizon as long as the maximum age
         would otherwise drop every window before a round could use it."""
-        sizes = self._store.window_sizes()
-        if known_until is not None:
-            old = expired_windows(list(sizes), known_until, self._t.window_s, self._t.window_max_age_s)
-            self._store.drop_windows(old)
-            sizes = {s: n for s, n in sizes.items() if s not in old}
+        sizes = self._store.expire_windows(known_until)
         self._metrics.windows.set(len(sizes))
         self._metrics.window_examples.set(sum(sizes.values()))
 

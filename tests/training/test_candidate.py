@@ -3,12 +3,11 @@ import math
 
 import numpy as np
 
-from streamadapt.core.examples import Example
+from streamadapt.core.examples import Example, labels_known_until
 from streamadapt.settings import TrainingSettings
 from streamadapt.training.candidate import (
     by_label_time,
     examples_before_next_round,
-    labels_known_until,
     newest_trainable_ts,
     regime_examples,
     resolved_period,
