@@ -61,6 +61,8 @@ def test_mounted_files_exist_and_redis_persists():
     # as scripts/dev-stack runs it: no append-only file rewrite until the file reaches 1 GB
     assert services["redis"]["command"][services["redis"]["command"].index("--auto-aof-rewrite-min-size") + 1] == "1gb"
     assert "--auto-aof-rewrite-min-size 1gb" in (REPO / "scripts" / "dev-stack").read_text()
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in command
 
 
 def test_topics_created_match_the_default_topic_settings():

@@ -59,9 +59,21 @@ def test_dashboard_has_the_rows_users_look_for_and_uses_the_provisioned_datasour
 
 def test_alerts_cover_what_operators_need():
     names = {r["alert"] for r in alert_rules()}
-    assert {"StreamadaptWorkerDown", "StreamadaptConsumerLagGrowing", "StreamadaptDeadLetterRateHigh",
-            "StreamadaptNoPromotionForLong", "StreamadaptLiveQualityDropping", "StreamadaptFineTuneFailures"} <= names
+    assert {"StreamadaptWorkerDown", "StreamadaptWorkersMissing", "StreamadaptConsumerLagGrowing",
+            "StreamadaptDeadLetterRateHigh", "StreamadaptNoPromotionForLong", "StreamadaptLiveQualityDropping",
+            "StreamadaptFineTuneFailures", "StreamadaptNoTrainerLeading"} <= names
     assert all(r.get("annotations", {}).get("summary") for r in alert_rules())
+    workers_missing = next(r for r in alert_rules() if r["alert"] == "StreamadaptWorkersMissing")
+    assert workers_missing["expr"].startswith("absent(")  # fires when no worker is scraped at all
+
+
+def test_every_alert_links_to_its_runbook_section():
+    operations = (REPO / "docs" / "operations.md").read_text()
+    headings = {line[4:].strip().lower() for line in operations.splitlines() if line.startswith("### ")}
+    for rule in alert_rules():
+        link = rule["annotations"].get("runbook_url", "")
+        assert link == f"docs/operations.md#{rule['alert'].lower()}", rule["alert"]
+        assert rule["alert"].lower() in headings, f"no runbook section for {rule['alert']}"
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with Debian's prometheus (scripts/install)")
