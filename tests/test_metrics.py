@@ -94,3 +94,12 @@ def test_observing_many_amounts_at_once_counts_as_observing_each():
                 if line.startswith(LATENCY) and not line.startswith(LATENCY + "_created")]
 
     assert latency_lines(at_once) == latency_lines(one_by_one) and len(latency_lines(at_once)) > 10
+
+
+def test_the_model_version_has_one_label_name_across_every_metric():
+    metrics = WorkerMetrics()
+    metrics.model_info.info({"model_version": "v3", "task": "next_category"})
+    metrics.live_quality.labels("v3", "log_loss").set(1.0)
+    labels = {name for line in metrics.render().decode().splitlines() if line.startswith("streamadapt_")
+              for name in re.findall(r"(\w+)=\"", line)}
+    assert "model_version" in labels and not labels & {"version", "model"}

@@ -67,7 +67,7 @@ class ModelFollower:
             return
         self._metrics.swap_duration.observe(time.perf_counter() - started)
         self._metrics.model_swaps.inc()
-        self._metrics.model_info.info({"version": version, "task": model.meta.task})
+        self._metrics.model_info.info({"model_version": version, "task": model.meta.task})
         log.info("now serving model %s (swap took %.2f ms)", version, (time.perf_counter() - started) * 1000)
 
     def _run(self) -> None:

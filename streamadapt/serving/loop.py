@@ -123,7 +123,7 @@ class ServingLoop:
         self.observer = Observer(consumer, metrics, model.meta.task, settings.training.quality_window,
                                  settings.progress_interval_s, raise_drift_alarm)
         consumer.before_revoke = self._commit_in_flight_before_revoke
-        metrics.model_info.info({"version": model.version, "task": model.meta.task})
+        metrics.model_info.info({"model_version": model.version, "task": model.meta.task})
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set; then wait for the batches in flight and commit them."""

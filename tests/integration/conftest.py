@@ -74,7 +74,7 @@ class WorkerProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
             for line in response.read().decode().splitlines():
                 if line.startswith("streamadapt_serving_model_info{"):
-                    return line.split('version="', 1)[1].split('"', 1)[0]
+                    return line.split('model_version="', 1)[1].split('"', 1)[0]
         return None
 
     def wait_until(self, predicate, timeout_s: float = 60.0, what: str = "condition") -> None:
