@@ -117,10 +117,10 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     # kafka-python 3's network thread warns whenever it waited >100 ms for the interpreter lock, which the
     # serving thread holds for a whole batch by design: noise, not a fault
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    from kafka.errors import KafkaError
+    from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
     from redis import RedisError
 
-    from streamadapt.kafka.protocol import KafkaClientError
+    from streamadapt.kafka.protocol import KafkaClientError, KafkaUnavailable
 
     try:
         return command()
@@ -130,7 +130,9 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE if isinstance(error, SettingsError) else 1
     except (KafkaError, KafkaClientError) as error:
-        print(f"{prog}: error: Kafka: {error} (is STREAMADAPT_KAFKA_BOOTSTRAP right?)", file=sys.stderr)
+        unreachable = isinstance(error, (KafkaUnavailable, KafkaConnectionError, KafkaTimeoutError))
+        hint = " (is STREAMADAPT_KAFKA_BOOTSTRAP right?)" if unreachable else ""
+        print(f"{prog}: error: Kafka: {error}{hint}", file=sys.stderr)
         return 1
     except RedisError as error:
         print(f"{prog}: error: Redis: {error} (is STREAMADAPT_REDIS_URL right?)", file=sys.stderr)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as ConfluentPartition
 
+from streamadapt.kafka.deadline import Deadline
 from streamadapt.kafka.protocol import (
     ACK_TIMEOUT_S,
     InputRecord,
@@ -27,6 +28,7 @@ from streamadapt.kafka.protocol import (
     RecordsRefused,
     TopicPartition,
     TransactionAborted,
+    TransactionStuck,
 )
 from streamadapt.settings import KafkaSettings
 
@@ -273,9 +275,23 @@ class Acks:
         return self.refused
 
 
+# A commit_transaction that times out is retried (librdkafka allows it) this many times, then given up.
+COMMIT_ATTEMPTS = 4
+DEADLINE_S = ACK_TIMEOUT_S + 15  # librdkafka's own timeouts are ACK_TIMEOUT_S: this only catches a call that hangs
+
+
+def _fenced_if_fatal(error: Exception) -> None:
+    kafka_error = error.args[0] if isinstance(error, KafkaException) and error.args else None
+    if isinstance(kafka_error, KafkaError) and (
+            kafka_error.fatal() or kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
+        raise ProducerFenced() from error
+
+
 class ServingProducer:
     def __init__(self, producer: Producer):
         self._producer = producer
+        self._deadline = Deadline(DEADLINE_S)
+        self._abort_pending = False  # exactly-once: an abort the broker has not answered yet
 
     @classmethod
     @_reported_as_protocol()
@@ -321,7 +337,13 @@ class ServingProducer:
 
     def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
                             group_metadata) -> None:
+        """`messages` and the consumer's `next_offsets` in one transaction. A failure before the commit aborts
+        it (TransactionAborted); an abort the broker does not answer raises KafkaUnavailable and is finished
+        by the next call. A commit that keeps failing for want of the broker, or a call past its deadline,
+        raises TransactionStuck: only a new producer can tell whether that transaction committed."""
         producer = self._producer
+        if self._abort_pending:
+            self._abort()
         producer.begin_transaction()
         try:
             acks = self.send(messages)
@@ -331,17 +353,36 @@ class ServingProducer:
             refused = acks.check()
             if refused:
                 raise RecordsRefused(refused)
-            producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata, ACK_TIMEOUT_S)
-            producer.commit_transaction(ACK_TIMEOUT_S)
+            self._deadline.call("send_offsets_to_transaction", producer.send_offsets_to_transaction,
+                                _offsets(next_offsets), group_metadata, ACK_TIMEOUT_S)
         except (KafkaException, KafkaClientError) as error:  # the transaction cannot commit: abort it
-            kafka_error = error.args[0] if isinstance(error, KafkaException) and error.args else None
-            if isinstance(kafka_error, KafkaError) and (
-                    kafka_error.fatal() or kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
-                raise ProducerFenced() from error
-            producer.abort_transaction(ACK_TIMEOUT_S)
+            _fenced_if_fatal(error)
+            self._abort()
             raise TransactionAborted(str(error), error.refused if isinstance(error, RecordsRefused) else None) from error
+        for _ in range(COMMIT_ATTEMPTS):
+            try:
+                self._deadline.call("commit_transaction", producer.commit_transaction, ACK_TIMEOUT_S)
+                return
+            except KafkaException as error:
+                _fenced_if_fatal(error)
+                kafka_error = error.args[0] if error.args else None
+                if isinstance(kafka_error, KafkaError) and kafka_error.txn_requires_abort():
+                    self._abort()
+                    raise TransactionAborted(str(error)) from error
+                log.warning("commit_transaction failed (%s); trying it again", error)
+        raise TransactionStuck("commit_transaction", COMMIT_ATTEMPTS * ACK_TIMEOUT_S)
+
+    def _abort(self) -> None:
+        try:
+            self._deadline.call("abort_transaction", self._producer.abort_transaction, ACK_TIMEOUT_S)
+        except KafkaException as error:
+            _fenced_if_fatal(error)
+            self._abort_pending = True
+            raise KafkaUnavailable(f"abort_transaction: {error}") from error
+        self._abort_pending = False
 
     def close(self, timeout_s: float = 30.0) -> None:
+        self._deadline.close()
         self._producer.flush(timeout_s)
 
 

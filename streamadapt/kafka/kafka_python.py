@@ -31,6 +31,7 @@ from kafka.partitioner.default import murmur2
 from kafka.structs import OffsetAndMetadata
 
 from streamadapt.kafka import workarounds
+from streamadapt.kafka.deadline import Deadline
 from streamadapt.kafka.protocol import (
     ACK_TIMEOUT_S,
     InputRecord,
@@ -350,6 +351,7 @@ class ServingProducer:
     def __init__(self, producer: KafkaProducer):
         self._producer = producer
         self._partition_of = KeyPartitioner(producer)
+        self._deadline = Deadline(ACK_TIMEOUT_S)
 
     def send(self, messages: list[Message]) -> Acks:
         """Hand `messages` to the client, which sends them at once (linger 0) on its own thread."""
@@ -373,8 +375,9 @@ class ServingProducer:
 
     def send_in_transaction(self, messages: list[Message], next_offsets: dict[TopicPartition, int],
                             group_metadata) -> None:
-        """`messages` and the consumer's `next_offsets` in one transaction. Raises TransactionAborted
-        (after aborting) when it fails, ProducerFenced when another producer has our transactional id."""
+        """`messages` and the consumer's `next_offsets` in one transaction. Raises TransactionAborted (after
+        aborting) when it fails, ProducerFenced when another producer has our transactional id, and
+        TransactionStuck when a transactional call waits past its deadline (kafka-python's take no timeout)."""
         producer = self._producer
         with _reported_as_protocol():
             producer.begin_transaction()
@@ -384,16 +387,18 @@ class ServingProducer:
             refused = acks.check()
             if refused:
                 raise RecordsRefused(refused)
-            producer.send_offsets_to_transaction(_offsets(next_offsets), group_metadata)
-            producer.commit_transaction()
+            self._deadline.call("send_offsets_to_transaction", producer.send_offsets_to_transaction,
+                                _offsets(next_offsets), group_metadata)
+            self._deadline.call("commit_transaction", producer.commit_transaction)
         except ProducerFencedError as error:
             raise ProducerFenced() from error
         except (KafkaError, KafkaClientError) as error:
-            producer.abort_transaction()
+            self._deadline.call("abort_transaction", producer.abort_transaction)
             raise TransactionAborted(f"{type(error).__name__}: {error}",
                                      error.refused if isinstance(error, RecordsRefused) else None) from error
 
     def close(self, timeout_s: float = 30.0) -> None:
+        self._deadline.close()
         self._producer.close(timeout=timeout_s)
 
 

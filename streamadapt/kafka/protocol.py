@@ -77,6 +77,18 @@ class RecordsRefused(KafkaClientError):
         self.refused = refused
 
 
+class TransactionStuck(RuntimeError):
+    """Exactly-once: a transactional call did not return by its deadline (streamadapt.kafka.deadline). The
+    transaction it holds can only be resolved by a new producer with the same transactional id, which aborts
+    it, or completes a commit the coordinator had already decided: the process ends, and its restart does
+    that before it reads on from the committed offsets."""
+
+    def __init__(self, what: str, timeout_s: float):
+        super().__init__(f"Kafka: {what} did not return within {timeout_s:.0f} s while a broker was away; "
+                         "exiting so that a restart resolves the open transaction (its transactional id fences "
+                         "this producer)")
+
+
 class ProducerFenced(RuntimeError):
     """Exactly-once: another producer took over this worker's transactional id. Not retried: two replicas
     share an id, which only the operator can fix."""
