@@ -2,7 +2,8 @@
 
 Keys under `{prefix}:models:{name}:`
   seq                 version counter
-  versions            hash: version -> ModelVersion JSON (every run, promoted or not)
+  versions            hash: version -> ModelVersion JSON: the champion, the source, the newest promoted ones
+                      and recent rejected candidates (the trainer drops the rest: versions_to_drop)
   artifact:{version}  the weights (numpy .npz bytes); its sha256 is in the version record
   champion            the version every replica should serve
   unannounced         set: versions stored but not yet published on the model-versions topic
@@ -17,6 +18,7 @@ import io
 import math
 import uuid
 import zipfile
+from datetime import datetime
 
 import numpy as np
 import redis
@@ -76,6 +78,16 @@ def _check_declared_sizes(raw: bytes) -> None:
                 if dtype.hasobject or declared > len(raw):
                     raise ArtifactError(f"array {name} of the artifact declares {declared} bytes of {dtype}, "
                                         f"in an artifact of {len(raw)}")
+
+
+def versions_to_drop(records: list[ModelVersion], keep: set[str], keep_promoted: int, keep_rejected_s: float,
+                     now: datetime) -> list[str]:
+    """The versions a bounded registry lets go: all but those in `keep` (the champion, the source), the
+    `keep_promoted` newest promoted ones, and rejected ones created less than `keep_rejected_s` ago."""
+    promoted = sorted((r for r in records if r.promoted and r.version not in keep), key=lambda r: r.created_at)
+    kept = keep | {r.version for r in promoted[-keep_promoted:]}
+    kept |= {r.version for r in records if not r.promoted and (now - r.created_at).total_seconds() < keep_rejected_s}
+    return sorted(r.version for r in records if r.version not in kept)
 
 
 class Registry:
@@ -140,6 +152,15 @@ class Registry:
         if raw is None:
             raise ArtifactError(f"artifact of {record.version} is missing")
         return decode_parameters(raw, record.artifact_sha256)
+
+    def drop(self, versions: list[str]) -> None:
+        """Forget `versions`: records, artifacts and announcement notes."""
+        if versions:
+            with self._client.pipeline() as transaction:
+                transaction.hdel(self._versions, *versions)
+                transaction.delete(*(self.artifact_ref(v) for v in versions))
+                transaction.srem(self._unannounced, *versions)
+                transaction.execute()
 
     def champion(self) -> str | None:
         raw = self._client.get(self._champion)

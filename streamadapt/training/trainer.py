@@ -24,7 +24,12 @@ from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import ModelMeta, Parameters
 from streamadapt.schemas import ModelVersion, TrainedOn
 from streamadapt.settings import Settings
-from streamadapt.state.registry import ArtifactError, Registry, encode_parameters
+from streamadapt.state.registry import (
+    ArtifactError,
+    Registry,
+    encode_parameters,
+    versions_to_drop,
+)
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateStore
 from streamadapt.training.candidate import (
     Scorer,
@@ -216,7 +221,18 @@ class Trainer:
         log.info("%s %s: %s", version, outcome, decision.reason)
         if round_.back_to_source:
             self._back_to_source(token, champion_version, decision.reason)
+        self._prune_registry()
         return record
+
+    def _prune_registry(self) -> None:
+        """Keep the registry bounded: the champion, the source, the newest promoted versions and the rejected
+        candidates of the last day (settings); a version not announced yet is kept until it is."""
+        keep = {self._meta.version, self._registry.champion() or self._meta.version} | self._registry.unannounced_versions()
+        dropped = versions_to_drop(self._registry.all(), keep, self._t.registry_keep_promoted,
+                                   self._t.registry_keep_rejected_s, datetime.now(timezone.utc))
+        if dropped:
+            self._registry.drop(dropped)
+            log.info("registry: dropped %d old versions (%s)", len(dropped), ", ".join(dropped))
 
     def _champion(self, token: str) -> tuple[str, Parameters | None]:
         """The champion's version and parameters (None: the source checkpoint). A champion whose artifact fails

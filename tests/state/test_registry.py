@@ -2,7 +2,7 @@
 import hashlib
 import io
 import zipfile
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -15,6 +15,7 @@ from streamadapt.state.registry import (
     Registry,
     decode_parameters,
     encode_parameters,
+    versions_to_drop,
 )
 from tests.conftest import new_names
 
@@ -116,3 +117,33 @@ def test_an_artifact_whose_arrays_declare_more_bytes_than_it_holds_is_refused_be
     raw = archive.getvalue()
     with pytest.raises(ArtifactError, match="declares 4000000000000 bytes"):
         decode_parameters(raw, hashlib.sha256(raw).hexdigest())
+
+
+def _version(name: str, promoted: bool, hours_ago: float) -> ModelVersion:
+    now = datetime(2026, 12, 7, 12, tzinfo=timezone.utc)
+    return ModelVersion(model="m", version=name, parent_version=None, task="next_category", source_checkpoint_sha256="0" * 64,
+                        created_at=now - timedelta(hours=hours_ago), trained_on=TrainedOn(examples=0), metrics={},
+                        promoted=promoted, artifact_sha256="0" * 64, artifact_ref=f"ref/{name}")
+
+
+def test_a_bounded_registry_keeps_the_champion_the_source_the_newest_promoted_and_recent_rejections():
+    now = datetime(2026, 12, 7, 12, tzinfo=timezone.utc)
+    records = ([_version("src", True, 500)] + [_version(f"p{i}", True, 100 - i) for i in range(6)]
+               + [_version("r-old", False, 48), _version("r-new", False, 2), _version("champ", True, 300)])
+    dropped = versions_to_drop(records, keep={"src", "champ"}, keep_promoted=3, keep_rejected_s=86400, now=now)
+    assert dropped == ["p0", "p1", "p2", "r-old"]
+
+
+def test_dropped_versions_leave_no_record_artifact_or_announcement_and_rollback_to_a_kept_one_works(registry):
+    artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
+    for name in ("v1", "v2"):
+        registry.put(_version(name, True, 1).model_copy(update={"artifact_sha256": hashlib.sha256(artifact).hexdigest()}),
+                     artifact)
+    registry.drop(["v1"])
+    assert registry.get("v1") is None and "v1" not in registry.unannounced_versions()
+    with pytest.raises(ArtifactError, match="missing"):
+        registry.parameters(_version("v1", True, 1))
+    registry.set_champion("v2")
+    assert registry.champion() == "v2" and registry.parameters(registry.get("v2")).weights[0].tolist() == [1.0, 1.0]
+    with pytest.raises(KeyError):
+        registry.set_champion("v1")
