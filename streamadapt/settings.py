@@ -195,6 +195,8 @@ class TrainingSettings(BaseSettings):
     window_max_age_s: int = Field(30 * 86400, ge=60, description="windows go this long after their labels are known "
                                   "(the watermark; for repurchase, less the horizon)")
     allowed_lateness_s: float = Field(3600.0, ge=0, description="watermark = newest event time less this")
+    idle_partition_timeout_s: float = Field(600.0, gt=0, description="an input partition without events for this "
+                                            "long (wall clock) stops holding the watermark back")
     registry_keep_promoted: int = Field(10, ge=1, description="promoted versions the registry keeps besides the "
                                         "champion and the source (what a rollback can go back to)")
     registry_keep_rejected_s: int = Field(86400, ge=0, description="how long the registry keeps a rejected "

@@ -92,6 +92,17 @@ def resolve_on_purchase(task: Task, pending_ts_s: float, purchase_ts_s: float, p
     return 1 if label == "1" else 0
 
 
+def active_partitions(newest_by_partition: dict[str, float], seen_at_s: dict[str, float], now_s: float,
+                      idle_timeout_s: float) -> dict[str, float]:
+    """The partitions that count toward the watermark: those that brought an event within `idle_timeout_s`
+    of wall-clock time (`seen_at_s`; a partition never timed counts as active). An idle partition would
+    otherwise hold the watermark where its last event left it, for ever (Flink's watermark idleness). When
+    every partition is idle, all count: nothing moves the watermark then anyway."""
+    active = {partition: ts_s for partition, ts_s in newest_by_partition.items()
+              if now_s - seen_at_s.get(partition, now_s) <= idle_timeout_s}
+    return active or newest_by_partition
+
+
 def watermark(newest_by_partition: dict[str, float], allowed_lateness_s: float) -> float | None:
     """Event time up to which the stream is taken as complete, or None before any event.
 

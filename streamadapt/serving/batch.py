@@ -16,7 +16,6 @@ from typing import NamedTuple
 import numpy as np
 
 from streamadapt.core.examples import labels_known_until
-from streamadapt.core.labels import watermark
 from streamadapt.core.parsing import Rejection, parse_event
 from streamadapt.core.plugin import Features
 from streamadapt.kafka.protocol import InputRecord, Message
@@ -152,7 +151,8 @@ class BatchBuilder:
         """Drop the example windows whose labels have been known for longer than their maximum age, as the
         trainer does before each round: with --no-finetune no trainer runs, and Redis must stay bounded."""
         meta = self._model.meta
-        now_watermark = watermark(self._store.newest_by_partition(), self._settings.training.allowed_lateness_s)
+        t = self._settings.training
+        now_watermark = self._store.watermark(t.allowed_lateness_s, t.idle_partition_timeout_s)
         self._store.expire_windows(labels_known_until(meta.task, meta.horizon_days, now_watermark))
         self._windows_expire_at = time.monotonic() + WINDOWS_EXPIRY_INTERVAL_S
 
@@ -162,10 +162,8 @@ class BatchBuilder:
         horizon_s = horizon_days * 86400.0
         for user, pending in writes.pendings.items():
             writes.deadlines.setdefault(partition_of_user[user], {})[user] = pending.ts_s + horizon_s
-        newest = self._store.newest_by_partition()
-        for partition, ts_s in writes.newest_by_partition.items():
-            newest[partition] = max(newest.get(partition, float("-inf")), ts_s)
-        now_watermark = watermark(newest, self._settings.training.allowed_lateness_s)
+        t = self._settings.training
+        now_watermark = self._store.watermark(t.allowed_lateness_s, t.idle_partition_timeout_s, writes.newest_by_partition)
         if now_watermark is None:
             return
         replaced = set(writes.pendings)

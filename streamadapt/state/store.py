@@ -8,6 +8,7 @@ Keys (all under the configured prefix):
   {p}:deadlines:{topic}/{partition}   zset user_id -> repurchase deadline (event time), by the input
                          partition of the user's pending prediction: its consumer owns them
   {p}:event_time         zset "{topic}/{partition}" -> newest event time seen there (ZADD GT = atomic max)
+  {p}:event_time_at      zset "{topic}/{partition}" -> when (wall clock) a batch last brought events from there
   {p}:window:{start_s}   list of labelled Examples of one event-time window;  {p}:windows  zset of starts
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
   {p}:regime_since_ts    event time where the last alarm estimated the current regime began
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -35,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from streamadapt.core.examples import Example, expired_windows, window_start
+from streamadapt.core.labels import active_partitions, watermark
 from streamadapt.core.plugin import Features, State
 from streamadapt.settings import RedisSettings, TrainingSettings
 
@@ -199,6 +202,21 @@ class StateStore:
         """Newest event time seen on each input partition, across the fleet."""
         return {member.decode(): score for member, score in self._client.zrange(f"{self._p}:event_time", 0, -1, withscores=True)}
 
+    def watermark(self, allowed_lateness_s: float, idle_timeout_s: float,
+                  unsaved: Mapping[str, float] | None = None) -> float | None:
+        """The event-time watermark over the input partitions that brought events within `idle_timeout_s`
+        (streamadapt.core.labels: active_partitions, watermark); `unsaved` are the newest event times of a
+        batch not saved yet, by partition."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.zrange(f"{self._p}:event_time", 0, -1, withscores=True)
+        pipe.zrange(f"{self._p}:event_time_at", 0, -1, withscores=True)
+        newest, seen_at = ({member.decode(): score for member, score in pairs} for pairs in pipe.execute())
+        now_s = time.time()
+        for partition, ts_s in (unsaved or {}).items():
+            newest[partition] = max(newest.get(partition, ts_s), ts_s)
+            seen_at[partition] = now_s
+        return watermark(active_partitions(newest, seen_at, now_s, idle_timeout_s), allowed_lateness_s)
+
     def due_deadlines(self, partitions: Iterable[str], watermark_s: float, limit: int = 5000) -> dict[str, list[str]]:
         """Per input partition: users whose repurchase deadline the watermark has passed.
 
@@ -238,6 +256,8 @@ class StateStore:
             pipe.incrby(f"{p}:examples_total", len(writes.examples))
         if writes.newest_by_partition:
             pipe.zadd(f"{p}:event_time", writes.newest_by_partition, gt=True)
+            now_s = time.time()
+            pipe.zadd(f"{p}:event_time_at", {partition: now_s for partition in writes.newest_by_partition}, gt=True)
         pipe.execute()
 
     def _profile(self, user: str, state: State | None, pending: Example | None) -> bytes:

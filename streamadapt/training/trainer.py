@@ -19,7 +19,6 @@ from kafka.errors import KafkaError
 
 from streamadapt.core.event_time import utc_datetime
 from streamadapt.core.examples import Example, labels_known_until
-from streamadapt.core.labels import watermark
 from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import ModelMeta, Parameters
 from streamadapt.schemas import ModelVersion, TrainedOn
@@ -172,7 +171,7 @@ class Trainer:
     def _run_once(self, token: str, reason: str) -> ModelVersion | None:
         started = time.monotonic()
         self._last_run, self._last_examples = started, self._store.examples_total()
-        now_watermark = watermark(self._store.newest_by_partition(), self._t.allowed_lateness_s)
+        now_watermark = self._store.watermark(self._t.allowed_lateness_s, self._t.idle_partition_timeout_s)
         known_until = labels_known_until(self._meta.task, self._meta.horizon_days, now_watermark)
         self._expire_windows(known_until)
         regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None

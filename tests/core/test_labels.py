@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from streamadapt.core.examples import expired_windows, window_start
 from streamadapt.core.labels import (
+    active_partitions,
     next_of_same_user,
     repurchase_label,
     resolve_on_purchase,
@@ -114,3 +115,13 @@ def test_a_window_expires_exactly_when_its_end_plus_max_age_is_behind_its_labels
     expired = set(expired_windows(starts, mark, window_s, max_age_s))
     for start in starts:
         assert (start in expired) == (start + window_s + max_age_s <= mark)
+
+
+def test_an_idle_partition_stops_holding_the_watermark_back_unless_every_partition_is_idle():
+    newest = {"in/0": 1000.0, "in/1": 5000.0, "in/2": 4000.0}
+    seen_at = {"in/0": 0.0, "in/1": 990.0, "in/2": 995.0}  # in/0 brought nothing for 1,000 s of wall clock
+    assert active_partitions(newest, seen_at, now_s=1000.0, idle_timeout_s=600.0) == {"in/1": 5000.0, "in/2": 4000.0}
+    assert watermark(active_partitions(newest, seen_at, 1000.0, 600.0), 0.0) == 4000.0
+    assert active_partitions(newest, seen_at, now_s=1000.0, idle_timeout_s=2000.0) == newest
+    assert active_partitions(newest, {p: 0.0 for p in newest}, now_s=1000.0, idle_timeout_s=600.0) == newest
+    assert active_partitions(newest, {}, now_s=1000.0, idle_timeout_s=600.0) == newest  # never timed: active

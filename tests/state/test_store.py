@@ -1,4 +1,5 @@
 """StateStore against the real Redis of the dev stack."""
+import time
 import uuid
 
 import numpy as np
@@ -169,3 +170,11 @@ def test_a_batch_transaction_that_times_out_is_not_sent_again_by_the_redis_clien
         store.save(StateWrites(examples=[example]))
     listener.close()
     assert len(transactions) == 1
+
+
+def test_the_watermark_leaves_out_a_partition_idle_for_longer_than_the_timeout(store):
+    store.save(StateWrites(newest_by_partition={"in/0": 1_000.0, "in/1": 9_000.0}))
+    assert store.watermark(allowed_lateness_s=0.0, idle_timeout_s=600.0) == 1_000.0  # both just brought events
+    store._client.zadd(f"{store._p}:event_time_at", {"in/0": time.time() - 3600})  # in/0 idle for an hour
+    assert store.watermark(allowed_lateness_s=0.0, idle_timeout_s=600.0) == 9_000.0
+    assert store.watermark(0.0, 600.0, unsaved={"in/0": 1_500.0}) == 1_500.0  # a batch from it makes it active again
