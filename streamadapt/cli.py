@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import streamadapt
+from streamadapt import logs
 from streamadapt.core.features import USER_MEMORY_DAYS
 from streamadapt.settings import (
     BUILT_IN_FEATURES,
@@ -18,7 +19,6 @@ from streamadapt.settings import (
 )
 
 EXIT_USAGE = 2
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class Parser(argparse.ArgumentParser):
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     """Run `command` with the process's logging set up; a failure the operator can fix ends in one line on
     stderr, headed by `prog`, and an exit status."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logs.set_up()
     logging.getLogger("kafka").setLevel(logging.WARNING)  # its INFO level narrates every connection
     # kafka-python 3's network thread warns whenever it waited >100 ms for the interpreter lock, which the
     # serving thread holds for a whole batch by design: noise, not a fault
@@ -127,15 +127,15 @@ def run_reporting_errors(prog: str, command: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         return 130
     except (SettingsError, ValueError, OSError, RuntimeError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        logs.report(f"{prog}: error: {error}")
         return EXIT_USAGE if isinstance(error, SettingsError) else 1
     except (KafkaError, KafkaClientError) as error:
         unreachable = isinstance(error, (KafkaUnavailable, KafkaConnectionError, KafkaTimeoutError))
         hint = " (is STREAMADAPT_KAFKA_BOOTSTRAP right?)" if unreachable else ""
-        print(f"{prog}: error: Kafka: {error}{hint}", file=sys.stderr)
+        logs.report(f"{prog}: error: Kafka: {error}{hint}")
         return 1
     except RedisError as error:
-        print(f"{prog}: error: Redis: {error} (is STREAMADAPT_REDIS_URL right?)", file=sys.stderr)
+        logs.report(f"{prog}: error: Redis: {error} (is STREAMADAPT_REDIS_URL right?)")
         return 1
 
 
@@ -176,7 +176,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = load_settings(settings_overrides(args))
         from streamadapt.service import run
 
-        logging.getLogger().setLevel(settings.log_level)
+        logs.set_up(settings.log_level, settings.log_format)
         run(settings)
     elif args.command == "models":
         from streamadapt.ops.operator import models_command

@@ -63,7 +63,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
     if settings.role == "trainer" and settings.no_finetune:
         raise SettingsError("--role trainer with --no-finetune has nothing to do")
     stop = stop or threading.Event()
-    log.info("starting role %s with\n%s", settings.role, settings.describe())
+    log.info("starting role %s with %s", settings.role, settings.describe())
     with ExitStack() as stack:
         if handle_signals:
             stack.enter_context(_stop_on_signals(stop))

@@ -10,6 +10,7 @@ of a namespace with a Service named `streamadapt`, so such variables must not st
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -233,6 +234,8 @@ class Settings(BaseSettings):
                                "key is cut, and the dead letter says so")
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress log lines")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line "
+                                                "(time, level, logger, message) for a log pipeline")
 
     kafka: KafkaSettings
     redis: RedisSettings
@@ -256,9 +259,9 @@ class Settings(BaseSettings):
         return values
 
     def describe(self) -> str:
-        """The effective configuration, secrets masked, for the start-up log."""
-        lines = [f"{env}={value}" for env, value in self._env_values()]
-        return "\n".join(lines)
+        """The effective configuration on one line (`VARIABLE=value ...`; an empty value, or one with spaces,
+        in double quotes), secrets masked, for the start-up log."""
+        return " ".join(f"{env}={_one_word(str(value))}" for env, value in self._env_values())
 
     def _env_values(self) -> Iterator[tuple[str, Any]]:
         for option in OPTIONS:
@@ -330,6 +333,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         return Settings(_env_file=None, **by_part.get(None, {}), **parts)
     except ValidationError as error:
         raise SettingsError(_one_line(error)) from error
+
+
+def _one_word(value: str) -> str:
+    return value if value and not any(c.isspace() or c == '"' for c in value) else json.dumps(value)
 
 
 def unknown_variable_warning(name: str, known: set[str]) -> str:

@@ -132,3 +132,16 @@ def test_a_negative_switch_can_be_switched_back(argv, no_finetune):
     from streamadapt.cli import build_parser
 
     assert build_parser().parse_args(["run", *argv]).STREAMADAPT_NO_FINETUNE is no_finetune
+
+
+def test_with_a_json_log_every_line_is_one_json_object_the_settings_and_the_error_too(tmp_path):
+    import json
+
+    result = streamadapt("run", "--log-format", "json", "--source-checkpoint", str(tmp_path / "none"),
+                         "--metrics-port", "0")
+    lines = result.stderr.splitlines()
+    entries = [json.loads(line) for line in lines]  # raises on any line that is not one JSON object
+    assert result.returncode != 0
+    assert entries[0]["message"].startswith("starting role all with STREAMADAPT_ROLE=all ")  # the settings: one line
+    assert entries[-1]["level"] == "ERROR" and "is not a checkpoint" in entries[-1]["message"]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])

@@ -44,7 +44,9 @@ UNAVAILABLE = {KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL
 def client_config(settings: KafkaSettings, role: str) -> dict:
     """librdkafka's names for streamadapt.kafka.kafka_python.client_options."""
     config = {"bootstrap.servers": settings.bootstrap, "client.id": f"{settings.client_id}-{role}",
-              "security.protocol": settings.security_protocol.lower()}
+              "security.protocol": settings.security_protocol.lower(),
+              # librdkafka's own log lines go through Python's logging (and its format), not straight to stderr
+              "logger": logging.getLogger("librdkafka")}
     if settings.security_protocol.startswith("SASL_"):
         config.update({"sasl.mechanism": settings.sasl_mechanism, "sasl.username": settings.sasl_username,
                        "sasl.password": settings.sasl_password.get_secret_value()})
