@@ -21,7 +21,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streamadapt.core.parsing import InputLimits
 from streamadapt.schemas.purchase import FREE_TEXT_MAX_CHARS
 
 ENV_PREFIX = "STREAMADAPT_"
@@ -241,11 +240,6 @@ class Settings(BaseSettings):
     redis: RedisSettings
     metrics: MetricsSettings
     training: TrainingSettings
-
-    @property
-    def input_limits(self) -> InputLimits:
-        return InputLimits(max_payload_bytes=self.max_payload_bytes, max_future_skew_s=self.max_future_skew_s,
-                           max_item_id_chars=self.max_item_id_chars, max_category_chars=self.max_category_chars)
 
     def as_environment(self) -> dict[str, str]:
         """Every setting as its environment variable (for a child process; secrets in clear)."""

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from streamadapt.core.examples import labels_known_until
-from streamadapt.core.parsing import Rejection, parse_event
+from streamadapt.core.parsing import InputLimits, Rejection, parse_event
 from streamadapt.core.plugin import Features
 from streamadapt.kafka.protocol import InputRecord, Message
 from streamadapt.model.checkpoint import ServingModel
@@ -82,7 +82,9 @@ class BatchBuilder:
         `dlq_max_bytes` bounds a dead letter (default: settings.dlq_max_bytes; service.run lowers it to what
         the dead-letter topic accepts)."""
         self._settings = settings
-        self._limits = settings.input_limits
+        self._limits = InputLimits(max_payload_bytes=settings.max_payload_bytes, max_future_skew_s=settings.max_future_skew_s,
+                                   max_item_id_chars=settings.max_item_id_chars,
+                                   max_category_chars=settings.max_category_chars)
         self._dlq_max_bytes = dlq_max_bytes or settings.dlq_max_bytes
         self._newest_s: dict[str, float] | None = None  # newest event time per input partition, read once from Redis
         self._windows_expire_at = 0.0  # monotonic
