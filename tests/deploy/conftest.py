@@ -20,12 +20,13 @@ def compose() -> dict:
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target of every shipped dashboard."""
+    """(panel title, PromQL) of every target of every shipped dashboard, with every variable at "All" (`.*`),
+    as Grafana sends it when the dashboard opens."""
     queries = []
     for path in DASHBOARDS:
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
-                queries.append((panel["title"], target["expr"]))
+                queries.append((panel["title"], re.sub(r"\$(instance|model_version)\b", ".*", target["expr"])))
     return queries
 
 

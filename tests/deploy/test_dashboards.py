@@ -46,15 +46,26 @@ def test_queries_read_only_exported_metrics(title, expr):
     assert not unknown, f"{title}: {unknown}"
 
 
-def test_dashboard_has_the_rows_users_look_for_and_uses_the_provisioned_datasource():
+def test_dashboard_has_the_rows_users_look_for_and_imports_into_any_grafana():
+    """Every panel reads the data source the `datasource` variable names (the provisioned one by default, any
+    Prometheus in a Grafana it is imported into), and every query follows the instance variable."""
     provisioned = (REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
     for path in DASHBOARDS:
         dashboard = json.loads(path.read_text())
         rows = {p["title"] for p in dashboard["panels"] if p["type"] == "row"}
         assert {"Throughput and lag", "Latency", "Dead letters and duplicates", "Live model", "Training", "Process"} <= rows
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+        assert f"uid: {variables['datasource']['current']['value']}" in provisioned
+        assert {"instance", "model_version"} <= set(variables)
         for panel in dashboard["panels"]:
             if panel["type"] != "row":
-                assert f"uid: {panel['datasource']['uid']}" in provisioned
+                assert panel["datasource"]["uid"] == "${datasource}"
+                for target in panel["targets"]:
+                    assert target["datasource"]["uid"] == "${datasource}"
+                    assert 'instance=~"$instance"' in target["expr"], target["expr"]
+                    if "live_quality" in target["expr"] or "serving_model_info" in target["expr"]:
+                        assert 'model_version=~"$model_version"' in target["expr"]
 
 
 def test_alerts_cover_what_operators_need():
