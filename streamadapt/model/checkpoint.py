@@ -121,7 +121,8 @@ def import_tensorflow():
             try:
                 import tensorflow as tf
             except ImportError as error:  # the one place that needs TensorFlow installed
-                raise RuntimeError("TensorFlow is not installed: pip install 'streamadapt[cpu]' (or [gpu])") from error
+                raise RuntimeError("TensorFlow is not installed: pip install 'streamadapt[cpu]' (or [gpu]); of the "
+                                   "container images, the trainer image has it") from error
             finally:
                 os.dup2(saved, 2)
     finally:

@@ -84,7 +84,28 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_the_same_command():
     copied = set(re.findall(r"^COPY (\S+) \./\1$", dockerfile, re.M))
     assert "streamadapt" in copied, "the image installs the package from its source folder"
     assert "streamadapt run" in (REPO / "scripts" / "demo").read_text()
-    assert (REPO / "requirements.lock").read_text().count("==") > 10
+
+
+
+def test_the_serving_image_has_no_tensorflow_and_the_trainer_image_has_it_from_hashed_locks():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M))
+    assert {"serving", "trainer"} <= targets
+    services = compose()["services"]
+    assert services["worker"]["build"]["target"] == "serving"
+    assert services["trainer"]["build"]["target"] == "trainer" and services["source-model"]["build"]["target"] == "trainer"
+    locks = {name: (REPO / "requirements" / f"{name}.lock").read_text() for name in ("serving", "trainer")}
+    pins = {name: dict(re.findall(r"^([a-z0-9_.-]+)==(\S+) \\$", text, re.M)) for name, text in locks.items()}
+    assert "tensorflow-cpu" not in pins["serving"] and "keras" not in pins["serving"]
+    assert "tensorflow-cpu" in pins["trainer"]
+    for text in locks.values():  # every pin with its hashes, installed with --require-hashes
+        assert text.count("==") == len(re.findall(r"== *\S+ \\\n    --hash=sha256:", text)) > 10
+    assert "--require-hashes" in dockerfile
+    declared = re.findall(r'^  "([A-Za-z0-9_.-]+)', (REPO / "pyproject.toml").read_text().split("[project.optional")[0], re.M)
+    for name in declared:  # every dependency pyproject.toml declares is locked, at one version in both images
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        assert key in pins["serving"] and pins["serving"][key] == pins["trainer"][key], name
+    assert not {"boto3", "pytest", "colorama", "pip"} & set(pins["trainer"])
 
 
 def test_readme_says_how_to_run_the_containers():
