@@ -10,6 +10,7 @@ import sys
 import pytest
 import redis
 
+from tests.conftest import new_names
 from tests.integration.conftest import (
     WorkerProcess,
     check_every_event_predicted,
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 DEV_SASL_USER, DEV_SASL_PASSWORD = "streamadapt", "streamadapt-dev-secret"  # scripts/dev-stack's SASL listener
 REDIS_PASSWORD = "redis-test-secret-4f1c"
+ACL_PASSWORD = "acl-test-secret-9b2e"
 
 
 def sasl_bootstrap(bootstrap: str) -> str:
@@ -86,13 +88,25 @@ def test_worker_uses_a_redis_password_and_refuses_a_wrong_one(stack, names, chec
         for url in (f"redis://:wrong-password@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
             stderr = run_expecting_failure({**env, "STREAMADAPT_REDIS_URL": url})
             assert "cannot reach Redis" in stderr and "wrong-password" not in stderr, stderr[-2000:]
+
+        # an ACL user of its own, its password given as ?password= (masked too)
+        admin = redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD)
+        admin.acl_setuser("streamadapt-app", enabled=True, passwords=[f"+{ACL_PASSWORD}"], keys=["*"], channels=["*"],
+                          commands=["+@all"])
+        acl_names = new_names()
+        serve_a_few(stack, acl_names, checkpoint, tmp_path / "acl.log",
+                    STREAMADAPT_REDIS_URL=f"redis://streamadapt-app@127.0.0.1:{port}/0?password={ACL_PASSWORD}")
+        log = (tmp_path / "acl.log").read_text()
+        assert "?password=***" in log and ACL_PASSWORD not in log
+        assert admin.exists(f"{acl_names.key_prefix}:event_time"), "the ACL user's writes landed"
     finally:
         process.kill()
 
 
 def make_tls_files(directory) -> dict[str, str]:
-    """A CA, and a server certificate for 127.0.0.1 signed by it (openssl, 1 day)."""
-    files = {name: str(directory / f"{name}.pem") for name in ("ca", "ca-key", "server", "server-key")}
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by it (openssl, 1 day)."""
+    files = {name: str(directory / f"{name}.pem") for name in ("ca", "ca-key", "server", "server-key", "client",
+                                                                 "client-key")}
     openssl = shutil.which("openssl")
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=streamadapt-test-ca",
                     "-keyout", files["ca-key"], "-out", files["ca"]], check=True, capture_output=True)
@@ -103,6 +117,11 @@ def make_tls_files(directory) -> dict[str, str]:
     extensions.write_text("subjectAltName=IP:127.0.0.1\n")
     subprocess.run([openssl, "x509", "-req", "-in", csr, "-CA", files["ca"], "-CAkey", files["ca-key"], "-CAcreateserial",
                     "-days", "1", "-extfile", str(extensions), "-out", files["server"]], check=True, capture_output=True)
+    client_csr = str(directory / "client.csr")
+    subprocess.run([openssl, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=streamadapt-worker",
+                    "-keyout", files["client-key"], "-out", client_csr], check=True, capture_output=True)
+    subprocess.run([openssl, "x509", "-req", "-in", client_csr, "-CA", files["ca"], "-CAkey", files["ca-key"],
+                    "-CAcreateserial", "-days", "1", "-out", files["client"]], check=True, capture_output=True)
     return files
 
 
@@ -125,5 +144,27 @@ def test_worker_talks_tls_to_redis_with_its_ca_and_refuses_an_unknown_server(sta
         assert "cannot reach Redis" in stderr and "certificate verify failed" in stderr, stderr[-2000:]
         plain = {**env, "STREAMADAPT_REDIS_URL": f"redis://127.0.0.1:{port}/0"}  # TLS server, plain client
         assert "cannot reach Redis" in run_expecting_failure(plain)
+    finally:
+        process.kill()
+
+
+@needs_redis_server
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+def test_worker_presents_its_client_certificate_to_a_redis_that_requires_one(stack, names, checkpoint, tmp_path):
+    tls = make_tls_files(tmp_path)
+    port = free_port()
+    process = start_redis(tmp_path, "--port", "0", "--tls-port", str(port), "--tls-cert-file", tls["server"],
+                          "--tls-key-file", tls["server-key"], "--tls-ca-cert-file", tls["ca"],
+                          "--tls-auth-clients", "yes")
+    try:
+        wait_for_redis(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=tls["ca"],
+                                   ssl_certfile=tls["client"], ssl_keyfile=tls["client-key"]), process)
+        url = f"rediss://127.0.0.1:{port}/0"
+        serve_a_few(stack, names, checkpoint, tmp_path / "mtls.log", STREAMADAPT_REDIS_URL=url,
+                    STREAMADAPT_REDIS_TLS_CA_FILE=tls["ca"], STREAMADAPT_REDIS_TLS_CERTFILE=tls["client"],
+                    STREAMADAPT_REDIS_TLS_KEYFILE=tls["client-key"])
+        env = {**WorkerProcess(stack, names, checkpoint, tmp_path / "unused.log").env, "STREAMADAPT_REDIS_URL": url,
+               "STREAMADAPT_REDIS_TLS_CA_FILE": tls["ca"]}
+        assert "cannot reach Redis" in run_expecting_failure(env)  # no client certificate: refused
     finally:
         process.kill()
