@@ -6,6 +6,7 @@ line, no traceback, and never prints the secret."""
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -73,6 +74,25 @@ def test_worker_serves_through_kafka_sasl_and_refuses_a_wrong_password(stack, na
 
 
 @needs_redis_server
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_worker_serves_through_kafka_scram_on_both_clients(stack, names, checkpoint, tmp_path, mechanism):
+    from kafka import KafkaAdminClient
+    from kafka.admin import ScramMechanism, UserScramCredentialUpsertion
+
+    user, password = f"scram-{names.key_prefix}", "scram-test-secret-7d1a"
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    admin.alter_user_scram_credentials([UserScramCredentialUpsertion(user, ScramMechanism[mechanism.replace("-", "_")],
+                                                                      password)])
+    admin.close()
+    time.sleep(1)  # the credential reaches the SASL listener through the metadata log
+    for client in ("confluent", "kafka-python"):
+        serve_a_few(stack, new_names(), checkpoint, tmp_path / f"{client}.log",
+                    STREAMADAPT_KAFKA_BOOTSTRAP=sasl_bootstrap(stack.kafka_bootstrap), STREAMADAPT_KAFKA_CLIENT=client,
+                    STREAMADAPT_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT", STREAMADAPT_KAFKA_SASL_MECHANISM=mechanism,
+                    STREAMADAPT_KAFKA_SASL_USERNAME=user, STREAMADAPT_KAFKA_SASL_PASSWORD=password)
+        assert password not in (tmp_path / f"{client}.log").read_text()
+
+
 def test_worker_uses_a_redis_password_and_refuses_a_wrong_one(stack, names, checkpoint, tmp_path):
     port = free_port()
     process = start_redis(tmp_path, "--port", str(port), "--requirepass", REDIS_PASSWORD)
