@@ -221,7 +221,7 @@ class Settings(BaseSettings):
                            "--metrics-port + 1 + i")
     max_payload_bytes: int = Field(64 * 1024, ge=256, description="larger input records are dead-lettered")
     max_future_skew_s: int = Field(3600, ge=0, description="events further ahead of the clock are dead-lettered")
-    max_past_skew_s: int = Field(365 * 86400, ge=1, description="events further behind the newest event time seen on "
+    max_past_skew_s: int = Field(3 * 365 * 86400, ge=1, description="events further behind the newest event time seen on "
                                  "their input partition are dead-lettered (relative to the stream, not the clock, so "
                                  "that a historical log can be replayed)")
     max_item_id_chars: int = Field(256, ge=1, le=FREE_TEXT_MAX_CHARS,

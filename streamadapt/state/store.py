@@ -12,7 +12,7 @@ Keys (all under the configured prefix):
   {p}:window:{start_s}   list of labelled Examples of one event-time window;  {p}:windows  zset of starts
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
   {p}:regime_since_ts    event time where the last alarm estimated the current regime began
-  {p}:observed_since     event time from which user states have been kept: the oldest event of the first
+  {p}:observed_since     event time from which user states have been kept: the median event of the first
                          batch ever built (SET NX, so every replica agrees); a feature
 The event record says which input record first claimed the event_id and what was predicted for it, so a
 replay of that same record re-emits the same prediction and a true duplicate is dropped. It keeps the
@@ -156,21 +156,20 @@ class StateStore:
     def ping(self) -> bool:
         return bool(self._client.ping())
 
-    def load(self, event_ids: list[str], user_ids: list[str], oldest_ts_s: float
+    def load(self, event_ids: list[str], user_ids: list[str], first_ts_s: float
              ) -> tuple[dict[str, EventClaim], dict[str, State], dict[str, Example], float]:
         """Existing claims for these events, states and pending predictions of these users, and the event time
-        from which states have been kept (`oldest_ts_s`, the batch's oldest event, if no batch came before): one
-        round trip."""
+        from which states have been kept (`first_ts_s`, this batch's, if no batch came before): one round trip."""
         if not event_ids:
-            return {}, {}, {}, oldest_ts_s
+            return {}, {}, {}, first_ts_s
         pipe = self._client.pipeline(transaction=False)
         pipe.mget([f"{self._p}:event:{e}" for e in event_ids])
         pipe.mget([f"{self._p}:profile:{u}" for u in user_ids])
-        pipe.set(f"{self._p}:observed_since", repr(float(oldest_ts_s)), nx=True, get=True)
+        pipe.set(f"{self._p}:observed_since", repr(float(first_ts_s)), nx=True, get=True)
         claims_raw, profiles_raw, observed_since = pipe.execute()
         claims = {e: EventClaim.decode(raw) for e, raw in zip(event_ids, claims_raw) if raw is not None}
         states, pendings = self._profiles(user_ids, profiles_raw)
-        return claims, states, pendings, oldest_ts_s if observed_since is None else float(observed_since)
+        return claims, states, pendings, first_ts_s if observed_since is None else float(observed_since)
 
     def load_profiles(self, user_ids: list[str]) -> tuple[dict[str, State], dict[str, Example]]:
         """States and pending predictions of these users."""

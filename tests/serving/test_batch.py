@@ -40,3 +40,22 @@ def test_example_windows_expire_without_a_trainer_as_event_time_passes(stack, na
     # are the last five days' and the one in progress, give or take the edge
     assert len(windows) <= 5 + 2, sorted(windows)
     client.close()
+
+
+def test_one_stale_event_in_the_first_batch_does_not_date_the_streams_history(stack, names, checkpoint):
+    settings = load_settings(names.env(stack))
+    model = ServingModel.from_checkpoint(checkpoint)
+    features = features_for(model.meta, settings.features)
+    client = redis.Redis.from_url(stack.redis_url)
+    builder = BatchBuilder(settings, StateStore(client, settings.redis, WindowPolicy.of(settings.training), features),
+                           model, features)
+    start = datetime(2025, 6, 1, tzinfo=timezone.utc)
+    times = [start - timedelta(days=700)] + [start + timedelta(minutes=i) for i in range(20)]  # within the skew
+    records = [InputRecord(names.input_topic, 0, i, 0, b"u", json.dumps({
+        "event_id": f"e{i}", "user_id": f"u{i}", "item_id": "i", "category": "books", "price": 5.0, "quantity": 1,
+        "ts": ts.isoformat()}).encode()) for i, ts in enumerate(times)]
+    built, writes = builder.build(records)
+    builder.save(built, writes)
+    observed_since = float(client.get(f"{names.key_prefix}:observed_since"))
+    assert observed_since == (start + timedelta(minutes=9)).timestamp()  # the median of 21, not the stale event
+    client.close()
