@@ -23,6 +23,7 @@ from streamadapt.model.checkpoint import ServingModel
 from streamadapt.serving.plan import (
     dead_letter_message,
     expire_pendings,
+    first_event_time,
     make_predictions,
     newest_event_times,
     plan_batch,
@@ -110,11 +111,8 @@ class BatchBuilder:
                     for record, rejection in rejected]
         sources = [record for record, _ in rejected]
         reasons = [rejection.reason.value for _, rejection in rejected]
-        # The first batch ever sets the event time from which states are kept: its median, which one stale event
-        # among the others cannot move (the oldest would then date the whole stream's history from it).
         claims, states, pendings, observed_since_s = self._store.load(
-            [e.event_id for _, e in valid], list({e.user_id for _, e in valid}),
-            float(np.median([e.ts_s for _, e in valid])) if valid else 0.0)
+            [e.event_id for _, e in valid], list({e.user_id for _, e in valid}), first_event_time([e for _, e in valid]))
         model, meta = self._model, self._model.meta
         plan = plan_batch(valid, claims, states, pendings, meta, self._features, observed_since_s)
         probabilities = model.predict_many(plan.features)

@@ -227,6 +227,22 @@ def split_stale(valid: list[tuple[InputRecord, PurchaseEvent]], newest_s: dict[s
     return kept, stale
 
 
+# How far before the first batch's median an event may be and still date the stream's history.
+FIRST_BATCH_SPAN_S = 30 * 86400
+
+
+def first_event_time(events: list[PurchaseEvent]) -> float:
+    """The event time from which the first batch ever dates the stream's history (the `log_days_observed`
+    feature): its oldest event, leaving out events more than FIRST_BATCH_SPAN_S before its median, so that one
+    stale event among the others does not date it. Deterministic for a given stream, as pretraining's first
+    event is: the same stream gives the same predictions however it is polled."""
+    if not events:
+        return 0.0
+    times = [event.ts_s for event in events]
+    floor = float(np.median(times)) - FIRST_BATCH_SPAN_S
+    return min(ts_s for ts_s in times if ts_s >= floor)
+
+
 def newest_event_times(fresh: list[tuple[InputRecord, PurchaseEvent]]) -> dict[str, float]:
     """Per input partition (as `partition_ref` names it): the newest event time among these events."""
     newest: dict[tuple[str, int], float] = {}

@@ -12,8 +12,9 @@ Keys (all under the configured prefix):
   {p}:window:{start_s}   list of labelled Examples of one event-time window;  {p}:windows  zset of starts
   {p}:examples_total     resolved examples ever;  {p}:drift  set when the drift detector alarms
   {p}:regime_since_ts    event time where the last alarm estimated the current regime began
-  {p}:observed_since     event time from which user states have been kept: the median event of the first
-                         batch ever built (SET NX, so every replica agrees); a feature
+  {p}:observed_since     event time from which user states have been kept: the oldest event of the first
+                         batch ever built, stale ones left out (plan.first_event_time; SET NX, so every
+                         replica agrees); a feature
 The event record says which input record first claimed the event_id and what was predicted for it, so a
 replay of that same record re-emits the same prediction and a true duplicate is dropped. It keeps the
 prediction's values, not its JSON: a claim lives as long as the dedupe TTL (a week by default), once per

@@ -22,6 +22,7 @@ from streamadapt.schemas import DeadLetter, Prediction, PurchaseEvent, RejectRea
 from streamadapt.serving.plan import (
     dead_letter_message,
     expire_pendings,
+    first_event_time,
     first_offsets,
     make_predictions,
     newest_event_times,
@@ -247,3 +248,12 @@ def test_expire_pendings_by_watermark():
     negatives, cleared, requeue = expire_pendings(due, watermark_s=10 * 86400.0, horizon_days=7.0, replaced={"bought"})
     assert [(e.event_id, e.label, e.resolved_ts_s) for e in negatives] == [("p0", 0, 10 * 86400.0)]  # known at the watermark
     assert cleared == ["old"] and requeue == {"fresh": 16 * 86400.0}
+
+
+def test_the_first_batch_dates_history_from_its_oldest_event_but_not_from_a_stale_one():
+    events = [ev(f"e{i}", hours=i) for i in range(10)]
+    assert first_event_time(events) == events[0].ts_s
+    stale = ev("stale", hours=-24 * 60)  # two months before the rest
+    assert first_event_time([stale] + events) == events[0].ts_s
+    assert first_event_time([ev("a", hours=-24 * 20)] + events) == ev("a", hours=-24 * 20).ts_s  # within the span
+    assert first_event_time([]) == 0.0
