@@ -73,15 +73,25 @@ def _reported_as_protocol() -> Iterator[None]:
         raise _protocol_error(error) from error
 
 
+def _kafka_error(error: Exception) -> KafkaError | None:
+    """The KafkaError a KafkaException carries, if it carries one."""
+    cause = error.args[0] if isinstance(error, KafkaException) and error.args else None
+    return cause if isinstance(cause, KafkaError) else None
+
+
+def _described(error: KafkaError) -> str:
+    return f"{error.name()}: {error.str()}"
+
+
 def _protocol_error(error: KafkaException) -> KafkaClientError:
-    cause = error.args[0] if error.args else None
-    return _as_protocol(cause) if isinstance(cause, KafkaError) else KafkaClientError(str(error))
+    cause = _kafka_error(error)
+    return _as_protocol(cause) if cause is not None else KafkaClientError(str(error))
 
 
 def _as_protocol(error: KafkaError, unavailable: type[KafkaUnavailable] = KafkaUnavailable) -> KafkaClientError:
     """A librdkafka error as the protocol's: a retriable one, or one of UNAVAILABLE, as `unavailable`."""
     kind = unavailable if error.retriable() or error.code() in UNAVAILABLE else KafkaClientError
-    return kind(f"{error.name()}: {error.str()}")
+    return kind(_described(error))
 
 
 class ServingConsumer:
@@ -252,14 +262,10 @@ class Acks:
             if error is None:
                 return
             if error.code() in RECORD_REFUSED:
-                self.refused[index] = f"{error.name()}: {error.str()}"
+                self.refused[index] = _described(error)
             elif self._failure is None:
                 self._failure = error
         return delivered
-
-    def refused_at_once(self, index: int, error: KafkaError) -> None:
-        self._waiting -= 1
-        self.refused[index] = f"{error.name()}: {error.str()}"
 
     def done(self) -> bool:
         if self._waiting:
@@ -283,8 +289,8 @@ DEADLINE_S = ACK_TIMEOUT_S + 15  # librdkafka's own timeouts are ACK_TIMEOUT_S: 
 
 
 def _fenced_if_fatal(error: Exception) -> None:
-    kafka_error = error.args[0] if isinstance(error, KafkaException) and error.args else None
-    if isinstance(kafka_error, KafkaError) and (
+    kafka_error = _kafka_error(error)
+    if kafka_error is not None and (
             kafka_error.fatal() or kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
         raise ProducerFenced() from error
 
@@ -327,10 +333,11 @@ class ServingProducer:
                 except BufferError:  # librdkafka's queue is full: let it drain
                     self._producer.poll(0.05)
                 except KafkaException as error:  # larger than message.max.bytes: refused before it is queued
-                    if error.args and isinstance(error.args[0], KafkaError) and error.args[0].code() in RECORD_REFUSED:
-                        acks.refused_at_once(index, error.args[0])
-                        break
-                    raise
+                    cause = _kafka_error(error)
+                    if cause is None or cause.code() not in RECORD_REFUSED:
+                        raise
+                    delivered(index)(cause, None)  # reported as the delivery report would
+                    break
         self._producer.poll(0)
         return acks
 
@@ -367,8 +374,8 @@ class ServingProducer:
                 return
             except KafkaException as error:
                 _fenced_if_fatal(error)
-                kafka_error = error.args[0] if error.args else None
-                if isinstance(kafka_error, KafkaError) and kafka_error.txn_requires_abort():
+                kafka_error = _kafka_error(error)
+                if kafka_error is not None and kafka_error.txn_requires_abort():
                     self._abort()
                     raise TransactionAborted(str(error)) from error
                 log.warning("commit_transaction failed (%s); trying it again", error)

@@ -327,7 +327,7 @@ class Acks:
             if future is None or future.exception is None:
                 continue
             if isinstance(future.exception, RECORD_REFUSED):
-                refused[index] = f"{type(future.exception).__name__}: {future.exception}"
+                refused[index] = _described(future.exception)
             else:
                 raise _refusal(future.exception)
         return refused
@@ -337,11 +337,15 @@ class Acks:
 RECORD_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, InvalidTimestampError)
 
 
+def _described(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 def _refusal(error: Exception) -> Exception:
     """A send error as the serving loop tells them apart: retriable ones (an outage) as NotAcknowledged."""
     if isinstance(error, KafkaError) and (getattr(error, "retriable", False) or isinstance(error, KafkaTimeoutError)):
-        return NotAcknowledged(f"{type(error).__name__}: {error}")
-    return KafkaClientError(f"{type(error).__name__}: {error}") if isinstance(error, KafkaError) else error
+        return NotAcknowledged(_described(error))
+    return KafkaClientError(_described(error)) if isinstance(error, KafkaError) else error
 
 
 class ServingProducer:
@@ -365,7 +369,7 @@ class ServingProducer:
                     futures.append(send(topic, key=key, value=value, partition=partition_of(topic, key)))
                 except MessageSizeTooLargeError as error:
                     futures.append(None)
-                    refused[index] = f"{type(error).__name__}: {error}"
+                    refused[index] = _described(error)
         return Acks(futures, refused)
 
     def flush(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
@@ -394,7 +398,7 @@ class ServingProducer:
             raise ProducerFenced() from error
         except (KafkaError, KafkaClientError) as error:
             self._deadline.call("abort_transaction", producer.abort_transaction)
-            raise TransactionAborted(f"{type(error).__name__}: {error}",
+            raise TransactionAborted(_described(error),
                                      error.refused if isinstance(error, RecordsRefused) else None) from error
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -424,9 +428,9 @@ def _reported_as_protocol() -> Iterator[None]:
     try:
         yield
     except _UNAVAILABLE as error:
-        raise KafkaUnavailable(f"{type(error).__name__}: {error}") from error
+        raise KafkaUnavailable(_described(error)) from error
     except KafkaError as error:
-        raise KafkaClientError(f"{type(error).__name__}: {error}") from error
+        raise KafkaClientError(_described(error)) from error
 
 
 def _ours(tp: KafkaPartition) -> TopicPartition:
