@@ -145,16 +145,23 @@ def make_tls_files(directory) -> dict[str, str]:
     return files
 
 
+def start_tls_redis(directory, client_certificates: bool) -> tuple[dict[str, str], int, subprocess.Popen]:
+    """A redis-server that speaks only TLS, with the certificates of make_tls_files, answering when this returns;
+    with `client_certificates` it requires one of its clients."""
+    tls, port = make_tls_files(directory), free_port()
+    process = start_redis(directory, "--port", "0", "--tls-port", str(port), "--tls-cert-file", tls["server"],
+                          "--tls-key-file", tls["server-key"], "--tls-ca-cert-file", tls["ca"],
+                          "--tls-auth-clients", "yes" if client_certificates else "no")
+    client = {"ssl_certfile": tls["client"], "ssl_keyfile": tls["client-key"]} if client_certificates else {}
+    wait_for_redis(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=tls["ca"], **client), process)
+    return tls, port, process
+
+
 @needs_redis_server
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
 def test_worker_talks_tls_to_redis_with_its_ca_and_refuses_an_unknown_server(stack, names, checkpoint, tmp_path):
-    tls = make_tls_files(tmp_path)
-    port = free_port()
-    process = start_redis(tmp_path, "--port", "0", "--tls-port", str(port), "--tls-cert-file", tls["server"],
-                                "--tls-key-file", tls["server-key"], "--tls-ca-cert-file", tls["ca"],
-                                "--tls-auth-clients", "no")
+    tls, port, process = start_tls_redis(tmp_path, client_certificates=False)
     try:
-        wait_for_redis(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=tls["ca"]), process)
         url = f"rediss://127.0.0.1:{port}/0"
         serve_a_few(stack, names, checkpoint, tmp_path / "tls.log", STREAMADAPT_REDIS_URL=url,
                     STREAMADAPT_REDIS_TLS_CA_FILE=tls["ca"])
@@ -171,14 +178,8 @@ def test_worker_talks_tls_to_redis_with_its_ca_and_refuses_an_unknown_server(sta
 @needs_redis_server
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
 def test_worker_presents_its_client_certificate_to_a_redis_that_requires_one(stack, names, checkpoint, tmp_path):
-    tls = make_tls_files(tmp_path)
-    port = free_port()
-    process = start_redis(tmp_path, "--port", "0", "--tls-port", str(port), "--tls-cert-file", tls["server"],
-                          "--tls-key-file", tls["server-key"], "--tls-ca-cert-file", tls["ca"],
-                          "--tls-auth-clients", "yes")
+    tls, port, process = start_tls_redis(tmp_path, client_certificates=True)
     try:
-        wait_for_redis(redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=tls["ca"],
-                                   ssl_certfile=tls["client"], ssl_keyfile=tls["client-key"]), process)
         url = f"rediss://127.0.0.1:{port}/0"
         serve_a_few(stack, names, checkpoint, tmp_path / "mtls.log", STREAMADAPT_REDIS_URL=url,
                     STREAMADAPT_REDIS_TLS_CA_FILE=tls["ca"], STREAMADAPT_REDIS_TLS_CERTFILE=tls["client"],
