@@ -22,6 +22,7 @@ from contextlib import ExitStack, closing, contextmanager
 
 import redis
 from kafka.errors import KafkaError
+from redis.exceptions import RedisClusterException
 
 from streamadapt.core.features import FeatureSpec
 from streamadapt.kafka.admin import ensure_topics, max_message_bytes
@@ -42,7 +43,7 @@ from streamadapt.serving.loop import ServingLoop
 from streamadapt.serving.plan import DLQ_MIN_BYTES
 from streamadapt.settings import Settings, SettingsError
 from streamadapt.state.registry import Registry
-from streamadapt.state.store import StateStore, WindowPolicy, connect
+from streamadapt.state.store import LayoutError, StateStore, WindowPolicy, connect
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
         metrics = WorkerMetrics()
         # the plug-in first: a checkpoint pretrained with other features stops start-up before any client opens
         features = features_for(read_metadata(settings.source_checkpoint), settings.features)
-        redis_client = stack.enter_context(closing(connect(settings.redis)))
+        redis_client = stack.enter_context(closing(_connect_redis(settings)))
         store = StateStore(redis_client, settings.redis, WindowPolicy.of(settings.training), features)
         registry = Registry(redis_client, settings.redis.key_prefix, settings.model_name)
         ready = _Readiness(store)
@@ -237,11 +238,27 @@ def _dead_letter_bound(settings: Settings, topic_max_bytes: int | None) -> int:
     return bound
 
 
+def _connect_redis(settings: Settings) -> redis.Redis | redis.RedisCluster:
+    """A Redis client; a cluster's is made by asking the node in the URL for the others."""
+    try:
+        return connect(settings.redis)
+    except (redis.RedisError, RedisClusterException) as error:
+        hint = " (is it a Redis Cluster? unset STREAMADAPT_REDIS_CLUSTER if not)" if settings.redis.cluster else ""
+        raise StartupError(f"cannot reach Redis at {settings.redis.masked_url()}: {error}{hint}") from error
+
+
 def _check_redis(store: StateStore, settings: Settings) -> None:
+    """Redis answers, and holds data of the same key layout (or none yet)."""
     try:
         store.ping()
+        store.check_layout()
+    except redis.exceptions.MovedError as error:
+        raise StartupError(f"Redis at {settings.redis.masked_url()} is a Redis Cluster: set STREAMADAPT_REDIS_CLUSTER=true "
+                           f"({error})") from error
     except redis.RedisError as error:
         raise StartupError(f"cannot reach Redis at {settings.redis.masked_url()}: {error}") from error
+    except LayoutError as error:
+        raise StartupError(str(error)) from error
 
 
 @contextmanager

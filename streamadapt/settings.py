@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamadapt.schemas.purchase import FREE_TEXT_MAX_CHARS
@@ -117,6 +124,10 @@ class RedisSettings(BaseSettings):
     url: SecretStr = Field(SecretStr("redis://127.0.0.1:6379/0"),
                            description="redis:// or rediss:// URL, may hold a password (masked when settings are printed)")
     key_prefix: str = Field("streamadapt", min_length=1, description="prefix of every key the worker writes")
+    cluster: bool = Field(False, description="the URL names any node of a Redis Cluster (or of a cluster-mode "
+                                             "Valkey, Dragonfly or managed cluster)")
+    cluster_shards: int = Field(16, ge=1, le=1024, description="with --redis-cluster, how many hash tags users' keys "
+                                "spread over: at least the number of masters; fixed once data is written")
     dedupe_ttl_s: int = Field(7 * 86400, ge=60, description="how long an event_id is remembered")
     user_state_ttl_s: int = Field(400 * 86400, ge=60, description="idle time after which a user's state expires "
                                   "(keep it at least the model's user memory, 400 days by default)")
@@ -124,6 +135,13 @@ class RedisSettings(BaseSettings):
                                                        "(default: the system's trusted CAs)")
     tls_certfile: Path | None = Field(None, description="PEM client certificate, for servers with tls-auth-clients")
     tls_keyfile: Path | None = Field(None, description="PEM private key of --redis-tls-certfile")
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_hash_tag(cls, prefix: str) -> str:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("must not hold { or }: Redis Cluster would read them as the keys' hash tag")
+        return prefix
 
     @model_validator(mode="after")
     def _coherent_tls(self) -> "RedisSettings":
@@ -141,6 +159,11 @@ class RedisSettings(BaseSettings):
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("STREAMADAPT_REDIS_TLS_CERTFILE and STREAMADAPT_REDIS_TLS_KEYFILE go together")
         return self
+
+    @property
+    def shards(self) -> int:
+        """Hash tags the users' keys spread over (streamadapt.state.keys): one on a single Redis."""
+        return self.cluster_shards if self.cluster else 1
 
     def masked_url(self) -> str:
         """The URL with its password masked, in the user part or in a `password=` query parameter (redis-py

@@ -18,33 +18,70 @@ STACK_SCRIPT = REPO / "scripts" / "dev-stack"
 class Stack:
     kafka_bootstrap: str
     redis_url: str
+    redis_cluster: bool = False
+
+    def redis_settings(self, key_prefix: str, **more):
+        from streamadapt.settings import RedisSettings
+
+        return RedisSettings(url=self.redis_url, key_prefix=key_prefix, cluster=self.redis_cluster, **more)
+
+    def redis_client(self):
+        """A client of this stack's Redis: redis.Redis, or redis.RedisCluster."""
+        from streamadapt.state.store import connect
+
+        return connect(self.redis_settings("test"))
+
+
+def _dev_stack_up(*flags: str) -> Stack:
+    result = subprocess.run([STACK_SCRIPT, "up", *flags], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"dev-stack up failed:\n{result.stderr}"
+    values = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert re.fullmatch(r"\S+:\d+", values.get("STREAMADAPT_KAFKA_BOOTSTRAP", "")) and \
+        values.get("STREAMADAPT_REDIS_URL", "").startswith("redis://"), f"unexpected dev-stack output: {result.stdout!r}"
+    return Stack(values["STREAMADAPT_KAFKA_BOOTSTRAP"], values["STREAMADAPT_REDIS_URL"],
+                 values.get("STREAMADAPT_REDIS_CLUSTER") == "true")
 
 
 @pytest.fixture(scope="session")
 def stack() -> Stack:
     """Kafka and Redis via the project's own script; stopped at the end only if this run started them."""
     was_running = subprocess.run([STACK_SCRIPT, "status"], capture_output=True).returncode == 0
-    result = subprocess.run([STACK_SCRIPT, "up"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"dev-stack up failed:\n{result.stderr}"
-    lines = result.stdout.splitlines()
-    assert len(lines) == 2, f"dev-stack up must print exactly two lines, printed: {lines!r}"
-    kafka = re.fullmatch(r"STREAMADAPT_KAFKA_BOOTSTRAP=(\S+)", lines[0])
-    redis_url = re.fullmatch(r"STREAMADAPT_REDIS_URL=(redis://\S+)", lines[1])
-    assert kafka and redis_url, f"unexpected dev-stack output: {lines!r}"
-    yield Stack(kafka.group(1), redis_url.group(1))
-    _drop_test_keys(redis_url.group(1))
+    started = _dev_stack_up()
+    assert not started.redis_cluster
+    yield started
+    _drop_test_keys(started)
     if not was_running and not os.environ.get("STREAMADAPT_TEST_KEEP_STACK"):
         subprocess.run([STACK_SCRIPT, "down"], capture_output=True, timeout=120)
 
 
-def _drop_test_keys(redis_url: str) -> None:
+@pytest.fixture(scope="session")
+def cluster_stack(stack) -> Stack:
+    """The same Kafka, with a three-master Redis Cluster (`scripts/dev-stack up --redis-cluster`) for Redis;
+    `stack`'s end stops it with the rest."""
+    started = _dev_stack_up("--redis-cluster")
+    assert started.redis_cluster and started.kafka_bootstrap == stack.kafka_bootstrap
+    yield started
+    _drop_test_keys(started)
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def each_redis(request) -> Stack:
+    """Kafka with the single Redis, then with the Redis Cluster: for what must hold on both."""
+    return request.getfixturevalue("stack" if request.param == "redis" else "cluster_stack")
+
+
+def stack_with(request, redis_kind: str) -> Stack:
+    """For a test parametrized by `redis_kind`: the stack with the single Redis ("redis") or with the Redis
+    Cluster ("redis-cluster")."""
+    return request.getfixturevalue({"redis": "stack", "redis-cluster": "cluster_stack"}[redis_kind])
+
+
+def _drop_test_keys(stack: Stack) -> None:
     """Delete what this run's tests left in Redis: a developer's stack outlives the run, and a Redis
     holding stale keys rewrites its append-only file during later benchmarks."""
-    import redis
-
     from streamadapt.state.store import drop_keys
 
-    client = redis.Redis.from_url(redis_url)
+    client = stack.redis_client()
     try:
         for prefix in ISSUED_KEY_PREFIXES:
             drop_keys(client, prefix)
@@ -73,6 +110,7 @@ class Names:
             "STREAMADAPT_KAFKA_DLQ_TOPIC": self.dlq_topic,
             "STREAMADAPT_KAFKA_GROUP_ID": self.group_id,
             "STREAMADAPT_REDIS_KEY_PREFIX": self.key_prefix,
+            "STREAMADAPT_REDIS_CLUSTER": "true" if stack.redis_cluster else "false",
             "STREAMADAPT_KAFKA_MODEL_VERSIONS_TOPIC": self.model_versions_topic,
         }
 

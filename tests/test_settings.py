@@ -31,6 +31,8 @@ def test_an_unknown_variable_is_a_warning_naming_the_setting_it_is_closest_to(mo
     ("STREAMADAPT_METRICS_PORT", "70000", "STREAMADAPT_METRICS_PORT"),
     ("STREAMADAPT_ROLE", "boss", "STREAMADAPT_ROLE"),
     ("STREAMADAPT_MAX_PAYLOAD_BYTES", "1", "STREAMADAPT_MAX_PAYLOAD_BYTES"),
+    ("STREAMADAPT_REDIS_KEY_PREFIX", "shop{1}", "hash tag"),
+    ("STREAMADAPT_REDIS_CLUSTER_SHARDS", "0", "STREAMADAPT_REDIS_CLUSTER_SHARDS"),
 ])
 def test_bad_value_is_one_readable_line(monkeypatch, env, value, fragment):
     monkeypatch.setenv(env, value)

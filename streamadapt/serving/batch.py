@@ -1,9 +1,9 @@
 """One batch of input records -> the records to produce, and what the batch writes to Redis.
 
 `BatchBuilder.build` validates, dedupes, computes features, predicts and joins labels, reading Redis;
-`BatchBuilder.save` writes everything the batch changed in one MULTI/EXEC, and hands back the labels the batch
-resolved, which the serving loop scores (prequential quality and drift) once the batch is committed. The
-serving loop (streamadapt.serving.loop) calls both on its own thread, then produces the outputs and commits the
+`BatchBuilder.save` writes everything the batch changed (one MULTI/EXEC; one script per shard on a Redis
+Cluster: streamadapt.state.store), and hands back the labels the batch resolved, which the serving loop scores
+(prequential quality and drift) once the batch is committed. The serving loop (streamadapt.serving.loop) calls both on its own thread, then produces the outputs and commits the
 offsets. The pure logic is in streamadapt.serving.plan.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Resolved(NamedTuple):
 
     @classmethod
     def of(cls, writes: StateWrites) -> Resolved:
-        examples = writes.examples
+        examples = [example for _, example in writes.examples]
         probabilities = (np.stack([e.probabilities for e in examples]) if examples
                          else np.zeros((0, 0), np.float32))
         return cls([e.model_version for e in examples], probabilities, [e.label for e in examples],
@@ -112,7 +112,7 @@ class BatchBuilder:
         sources = [record for record, _ in rejected]
         reasons = [rejection.reason.value for _, rejection in rejected]
         claims, states, pendings, observed_since_s = self._store.load(
-            [e.event_id for _, e in valid], list({e.user_id for _, e in valid}), first_event_time([e for _, e in valid]))
+            [(e.user_id, e.event_id) for _, e in valid], first_event_time([e for _, e in valid]))
         model, meta = self._model, self._model.meta
         plan = plan_batch(valid, claims, states, pendings, meta, self._features, observed_since_s)
         probabilities = model.predict_many(plan.features)
@@ -120,7 +120,7 @@ class BatchBuilder:
         writes = StateWrites(states=plan.states)
         predictions_topic = s.kafka.predictions_topic
         for (record, event), body, claim in zip(plan.fresh, predictions, claims):
-            writes.claims.append((event.event_id, claim))
+            writes.claims.append((event.user_id, event.event_id, claim))
             messages.append((predictions_topic, event.user_id.encode(), body))
             sources.append(record)
         for record, event, body in plan.replays:
@@ -142,9 +142,9 @@ class BatchBuilder:
         return built, writes
 
     def save(self, built: Built, writes: StateWrites) -> Built:
-        """Apply the batch's writes in one transaction; the batch then carries the labels it resolved (they
+        """Apply the batch's writes; the batch then carries the labels it resolved (they
         are in Redis now, so each is scored once). Redis errors propagate: the batch is then built again, and
-        a transaction that did land makes that second build a replay, with the same predictions."""
+        a write that did land makes that second build a replay, with the same predictions."""
         self._store.save(writes)
         built.resolved = Resolved.of(writes)
         return built

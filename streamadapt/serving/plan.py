@@ -31,9 +31,9 @@ class BatchPlan:
     replays: list[tuple[InputRecord, PurchaseEvent, bytes]] = field(default_factory=list)  # prediction JSON to re-emit
     duplicates: list[tuple[InputRecord, PurchaseEvent]] = field(default_factory=list)
     states: dict[str, State] = field(default_factory=dict)  # user states changed by this batch
-    # label join: (a stored pending prediction, or the index of an earlier fresh event here, label index,
-    # event time of the purchase that resolved it)
-    resolutions: list[tuple[Example | int, int, float]] = field(default_factory=list)
+    # label join: (the user, a stored pending prediction or the index of an earlier fresh event here, label
+    # index, event time of the purchase that resolved it)
+    resolutions: list[tuple[str, Example | int, int, float]] = field(default_factory=list)
     last_fresh_of_user: dict[str, int] = field(default_factory=dict)  # becomes the user's new pending
 
 
@@ -75,7 +75,7 @@ def plan_batch(valid: list[tuple[InputRecord, PurchaseEvent]], claims: dict[str,
                 source_ts_s = plan.fresh[source][1].ts_s if isinstance(source, int) else source.ts_s
                 label = resolve_on_purchase(meta.task, source_ts_s, event.ts_s,
                                             spec.index_of(event.category), meta.horizon_days)
-                plan.resolutions.append((source, label, event.ts_s))
+                plan.resolutions.append((user, source, label, event.ts_s))
             plan.last_fresh_of_user[user] = index
             plan.fresh.append((record, event))
             claimed_here.add(event.event_id)
@@ -89,19 +89,20 @@ def served_examples(plan: BatchPlan, probabilities: np.ndarray, model_version: s
             for i, (_, event) in enumerate(plan.fresh)]
 
 
-def resolved_examples(plan: BatchPlan, served: list[Example]) -> list[Example]:
-    """The labelled examples this batch's purchases resolved."""
-    return [(served[source] if isinstance(source, int) else source).with_label(label, resolved_ts_s)
-            for source, label, resolved_ts_s in plan.resolutions]
+def resolved_examples(plan: BatchPlan, served: list[Example]) -> list[tuple[str, Example]]:
+    """The labelled examples this batch's purchases resolved, each with its user."""
+    return [(user, (served[source] if isinstance(source, int) else source).with_label(label, resolved_ts_s))
+            for user, source, label, resolved_ts_s in plan.resolutions]
 
 
 def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: float,
-                    replaced: set[str]) -> tuple[list[Example], list[str], dict[str, float]]:
+                    replaced: set[str]) -> tuple[list[tuple[str, Example]], list[str], dict[str, float]]:
     """Repurchase negatives: pendings whose deadline the watermark passed with no purchase.
 
     `due` are the pendings of users due in the deadline index; users in `replaced` got a new
     pending in this batch (their purchase resolved the old one). Returns (negative examples, users whose
-    pending to delete, deadlines to put back because the pending there is newer than the due entry).
+    pending to delete, deadlines to put back because the pending there is newer than the due entry); each
+    negative comes with its user.
     """
     horizon_s = horizon_days * 86400.0
     negatives, cleared, requeue = [], [], {}
@@ -110,7 +111,7 @@ def expire_pendings(due: dict[str, Example], watermark_s: float, horizon_days: f
             continue
         deadline = pending.ts_s + horizon_s
         if deadline < watermark_s:
-            negatives.append(pending.with_label(0, watermark_s))  # known to be negative once the watermark passed
+            negatives.append((user, pending.with_label(0, watermark_s)))  # known to be negative once the watermark passed
             cleared.append(user)
         else:
             requeue[user] = deadline

@@ -1,13 +1,14 @@
 """Model registry and trainer lease in Redis (no shared filesystem between hosts is assumed).
 
-Keys under `{prefix}:models:{name}:`
+Keys under `{prefix}:{registry}:models:{name}:` (one hash tag for all, streamadapt.state.keys: the promote script
+reads the lease and writes the champion and the versions)
   seq                 version counter
   versions            hash: version -> ModelVersion JSON: the champion, the source, the newest promoted ones
                       and recent rejected candidates (the trainer drops the rest: versions_to_drop)
   artifact:{version}  the weights (numpy .npz bytes); its sha256 is in the version record
   champion            the version every replica should serve
   unannounced         set: versions stored but not yet published on the model-versions topic
-Trainer lease: `{prefix}:trainer:lease` holds "{fence}:{uuid}" with a TTL; `{prefix}:trainer:fence`
+Trainer lease: `{prefix}:{registry}:trainer:lease` holds "{fence}:{uuid}" with a TTL; `...:trainer:fence`
 counts acquisitions. Renewing and promoting are Lua scripts that act only while the caller still holds
 the lease, so a trainer that lost it (paused, partitioned, killed) cannot promote.
 """
@@ -25,6 +26,7 @@ import redis
 
 from streamadapt.model.checkpoint import Parameters
 from streamadapt.schemas import ModelVersion
+from streamadapt.state.keys import registry_base
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -91,13 +93,14 @@ def versions_to_drop(records: list[ModelVersion], keep: set[str], keep_promoted:
 
 
 class Registry:
-    def __init__(self, client: redis.Redis, key_prefix: str, model_name: str):
+    def __init__(self, client: redis.Redis | redis.RedisCluster, key_prefix: str, model_name: str):
         self._client = client
-        base = f"{key_prefix}:models:{model_name}"
+        root = registry_base(key_prefix)
+        base = f"{root}:models:{model_name}"
         self._seq, self._versions, self._champion = f"{base}:seq", f"{base}:versions", f"{base}:champion"
         self._unannounced = f"{base}:unannounced"
         self._artifact_prefix = f"{base}:artifact:"
-        self._lease, self._fence = f"{key_prefix}:trainer:lease", f"{key_prefix}:trainer:fence"
+        self._lease, self._fence = f"{root}:trainer:lease", f"{root}:trainer:fence"
         self._renew = client.register_script(_RENEW)
         self._promote = client.register_script(_PROMOTE_IF_LEADER)
 

@@ -227,3 +227,14 @@ def wait_for_redis(client, process: subprocess.Popen, timeout_s: float = 30.0) -
         except redis.RedisError:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.1)
+
+
+def run_expecting_failure(env: dict[str, str], timeout_s: float = 120) -> str:
+    """`streamadapt run` that must stop at start-up; returns its stderr after checking it is one clean line."""
+    result = subprocess.run([sys.executable, "-m", "streamadapt.cli", "run"], env=env, capture_output=True, text=True,
+                            timeout=timeout_s)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("streamadapt run: error:")]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    return result.stderr

@@ -20,6 +20,7 @@ from streamadapt.ops.replay import replay
 from streamadapt.schemas import ModelVersion, Prediction
 from streamadapt.settings import KafkaSettings
 from streamadapt.state.registry import Registry, encode_parameters
+from streamadapt.state.store import StateStore
 from streamadapt.training.pretrain import read_events
 from tests.conftest import Names, Stack, new_names
 from tests.integration.conftest import (
@@ -255,7 +256,7 @@ def test_label_join_survives_a_restart(stack, names, checkpoint, tmp_path):
             assert worker.stop() == 0
     # every purchase but each user's first resolves the user's previous prediction, across the restart too
     assert total_resolved == len(bodies) - users
-    client = redis.Redis.from_url(stack.redis_url)
-    stored = sum(client.llen(key) for key in client.scan_iter(f"{names.key_prefix}:window:*"))
+    client = stack.redis_client()
+    stored = sum(StateStore(client, stack.redis_settings(names.key_prefix)).window_sizes().values())
     assert stored == len(bodies) - users
     client.close()

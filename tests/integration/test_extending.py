@@ -52,7 +52,10 @@ def promoted_and_served(stack, names, worker: WorkerProcess, timeout_s: float) -
     return None
 
 
-def test_a_model_of_the_users_own_is_pretrained_served_fine_tuned_and_promoted(stack, source_events, tmp_path):
+def test_a_model_of_the_users_own_is_pretrained_served_fine_tuned_and_promoted(cluster_stack, source_events, tmp_path):
+    """On the Redis Cluster: the trainer's registry and lease live under one hash tag, the windows it reads in
+    every shard."""
+    stack = cluster_stack
     checkpoint = tmp_path / "residual"
     result = subprocess.run(
         [sys.executable, "-m", "streamadapt.cli", "pretrain", "--events", str(source_events), "--out", str(checkpoint),

@@ -4,8 +4,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import redis
 
+from streamadapt.state.store import StateStore
 from tests.integration.conftest import (
     WorkerProcess,
     check_every_event_predicted,
@@ -47,9 +47,10 @@ def test_a_flood_from_one_user_keeps_state_and_memory_bounded(stack, names, chec
         assert worker.stop() == 0
     check_every_event_predicted(warm_up + flood, records)
 
-    client = redis.Redis.from_url(stack.redis_url)
-    state_bytes = client.strlen(f"{names.key_prefix}:profile:user-flood")
-    windows = [client.llen(key) for key in client.scan_iter(f"{names.key_prefix}:window:*")]
+    client = stack.redis_client()
+    store = StateStore(client, stack.redis_settings(names.key_prefix))
+    state_bytes = client.strlen(store.keys.profile("user-flood"))
+    windows = list(store.window_sizes().values())
     keys_of_user = [k.decode() for k in client.scan_iter(f"{names.key_prefix}:*user-flood*")]
     client.close()
     print(f"user state {state_bytes} bytes; windows hold {windows} examples; keys of the user {sorted(keys_of_user)}; "

@@ -2,13 +2,12 @@
 from collections import Counter
 
 import pytest
-import redis
 
 from benchmarks.evaluation import stream_labels
-from streamadapt.core.examples import Example
 from streamadapt.ops.generate import write_events
 from streamadapt.ops.replay import replay
 from streamadapt.settings import KafkaSettings
+from streamadapt.state.store import StateStore
 from streamadapt.training.pretrain import read_events
 from tests.integration.conftest import WorkerProcess, produce, read_topic
 
@@ -31,12 +30,9 @@ def test_repurchase_labels_from_the_stream_match_the_offline_rules(stack, names,
             produce(stack, names.input_topic, path.read_bytes().splitlines(), keys=[b"all"] * len(events))
         read_topic(stack, names.predictions_topic, expect=len(events), timeout_s=180)
         assert worker.stop() == 0
-    client = redis.Redis.from_url(stack.redis_url)
-    labelled = {}
-    for key in client.scan_iter(f"{names.key_prefix}:window:*"):
-        for raw in client.lrange(key, 0, -1):
-            example = Example.decode(raw)
-            labelled[example.event_id] = str(example.label)
+    client = stack.redis_client()
+    store = StateStore(client, stack.redis_settings(names.key_prefix))
+    labelled = {example.event_id: str(example.label) for example in store.recent_examples(10**9)}
     client.close()
     wrong = Counter((labelled[i], truth[i]) for i in labelled if labelled[i] != truth.get(i))
     assert not wrong, f"(worker, offline) label disagreements: {wrong}"

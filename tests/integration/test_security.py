@@ -5,12 +5,12 @@ A worker with the right credentials serves; one with wrong credentials stops at 
 line, no traceback, and never prints the secret."""
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 import redis
 
+from streamadapt.state.keys import KeyLayout
 from tests.conftest import new_names
 from tests.integration.conftest import (
     WorkerProcess,
@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     needs_redis_server,
     produce,
     read_topic,
+    run_expecting_failure,
     start_redis,
     wait_for_redis,
 )
@@ -35,17 +36,6 @@ ACL_PASSWORD = "acl-test-secret-9b2e"
 def sasl_bootstrap(bootstrap: str) -> str:
     host, port = bootstrap.rsplit(":", 1)
     return f"{host}:{int(port) + 2}"
-
-
-def run_expecting_failure(env: dict[str, str], timeout_s: float = 120) -> str:
-    """`streamadapt run` that must stop at start-up; returns its stderr after checking it is one clean line."""
-    result = subprocess.run([sys.executable, "-m", "streamadapt.cli", "run"], env=env, capture_output=True, text=True,
-                            timeout=timeout_s)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("streamadapt run: error:")]
-    assert len(error_lines) == 1, result.stderr[-3000:]
-    return result.stderr
 
 
 def serve_a_few(stack, names, checkpoint, log_path, **env) -> None:
@@ -118,7 +108,7 @@ def test_worker_uses_a_redis_password_and_refuses_a_wrong_one(stack, names, chec
                     STREAMADAPT_REDIS_URL=f"redis://streamadapt-app@127.0.0.1:{port}/0?password={ACL_PASSWORD}")
         log = (tmp_path / "acl.log").read_text()
         assert "?password=***" in log and ACL_PASSWORD not in log
-        assert admin.exists(f"{acl_names.key_prefix}:event_time"), "the ACL user's writes landed"
+        assert admin.exists(KeyLayout(acl_names.key_prefix).meta("event_time")), "the ACL user's writes landed"
     finally:
         process.kill()
 

@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from streamadapt.schemas import DeadLetter, Prediction
+from tests.conftest import stack_with
 from tests.integration.conftest import (
     WorkerProcess,
     committed_offsets,
@@ -40,9 +41,10 @@ BREAKING = [  # (payload, reason) for every kind of contract-breaking input
 ]
 
 
-@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
-def test_bad_input_is_dead_lettered_duplicates_dropped_and_every_valid_event_predicted_once(stack, names, checkpoint, tmp_path,
-                                                                                           client):
+@pytest.mark.parametrize("client, redis_kind", [("kafka-python", "redis"), ("confluent", "redis-cluster")])
+def test_bad_input_is_dead_lettered_duplicates_dropped_and_every_valid_event_predicted_once(request, names, checkpoint, tmp_path,
+                                                                                           client, redis_kind):
+    stack = stack_with(request, redis_kind)
     assert b"NaN" in BREAKING[10][0]
     valid = [event(i) for i in range(300)]
     values, expected_reasons = [], {}

@@ -12,14 +12,14 @@ from streamadapt.settings import load_settings
 from streamadapt.state.store import StateStore, WindowPolicy
 
 
-def test_example_windows_expire_without_a_trainer_as_event_time_passes(stack, names, checkpoint, monkeypatch):
+def test_example_windows_expire_without_a_trainer_as_event_time_passes(each_redis, names, checkpoint, monkeypatch):
     """--no-finetune runs no trainer: the serving path itself drops windows past their maximum age, so a long
     replay keeps Redis bounded."""
     monkeypatch.setattr(batch_module, "WINDOWS_EXPIRY_INTERVAL_S", 0.0)
-    settings = load_settings({**names.env(stack), "STREAMADAPT_TRAINING_WINDOW_MAX_AGE_S": str(5 * 86400)})
+    settings = load_settings({**names.env(each_redis), "STREAMADAPT_TRAINING_WINDOW_MAX_AGE_S": str(5 * 86400)})
     model = ServingModel.from_checkpoint(checkpoint)
     features = features_for(model.meta, settings.features)
-    client = redis.Redis.from_url(stack.redis_url)
+    client = each_redis.redis_client()
     store = StateStore(client, settings.redis, WindowPolicy.of(settings.training), features)
     builder = BatchBuilder(settings, store, model, features)
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -47,8 +47,8 @@ def test_one_stale_event_in_the_first_batch_does_not_date_the_streams_history(st
     model = ServingModel.from_checkpoint(checkpoint)
     features = features_for(model.meta, settings.features)
     client = redis.Redis.from_url(stack.redis_url)
-    builder = BatchBuilder(settings, StateStore(client, settings.redis, WindowPolicy.of(settings.training), features),
-                           model, features)
+    store = StateStore(client, settings.redis, WindowPolicy.of(settings.training), features)
+    builder = BatchBuilder(settings, store, model, features)
     start = datetime(2025, 6, 1, tzinfo=timezone.utc)
     times = [start - timedelta(days=700)] + [start + timedelta(minutes=i) for i in range(20)]  # within the skew
     records = [InputRecord(names.input_topic, 0, i, 0, b"u", json.dumps({
@@ -56,6 +56,6 @@ def test_one_stale_event_in_the_first_batch_does_not_date_the_streams_history(st
         "ts": ts.isoformat()}).encode()) for i, ts in enumerate(times)]
     built, writes = builder.build(records)
     builder.save(built, writes)
-    observed_since = float(client.get(f"{names.key_prefix}:observed_since"))
+    observed_since = float(client.get(store.keys.meta("observed_since")))
     assert observed_since == start.timestamp()  # the oldest of the others, not the stale event
     client.close()

@@ -70,7 +70,7 @@ def test_a_stored_state_older_than_the_memory_is_forgotten_and_its_pending_still
     plan = plan_batch([(rec(0), ev("a"))], {}, {"u1": stored_state}, {"u1": pending}, META, FEATURES, 0.0)
     np.testing.assert_array_equal(plan.features[0], encode([(UserState(), ev("a"))], SPEC, 0.0)[0])
     assert plan.states["u1"] == advance(UserState(), ev("a"))
-    assert [(source.event_id, label) for source, label, _ in plan.resolutions] == [("old", 0)]  # books
+    assert [(source.event_id, label) for _, source, label, _ in plan.resolutions] == [("old", 0)]  # books
 
 
 @given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["books", "music", "garden"])), min_size=2, max_size=25),
@@ -87,8 +87,8 @@ def test_features_states_and_labels_do_not_depend_on_batch_boundaries(purchases,
     np.testing.assert_array_equal(whole.features, np.vstack([first.features, second.features]))
     assert {**first.states, **second.states} == whole.states
     # every purchase but each user's first resolves a label, whichever batch its pending was served in
-    labels = [label for _, label, _ in first.resolutions + second.resolutions]
-    assert labels == [label for _, label, _ in whole.resolutions]
+    labels = [label for _, _, label, _ in first.resolutions + second.resolutions]
+    assert labels == [label for _, _, label, _ in whole.resolutions]
     assert len(labels) == len(valid) - len({user for user, _ in purchases})
 
 
@@ -219,9 +219,9 @@ def test_each_purchase_resolves_the_users_previous_prediction():
     served = served_examples(plan, probabilities, "v1")
     resolved = resolved_examples(plan, served)
     # u1's stored prediction is resolved by "a" (music); "a" is resolved by "c" (books); u2 has nothing pending
-    assert [(e.event_id, e.label, e.model_version) for e in resolved] == [("old", 1, "v0"), ("a", 0, "v1")]
+    assert [(user, e.event_id, e.label, e.model_version) for user, e in resolved] == [("u1", "old", 1, "v0"), ("u1", "a", 0, "v1")]
     # each label became known with the purchase that resolved it
-    assert [e.resolved_ts_s for e in resolved] == [plan.fresh[0][1].ts_s, plan.fresh[2][1].ts_s]
+    assert [e.resolved_ts_s for _, e in resolved] == [plan.fresh[0][1].ts_s, plan.fresh[2][1].ts_s]
     assert all(e.resolved_ts_s is None for e in served)  # pending: no label yet
     assert plan.last_fresh_of_user == {"u1": 2, "u2": 1}
 
@@ -230,7 +230,7 @@ def test_each_purchase_resolves_the_users_previous_prediction():
 def test_repurchase_resolution_on_purchase(gap_hours, label):
     pending = Example("p", T0.timestamp(), "v0", np.zeros(SPEC.n_features, np.float32), np.array([0.4, 0.6]))
     plan = plan_batch([(rec(0), ev("a", hours=gap_hours))], {}, {}, {"u1": pending}, REPURCHASE, FEATURES, 0.0)
-    assert plan.resolutions == [(pending, label, plan.fresh[0][1].ts_s)]
+    assert plan.resolutions == [("u1", pending, label, plan.fresh[0][1].ts_s)]
 
 
 def test_replays_and_duplicates_resolve_nothing():
@@ -246,7 +246,7 @@ def test_expire_pendings_by_watermark():
 
     due = {"old": pending(0), "fresh": pending(9), "bought": pending(0)}
     negatives, cleared, requeue = expire_pendings(due, watermark_s=10 * 86400.0, horizon_days=7.0, replaced={"bought"})
-    assert [(e.event_id, e.label, e.resolved_ts_s) for e in negatives] == [("p0", 0, 10 * 86400.0)]  # known at the watermark
+    assert [(user, e.event_id, e.label, e.resolved_ts_s) for user, e in negatives] == [("old", "p0", 0, 10 * 86400.0)]  # known at the watermark
     assert cleared == ["old"] and requeue == {"fresh": 16 * 86400.0}
 
 

@@ -1,4 +1,4 @@
-"""Registry and lease against the real Redis of the dev stack."""
+"""Registry and lease against the real Redis of the dev stack, single and cluster."""
 import hashlib
 import io
 import zipfile
@@ -6,7 +6,6 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
-import redis
 
 from streamadapt.model.checkpoint import Parameters
 from streamadapt.schemas import ModelVersion, TrainedOn
@@ -21,8 +20,8 @@ from tests.conftest import new_names
 
 
 @pytest.fixture
-def registry(stack):
-    client = redis.Redis.from_url(stack.redis_url)
+def registry(each_redis):
+    client = each_redis.redis_client()
     yield Registry(client, new_names().key_prefix, "purchases")  # its keys go at the end of the run
     client.close()
 
@@ -80,16 +79,16 @@ def test_a_stale_trainer_cannot_promote(registry):
     assert registry.champion() == "v1" and registry.get("v1").promoted
 
 
-def test_missing_artifact_is_refused(registry, stack):
+def test_missing_artifact_is_refused(registry):
     artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
     registry.put(record("v1", artifact), artifact)
-    redis.Redis.from_url(stack.redis_url).delete(registry.artifact_ref("v1"))
+    registry._client.delete(registry.artifact_ref("v1"))
     with pytest.raises(ArtifactError, match="missing"):
         registry.parameters(registry.get("v1"))
 
 
-def test_a_stored_version_is_unannounced_until_marked_and_is_read_as_it_stands(stack, names):
-    client = redis.Redis.from_url(stack.redis_url)
+def test_a_stored_version_is_unannounced_until_marked_and_is_read_as_it_stands(each_redis, names):
+    client = each_redis.redis_client()
     registry = Registry(client, names.key_prefix, "purchases")
     artifact = encode_parameters(Parameters([np.ones(2, np.float32)]))
     registry.put(record("v1", artifact), artifact)
@@ -101,7 +100,7 @@ def test_a_stored_version_is_unannounced_until_marked_and_is_read_as_it_stands(s
     registry.mark_announced("v1")
     assert [r.version for r in registry.unannounced()] == ["v2"]
     registry.mark_unannounced("v1")
-    client.hdel(f"{names.key_prefix}:models:purchases:versions", "v2")
+    client.hdel(registry._versions, "v2")
     assert [r.version for r in registry.unannounced()] == ["v1"]  # a record deleted by hand is dropped
     registry.mark_announced("v1")
     assert registry.unannounced() == []

@@ -1,4 +1,4 @@
-"""StateStore against the real Redis of the dev stack."""
+"""StateStore against the real Redis of the dev stack, single and cluster."""
 import time
 import uuid
 
@@ -9,15 +9,22 @@ import redis
 from streamadapt.core.examples import Example
 from streamadapt.core.features import CategoryFeatures, FeatureSpec, UserState
 from streamadapt.settings import RedisSettings
-from streamadapt.state.store import StateStore, StateWrites, drop_keys
+from streamadapt.state.store import (
+    EventClaim,
+    LayoutError,
+    StateStore,
+    StateWrites,
+    drop_keys,
+)
 
 
 @pytest.fixture
-def store(stack):
-    settings = RedisSettings(url=stack.redis_url, key_prefix=f"test-state-{uuid.uuid4().hex[:8]}")
-    client = redis.Redis.from_url(stack.redis_url)
+def store(each_redis):
+    settings = each_redis.redis_settings(f"test-state-{uuid.uuid4().hex[:8]}")
+    client = each_redis.redis_client()
     yield StateStore(client, settings, features=CategoryFeatures(FeatureSpec(("books",))))
     drop_keys(client, settings.key_prefix)
+    client.close()
 
 
 def pending(user, ts_s):
@@ -59,18 +66,18 @@ def test_a_profile_holds_state_and_pending_and_a_cleared_pending_keeps_the_state
 
 
 def test_states_are_kept_from_the_oldest_event_of_the_first_batch_whatever_later_batches_hold(store):
-    assert store.load(["e1"], ["a"], 1_000.5)[3] == 1_000.5
-    assert store.load(["e2"], ["b"], 500.0)[3] == 1_000.5  # a later batch with older events does not move it
-    assert store.load(["e3"], ["c"], 9_000.0)[3] == 1_000.5
-    assert store.load([], [], 7.0)[3] == 7.0  # a batch without valid events reads nothing
+    assert store.load([("a", "e1")], 1_000.5)[3] == 1_000.5
+    assert store.load([("b", "e2")], 500.0)[3] == 1_000.5  # a later batch with older events does not move it
+    assert store.load([("c", "e3")], 9_000.0)[3] == 1_000.5
+    assert store.load([], 7.0)[3] == 7.0  # a batch without valid events reads nothing
 
 
-def test_a_profile_that_cannot_be_read_counts_as_a_new_user(store, stack):
-    client = redis.Redis.from_url(stack.redis_url)
-    client.set(f"{store._p}:profile:old", b'[1, 2.0, "toys", {"toys": 1.0}, 0.0, 0.0]\n')  # another version's state
-    client.set(f"{store._p}:profile:torn", b'[1, 2.0, {}, 1.0, 0.0, 0.0]\nnot an example')
+def test_a_profile_that_cannot_be_read_counts_as_a_new_user(store):
+    client = store._client
+    client.set(store.keys.profile("old"), b'[1, 2.0, "toys", {"toys": 1.0}, 0.0, 0.0]\n')  # another version's state
+    client.set(store.keys.profile("torn"), b'[1, 2.0, {}, 1.0, 0.0, 0.0]\nnot an example')
     store.save(StateWrites(states={"fine": UserState(purchases=3)}))
-    claims, states, pendings, _ = store.load(["e-1"], ["old", "torn", "fine"], 0.0)
+    claims, states, pendings, _ = store.load([("old", "e-1"), ("torn", "e-2"), ("fine", "e-3")], 0.0)
     assert states == {"fine": UserState(purchases=3)} and pendings == {} and claims == {}
 
 
@@ -81,11 +88,14 @@ def test_a_drift_alarm_is_taken_once_and_its_regime_start_is_kept(store):
     assert store.regime_since_ts() == 1_750_000_000.25  # a trainer that takes over later trains on the same regime
 
 
-def test_drop_keys_takes_a_glob_of_prefixes_and_counts_what_it_dropped(stack):
-    client = redis.Redis.from_url(stack.redis_url)
+def test_drop_keys_takes_a_glob_of_prefixes_and_counts_what_it_dropped(each_redis):
+    client = each_redis.redis_client()
     run = uuid.uuid4().hex[:8]
     for prefix in (f"test-drop-{run}-a", f"test-drop-{run}-b", f"test-keep-{run}"):
-        client.mset({f"{prefix}:k{i}": i for i in range(1500)})  # over one UNLINK's thousand
+        pipe = client.pipeline(transaction=False)
+        for i in range(1500):  # over one UNLINK's thousand; on a cluster, over every node
+            pipe.set(f"{prefix}:k{i}", i)
+        pipe.execute()
     try:
         assert drop_keys(client, f"test-drop-{run}-*") == 3000
         assert not list(client.scan_iter(f"test-drop-{run}-*", count=1000))
@@ -99,7 +109,7 @@ def test_the_trainer_reads_the_newest_examples_up_to_a_time_skipping_newer_windo
     day = 86400.0
     labelled = [Example(f"e{k}", k * day / 4, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 1,
                         k * day / 4 + 1) for k in range(12)]  # three days, four examples a day
-    store.save(StateWrites(examples=labelled))
+    store.save(StateWrites(examples=[(f"user-{k % 5}", example) for k, example in enumerate(labelled)]))
     assert [e.event_id for e in store.recent_examples(5)] == ["e7", "e8", "e9", "e10", "e11"]
     # up to the middle of the second day: the third day's window is not read, the second's newer half is left out
     assert [e.event_id for e in store.recent_examples(3, until_ts_s=1.5 * day)] == ["e4", "e5", "e6"]
@@ -113,7 +123,7 @@ def test_the_trainer_finds_the_purchases_whose_horizon_is_still_running(store):
     day_70 = 70.0
     repurchased = Example("e-r", 80.0, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 1, 85.0)
     settled = Example("e-s", 60.0, "v1", np.zeros(3, np.float32), np.array([0.4, 0.6], np.float32), 0, 91.0)
-    store.save(StateWrites(examples=[repurchased, settled],
+    store.save(StateWrites(examples=[("r", repurchased), ("s", settled)],
                            pendings={"a": pending("a", 75.0), "b": pending("b", 95.0), "old": pending("old", 65.0)},
                            deadlines={"in/0": {"a": 105.0, "old": 95.0}, "in/1": {"b": 125.0}},
                            newest_by_partition={"in/0": 101.0, "in/1": 102.0}))
@@ -167,7 +177,7 @@ def test_a_batch_transaction_that_times_out_is_not_sent_again_by_the_redis_clien
     store = StateStore(client, RedisSettings(key_prefix="t"), features=CategoryFeatures(FeatureSpec(("a",))))
     example = Example("e1", 1.0, "v1", np.zeros(3, np.float32), np.zeros(2, np.float32), 0, 1.0)
     with pytest.raises(redis.TimeoutError):
-        store.save(StateWrites(examples=[example]))
+        store.save(StateWrites(examples=[("u1", example)]))
     listener.close()
     assert len(transactions) == 1
 
@@ -175,6 +185,38 @@ def test_a_batch_transaction_that_times_out_is_not_sent_again_by_the_redis_clien
 def test_the_watermark_leaves_out_a_partition_idle_for_longer_than_the_timeout(store):
     store.save(StateWrites(newest_by_partition={"in/0": 1_000.0, "in/1": 9_000.0}))
     assert store.watermark(allowed_lateness_s=0.0, idle_timeout_s=600.0) == 1_000.0  # both just brought events
-    store._client.zadd(f"{store._p}:event_time_at", {"in/0": time.time() - 3600})  # in/0 idle for an hour
+    store._client.zadd(store.keys.meta("event_time_at"), {"in/0": time.time() - 3600})  # in/0 idle for an hour
     assert store.watermark(allowed_lateness_s=0.0, idle_timeout_s=600.0) == 9_000.0
     assert store.watermark(0.0, 600.0, unsaved={"in/0": 1_500.0}) == 1_500.0  # a batch from it makes it active again
+
+
+def test_data_written_with_another_shard_count_stops_the_worker_rather_than_lose_every_users_state(each_redis):
+    prefix = f"test-layout-{uuid.uuid4().hex[:8]}"
+    client = each_redis.redis_client()
+    try:
+        StateStore(client, each_redis.redis_settings(prefix, cluster_shards=16)).check_layout()
+        StateStore(client, each_redis.redis_settings(prefix, cluster_shards=16)).check_layout()  # the same: fine
+        other = StateStore(client, each_redis.redis_settings(prefix, cluster_shards=8))
+        if each_redis.redis_cluster:
+            with pytest.raises(LayoutError, match="written with shards=16, and the settings give shards=8"):
+                other.check_layout()
+        else:
+            other.check_layout()  # a single Redis keeps one shard whatever --redis-cluster-shards says
+    finally:
+        drop_keys(client, prefix)
+        client.close()
+
+
+def test_a_batch_of_many_users_lands_whole_and_reads_back_on_every_shard(store):
+    users = [f"user-{i}" for i in range(200)]
+    state = UserState(purchases=1, last_ts_s=5.0)
+    claim = EventClaim("in/0/1", "v1", "2026-01-01T00:00:00Z", 1, 0.6, None, None)
+    store.save(StateWrites(claims=[(u, f"e-{u}", claim) for u in users], states={u: state for u in users},
+                           pendings={u: pending(u, 10.0) for u in users},
+                           deadlines={"in/0": {u: 50.0 for u in users}},
+                           examples=[(u, pending(u, 5.0).with_label(1, 6.0)) for u in users]))
+    claims, states, pendings, _ = store.load([(u, f"e-{u}") for u in users], 0.0)
+    assert len(claims) == len(states) == len(pendings) == len(users)
+    assert set(store.due_deadlines(["in/0"], watermark_s=60.0)["in/0"]) == set(users)
+    assert store.examples_total() == len(users) and sum(store.window_sizes().values()) == len(users)
+    assert len(store.recent_examples(1000)) == len(users)

@@ -126,7 +126,7 @@ def test_a_repurchase_horizon_as_long_as_the_windows_max_age_leaves_the_trainer_
     stored.append(stored[-1]._replace(event_id="newer", ts_s=70 * day + lateness_s / 2))  # past the watermark
     # examples made for another checkpoint's features (an earlier source, or feature code): never trained on
     stored += [e._replace(event_id=f"other-{e.event_id}", features=np.zeros(3, np.float32)) for e in stored[30:45]]
-    store.save(StateWrites(examples=stored, newest_by_partition={"in/0": 70 * day + lateness_s}))
+    store.save(StateWrites(examples=[(f"u{i}", e) for i, e in enumerate(stored)], newest_by_partition={"in/0": 70 * day + lateness_s}))
     lease = SimpleNamespace(token=registry.acquire_lease(ttl_s=60))
     trainer = Trainer(settings, store, registry, AwayBroker(back=True), model, meta, WorkerMetrics(), lease)
     with caplog.at_level("INFO", logger="streamadapt.training.trainer"):
@@ -167,9 +167,10 @@ def test_a_champion_the_source_beats_on_the_newest_holdout_hands_the_fleet_back_
     examples = build_examples(read_events(tmp_path / "target.jsonl")[0], meta.feature_spec, "next_category", 7.0)
     n = len(examples.labels)
     # the older 80 % (what the candidate trains on) all labelled with one class: the candidate learns nonsense
-    store.save(StateWrites(examples=[Example(f"e{i}", float(examples.ts_s[i]), "v1", examples.features[i],
-                                             np.zeros(len(meta.classes), np.float32),
-                                             0 if i < int(n * 0.8) else int(examples.labels[i]), float(examples.ts_s[i]))
+    store.save(StateWrites(examples=[(f"u{i}", Example(f"e{i}", float(examples.ts_s[i]), "v1", examples.features[i],
+                                                       np.zeros(len(meta.classes), np.float32),
+                                                       0 if i < int(n * 0.8) else int(examples.labels[i]),
+                                                       float(examples.ts_s[i])))
                                      for i in range(n)]))
     lease = SimpleNamespace(token=registry.acquire_lease(ttl_s=60))
     broker = AwayBroker(back=True)
