@@ -1,4 +1,5 @@
-"""The benchmarks' command line: `python -m benchmarks throughput|adaptation`, from a checkout (BENCHMARKS.md).
+"""The benchmarks' command line: `python -m benchmarks throughput|scaling|serving-paths|adaptation`, from a checkout
+(BENCHMARKS.md).
 
 The benchmarks are not part of the installed package: they drive it from outside, as a user would, and take
 the same settings flags and environment variables as `streamadapt run`.
@@ -33,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
                             help="length of each latency row (1k, 2k, 5k, 8k events/s and half the drain rate; "
                                  "0 skips them)")
     add_settings_flags(throughput, {"kafka", "redis"})
+    scaling = benches.add_parser("scaling", help="drain rate with 1, 2 and 3 serving processes, on a single Redis and "
+                                                 "on a Redis Cluster, with the CPU and bytes each event costs")
+    scaling.add_argument("--events", type=int, default=120_000, help="backlog size of each drain")
+    scaling.add_argument("--source-checkpoint", type=Path, default=None,
+                         help="model to serve (default: pretrain a small one)")
+    scaling.add_argument("--processes", default="1,2,3", help="serving process counts, comma-separated")
+    scaling.add_argument("--cluster-url", default=None,
+                         help="URL of a node of a Redis Cluster to measure too (scripts/dev-stack up --redis-cluster)")
+    scaling.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    add_settings_flags(scaling, {"kafka", "redis"})
     paths = benches.add_parser("serving-paths", help="one batch on the NumPy serving path against TensorFlow, "
                                                      "on the same checkpoint")
     paths.add_argument("--source-checkpoint", type=Path, required=True, help="checkpoint to serve both ways")
@@ -187,6 +198,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = load_settings(settings_overrides(args))
         run_throughput_bench(settings, args.events, args.source_checkpoint, args.out, repeat=args.repeat,
                              latency_s=args.latency_seconds)
+    elif args.which == "scaling":
+        from benchmarks.scaling import run_scaling_bench
+
+        try:
+            processes = [int(part) for part in args.processes.split(",") if part.strip()]
+        except ValueError:
+            processes = []
+        if not processes or min(processes) < 1 or args.events < 1000:
+            raise SettingsError("--processes takes comma-separated counts of 1 or more, and --events at least 1000")
+        settings = load_settings(settings_overrides(args))
+        run_scaling_bench(settings, args.cluster_url, processes, args.events, args.source_checkpoint, args.out)
     else:
         _bench_adaptation(args)
     return 0

@@ -187,7 +187,9 @@ def test_same_stream_gives_same_predictions_twice(stack, names, checkpoint, tmp_
     for event_id, p in first.items():
         q = second[event_id]
         assert (p["label"], p["model_version"]) == (q["label"], q["model_version"])
-        assert p["score"] == pytest.approx(q["score"], abs=1e-6)
+        # float32 inference: BLAS sums a batch of one row (gemv) in another order than a larger batch (gemm), and
+        # the two runs cut the stream into batches differently, so scores agree to float32 rounding, not bitwise
+        assert p["score"] == pytest.approx(q["score"], rel=1e-5, abs=1e-6)
         assert [c["label"] for c in p["probabilities"]] == [c["label"] for c in q["probabilities"]]
 
 
