@@ -19,6 +19,8 @@ from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from benchmarks.results import write_json
 from benchmarks.throughput import (
     _descendants,
@@ -65,7 +67,7 @@ def run_scaling_bench(settings: Settings, cluster_url: str | None, processes: li
         read_metadata(checkpoint)
     kinds = [("redis", settings)]
     if cluster_url is not None:
-        redis = settings.redis.model_copy(update={"url": cluster_url, "cluster": True})
+        redis = settings.redis.model_copy(update={"url": SecretStr(cluster_url), "cluster": True})
         kinds.append(("redis-cluster", settings.model_copy(update={"redis": redis})))
     rows: list[ScalingRow] = []
     storage: dict[str, dict[str, float]] = {}
