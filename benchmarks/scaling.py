@@ -25,15 +25,14 @@ from benchmarks.results import write_json
 from benchmarks.throughput import (
     _descendants,
     _exited,
-    _quick_checkpoint,
     _scrape,
+    backlog_and_checkpoint,
     deleted_when_done,
     topics_of,
     wait_for_redis_at_rest,
     worker_process,
 )
 from streamadapt.model.checkpoint import read_metadata
-from streamadapt.ops.generate import write_events
 from streamadapt.ops.replay import replay
 from streamadapt.settings import Settings
 from streamadapt.state.store import connect
@@ -73,10 +72,7 @@ def run_scaling_bench(settings: Settings, cluster_url: str | None, processes: li
     storage: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch, deleted_when_done(settings.kafka) as made:
         scratch_dir = Path(scratch)
-        stream = scratch_dir / "events.jsonl"
-        write_events(stream, events=events, market="target", seed=99)
-        if checkpoint is None:
-            checkpoint = _quick_checkpoint(scratch_dir, echo)
+        stream, checkpoint = backlog_and_checkpoint(scratch_dir, events, checkpoint, echo)
         for kind, on_kind in kinds:
             for count in processes:
                 topic = f"bench-scaling-{uuid.uuid4().hex[:8]}"

@@ -363,10 +363,7 @@ def run_throughput_bench(settings: Settings, events: int, checkpoint: Path | Non
     clients = [settings.kafka.client, other]
     with tempfile.TemporaryDirectory(prefix="streamadapt-bench-") as scratch, deleted_when_done(settings.kafka) as made:
         scratch_dir = Path(scratch)
-        stream = scratch_dir / "events.jsonl"
-        write_events(stream, events=events, market="target", seed=99)
-        if checkpoint is None:
-            checkpoint = _quick_checkpoint(scratch_dir, echo)
+        stream, checkpoint = backlog_and_checkpoint(scratch_dir, events, checkpoint, echo)
         drains = drain_alternating(settings, clients, checkpoint, stream, events, repeat, timeout_s, scratch_dir,
                                    made, echo)
         swap = measure_swap(checkpoint)
@@ -574,6 +571,14 @@ def print_throughput(result: dict, echo=print) -> None:
 
 def _median(runs: list[DrainResult]) -> DrainResult:
     return sorted(runs, key=lambda r: r.events_per_s)[len(runs) // 2]
+
+
+def backlog_and_checkpoint(scratch_dir: Path, events: int, checkpoint: Path | None, echo) -> tuple[Path, Path]:
+    """The benchmarks' backlog (a generated target stream of `events`) in `scratch_dir`, and the checkpoint to
+    serve: `checkpoint`, or a small one pretrained there."""
+    stream = scratch_dir / "events.jsonl"
+    write_events(stream, events=events, market="target", seed=99)
+    return stream, checkpoint if checkpoint is not None else _quick_checkpoint(scratch_dir, echo)
 
 
 def _quick_checkpoint(scratch_dir: Path, echo) -> Path:
