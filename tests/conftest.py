@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STACK_SCRIPT = REPO / "scripts" / "dev-stack"
+STACK_DIR = Path(os.environ.get("DEV_STACK_DIR", REPO / ".stack"))  # where scripts/dev-stack keeps its files
 
 
 @dataclass(frozen=True)

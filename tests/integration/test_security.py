@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from streamadapt.state.keys import KeyLayout
-from tests.conftest import new_names
+from tests.conftest import STACK_DIR, new_names
 from tests.integration.conftest import (
     WorkerProcess,
     check_every_event_predicted,
@@ -33,9 +33,13 @@ REDIS_PASSWORD = "redis-test-secret-4f1c"
 ACL_PASSWORD = "acl-test-secret-9b2e"
 
 
-def sasl_bootstrap(bootstrap: str) -> str:
+def sasl_bootstrap(bootstrap: str, port_offset: int = 2) -> str:
+    """The dev stack's other listeners: SASL_PLAINTEXT at the broker's port + 2, SSL + 3, SASL_SSL + 4."""
     host, port = bootstrap.rsplit(":", 1)
-    return f"{host}:{int(port) + 2}"
+    return f"{host}:{int(port) + port_offset}"
+
+
+KAFKA_CA = STACK_DIR / "kafka" / "tls" / "ca.pem"  # the dev stack's CA, which signed its broker's certificate
 
 
 def serve_a_few(stack, names, checkpoint, log_path, **env) -> None:
@@ -111,6 +115,31 @@ def test_worker_uses_a_redis_password_and_refuses_a_wrong_one(stack, names, chec
         assert admin.exists(KeyLayout(acl_names.key_prefix).meta("event_time")), "the ACL user's writes landed"
     finally:
         process.kill()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make certificates")
+@pytest.mark.parametrize("protocol, client, refusal", [
+    ("SSL", "kafka-python", True), ("SASL_SSL", "confluent", False),
+    pytest.param("SSL", "confluent", True, marks=pytest.mark.faults),
+    pytest.param("SASL_SSL", "kafka-python", True, marks=pytest.mark.faults)])
+def test_worker_serves_through_kafka_tls_and_refuses_a_broker_its_ca_did_not_sign(stack, names, checkpoint, tmp_path,
+                                                                                 protocol, client, refusal):
+    """`refusal`: also start a worker with a CA that did not sign the broker's certificate, which stops with one
+    line once the client gives up its bootstrap (about 30 s: once in the suite, the rest with -m faults)."""
+    tls = {"STREAMADAPT_KAFKA_BOOTSTRAP": sasl_bootstrap(stack.kafka_bootstrap, 3 if protocol == "SSL" else 4),
+           "STREAMADAPT_KAFKA_SECURITY_PROTOCOL": protocol, "STREAMADAPT_KAFKA_SSL_CAFILE": str(KAFKA_CA),
+           "STREAMADAPT_KAFKA_CLIENT": client}
+    if protocol == "SASL_SSL":
+        tls.update({"STREAMADAPT_KAFKA_SASL_MECHANISM": "PLAIN", "STREAMADAPT_KAFKA_SASL_USERNAME": DEV_SASL_USER,
+                    "STREAMADAPT_KAFKA_SASL_PASSWORD": DEV_SASL_PASSWORD})
+    serve_a_few(stack, names, checkpoint, tmp_path / "tls.log", **tls)  # the test's own clients use PLAINTEXT
+    if not refusal:
+        return
+    stranger = make_tls_files(tmp_path)["ca"]  # a CA that never signed the broker's certificate
+    env = {**WorkerProcess(stack, new_names(), checkpoint, tmp_path / "unused.log", **tls).env,
+           "STREAMADAPT_KAFKA_SSL_CAFILE": stranger}
+    error_line = next(line for line in run_expecting_failure(env).splitlines() if line.startswith("streamadapt run: error:"))
+    assert "cannot reach Kafka" in error_line, error_line
 
 
 def make_tls_files(directory) -> dict[str, str]:
