@@ -24,6 +24,7 @@ from streamadapt.kafka.protocol import (
     KafkaUnavailable,
     Message,
     NotAcknowledged,
+    ProducerFatal,
     ProducerFenced,
     RecordsRefused,
     TopicPartition,
@@ -289,10 +290,15 @@ DEADLINE_S = ACK_TIMEOUT_S + 15  # librdkafka's own timeouts are ACK_TIMEOUT_S: 
 
 
 def _fenced_if_fatal(error: Exception) -> None:
+    """ProducerFenced when another producer took our transactional id, ProducerFatal for any other error after
+    which librdkafka refuses to go on; nothing for an error the transaction can be aborted or retried after."""
     kafka_error = _kafka_error(error)
-    if kafka_error is not None and (
-            kafka_error.fatal() or kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED)):
+    if kafka_error is None:
+        return
+    if kafka_error.code() in (KafkaError._FENCED, KafkaError.PRODUCER_FENCED):
         raise ProducerFenced() from error
+    if kafka_error.fatal():
+        raise ProducerFatal(kafka_error.str()) from error
 
 
 class ServingProducer:
@@ -392,7 +398,10 @@ class ServingProducer:
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._deadline.close()
-        self._producer.flush(timeout_s)
+        try:
+            self._producer.flush(timeout_s)
+        except KafkaException as error:  # a producer in a fatal state refuses even a flush: the error was reported
+            log.warning("closing the producer: %s", error)
 
 
 def open_serving_producer(settings: KafkaSettings, transactional_id: str | None,

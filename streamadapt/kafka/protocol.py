@@ -89,6 +89,17 @@ class TransactionStuck(RuntimeError):
                          "this producer)")
 
 
+class ProducerFatal(RuntimeError):
+    """Exactly-once: the client declared its transactional producer unusable (a fatal error other than being
+    fenced, such as librdkafka's INVALID_TXN_STATE when a commit retried after a broker restart finds its
+    transaction already completed). Only a new producer with the same transactional id can learn how the open
+    transaction ended: the process ends, and its restart does that."""
+
+    def __init__(self, cause: str):
+        super().__init__(f"Kafka: the transactional producer hit a fatal error ({cause}); exiting so that a restart "
+                         "resolves the open transaction")
+
+
 class ProducerFenced(RuntimeError):
     """Exactly-once: another producer took over this worker's transactional id. Not retried: two replicas
     share an id, which only the operator can fix."""

@@ -60,14 +60,19 @@ def promote_and_time(stack, names, checkpoint, workers) -> list[float]:
     return waited
 
 
-def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp_path):
+@pytest.mark.parametrize("client, exactly_once", [
+    ("confluent", False), pytest.param("kafka-python", False, marks=pytest.mark.faults),
+    pytest.param("confluent", True, marks=pytest.mark.faults), pytest.param("kafka-python", True, marks=pytest.mark.faults)])
+def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp_path, client, exactly_once):
     admin = KafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
     admin.create_topics([NewTopic(names.input_topic, 6, 1), NewTopic(names.predictions_topic, 6, 1)])
     admin.close()
     bodies = [event(i, user=f"user-{i % 1009}") for i in range(24_000)]
     env = {"STREAMADAPT_KAFKA_MAX_POLL_RECORDS": str(BATCH), "STREAMADAPT_ROLE": "worker",
-           "STREAMADAPT_KAFKA_SESSION_TIMEOUT_MS": "6000", "STREAMADAPT_NO_FINETUNE": "false"}
-    workers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"worker{i}.log", **env) for i in range(3)]
+           "STREAMADAPT_KAFKA_SESSION_TIMEOUT_MS": "6000", "STREAMADAPT_NO_FINETUNE": "false",
+           "STREAMADAPT_KAFKA_CLIENT": client, "STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower()}
+    workers = [WorkerProcess(stack, names, checkpoint, tmp_path / f"worker{i}.log",
+                             STREAMADAPT_KAFKA_TRANSACTIONAL_ID=f"{names.group_id}-{i}", **env) for i in range(3)]
     feeding = threading.Thread(target=feed, args=(stack, names.input_topic, bodies, 600.0), daemon=True)
     try:
         workers[0].start()
@@ -83,13 +88,16 @@ def test_workers_joining_and_leaving_lose_no_event(stack, names, checkpoint, tmp
         workers[1].process.send_signal(signal.SIGKILL)  # leaves without a word: its partitions move after the session timeout
         workers[1].process.wait(timeout=30)
         feeding.join(timeout=120)
-        records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=300, settle_s=3)
+        records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=300, settle_s=3,
+                             committed_only=exactly_once)
         assert workers[2].stop() == 0
     finally:
         for worker in workers:
             worker.__exit__(None, None, None)
     duplicates = check_every_event_predicted(bodies, records)
     print(f"predictions {len(records)} for {len(bodies)} events: {duplicates} re-emitted across 4 rebalances")
+    if exactly_once:
+        assert duplicates == 0, "a read_committed reader sees each output once"
     # Each rebalance can leave each worker's polled, uncommitted batch (and one asynchronously committed) to replay.
     assert duplicates <= 4 * 3 * 2 * BATCH, duplicates
 

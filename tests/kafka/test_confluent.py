@@ -1,0 +1,17 @@
+"""The confluent-kafka adapter's reading of librdkafka's transactional errors."""
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from streamadapt.kafka.confluent import _fenced_if_fatal
+from streamadapt.kafka.protocol import ProducerFatal, ProducerFenced
+
+
+def test_only_fencing_is_called_fenced_and_any_other_fatal_error_ends_the_process_to_be_restarted():
+    with pytest.raises(ProducerFenced, match="own --kafka-transactional-id"):
+        _fenced_if_fatal(KafkaException(KafkaError(KafkaError.PRODUCER_FENCED, fatal=True)))
+    # what librdkafka says when a commit retried after a broker restart finds its transaction already ended
+    invalid = KafkaException(KafkaError(KafkaError.INVALID_TXN_STATE, "Failed to end transaction", fatal=True))
+    with pytest.raises(ProducerFatal, match="restart resolves the open transaction"):
+        _fenced_if_fatal(invalid)
+    _fenced_if_fatal(KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True)))  # retried, not fatal
+    _fenced_if_fatal(ValueError("not a Kafka error"))
