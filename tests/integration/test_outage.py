@@ -128,9 +128,11 @@ def test_trainer_waits_out_a_redis_outage_and_leads_again(stack, names, checkpoi
 def test_partitions_a_member_joining_during_a_redis_outage_takes_are_left_to_it(stack, names, checkpoint, tmp_path,
                                                                                  exactly_once):
     """Two members pause in a Redis outage; a third joins meanwhile, on a Redis of its own that is up, and takes
-    partitions from both. Once Redis is back, the two retry their batches without those partitions. Had they
-    written or sent them, the same records would have two predictions made from two different Redis states,
-    which the check catches (and, exactly-once, a duplicate)."""
+    partitions from both. Once Redis is back, the two leave their batches in hand to be read again from the
+    committed offsets by whoever owns the partitions now. Had they written or sent the third's records, the
+    same records would have two predictions made from two different Redis states, which the check catches; had
+    they sent the records of the partitions handed back to them, which they read again, exactly-once would
+    show duplicates."""
     port = free_port()
     redis_process = start_aof_redis(port, tmp_path)
     bodies = [event(i, user=f"user-{i % 301}") for i in range(6000)]
@@ -159,7 +161,7 @@ def test_partitions_a_member_joining_during_a_redis_outage_takes_are_left_to_it(
         redis_process = start_aof_redis(port, tmp_path)
         for resumed in members[:2]:
             resumed.wait_until(lambda m=resumed: m.metric("streamadapt_consumption_paused") == 0, 60, "resumed")
-        left = sum("revoked during the outage: left to their new owner" in m.log_path.read_text() for m in members[:2])
+        left = sum("the group rebalanced during the outage" in m.log_path.read_text() for m in members[:2])
         assert third.stop() == 0  # its partitions go back to the two, from the offsets it committed
         records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=180, settle_s=3,
                              committed_only=exactly_once)
@@ -170,7 +172,7 @@ def test_partitions_a_member_joining_during_a_redis_outage_takes_are_left_to_it(
             process.__exit__(None, None, None)
         redis_process.kill()
     duplicates = check_every_event_predicted(bodies, records)
-    print(f"{left} of the two paused members left revoked partitions' records to the third; {duplicates} re-emitted")
+    print(f"{left} of the two paused members left their batch in hand to be read again; {duplicates} re-emitted")
     assert left >= 1, "the third member took no partition from a batch in hand: the test proved nothing"
     if exactly_once:
         assert duplicates == 0
