@@ -182,7 +182,8 @@ def restart_broker(fleet: Fleet) -> None:
 @pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
 def test_a_stream_through_kills_restarts_joins_and_leaves_is_served_once_and_stored_once(
         stack, names, checkpoint, tmp_path, client, exactly_once):
-    seed = int(os.environ.get("STREAMADAPT_SOAK_SEED", random.randrange(10**6)))
+    # not the module's generator: the fixtures' training seeds it, which would give every run the same faults
+    seed = int(os.environ.get("STREAMADAPT_SOAK_SEED", random.SystemRandom().randrange(10**6)))
     rng = random.Random(seed)
     print(f"soak seed {seed} (STREAMADAPT_SOAK_SEED repeats its faults' order)")
     redis_port = free_port()
