@@ -13,6 +13,7 @@ from streamadapt.ops.generate import write_events
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.faults  # 45 s, past what the suite's 15 minutes leave: scripts/test -m faults
 def test_a_log_through_the_real_worker_is_served_as_the_replay_serves_it(stack, tmp_path):
     log = tmp_path / "log.jsonl"
     write_events(log, events=5000, market="target", drift_at=2500, seed=21)
