@@ -111,10 +111,6 @@ class ServingLoop:
         self._metrics = metrics
         self.last_poll_ok_monotonic: float | None = None
         self._outage_since: float | None = None  # monotonic time the current outage began
-        # A rebalance came during the current outage. The clients' rebalances are eager: every partition is
-        # revoked, and those handed back are read again from their committed offsets, so the batch in hand is
-        # stale even for the partitions this worker still owns.
-        self._rebalanced_in_outage = False
         self._retry_in_s = OUTAGE_FIRST_RETRY_S
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
         self._in_flight: deque[_Batch] = deque()  # sent, oldest first
@@ -199,7 +195,7 @@ class ServingLoop:
                 self._rewind(records)  # stopped during the outage: read again by whoever owns them next
                 return
             if built is None:
-                self._end_outage("the group rebalanced during the outage; the batch will be read again")
+                self._end_outage("the batch's partitions were all revoked during the outage")
                 return
         if not self._transactional:
             try:
@@ -350,30 +346,29 @@ class ServingLoop:
         while the partitions are still ours, so that their next owner neither reads them again nor reads Redis
         before their writes. During an outage they are left to the next owner, which replays them."""
         if self.paused:
-            self._rebalanced_in_outage = True
             self._drop_in_flight()
             return
         self._finish_in_flight()
 
     def _still_owned(self, records: list[InputRecord]) -> list[InputRecord]:
-        """The records of the batch in hand that are still this worker's to serve: none once the group has
-        rebalanced during the outage. Their partitions' owners, this worker among them, read them again from
-        the committed offsets: writing the Redis state of a partition another member now owns would overwrite
-        what it writes, and sending records that this worker will read again would send them twice."""
-        if not self._rebalanced_in_outage:
-            return records
-        if records:
-            log.warning("the group rebalanced during the outage: the %d records of the batch in hand are left to be "
-                        "read again from the committed offsets, by whoever owns their partitions now", len(records))
-        return []
+        """The records of partitions this worker still owns: after a rebalance during an outage, the others
+        belong to their new owner, which reads them from the last committed offset. Writing their Redis state
+        or committing them now would overwrite what the new owner writes."""
+        owned = self._consumer.assignment()
+        kept = [record for record in records if (record.topic, record.partition) in owned]
+        if len(kept) < len(records):
+            log.warning("%d records of the batch belong to partitions revoked during the outage: left to their "
+                        "new owner", len(records) - len(kept))
+        return kept
 
     def _send_in_transaction(self, records: list[InputRecord], built: Built, owned_only: bool = False) -> None:
         """Exactly-once: the batch's outputs and the offsets after it in one Kafka transaction, so a
         read_committed reader sees its outputs once, whatever happens. With `owned_only` (a retry after an
-        outage, during which the group may have rebalanced) the batch is not sent after a rebalance: its
-        partitions' owners read it again from the committed offsets, and replay it from Redis."""
+        outage, during which a rebalance may have taken partitions away) a batch with records of a partition
+        no longer owned is not sent: its partitions still owned are read again, and replayed from Redis."""
         if owned_only and len(self._still_owned(records)) < len(records):
-            raise BatchAborted("the group rebalanced during the outage; the batch will be read again", {})
+            raise BatchAborted("partitions of the batch were revoked during the outage; the rest of it will be "
+                               "read again", {})
         try:
             self._producer.send_in_transaction(built.messages, _by_partition(next_offsets(records)),
                                                self._consumer.group_metadata())
@@ -411,7 +406,6 @@ class ServingLoop:
 
     def _end_outage(self, why: str = "outputs accepted again") -> None:
         self._retry_in_s = OUTAGE_FIRST_RETRY_S
-        self._rebalanced_in_outage = False
         if self._outage_since is not None:
             log.warning("%s after %.1f s: resuming consumption", why, time.monotonic() - self._outage_since)
             self._outage_since = None
