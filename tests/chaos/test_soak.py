@@ -14,7 +14,6 @@ Checked at the end:
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from kafka import KafkaProducer
 
 from streamadapt.core.features import CategoryFeatures
 from streamadapt.model.checkpoint import read_metadata
@@ -38,10 +36,10 @@ from tests.conftest import STACK_SCRIPT
 from tests.integration.conftest import (
     WorkerProcess,
     check_every_event_predicted,
-    dumps,
     free_port,
     needs_redis_server,
-    read_topic,
+    produce_paced,
+    read_every_event_predicted,
     start_redis,
     wait_for_redis,
 )
@@ -61,28 +59,6 @@ def soak_events(count: int) -> list[dict]:
              "category": ["groceries", "books", "toys", "garden", "music"][(i * 7 + i // USERS) % 5],
              "price": 3.5 + i % 20, "quantity": 1 + i % 3, "currency": "EUR",
              "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(BASE_TS_S + i))} for i in range(count)]
-
-
-def produce_steadily(bootstrap: str, topic: str, bodies: list[dict], acked: list[dict], failures: list) -> None:
-    """At RATE_PER_S; the client buffers and retries through broker restarts. `acked` gets the events the broker
-    took (a retried send may land twice: the worker's dedupe drops the copy)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, delivery_timeout_ms=300_000,
-                             request_timeout_ms=30_000, reconnect_backoff_max_ms=2000)
-    started = time.monotonic()
-    futures = []
-    for i, body in enumerate(bodies):
-        delay = started + i / RATE_PER_S - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        futures.append((body, producer.send(topic, key=body["user_id"].encode(), value=dumps(body))))
-    producer.flush(timeout=300)
-    for body, future in futures:
-        try:
-            future.get(timeout=1)
-            acked.append(body)
-        except Exception as error:
-            failures.append(error)
-    producer.close(timeout=30)
 
 
 @dataclass
@@ -211,8 +187,8 @@ def test_a_stream_through_kills_restarts_joins_and_leaves_is_served_once_and_sto
         fleet.start_member(0)
         fleet.start_member(1)
         fleet.trainer = make_trainer().start(ready_timeout_s=180)
-        producer = threading.Thread(target=produce_steadily,
-                                    args=(stack.kafka_bootstrap, names.input_topic, bodies, acked, failures))
+        producer = threading.Thread(target=produce_paced, args=(stack.kafka_bootstrap, names.input_topic, bodies,
+                                                                RATE_PER_S, failures, acked))
         producer.start()
         last_broker_restart = time.monotonic()
         next_fault = time.monotonic() + rng.uniform(5, 12)
@@ -243,14 +219,8 @@ def test_a_stream_through_kills_restarts_joins_and_leaves_is_served_once_and_sto
             if fleet.members[slot] is None:
                 fleet.start_member(slot)
         wanted = {b["event_id"] for b in acked}
-        deadline = time.monotonic() + 300
-        while True:
-            fleet.supervise()
-            records = read_topic(stack, names.predictions_topic, expect=len(wanted), timeout_s=30, settle_s=3,
-                                 committed_only=exactly_once)
-            seen = {json.loads(r.value)["event_id"] for r in records}
-            if wanted <= seen or time.monotonic() > deadline:
-                break
+        records = read_every_event_predicted(stack, names.predictions_topic, wanted, 300, committed_only=exactly_once,
+                                             between=fleet.supervise)
         for slot, member in fleet.members.items():
             if member is not None:
                 assert member.stop() == 0, member.log_path.read_text()[-3000:]

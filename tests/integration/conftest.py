@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -238,3 +239,43 @@ def run_expecting_failure(env: dict[str, str], timeout_s: float = 120) -> str:
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("streamadapt run: error:")]
     assert len(error_lines) == 1, result.stderr[-3000:]
     return result.stderr
+
+
+def produce_paced(bootstrap: str, topic: str, bodies: list[dict], rate_per_s: float, failures: list,
+                  acked: list[dict] | None = None) -> None:
+    """Send `bodies` keyed by user at `rate_per_s`; the client buffers and retries through a broker restart
+    (delivery timeout 5 min). Sends the broker refused go to `failures`; the bodies it took to `acked`, if
+    given (a retried send may land twice: the worker's dedupe drops the copy)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, delivery_timeout_ms=300_000,
+                             request_timeout_ms=30_000, reconnect_backoff_max_ms=2000)
+    started = time.monotonic()
+    futures = []
+    for i, body in enumerate(bodies):
+        delay = started + i / rate_per_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append((body, producer.send(topic, key=body["user_id"].encode(), value=dumps(body))))
+    producer.flush(timeout=300)
+    for body, future in futures:
+        try:
+            future.get(timeout=1)
+        except Exception as error:  # reported by the test, which then fails
+            failures.append(error)
+        else:
+            if acked is not None:
+                acked.append(body)
+    producer.close(timeout=30)
+
+
+def read_every_event_predicted(stack: Stack, topic: str, event_ids: set[str], timeout_s: float,
+                               committed_only: bool = False, between: Callable[[], None] = lambda: None) -> list:
+    """Every record of `topic`, read again until each of `event_ids` has a prediction there or `timeout_s`
+    passes (at least once, re-emitted records count toward the number read before every event has its own);
+    `between` runs before each read."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        between()
+        records = read_topic(stack, topic, expect=len(event_ids), timeout_s=30, settle_s=3,
+                             committed_only=committed_only)
+        if event_ids <= {json.loads(r.value)["event_id"] for r in records} or time.monotonic() > deadline:
+            return records

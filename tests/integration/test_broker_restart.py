@@ -7,40 +7,19 @@ import threading
 import time
 
 import pytest
-from kafka import KafkaProducer
 
 from tests.conftest import STACK_SCRIPT
 from tests.integration.conftest import (
     WorkerProcess,
     check_every_event_predicted,
-    dumps,
     event,
+    produce_paced,
     read_topic,
 )
 
 pytestmark = pytest.mark.integration
 
 RATE_PER_S = 500
-
-
-def produce_paced(bootstrap: str, topic: str, bodies: list[dict], failures: list) -> None:
-    """Send at RATE_PER_S; the client buffers and retries through the restart (delivery timeout 5 min)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, delivery_timeout_ms=300_000,
-                             request_timeout_ms=30_000, reconnect_backoff_max_ms=2000)
-    started = time.monotonic()
-    futures = []
-    for i, body in enumerate(bodies):
-        delay = started + i / RATE_PER_S - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        futures.append(producer.send(topic, key=body["user_id"].encode(), value=dumps(body)))
-    producer.flush(timeout=300)
-    for future in futures:
-        try:
-            future.get(timeout=1)
-        except Exception as error:  # reported by the test, which then fails
-            failures.append(error)
-    producer.close(timeout=30)
 
 
 FAULT_RUNS = [pytest.param(client, exactly_once, marks=pytest.mark.faults)
@@ -59,7 +38,8 @@ def test_a_broker_restart_mid_stream_loses_no_event(stack, names, checkpoint, tm
     worker = WorkerProcess(stack, names, checkpoint, tmp_path / "worker.log", **env).start()
     restarts = 0
     try:
-        producer = threading.Thread(target=produce_paced, args=(stack.kafka_bootstrap, names.input_topic, bodies, failures))
+        producer = threading.Thread(target=produce_paced,
+                                    args=(stack.kafka_bootstrap, names.input_topic, bodies, RATE_PER_S, failures))
         producer.start()
         worker.wait_metric("streamadapt_predictions_total", 2000, timeout_s=120)
         restarted_at = time.monotonic()

@@ -2,7 +2,6 @@
 resumes by itself when Redis is back; every event still gets its prediction.
 
 The test runs its own redis-server (AOF, fsync on every write) so that it can kill and restart it."""
-import json
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ from tests.integration.conftest import (
     free_port,
     needs_redis_server,
     produce,
+    read_every_event_predicted,
     read_topic,
     start_redis,
     wait_for_redis,
@@ -164,12 +164,8 @@ def test_partitions_a_member_joining_during_a_redis_outage_takes_are_left_to_it(
             resumed.wait_until(lambda m=resumed: m.metric("streamadapt_consumption_paused") == 0, 60, "resumed")
         left = sum("revoked during the outage: left to their new owner" in m.log_path.read_text() for m in members[:2])
         assert third.stop() == 0  # its partitions go back to the two, from the offsets it committed
-        wanted, deadline = {b["event_id"] for b in bodies}, time.monotonic() + 180
-        while True:  # at least once, re-emitted records count toward `expect` before every event has its own
-            records = read_topic(stack, names.predictions_topic, expect=len(bodies), timeout_s=30, settle_s=3,
-                                 committed_only=exactly_once)
-            if wanted <= {json.loads(r.value)["event_id"] for r in records} or time.monotonic() > deadline:
-                break
+        records = read_every_event_predicted(stack, names.predictions_topic, {b["event_id"] for b in bodies}, 180,
+                                             committed_only=exactly_once)
         for serving in members[:2]:
             assert serving.stop() == 0
     finally:
