@@ -3,8 +3,9 @@
 `BatchBuilder.build` validates, dedupes, computes features, predicts and joins labels, reading Redis;
 `BatchBuilder.save` writes everything the batch changed (one MULTI/EXEC; one script per shard on a Redis
 Cluster: streamadapt.state.store), and hands back the labels the batch resolved, which the serving loop scores
-(prequential quality and drift) once the batch is committed. The serving loop (streamadapt.serving.loop) calls both on its own thread, then produces the outputs and commits the
-offsets. The pure logic is in streamadapt.serving.plan.
+(prequential quality and drift) once the batch is committed. The serving loop (streamadapt.serving.loop) calls
+both on its own thread, then produces the outputs and commits the offsets. The pure logic is in
+streamadapt.serving.plan.
 """
 from __future__ import annotations
 
