@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 # The group changed under the consumer: a commit is refused, the records are replayed by their new owner.
 GROUP_CHANGED = {KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID,
                  KafkaError._ASSIGNMENT_LOST}
-# A broker or the cluster is away: the batch is retried, as with kafka-python's timeouts.
-UNAVAILABLE = {KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT}
+# A broker or the cluster is away, or the group coordinator is loading or moving (a broker restarting): the
+# call is retried, as with kafka-python's timeouts. librdkafka does not flag the coordinator's errors retriable
+# in what a synchronous commit raises.
+UNAVAILABLE = {KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+               KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+               KafkaError.NOT_COORDINATOR}
 
 
 def client_config(settings: KafkaSettings, role: str) -> dict:

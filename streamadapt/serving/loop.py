@@ -71,6 +71,10 @@ MAX_REMEMBERED_REFUSALS = 10_000
 IN_FLIGHT_POLL_MS = 5
 FULL_WINDOW_POLL_MS = 1
 FULL_WINDOW_WAIT_S = 0.001
+# How long a stop waits for a group coordinator that is loading or moving (a broker restarting) to take the final
+# commit; past it the last records are left to be read again by their partitions' next owner.
+FINAL_COMMIT_WAIT_S = 15.0
+FINAL_COMMIT_RETRY_S = 0.5
 SETTLE_SAVED_WAIT_S = 1.0  # during a Redis outage, how long the window's acknowledgements are waited for
 
 
@@ -145,9 +149,24 @@ class ServingLoop:
         self._finish_in_flight()
         owned = self._consumer.assignment()
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
-        if final:  # confirmed synchronously, so a clean stop leaves nothing to replay
-            self._consumer.commit(final)
+        if final:
+            self._commit_final(final)
         self.observer.final()
+
+    def _commit_final(self, final: dict[TopicPartition, int]) -> None:
+        """Commit synchronously, so that a clean stop leaves nothing to replay: through a coordinator that is
+        loading or moving for up to FINAL_COMMIT_WAIT_S, then leaving the records to be read again."""
+        deadline = time.monotonic() + FINAL_COMMIT_WAIT_S
+        while True:
+            try:
+                self._consumer.commit(final)
+                return
+            except KafkaUnavailable as error:
+                if time.monotonic() >= deadline:
+                    log.warning("the final offset commit was refused for %.0f s (%s): the last records will be read "
+                                "again by their partitions' next owner", FINAL_COMMIT_WAIT_S, error)
+                    return
+                time.sleep(FINAL_COMMIT_RETRY_S)
 
     @property
     def stalled(self) -> bool:

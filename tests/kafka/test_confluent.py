@@ -15,3 +15,13 @@ def test_only_fencing_is_called_fenced_and_any_other_fatal_error_ends_the_proces
         _fenced_if_fatal(invalid)
     _fenced_if_fatal(KafkaException(KafkaError(KafkaError._TIMED_OUT, retriable=True)))  # retried, not fatal
     _fenced_if_fatal(ValueError("not a Kafka error"))
+
+
+def test_a_group_coordinator_loading_or_moving_is_an_outage_to_wait_out():
+    from streamadapt.kafka.confluent import _protocol_error
+    from streamadapt.kafka.protocol import KafkaClientError, KafkaUnavailable
+
+    for code in (KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR):
+        assert isinstance(_protocol_error(KafkaException(KafkaError(code, "Commit failed"))), KafkaUnavailable)
+    refused = _protocol_error(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
+    assert type(refused) is KafkaClientError

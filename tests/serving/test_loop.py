@@ -17,6 +17,7 @@ from streamadapt.kafka.protocol import (
     TransactionAborted,
 )
 from streamadapt.metrics import WorkerMetrics
+from streamadapt.serving import loop as loop_module
 from streamadapt.serving.batch import Built, Resolved
 from streamadapt.serving.loop import ServingLoop
 from streamadapt.settings import load_settings
@@ -506,3 +507,35 @@ def test_a_consumer_that_does_not_fetch_for_a_reason_or_cannot_say_is_not_stalle
     for now in (0.0, 60.0, 600.0):
         loop.observer.check_fetching(now, paused)
         assert not loop.stalled
+
+
+class CoordinatorLoading(FakeConsumer):
+    """A group coordinator that refuses `refusals` synchronous commits (a broker restarting)."""
+
+    def __init__(self, *args, refusals: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refusals = refusals
+
+    def commit(self, offsets):
+        if self.refusals:
+            self.refusals -= 1
+            raise KafkaUnavailable("COORDINATOR_LOAD_IN_PROGRESS: Commit failed: Broker: Coordinator load in progress")
+        return super().commit(offsets)
+
+
+def test_a_stop_waits_for_a_loading_coordinator_to_take_the_final_commit(monkeypatch):
+    monkeypatch.setattr(loop_module, "FINAL_COMMIT_RETRY_S", 0.0)
+    log, stop = Log(), threading.Event()
+    consumer = CoordinatorLoading(log, [records(0, 10, 11), []], stop=stop, refusals=2)
+    make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)
+    assert [entry for entry in log if entry[0] == "commit"] == [("commit", {P0: 12})]  # the third try
+
+
+def test_a_stop_leaves_the_last_records_to_be_read_again_when_the_coordinator_never_answers(monkeypatch, caplog):
+    monkeypatch.setattr(loop_module, "FINAL_COMMIT_RETRY_S", 0.0)
+    monkeypatch.setattr(loop_module, "FINAL_COMMIT_WAIT_S", 0.0)
+    log, stop = Log(), threading.Event()
+    consumer = CoordinatorLoading(log, [records(0, 10, 11), []], stop=stop, refusals=10**6)
+    make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)  # returns: the process ends cleanly
+    assert not [entry for entry in log if entry[0] == "commit"]
+    assert any("will be read again by their partitions' next owner" in r.getMessage() for r in caplog.records)
