@@ -95,7 +95,7 @@ def _serve(settings: Settings, checkpoint: Path, ordered: Path, input_topic: str
         replay(ordered, kafka, rate_per_s)
         predictions = _read_predictions(settings, topics_of(input_topic)[1], len(stream.events), process, log_path)
         with closing(connect(settings.redis)) as client:
-            observed_since = client.get(KeyLayout(key_prefix, settings.redis.shards).meta("observed_since"))
+            observed_since = client.get(KeyLayout(key_prefix).meta("observed_since"))
     return predictions, None if observed_since is None else float(observed_since)
 
 

@@ -169,10 +169,14 @@ def _storage_bytes(settings: Settings, key_prefix: str, sample: int = 200) -> di
 
 
 def scaling_result(rows: list[ScalingRow], storage: dict[str, dict[str, float]], events: int, partitions: int) -> dict:
+    """Each run's figures, against the run of the fewest processes on the same Redis."""
+    fewest: dict[str, ScalingRow] = {}
+    for row in rows:
+        if row.redis not in fewest or row.processes < fewest[row.redis].processes:
+            fewest[row.redis] = row
     by_kind: dict[str, list[dict]] = {}
     for row in rows:
-        one = next(r for r in rows if r.redis == row.redis and r.processes == min(
-            x.processes for x in rows if x.redis == row.redis))
+        one = fewest[row.redis]
         by_kind.setdefault(row.redis, []).append({
             **asdict(row), "events_per_s": row.events_per_s,
             "speed_up": row.events_per_s / one.events_per_s,
