@@ -105,6 +105,7 @@ class ServingConsumer:
         self._max_records = max_records
         self._answered = answered  # the `done` of each asynchronous commit, in order: librdkafka answers in order
         self.before_revoke: Callable[[], None] = lambda: None  # called inside poll before partitions go
+        self.on_assigned: Callable[[set[TopicPartition]], dict[TopicPartition, int]] = lambda _: {}
 
     @classmethod
     @_reported_as_protocol()
@@ -147,8 +148,17 @@ class ServingConsumer:
             time.sleep(0.2)
         serving = cls(consumer, settings.max_poll_records, answered)
         consumer.subscribe([settings.input_topic], on_revoke=lambda _, revoked: revoked and serving.before_revoke(),
+                           on_assign=serving._assign,
                            on_lost=lambda _, lost: log.warning("partitions lost to the group: %s", lost))
         return serving
+
+    def _assign(self, consumer: Consumer, partitions: list[ConfluentPartition]) -> None:
+        """librdkafka's assignment, with the start offsets `on_assigned` asks for (the others start at their
+        committed offsets)."""
+        starts = self.on_assigned({TopicPartition(tp.topic, tp.partition) for tp in partitions})
+        for tp in partitions:
+            tp.offset = starts.get(TopicPartition(tp.topic, tp.partition), tp.offset)
+        consumer.assign(partitions)
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
         """What is already fetched, up to `max_records` (max_poll_records); else wait up to `timeout_ms` for the

@@ -70,9 +70,11 @@ def _path(path) -> str | None:
 
 
 def open_consumer(settings: KafkaSettings, before_revoke: Callable[[], None],
+                  on_assigned: Callable[[set[TopicPartition]], dict[TopicPartition, int]] = lambda _: {},
                   metadata_timeout_s: float = 60.0) -> KafkaConsumer:
     """A consumer subscribed to the input topic, once the topic's partitions are visible to it; a rebalance
-    calls `before_revoke` before it takes partitions away.
+    calls `before_revoke` before it takes partitions away, and `on_assigned` once it has assigned them, which
+    returns the offsets to start some of them at (ServingConsumer.on_assigned).
 
     Subscribing before a just-created topic shows up in metadata would join the group with nothing to
     read until the next metadata refresh (minutes), so this waits for the partitions first.
@@ -101,20 +103,24 @@ def open_consumer(settings: KafkaSettings, before_revoke: Callable[[], None],
         consumer.topics()  # forces a metadata refresh
         time.sleep(0.2)
     workarounds.apply_to_consumer(consumer)
-    consumer.subscribe([settings.input_topic], listener=_BeforeRevoke(before_revoke))
+    consumer.subscribe([settings.input_topic], listener=_Rebalance(consumer, before_revoke, on_assigned))
     return consumer
 
 
-class _BeforeRevoke(ConsumerRebalanceListener):
-    def __init__(self, before_revoke: Callable[[], None]):
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, consumer: KafkaConsumer, before_revoke: Callable[[], None],
+                 on_assigned: Callable[[set[TopicPartition]], dict[TopicPartition, int]]):
+        self._consumer = consumer
         self._before_revoke = before_revoke
+        self._on_assigned = on_assigned
 
     def on_partitions_revoked(self, revoked) -> None:
         if revoked:
             self._before_revoke()
 
     def on_partitions_assigned(self, assigned) -> None:
-        pass
+        for tp, offset in self._on_assigned({_ours(tp) for tp in assigned}).items():
+            self._consumer.seek(KafkaPartition(*tp), offset)
 
 
 def open_producer(settings: KafkaSettings, transactional_id: str | None = None, linger_ms: int = 5,
@@ -251,11 +257,12 @@ class KeyPartitioner:
 
 class ServingConsumer:
     """The serving loop's consumer on kafka-python: batches of InputRecords, pause and rewind, commits, lag.
-    `before_revoke` is called inside `poll` when a rebalance is about to take partitions away."""
+    `before_revoke` and `on_assigned` are called inside `poll` around a rebalance (the protocol's)."""
 
     def __init__(self, consumer: KafkaConsumer):
         self._consumer = consumer
         self.before_revoke: Callable[[], None] = lambda: None
+        self.on_assigned: Callable[[set[TopicPartition]], dict[TopicPartition, int]] = lambda _: {}
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]:
         with _reported_as_protocol():
@@ -414,7 +421,8 @@ def open_serving_producer(settings: KafkaSettings, transactional_id: str | None,
 
 def open_serving_consumer(settings: KafkaSettings) -> ServingConsumer:
     with _reported_as_protocol():
-        consumer = ServingConsumer(open_consumer(settings, lambda: consumer.before_revoke()))
+        consumer = ServingConsumer(open_consumer(settings, lambda: consumer.before_revoke(),
+                                                 lambda assigned: consumer.on_assigned(assigned)))
     return consumer
 
 

@@ -125,9 +125,13 @@ class Acks(Protocol):
 
 class ServingConsumer(Protocol):
     """The serving loop's consumer: a member of the input topic's group, committing offsets itself.
-    `before_revoke` is called inside `poll` when a rebalance is about to take partitions away."""
+    `before_revoke` is called inside `poll` when a rebalance is about to take partitions away, and
+    `on_assigned(assigned)` once it has assigned them: it returns the offsets to start some of them at, in
+    place of where the client would (the committed offset, or for a partition kept through an eager
+    rebalance, kafka-python's position before it)."""
 
     before_revoke: Callable[[], None]
+    on_assigned: Callable[[set[TopicPartition]], dict[TopicPartition, int]]
 
     def poll(self, timeout_ms: int, max_records: int | None = None) -> list[InputRecord]: ...
 

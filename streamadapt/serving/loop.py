@@ -126,7 +126,10 @@ class ServingLoop:
         self._refused: dict[tuple[str, str], str] = {}
         self.observer = Observer(consumer, metrics, model.meta.task, settings.training.quality_window,
                                  settings.progress_interval_s, raise_drift_alarm)
-        consumer.before_revoke = self._commit_in_flight_before_revoke
+        self._in_hand: list[InputRecord] | None = None  # the batch being served
+        self._restart_at: dict[TopicPartition, int] = {}  # from _before_revoke to _on_assigned
+        consumer.before_revoke = self._before_revoke
+        consumer.on_assigned = self._on_assigned
         metrics.model_info.info({"model_version": model.version, "task": model.meta.task})
 
     def run(self, stop: threading.Event) -> None:
@@ -198,23 +201,29 @@ class ServingLoop:
 
     def _serve(self, records: list[InputRecord], stop: threading.Event) -> None:
         """Build and save the batch (through a Redis outage), then send it: into the window, or in exactly-once
-        mode as one transaction with its offsets."""
+        mode as one transaction with its offsets. A rebalance while the batch waits out an outage takes it out
+        of this worker's hands (`_before_revoke`): it is then neither saved nor sent."""
         polled_at = time.perf_counter()
         self._metrics.events_consumed.inc(len(records))
+        self._in_hand = records
+        try:
+            self._serve_in_hand(records, polled_at, stop)
+        finally:
+            self._in_hand = None
+
+    def _serve_in_hand(self, records: list[InputRecord], polled_at: float, stop: threading.Event) -> None:
         try:
             built = self._build_and_save(records)
         except REDIS_OUTAGE_ERRORS as error:
-            def attempt() -> Built | None:  # a rebalance during the outage may have taken partitions away
-                nonlocal records
-                records = self._still_owned(records)
-                return self._build_and_save(records) if records else None
+            def attempt() -> Built | None:
+                return None if self._in_hand is None else self._build_and_save(records)
             try:
                 built = self._retry_through_outage(attempt, error, REDIS_OUTAGE_ERRORS, stop, between=self._settle_saved)
             except REDIS_OUTAGE_ERRORS:
                 self._rewind(records)  # stopped during the outage: read again by whoever owns them next
                 return
             if built is None:
-                self._end_outage("the batch's partitions were all revoked during the outage")
+                self._end_outage("a rebalance took the batch in hand")
                 return
         if not self._transactional:
             try:
@@ -230,8 +239,14 @@ class ServingLoop:
             try:
                 self._send_in_transaction(records, built)
             except KafkaUnavailable as error:
-                self._retry_through_outage(lambda: self._send_in_transaction(records, built, owned_only=True), error,
-                                           KafkaUnavailable, stop)
+                def attempt_again() -> bool:
+                    if self._in_hand is None:
+                        return False
+                    self._send_in_transaction(records, built)
+                    return True
+                if not self._retry_through_outage(attempt_again, error, KafkaUnavailable, stop):
+                    self._end_outage("a rebalance took the batch in hand")
+                    return
         except KafkaUnavailable:
             self._rewind(records)
             return
@@ -359,35 +374,36 @@ class ServingLoop:
             log.warning("the batches in flight are left to be read again (%s: %s)", type(error).__name__, error)
         self._drop_in_flight()
 
-    def _commit_in_flight_before_revoke(self) -> None:
+    def _before_revoke(self) -> None:
         """Called by the consumer before a rebalance takes partitions away (on kafka-python, from its network
-        thread while `poll` waits): the batches in flight are acknowledged and their offsets committed now,
+        thread while `poll` waits). The batches in flight are acknowledged and their offsets committed now,
         while the partitions are still ours, so that their next owner neither reads them again nor reads Redis
-        before their writes. During an outage they are left to the next owner, which replays them."""
-        if self.paused:
-            self._drop_in_flight()
-            return
-        self._finish_in_flight()
+        before their writes; during an outage they are not waited for. What is left, with the batch in hand,
+        is dropped: its partitions' next owner reads it again from their committed offsets, and `_on_assigned`
+        starts the partitions this worker keeps at its first records, since kafka-python keeps a kept
+        partition's position (past them) where librdkafka goes back to the committed offset."""
+        if not self.paused:
+            self._finish_in_flight()
+        dropped = self._drop_in_flight()
+        if self._in_hand is not None:
+            dropped += self._in_hand
+            self._in_hand = None
+        self._restart_at = _by_partition(first_offsets(dropped))
 
-    def _still_owned(self, records: list[InputRecord]) -> list[InputRecord]:
-        """The records of partitions this worker still owns: after a rebalance during an outage, the others
-        belong to their new owner, which reads them from the last committed offset. Writing their Redis state
-        or committing them now would overwrite what the new owner writes."""
-        owned = self._consumer.assignment()
-        kept = [record for record in records if (record.topic, record.partition) in owned]
-        if len(kept) < len(records):
-            log.warning("%d records of the batch belong to partitions revoked during the outage: left to their "
-                        "new owner", len(records) - len(kept))
-        return kept
+    def _on_assigned(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """Called by the consumer when a rebalance has assigned partitions: where to start those among them whose
+        records the revocation before it dropped. Only for a partition kept through that one rebalance: one
+        that was away meanwhile starts at what its other owner committed."""
+        restart_at, self._restart_at = self._restart_at, {}
+        starts = {tp: offset for tp, offset in restart_at.items() if tp in assigned}
+        if starts:
+            log.warning("a rebalance took the records in hand of %d kept partitions: they are read again from "
+                        "their first", len(starts))
+        return starts
 
-    def _send_in_transaction(self, records: list[InputRecord], built: Built, owned_only: bool = False) -> None:
+    def _send_in_transaction(self, records: list[InputRecord], built: Built) -> None:
         """Exactly-once: the batch's outputs and the offsets after it in one Kafka transaction, so a
-        read_committed reader sees its outputs once, whatever happens. With `owned_only` (a retry after an
-        outage, during which a rebalance may have taken partitions away) a batch with records of a partition
-        no longer owned is not sent: its partitions still owned are read again, and replayed from Redis."""
-        if owned_only and len(self._still_owned(records)) < len(records):
-            raise BatchAborted("partitions of the batch were revoked during the outage; the rest of it will be "
-                               "read again", {})
+        read_committed reader sees its outputs once, whatever happens."""
         try:
             self._producer.send_in_transaction(built.messages, _by_partition(next_offsets(records)),
                                                self._consumer.group_metadata())

@@ -55,12 +55,24 @@ class FakeConsumer:
         returns the records. Once they run out, the poll sets `stop`."""
         self.log, self.polls, self.owned, self.stop = log, list(polls), set(owned), stop
         self.before_revoke = lambda: None
+        self.on_assigned = lambda assigned: {}
         self.seeks: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.paused = False
+        self.while_paused: list = []  # called one per poll while paused (scripted events of an outage)
+
+    def rebalance(self, owned) -> None:
+        """An eager rebalance, as both clients run it: everything revoked, then `owned` assigned, and
+        started where `on_assigned` asks. A new assignment is not paused."""
+        self.before_revoke()
+        self.owned, self.paused = set(owned), False
+        for tp, offset in self.on_assigned(set(owned)).items():
+            self.seek(tp, offset)
 
     def poll(self, timeout_ms, max_records=None):
         if self.paused:  # what a paused consumer reads comes after it resumes
+            if self.while_paused:
+                self.while_paused.pop(0)()
             return []
         if not self.polls:
             if self.stop is not None:
@@ -299,32 +311,6 @@ def test_a_redis_outage_builds_the_batch_again_once_redis_answers_and_then_sends
     assert not loop.paused
 
 
-class RevokedWhilePaused(FakeConsumer):
-    """A rebalance during the outage: partition 1 goes to another worker while this one waits paused."""
-
-    def pause_all(self):
-        super().pause_all()
-        self.owned = {P0}
-
-
-def test_a_batch_retried_after_a_redis_outage_leaves_out_the_partitions_revoked_meanwhile():
-    log, stop = Log(), threading.Event()
-    consumer = RevokedWhilePaused(log, [records(0, 10, 11) + records(1, 4), []], stop=stop)
-    loop = make_loop(consumer, FakeProducer(log), FakeBuilder(log, [redis.ConnectionError("Redis is away")]))
-    loop.run(stop)
-    assert [entry for entry in log if entry[0] in ("build", "send")] == [("build", 10), ("build", 10), ("send", 2)]
-    assert consumer.committed == {P0: 12}  # partition 1 is its new owner's to read, write and commit
-
-
-def test_exactly_once_does_not_send_a_batch_whose_partitions_were_revoked_during_a_kafka_outage():
-    log, stop = Log(), threading.Event()
-    consumer = RevokedWhilePaused(log, [records(0, 10, 11) + records(1, 4), []], stop=stop)
-    producer = FakeProducer(log, [NotAcknowledged("leader not available")])
-    make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
-    assert [entry for entry in log if entry[0] == "transaction"] == [("transaction", 3)]  # the first, refused
-    assert consumer.seeks == {P0: 10}  # read again, and replayed from the claims the batch saved
-
-
 def test_batches_saved_before_a_redis_outage_are_committed_during_it_and_the_outage_lasts():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10, 11), records(0, 12), []], stop=stop)
@@ -423,8 +409,29 @@ def test_a_rebalance_during_an_outage_leaves_the_batches_in_flight_to_the_next_o
     loop = make_loop(consumer, producer, FakeBuilder(log))
     loop._serve(records(0, 10), stop)
     loop._outage_since = 0.0
-    consumer.before_revoke()
+    consumer.rebalance({P0})
     assert loop.in_flight == 0 and consumer.committed == {}
+    assert consumer.seeks == {P0: 10}  # kept: read again from the first record left, wherever the client was
+
+
+def test_a_rebalance_during_a_redis_outage_takes_the_batch_in_hand_and_restarts_the_kept_partitions_at_it():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4), []], stop=stop)
+    consumer.while_paused.append(lambda: consumer.rebalance({P1}))  # P0 goes to a member that joined
+    make_loop(consumer, FakeProducer(log), FakeBuilder(log, [redis.ConnectionError("Redis is away")])).run(stop)
+    # built once, refused; after the rebalance neither saved nor sent: P1 is read again from offset 4
+    assert [entry for entry in log if entry[0] in ("build", "send", "seek")] == [("build", 10), ("seek", 1, 4)]
+    assert consumer.committed == {}
+
+
+def test_a_rebalance_during_a_kafka_outage_in_exactly_once_mode_takes_the_batch_in_hand():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4), []], stop=stop)
+    consumer.while_paused.append(lambda: consumer.rebalance({P0, P1}))  # a member joined and left again
+    producer = FakeProducer(log, [NotAcknowledged("coordinator not available")])
+    make_loop(consumer, producer, FakeBuilder(log), exactly_once=True).run(stop)
+    assert len(producer.transactions) == 1  # the refused one; the batch is not sent again after the rebalance
+    assert consumer.seeks == {P0: 10, P1: 4}
 
 
 class ResolvingBuilder(FakeBuilder):
