@@ -21,6 +21,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class WithoutClientTracebacks(logging.Filter):
+    """kafka-python logs a connection that breaks (a broker that refuses our certificate, say) with the
+    traceback of its socket call, and then its error again on a line of its own: the traceback is dropped, so
+    that an expected network failure reads as lines of a log, not as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith("kafka."):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def set_up(level: str = "INFO", log_format: str = "text") -> None:
     """The root logger's level and format (replacing any handler set up before)."""
     root = logging.getLogger()
@@ -30,6 +41,8 @@ def set_up(level: str = "INFO", log_format: str = "text") -> None:
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     for handler in root.handlers:
         handler.setFormatter(formatter)
+        if not any(isinstance(existing, WithoutClientTracebacks) for existing in handler.filters):
+            handler.addFilter(WithoutClientTracebacks())
 
 
 def report(line: str) -> None:

@@ -39,7 +39,8 @@ def sasl_bootstrap(bootstrap: str, port_offset: int = 2) -> str:
     return f"{host}:{int(port) + port_offset}"
 
 
-KAFKA_CA = STACK_DIR / "kafka" / "tls" / "ca.pem"  # the dev stack's CA, which signed its broker's certificate
+KAFKA_TLS = STACK_DIR / "kafka" / "tls"
+KAFKA_CA = KAFKA_TLS / "ca.pem"  # the dev stack's CA, which signed its broker's certificate and a client's
 
 
 def serve_a_few(stack, names, checkpoint, log_path, **env) -> None:
@@ -126,11 +127,16 @@ def test_worker_uses_a_redis_password_and_refuses_a_wrong_one(stack, names, chec
     pytest.param("SASL_SSL", "kafka-python", True, marks=pytest.mark.faults)])
 def test_worker_serves_through_kafka_tls_and_refuses_a_broker_its_ca_did_not_sign(stack, names, checkpoint, tmp_path,
                                                                                  protocol, client, refusal):
-    """`refusal`: also start a worker with a CA that did not sign the broker's certificate, which stops with one
-    line once the client gives up its bootstrap (about 30 s: with -m faults, as the SASL password's refusal)."""
+    """The SSL listener requires a client certificate (mutual TLS), which the worker presents. `refusal`: also
+    start a worker with a CA that did not sign the broker's certificate and, on SSL, one without a client
+    certificate; each stops with one line once the client gives up its bootstrap (about 30 s: with -m faults,
+    as the SASL password's refusal)."""
     tls = {"STREAMADAPT_KAFKA_BOOTSTRAP": sasl_bootstrap(stack.kafka_bootstrap, 3 if protocol == "SSL" else 4),
            "STREAMADAPT_KAFKA_SECURITY_PROTOCOL": protocol, "STREAMADAPT_KAFKA_SSL_CAFILE": str(KAFKA_CA),
            "STREAMADAPT_KAFKA_CLIENT": client}
+    if protocol == "SSL":
+        tls.update({"STREAMADAPT_KAFKA_SSL_CERTFILE": str(KAFKA_TLS / "client.crt"),
+                    "STREAMADAPT_KAFKA_SSL_KEYFILE": str(KAFKA_TLS / "client.key")})
     if protocol == "SASL_SSL":
         tls.update({"STREAMADAPT_KAFKA_SASL_MECHANISM": "PLAIN", "STREAMADAPT_KAFKA_SASL_USERNAME": DEV_SASL_USER,
                     "STREAMADAPT_KAFKA_SASL_PASSWORD": DEV_SASL_PASSWORD})
@@ -138,10 +144,15 @@ def test_worker_serves_through_kafka_tls_and_refuses_a_broker_its_ca_did_not_sig
     if not refusal:
         return
     stranger = make_tls_files(tmp_path)["ca"]  # a CA that never signed the broker's certificate
-    env = {**WorkerProcess(stack, new_names(), checkpoint, tmp_path / "unused.log", **tls).env,
-           "STREAMADAPT_KAFKA_SSL_CAFILE": stranger}
-    error_line = next(line for line in run_expecting_failure(env).splitlines() if line.startswith("streamadapt run: error:"))
-    assert "cannot reach Kafka" in error_line, error_line
+    env = WorkerProcess(stack, new_names(), checkpoint, tmp_path / "unused.log", **tls).env
+    refused = [{**env, "STREAMADAPT_KAFKA_SSL_CAFILE": stranger}]
+    if protocol == "SSL":
+        refused.append({name: value for name, value in env.items()
+                        if name not in ("STREAMADAPT_KAFKA_SSL_CERTFILE", "STREAMADAPT_KAFKA_SSL_KEYFILE")})
+    for refused_env in refused:
+        output = run_expecting_failure(refused_env)
+        error_line = next(line for line in output.splitlines() if line.startswith("streamadapt run: error:"))
+        assert "cannot reach Kafka" in error_line, error_line
 
 
 def make_tls_files(directory) -> dict[str, str]:
