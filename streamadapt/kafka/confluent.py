@@ -300,6 +300,9 @@ class Acks:
 
 # A commit_transaction that times out is retried (librdkafka allows it) this many times, then given up.
 COMMIT_ATTEMPTS = 4
+# An abort the broker has not answered for this long, call after call, is given up: librdkafka can keep a request
+# to a transaction coordinator that came back queued for ever, and only a new producer resolves the transaction.
+ABORT_GIVE_UP_S = COMMIT_ATTEMPTS * ACK_TIMEOUT_S
 DEADLINE_S = ACK_TIMEOUT_S + 15  # librdkafka's own timeouts are ACK_TIMEOUT_S: this only catches a call that hangs
 
 
@@ -319,7 +322,7 @@ class ServingProducer:
     def __init__(self, producer: Producer):
         self._producer = producer
         self._deadline = Deadline(DEADLINE_S)
-        self._abort_pending = False  # exactly-once: an abort the broker has not answered yet
+        self._abort_pending_since: float | None = None  # exactly-once: an abort not answered yet (monotonic)
 
     @classmethod
     @_reported_as_protocol()
@@ -371,7 +374,7 @@ class ServingProducer:
         by the next call. A commit that keeps failing for want of the broker, or a call past its deadline,
         raises TransactionStuck: only a new producer can tell whether that transaction committed."""
         producer = self._producer
-        if self._abort_pending:
+        if self._abort_pending_since is not None:
             self._abort()
         producer.begin_transaction()
         try:
@@ -402,13 +405,19 @@ class ServingProducer:
         raise TransactionStuck("commit_transaction", COMMIT_ATTEMPTS * ACK_TIMEOUT_S)
 
     def _abort(self) -> None:
+        """Abort the open transaction; KafkaUnavailable while the broker does not answer (the next call tries
+        again), TransactionStuck once it has not for ABORT_GIVE_UP_S."""
         try:
             self._deadline.call("abort_transaction", self._producer.abort_transaction, ACK_TIMEOUT_S)
         except KafkaException as error:
             _fenced_if_fatal(error)
-            self._abort_pending = True
+            now = time.monotonic()
+            if self._abort_pending_since is None:
+                self._abort_pending_since = now
+            elif now - self._abort_pending_since > ABORT_GIVE_UP_S:
+                raise TransactionStuck("abort_transaction", ABORT_GIVE_UP_S) from error
             raise KafkaUnavailable(f"abort_transaction: {error}") from error
-        self._abort_pending = False
+        self._abort_pending_since = None
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._deadline.close()

@@ -78,13 +78,13 @@ class RecordsRefused(KafkaClientError):
 
 
 class TransactionStuck(RuntimeError):
-    """Exactly-once: a transactional call did not return by its deadline (streamadapt.kafka.deadline). The
-    transaction it holds can only be resolved by a new producer with the same transactional id, which aborts
-    it, or completes a commit the coordinator had already decided: the process ends, and its restart does
-    that before it reads on from the committed offsets."""
+    """Exactly-once: a transactional call did not return by its deadline (streamadapt.kafka.deadline), or did
+    not succeed for that long, call after call. The transaction it holds can only be resolved by a new producer
+    with the same transactional id, which aborts it, or completes a commit the coordinator had already
+    decided: the process ends, and its restart does that before it reads on from the committed offsets."""
 
     def __init__(self, what: str, timeout_s: float):
-        super().__init__(f"Kafka: {what} did not return within {timeout_s:.0f} s while a broker was away; "
+        super().__init__(f"Kafka: {what} did not succeed within {timeout_s:.0f} s while a broker was away; "
                          "exiting so that a restart resolves the open transaction (its transactional id fences "
                          "this producer)")
 

@@ -25,3 +25,34 @@ def test_a_group_coordinator_loading_or_moving_is_an_outage_to_wait_out():
         assert isinstance(_protocol_error(KafkaException(KafkaError(code, "Commit failed"))), KafkaUnavailable)
     refused = _protocol_error(KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)))
     assert type(refused) is KafkaClientError
+
+
+class UnansweredAborts:
+    """A librdkafka producer whose transaction coordinator never answers an abort."""
+
+    def __init__(self):
+        self.aborts = 0
+
+    def abort_transaction(self, timeout_s):
+        self.aborts += 1
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Timed out waiting for operation to finish",
+                                        retriable=True))
+
+
+def test_an_abort_left_unanswered_is_tried_again_then_given_up_for_a_restart(monkeypatch):
+    from streamadapt.kafka import confluent
+    from streamadapt.kafka.protocol import KafkaUnavailable, TransactionStuck
+
+    clock = [1000.0]
+    monkeypatch.setattr(confluent.time, "monotonic", lambda: clock[0])
+    producer = confluent.ServingProducer(UnansweredAborts())
+    try:
+        for _ in range(3):  # within the bound: an outage, tried again by the next batch
+            with pytest.raises(KafkaUnavailable, match="abort_transaction"):
+                producer._abort()
+            clock[0] += confluent.ABORT_GIVE_UP_S / 4
+        clock[0] += confluent.ABORT_GIVE_UP_S
+        with pytest.raises(TransactionStuck, match="restart resolves the open transaction"):
+            producer._abort()
+    finally:
+        producer._deadline.close()

@@ -18,7 +18,7 @@ def test_a_call_returns_its_value_or_raises_its_error_through_the_deadline():
 def test_a_call_past_its_deadline_is_stuck_and_so_is_every_call_after_it_until_it_returns():
     deadline = Deadline(0.2)
     started = time.monotonic()
-    with pytest.raises(TransactionStuck, match="commit_transaction did not return"):
+    with pytest.raises(TransactionStuck, match="commit_transaction did not succeed"):
         deadline.call("commit_transaction", time.sleep, 1.0)
     assert time.monotonic() - started < 0.9
     with pytest.raises(TransactionStuck):
