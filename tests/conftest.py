@@ -49,6 +49,7 @@ def stack() -> Stack:
     was_running = subprocess.run([STACK_SCRIPT, "status"], capture_output=True).returncode == 0
     started = _dev_stack_up()
     assert not started.redis_cluster
+    STARTED_KAFKA.append(started.kafka_bootstrap)
     yield started
     _drop_test_keys(started)
     if not was_running and not os.environ.get("STREAMADAPT_TEST_KEEP_STACK"):
@@ -116,6 +117,7 @@ class Names:
         }
 
 
+STARTED_KAFKA: list[str] = []  # the dev stack's bootstrap, once the session has started it
 ISSUED_KEY_PREFIXES: list[str] = []  # the Redis prefixes of this run's tests, whose keys go at its end
 
 
@@ -129,7 +131,25 @@ def new_names() -> Names:
 
 @pytest.fixture
 def names() -> Names:
-    return new_names()
+    """A test's fresh names; with the dev stack, its topics are deleted after it, so that the broker does not
+    pile up thousands of partitions over runs (each one slows its restarts, which fault tests time)."""
+    made = new_names()
+    yield made
+    if STARTED_KAFKA:
+        _delete_topics(STARTED_KAFKA[0], [made.input_topic, made.predictions_topic, made.dlq_topic,
+                                          made.model_versions_topic])
+
+
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        if existing & set(topics):
+            admin.delete_topics(sorted(existing & set(topics)))
+    finally:
+        admin.close()
 
 
 @pytest.fixture(scope="session")
