@@ -6,7 +6,8 @@ client, which sends them on its own thread, and the batch joins the window of ba
 polls the next. Each batch keeps the order that makes a replay safe: its Redis transaction has landed before
 its outputs are sent, and its offsets are committed only once every output of it, and of every batch before
 it, is acknowledged. A refused output rewinds the partitions to the oldest batch not committed and reads it
-again; the event claims in Redis make its outputs the same. Each committed batch goes to the Observer
+again; the event claims in Redis make its outputs the same. While Redis or Kafka refuses the work,
+consumption pauses with backoff (streamadapt.serving.outage). Each committed batch goes to the Observer
 (metrics, live quality, the drift detector); a new champion is swapped in between two batches.
 
 In exactly-once mode each batch is one Kafka transaction (its outputs and its offsets), committed before
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import redis
 
 from streamadapt.kafka.protocol import (
     ACK_TIMEOUT_S,
@@ -41,15 +41,12 @@ from streamadapt.model.checkpoint import ServingModel
 from streamadapt.serving.batch import Built
 from streamadapt.serving.hotswap import ModelFollower
 from streamadapt.serving.observer import Observer
+from streamadapt.serving.outage import Outage
 from streamadapt.serving.plan import first_offsets, next_offsets
 from streamadapt.settings import Settings
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateWrites
 
 log = logging.getLogger(__name__)
-
-OUTAGE_FIRST_RETRY_S = 0.5
-OUTAGE_MAX_RETRY_S = 30.0
-
 
 class BatchAborted(Exception):
     """Exactly-once mode: the batch's transaction was aborted; its partitions are rewound to its start and
@@ -114,8 +111,7 @@ class ServingLoop:
         self._model = model
         self._metrics = metrics
         self.last_poll_ok_monotonic: float | None = None
-        self._outage_since: float | None = None  # monotonic time the current outage began
-        self._retry_in_s = OUTAGE_FIRST_RETRY_S
+        self._outage = Outage(consumer, metrics, self._rewind, self._polled)
         self._latest_offsets: dict[TopicPartition, int] = {}  # last offsets committed (asynchronously) per partition
         self._in_flight: deque[_Batch] = deque()  # sent, oldest first
         # Records acknowledged whose offset commit the coordinator has not answered yet: (records, when sent).
@@ -145,7 +141,7 @@ class ServingLoop:
                 continue
             records = self._consumer.poll(IN_FLIGHT_POLL_MS if self._in_flight else timeout_ms,
                                           min(room, self._max_poll_records))
-            self.last_poll_ok_monotonic = time.monotonic()
+            self._polled()
             if records:
                 self._serve(records, stop)
             self.observer.tick(time.monotonic(), self.paused)
@@ -179,7 +175,10 @@ class ServingLoop:
     @property
     def paused(self) -> bool:
         """True while an outage of Redis or Kafka holds consumption back."""
-        return self._outage_since is not None
+        return self._outage.paused
+
+    def _polled(self) -> None:
+        self.last_poll_ok_monotonic = time.monotonic()
 
     @property
     def in_flight(self) -> int:
@@ -218,12 +217,12 @@ class ServingLoop:
             def attempt() -> Built | None:
                 return None if self._in_hand is None else self._build_and_save(records)
             try:
-                built = self._retry_through_outage(attempt, error, REDIS_OUTAGE_ERRORS, stop, between=self._settle_saved)
+                built = self._outage.retry(attempt, error, REDIS_OUTAGE_ERRORS, stop, between=self._settle_saved)
             except REDIS_OUTAGE_ERRORS:
                 self._rewind(records)  # stopped during the outage: read again by whoever owns them next
                 return
             if built is None:
-                self._end_outage("a rebalance took the batch in hand")
+                self._outage.end("a rebalance took the batch in hand")
                 return
         if not self._transactional:
             try:
@@ -244,15 +243,15 @@ class ServingLoop:
                         return False
                     self._send_in_transaction(records, built)
                     return True
-                if not self._retry_through_outage(attempt_again, error, KafkaUnavailable, stop):
-                    self._end_outage("a rebalance took the batch in hand")
+                if not self._outage.retry(attempt_again, error, KafkaUnavailable, stop):
+                    self._outage.end("a rebalance took the batch in hand")
                     return
         except KafkaUnavailable:
             self._rewind(records)
             return
         except BatchAborted as aborted:
             log.warning("%s", aborted)
-            self._end_outage("batch aborted")  # read again from its start, unpaused
+            self._outage.end("batch aborted")  # read again from its start, unpaused
             for index, error in aborted.refused.items():  # left out when the batch is read again
                 if len(self._refused) >= MAX_REMEMBERED_REFUSALS:
                     self._refused.pop(next(iter(self._refused)))
@@ -293,7 +292,7 @@ class ServingLoop:
             self._in_flight[0].acks.wait(FULL_WINDOW_WAIT_S)
             return
         records = self._consumer.poll(FULL_WINDOW_POLL_MS, 1)
-        self.last_poll_ok_monotonic = time.monotonic()
+        self._polled()
         if records:
             self._rewind(records)
 
@@ -335,8 +334,7 @@ class ServingLoop:
         to its oldest batch, wait the backoff out paused, and resume, to read the dropped batches again. The
         outage lasts until a batch is committed."""
         self._rewind(self._drop_in_flight() + list(also))
-        self._wait_out(error, self._retry_in_s, stop)
-        self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
+        self._outage.wait_out(error, stop)
         self._consumer.resume_all()
 
     def _commit_async(self, offsets: dict[tuple[str, int], int], records: int) -> None:
@@ -349,7 +347,7 @@ class ServingLoop:
     def _committed(self, records: list[InputRecord], built: Built, polled_at: float, ends_outage: bool = True) -> None:
         """Metrics and scores of a batch whose outputs are acknowledged and whose offsets are committed."""
         if ends_outage:
-            self._end_outage()
+            self._outage.end()
         self.observer.committed(built)
         self._metrics.batch_duration.observe(time.perf_counter() - polled_at)
         self._metrics.batch_size.observe(len(records))
@@ -411,23 +409,6 @@ class ServingLoop:
             raise BatchAborted(f"transaction of {len(records)} records aborted ({error}); "
                                "they will be read again", error.refused) from error
 
-    def _retry_through_outage(self, attempt, error: Exception,
-                              outage_errors: type[Exception] | tuple[type[Exception], ...], stop: threading.Event | None,
-                              between: Callable[[], None] = lambda: None):
-        """After `error`, wait the outage out (paused, with backoff) and call `attempt` again until it returns,
-        or until `stop` is set (or there is no `stop`: inside a rebalance), when the last error is raised and
-        the batch is read again by the partitions' next owner. `between()` is called before each wait."""
-        while True:
-            if stop is None or stop.is_set():
-                raise error
-            between()
-            self._wait_out(error, self._retry_in_s, stop)
-            self._retry_in_s = min(2 * self._retry_in_s, OUTAGE_MAX_RETRY_S)
-            try:
-                return attempt()
-            except outage_errors as again:
-                error = again
-
     def _settle_saved(self) -> None:
         """While Redis refuses a batch: commit the batches of the window that were saved before and are
         acknowledged since, so that they are not left to be read again, nor missing from the metrics, for as
@@ -439,43 +420,12 @@ class ServingLoop:
         except KafkaUnavailable:
             pass
 
-    def _end_outage(self, why: str = "outputs accepted again") -> None:
-        self._retry_in_s = OUTAGE_FIRST_RETRY_S
-        if self._outage_since is not None:
-            log.warning("%s after %.1f s: resuming consumption", why, time.monotonic() - self._outage_since)
-            self._outage_since = None
-            self._metrics.paused.set(0)
-            self._consumer.resume_all()
-
     def _rewind(self, records: list[InputRecord]) -> None:
         """Seek the partitions this worker still owns back to the first of `records`, to read them again."""
         owned = self._consumer.assignment()
         for tp, first in _by_partition(first_offsets(records)).items():
             if tp in owned:
                 self._consumer.seek(tp, first)
-
-    def _wait_out(self, error: Exception, delay_s: float, stop: threading.Event | None) -> None:
-        """Pause every assigned partition and wait `delay_s` (less if `stop` is set) while polling, which
-        keeps the consumer in its group. Records a poll still returns (partitions assigned during the
-        wait) are sought back to."""
-        dependency = "redis" if isinstance(error, redis.RedisError) else "kafka"
-        self._metrics.dependency_errors.labels(dependency).inc()
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            self._metrics.paused.set(1)
-            log.error("%s refused the batch's outputs (%s: %s): consumption paused, retrying", dependency,
-                      type(error).__name__, error)
-        else:
-            log.warning("still failing after %.0f s (%s: %s); next try in %.1f s",
-                        time.monotonic() - self._outage_since, type(error).__name__, error, delay_s)
-        until = time.monotonic() + delay_s
-        while time.monotonic() < until and not (stop is not None and stop.is_set()):
-            self._consumer.pause_all()
-            slice_ms = max(1, int(min(1.0, until - time.monotonic()) * 1000))
-            self._rewind(self._consumer.poll(slice_ms))
-            self.last_poll_ok_monotonic = time.monotonic()
-        self._consumer.pause_all()
-
 
 
 def _by_partition(offsets: dict[tuple[str, int], int]) -> dict[TopicPartition, int]:

@@ -176,7 +176,7 @@ def make_loop(consumer, producer, builder, exactly_once=False, metrics=None, rai
 
 @pytest.fixture(autouse=True)
 def quick_outage_retries(monkeypatch):
-    monkeypatch.setattr("streamadapt.serving.loop.OUTAGE_FIRST_RETRY_S", 0.01)
+    monkeypatch.setattr("streamadapt.serving.outage.FIRST_RETRY_S", 0.01)
 
 
 def test_a_batch_is_sent_without_waiting_and_committed_only_with_every_batch_before_it_acknowledged():
@@ -408,7 +408,7 @@ def test_a_rebalance_during_an_outage_leaves_the_batches_in_flight_to_the_next_o
     consumer = FakeConsumer(log, [records(0, 10)], stop=stop)
     loop = make_loop(consumer, producer, FakeBuilder(log))
     loop._serve(records(0, 10), stop)
-    loop._outage_since = 0.0
+    loop._outage.since = 0.0
     consumer.rebalance({P0})
     assert loop.in_flight == 0 and consumer.committed == {}
     assert consumer.seeks == {P0: 10}  # kept: read again from the first record left, wherever the client was
