@@ -146,6 +146,7 @@ class ServingLoop:
                 self._serve(records, stop)
             self.observer.tick(time.monotonic(), self.paused)
         self._finish_in_flight()
+        self._drop_in_flight()
         owned = self._consumer.assignment()
         final = {tp: offset for tp, offset in self._latest_offsets.items() if tp in owned}
         if final:
@@ -362,7 +363,7 @@ class ServingLoop:
 
     def _finish_in_flight(self) -> None:
         """Wait for the acknowledgements of the batches in flight and commit them (asynchronously); those not
-        acknowledged are left to be read again."""
+        acknowledged stay in the window, for the caller to drop and leave to be read again."""
         if not self._in_flight:
             return
         try:
@@ -370,7 +371,6 @@ class ServingLoop:
             self._settle(None)
         except KafkaUnavailable as error:
             log.warning("the batches in flight are left to be read again (%s: %s)", type(error).__name__, error)
-        self._drop_in_flight()
 
     def _before_revoke(self) -> None:
         """Called by the consumer before a rebalance takes partitions away (on kafka-python, from its network

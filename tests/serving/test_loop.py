@@ -414,6 +414,21 @@ def test_a_rebalance_during_an_outage_leaves_the_batches_in_flight_to_the_next_o
     assert consumer.seeks == {P0: 10}  # kept: read again from the first record left, wherever the client was
 
 
+def test_a_rebalance_restarts_a_kept_partition_at_a_batch_in_flight_that_was_refused():
+    log, stop = Log(), threading.Event()
+    producer = FakeProducer(log, hold=True)
+
+    def rebalance():
+        producer.acknowledge(0, error=NotAcknowledged("leader not available"))
+        producer.flush = lambda timeout_s=None: None  # the refusal stands
+        consumer.rebalance({P0})  # kept: kafka-python would go on past offset 11
+        return []
+
+    consumer = FakeConsumer(log, [records(0, 10, 11), rebalance], stop=stop)
+    make_loop(consumer, producer, FakeBuilder(log)).run(stop)
+    assert consumer.seeks == {P0: 10} and consumer.committed == {}
+
+
 def test_a_rebalance_during_a_redis_outage_takes_the_batch_in_hand_and_restarts_the_kept_partitions_at_it():
     log, stop = Log(), threading.Event()
     consumer = FakeConsumer(log, [records(0, 10, 11) + records(1, 4), []], stop=stop)
