@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -47,6 +47,10 @@ from streamadapt.settings import Settings
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateWrites
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TAKEN = object()  # what a retry of the batch in hand returns once a rebalance has taken it
+
 
 class BatchAborted(Exception):
     """Exactly-once mode: the batch's transaction was aborted; its partitions are rewound to its start and
@@ -215,15 +219,13 @@ class ServingLoop:
         try:
             built = self._build_and_save(records)
         except REDIS_OUTAGE_ERRORS as error:
-            def attempt() -> Built | None:
-                return None if self._in_hand is None else self._build_and_save(records)
             try:
-                built = self._outage.retry(attempt, error, REDIS_OUTAGE_ERRORS, stop, between=self._settle_saved)
+                built = self._retry_in_hand(lambda: self._build_and_save(records), error, REDIS_OUTAGE_ERRORS, stop,
+                                            between=self._settle_saved)
             except REDIS_OUTAGE_ERRORS:
                 self._rewind(records)  # stopped during the outage: read again by whoever owns them next
                 return
-            if built is None:
-                self._outage.end("a rebalance took the batch in hand")
+            if built is TAKEN:
                 return
         if not self._transactional:
             try:
@@ -239,13 +241,8 @@ class ServingLoop:
             try:
                 self._send_in_transaction(records, built)
             except KafkaUnavailable as error:
-                def attempt_again() -> bool:
-                    if self._in_hand is None:
-                        return False
-                    self._send_in_transaction(records, built)
-                    return True
-                if not self._outage.retry(attempt_again, error, KafkaUnavailable, stop):
-                    self._outage.end("a rebalance took the batch in hand")
+                if self._retry_in_hand(lambda: self._send_in_transaction(records, built), error, KafkaUnavailable,
+                                       stop) is TAKEN:
                     return
         except KafkaUnavailable:
             self._rewind(records)
@@ -260,6 +257,17 @@ class ServingLoop:
             self._rewind(records)
             return
         self._committed(records, built, polled_at)
+
+    def _retry_in_hand(self, attempt: Callable[[], T], error: Exception,
+                       outage_errors: type[Exception] | tuple[type[Exception], ...], stop: threading.Event,
+                       between: Callable[[], None] = lambda: None) -> T | object:
+        """Outage.retry for the batch in hand, until a rebalance takes it (`_before_revoke`): then TAKEN, and the
+        outage ends, since its records are read again from where the rebalance left them."""
+        result = self._outage.retry(lambda: TAKEN if self._in_hand is None else attempt(), error, outage_errors,
+                                    stop, between)
+        if result is TAKEN:
+            self._outage.end("a rebalance took the batch in hand")
+        return result
 
     def _without_refused(self, built: Built) -> Built:
         """Exactly-once: the batch without the outputs refused for what they are when it was sent before."""
