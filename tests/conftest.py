@@ -136,20 +136,11 @@ def names() -> Names:
     made = new_names()
     yield made
     if STARTED_KAFKA:
-        _delete_topics(STARTED_KAFKA[0], [made.input_topic, made.predictions_topic, made.dlq_topic,
-                                          made.model_versions_topic])
+        from streamadapt.kafka.admin import delete_topics
+        from streamadapt.settings import KafkaSettings
 
-
-def _delete_topics(bootstrap: str, topics: list[str]) -> None:
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        existing = set(admin.list_topics())
-        if existing & set(topics):
-            admin.delete_topics(sorted(existing & set(topics)))
-    finally:
-        admin.close()
+        delete_topics(KafkaSettings(bootstrap=STARTED_KAFKA[0]),
+                      [made.input_topic, made.predictions_topic, made.dlq_topic, made.model_versions_topic])
 
 
 @pytest.fixture(scope="session")
