@@ -92,6 +92,14 @@ class WorkerMetrics:
         self.finetune_duration = Histogram("streamadapt_finetune_duration_seconds", "Duration of fine-tune runs.",
                                            buckets=(1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640), registry=r)
         self.finetune_running = Gauge("streamadapt_finetune_running", "1 while this process runs a fine-tune.", registry=r)
+        self.paced_partitions = Gauge("streamadapt_paced_partitions",
+                                      "Input partitions paused because the stream is catching up (a replay, a "
+                                      "backlog) and ran over --training-max-lag-s of event time ahead.", registry=r)
+        self.pacing_pauses = Counter("streamadapt_pacing_pauses", "Input partitions paused by pacing, by reason: "
+                                     "align (ahead of the slowest partition), round (ahead of a due fine-tune "
+                                     "round), swap (until the new champion serves).", ["reason"], registry=r)
+        for reason in ("align", "round", "swap"):
+            self.pacing_pauses.labels(reason)
         self.trainer_leader = Gauge("streamadapt_trainer_leader", "1 while this process holds the trainer lease.", registry=r)
         self.window_examples = Gauge("streamadapt_window_examples", "Labelled examples held in the Redis windows.", registry=r)
         self.windows = Gauge("streamadapt_windows", "Event-time windows held in Redis.", registry=r)

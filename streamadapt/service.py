@@ -40,6 +40,7 @@ from streamadapt.model.checkpoint import (
 from streamadapt.serving.batch import BatchBuilder
 from streamadapt.serving.hotswap import ModelFollower
 from streamadapt.serving.loop import ServingLoop
+from streamadapt.serving.pacing import Pacer
 from streamadapt.serving.plan import DLQ_MIN_BYTES
 from streamadapt.settings import Settings, SettingsError
 from streamadapt.state.registry import Registry
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 READY_POLL_AGE_S = 30.0  # a serving loop that has not polled for this long is not ready
 CHILD_RESTART_S = 10.0
 TRAINER_NICENESS = 10  # added to the trainer process's niceness
+# With --role all, how long serving counts its trainer child as there before it holds the lease (it loads
+# TensorFlow first): a replay waits for it rather than running through before the trainer can look.
+TRAINER_START_S = 120.0
 
 
 class StartupError(RuntimeError):
@@ -131,7 +135,14 @@ def run(settings: Settings, *, stop: threading.Event | None = None, handle_signa
                 "STREAMADAPT_METRICS_PORT": _child_metrics_port(settings, 1 + index),
                 "STREAMADAPT_KAFKA_TRANSACTIONAL_ID": f"{transactional_id}-{index}" if transactional_id else ""}, stop))
         builder = BatchBuilder(settings, store, model, features, dlq_max_bytes)
-        loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower, store.raise_drift_alarm)
+        pacer = None
+        if not settings.no_finetune and settings.training.max_lag_s > 0:
+            t = settings.training
+            pacer = Pacer(store, registry, t.max_lag_s, t.idle_partition_timeout_s, t.every_examples, metrics,
+                          trainer_starting_s=TRAINER_START_S if settings.role == "all" else 0.0,
+                          rounds_on_drift=t.on_drift)
+        loop = ServingLoop(settings, consumer, producer, builder, model, metrics, follower, store.raise_drift_alarm,
+                           pacer)
         ready.polled = lambda: loop.last_poll_ok_monotonic
         ready.paused = lambda: loop.paused
         ready.stalled = lambda: loop.stalled

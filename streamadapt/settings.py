@@ -196,6 +196,9 @@ class TrainingSettings(BaseSettings):
     every_examples: int = Field(2000, ge=1, description="fine-tune after this many new resolved examples")
     every_s: float = Field(600.0, gt=0, description="fine-tune at least this often (seconds, wall time)")
     on_drift: bool = Field(True, description="fine-tune when the drift detector alarms")
+    max_lag_s: float = Field(3600.0, ge=0, description="while the stream catches up (a replay, a backlog), a partition "
+                             "waits once it runs this far (event time) ahead of the slowest one, or of a due round "
+                             "(0 = never)")
     min_examples: int = Field(1000, ge=10, description="no fine-tune with fewer examples of the current regime")
     max_examples: int = Field(20000, ge=10, description="fine-tune on at most the newest this many examples")
     holdout_share: float = Field(0.2, gt=0, lt=0.9, description="newest share of examples held out for the gate")

@@ -193,6 +193,14 @@ class ServingConsumer:
     def resume_all(self) -> None:
         self._consumer.resume(self._consumer.assignment())
 
+    def pause(self, partitions: set[TopicPartition]) -> None:
+        if partitions:
+            self._consumer.pause([ConfluentPartition(tp.topic, tp.partition) for tp in partitions])
+
+    def resume(self, partitions: set[TopicPartition]) -> None:
+        if partitions:
+            self._consumer.resume([ConfluentPartition(tp.topic, tp.partition) for tp in partitions])
+
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(ConfluentPartition(tp.topic, tp.partition, offset))
 

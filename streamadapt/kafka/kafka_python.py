@@ -279,6 +279,14 @@ class ServingConsumer:
     def resume_all(self) -> None:
         self._consumer.resume(*self._consumer.paused())
 
+    def pause(self, partitions: set[TopicPartition]) -> None:
+        if partitions:
+            self._consumer.pause(*(KafkaPartition(*tp) for tp in partitions))
+
+    def resume(self, partitions: set[TopicPartition]) -> None:
+        if partitions:
+            self._consumer.resume(*(KafkaPartition(*tp) for tp in partitions))
+
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._consumer.seek(KafkaPartition(*tp), offset)
 

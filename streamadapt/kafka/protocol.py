@@ -141,6 +141,11 @@ class ServingConsumer(Protocol):
 
     def resume_all(self) -> None: ...
 
+    def pause(self, partitions: set[TopicPartition]) -> None:
+        """Stop fetching these partitions (of the assignment) until `resume`; a rebalance resumes what it assigns."""
+
+    def resume(self, partitions: set[TopicPartition]) -> None: ...
+
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
 
     def commit(self, next_offsets: dict[TopicPartition, int]) -> bool:

@@ -142,6 +142,11 @@ class BatchBuilder:
                       predicted=len(predictions) + len(plan.replays))
         return built, writes
 
+    def newest_event_times(self) -> dict[str, float]:
+        """The newest event time of each input partition (by partition_ref) as this worker knows it: those it
+        served, and the fleet's as Redis had them when it started."""
+        return self._newest_s or {}
+
     def save(self, built: Built, writes: StateWrites) -> Built:
         """Apply the batch's writes; the batch then carries the labels it resolved (they
         are in Redis now, so each is scored once). Redis errors propagate: the batch is then built again, and
@@ -170,7 +175,10 @@ class BatchBuilder:
         if now_watermark is None:
             return
         replaced = set(writes.pendings)
-        for partition, users in self._store.due_deadlines(writes.newest_by_partition, now_watermark).items():
+        due = self._store.due_deadlines(writes.newest_by_partition, now_watermark)
+        writes.labels_through = {partition: now_watermark for partition in writes.newest_by_partition
+                                 if self._store.listed_every_due(due.get(partition, []))}
+        for partition, users in due.items():
             states, pendings = self._store.load_profiles(users)
             negatives, cleared, requeue = expire_pendings(pendings, now_watermark, horizon_days, replaced)
             writes.examples.extend(negatives)

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -35,6 +35,7 @@ from streamadapt.kafka.protocol import (
     ServingProducer,
     TopicPartition,
     TransactionAborted,
+    partition_ref,
 )
 from streamadapt.metrics import WorkerMetrics, observe_many
 from streamadapt.model.checkpoint import ServingModel
@@ -42,6 +43,7 @@ from streamadapt.serving.batch import Built
 from streamadapt.serving.hotswap import ModelFollower
 from streamadapt.serving.observer import Observer
 from streamadapt.serving.outage import Outage
+from streamadapt.serving.pacing import Pacer
 from streamadapt.serving.plan import first_offsets, next_offsets
 from streamadapt.settings import Settings
 from streamadapt.state.store import REDIS_OUTAGE_ERRORS, StateWrites
@@ -72,6 +74,7 @@ MAX_REMEMBERED_REFUSALS = 10_000
 IN_FLIGHT_POLL_MS = 5
 FULL_WINDOW_POLL_MS = 1
 FULL_WINDOW_WAIT_S = 0.001
+PACED_POLL_MS = 20  # a poll while pacing holds every partition: it keeps the consumer in its group
 # How long a stop waits for a group coordinator that is loading or moving (a broker restarting) to take the final
 # commit; past it the last records are left to be read again by their partitions' next owner.
 FINAL_COMMIT_WAIT_S = 15.0
@@ -85,6 +88,8 @@ class Builder(Protocol):
     def build(self, records: list[InputRecord]) -> tuple[Built, StateWrites]: ...
 
     def save(self, built: Built, writes: StateWrites) -> Built: ...
+
+    def newest_event_times(self) -> Mapping[str, float]: ...
 
 
 @dataclass
@@ -101,9 +106,14 @@ class _Batch:
 class ServingLoop:
     def __init__(self, settings: Settings, consumer: ServingConsumer, producer: ServingProducer,
                  builder: Builder, model: ServingModel, metrics: WorkerMetrics,
-                 follower: ModelFollower | None = None, raise_drift_alarm: Callable[[float], None] | None = None):
+                 follower: ModelFollower | None = None, raise_drift_alarm: Callable[[float], None] | None = None,
+                 pacer: Pacer | None = None):
         """`builder` builds with `model`, whose parameters the loop swaps between batches.
-        `raise_drift_alarm(regime_since_ts)` asks the trainer for a fine-tune (StateStore.raise_drift_alarm)."""
+        `raise_drift_alarm(regime_since_ts)` asks the trainer for a fine-tune (StateStore.raise_drift_alarm).
+        `pacer` pauses the partitions that run ahead while the stream catches up (streamadapt.serving.pacing)."""
+        self._pacer = pacer
+        self._paced: set[TopicPartition] = set()  # partitions the pacer paused
+        self._owned: dict[str, TopicPartition] | None = None  # the assignment by partition_ref, read again after a rebalance
         self._settings = settings
         self._follower = follower
         self._consumer = consumer
@@ -139,12 +149,14 @@ class ServingLoop:
             if self._follower is not None:
                 self._follower.swap_ready(self._model)  # between batches: a batch is built by one version
             self._settle(stop)
+            all_paced = self._pacer is not None and self._pace()
             room = self._window_records - self.in_flight
             if room <= 0:
                 self._wait_for_room()
                 continue
-            records = self._consumer.poll(IN_FLIGHT_POLL_MS if self._in_flight else timeout_ms,
-                                          min(room, self._max_poll_records))
+            most = min(room, self._max_poll_records, (self._pacer and self._pacer.poll_records) or room)
+            records = self._consumer.poll(PACED_POLL_MS if all_paced else IN_FLIGHT_POLL_MS if self._in_flight
+                                          else timeout_ms, most)
             self._polled()
             if records:
                 self._serve(records, stop)
@@ -305,6 +317,20 @@ class ServingLoop:
         if records:
             self._rewind(records)
 
+    def _pace(self) -> bool:
+        """Pause the partitions the pacer holds back and resume those it lets go; whether it holds every one.
+        The held ones are paused again each time, since the end of an outage resumes every partition."""
+        if self._owned is None:
+            self._owned = {partition_ref(tp.topic, tp.partition): tp for tp in self._consumer.assignment()}
+        by_ref, owned = self._owned, set(self._owned.values())
+        newest = self._builder.newest_event_times()
+        held_refs = self._pacer.to_pause({ref: newest[ref] for ref in by_ref if ref in newest}, self._model.version)
+        held = {by_ref[ref] for ref in held_refs}
+        self._consumer.pause(held)
+        self._consumer.resume((self._paced - held) & owned)
+        self._paced = held
+        return bool(held) and held == owned
+
     def _build_and_save(self, records: list[InputRecord]) -> Built:
         built, writes = self._builder.build(records)
         return self._builder.save(built, writes)
@@ -401,6 +427,7 @@ class ServingLoop:
         records the revocation before it dropped. Only for a partition kept through that one rebalance: one
         that was away meanwhile starts at what its other owner committed."""
         restart_at, self._restart_at = self._restart_at, {}
+        self._paced, self._owned = set(), None  # an assignment starts unpaused
         starts = {tp: offset for tp, offset in restart_at.items() if tp in assigned}
         if starts:
             log.warning("a rebalance took the records in hand of %d kept partitions: they are read again from "

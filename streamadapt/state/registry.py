@@ -10,7 +10,8 @@ reads the lease and writes the champion and the versions)
   unannounced         set: versions stored but not yet published on the model-versions topic
 Trainer lease: `{prefix}:{registry}:trainer:lease` holds "{fence}:{uuid}" with a TTL; `...:trainer:fence`
 counts acquisitions. Renewing and promoting are Lua scripts that act only while the caller still holds
-the lease, so a trainer that lost it (paused, partitioned, killed) cannot promote.
+the lease, so a trainer that lost it (paused, partitioned, killed) cannot promote. `...:trainer:progress` is a
+hash of the leading trainer's TrainerProgress, which serving reads to pace a replay (streamadapt.core.pacing).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from datetime import datetime
 import numpy as np
 import redis
 
+from streamadapt.core.pacing import TrainerProgress
 from streamadapt.model.checkpoint import Parameters
 from streamadapt.schemas import ModelVersion
 from streamadapt.state.keys import registry_base
@@ -101,6 +103,7 @@ class Registry:
         self._unannounced = f"{base}:unannounced"
         self._artifact_prefix = f"{base}:artifact:"
         self._lease, self._fence = f"{root}:trainer:lease", f"{root}:trainer:fence"
+        self._progress = f"{root}:trainer:progress"
         self._renew = client.register_script(_RENEW)
         self._promote = client.register_script(_PROMOTE_IF_LEADER)
 
@@ -187,6 +190,27 @@ class Registry:
     def release_lease(self, token: str) -> None:
         self._client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
                           1, self._lease, token)
+
+    def publish_progress(self, progress: TrainerProgress) -> None:
+        """The leading trainer's progress, for serving to pace a replay by."""
+        self._client.hset(self._progress, mapping={"through_s": repr(float(progress.through_s)),
+                                                   "next_round_examples": int(progress.next_round_examples),
+                                                   "running": int(progress.running)})
+
+    def trainer_state(self) -> tuple[TrainerProgress | None, bool, str | None]:
+        """In one round trip: the trainer's published progress (None if none yet, or unreadable), whether the
+        lease is held, and the champion."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(self._progress)
+        pipe.exists(self._lease)
+        pipe.get(self._champion)
+        raw, leased, champion = pipe.execute()
+        try:
+            progress = TrainerProgress(float(raw[b"through_s"]), int(raw[b"next_round_examples"]),
+                                       raw[b"running"] == b"1")
+        except (KeyError, ValueError):
+            progress = None
+        return progress, bool(leased), champion.decode() if champion else None
 
     def promote_if_leader(self, token: str, record: ModelVersion) -> bool:
         """Make `record` champion (and store it as promoted) only while `token` holds the lease."""

@@ -11,6 +11,7 @@ Keys (streamadapt.state.keys places them; {s} is the hash tag of the user's shar
   {p}:{s}:examples_total     resolved examples ever, of the shard
   {p}:{meta}:event_time      zset "{topic}/{partition}" -> newest event time seen there (ZADD GT = atomic max)
   {p}:{meta}:event_time_at   zset "{topic}/{partition}" -> when (wall clock) a batch last brought events from there
+  {p}:{meta}:labels_through  zset "{topic}/{partition}" -> the watermark up to which its repurchase deadlines are settled
   {p}:{meta}:drift           set when the drift detector alarms
   {p}:{meta}:regime_since_ts event time where the last alarm estimated the current regime began
   {p}:{meta}:observed_since  event time from which user states have been kept: the oldest event of the first
@@ -147,6 +148,8 @@ class StateWrites:
     cleared_pendings: dict[str, State | None] = field(default_factory=dict)  # user -> the state to keep
     examples: list[tuple[str, Example]] = field(default_factory=list)  # (user_id, labelled example)
     newest_by_partition: dict[str, float] = field(default_factory=dict)  # "{topic}/{partition}" -> event time
+    # "{topic}/{partition}" -> the watermark up to which its repurchase deadlines are now settled
+    labels_through: dict[str, float] = field(default_factory=dict)
 
     def profiles(self) -> dict[str, tuple[State | None, Example | None]]:
         """Every profile the batch writes, whole: user -> (state, pending prediction)."""
@@ -197,6 +200,9 @@ def drop_keys(client: redis.Redis | RedisCluster, key_prefix: str) -> int:
     if batch:
         dropped += client.unlink(*batch)
     return dropped
+
+
+DUE_LIMIT = 5000  # repurchase deadlines settled per partition and batch, at most
 
 
 class LayoutError(ValueError):
@@ -321,7 +327,7 @@ class StateStore:
         return {partition: [user.decode() for _ in range(self.keys.shards) for user in next(found)]
                 for partition in partitions}
 
-    def due_deadlines(self, partitions: Iterable[str], watermark_s: float, limit: int = 5000) -> dict[str, list[str]]:
+    def due_deadlines(self, partitions: Iterable[str], watermark_s: float, limit: int = DUE_LIMIT) -> dict[str, list[str]]:
         """Per input partition: at most `limit` users whose repurchase deadline the watermark has passed.
 
         They stay in the index until the batch that settles them removes them in its transaction
@@ -332,6 +338,10 @@ class StateStore:
         due = self._deadline_query(list(partitions), lambda pipe, key: pipe.zrangebyscore(
             key, "-inf", watermark_s, start=0, num=per_shard))
         return {partition: users for partition, users in due.items() if users}
+
+    def listed_every_due(self, users: list[str]) -> bool:
+        """Whether `users`, what due_deadlines gave for one partition, are every user due there (not a page)."""
+        return len(users) < math.ceil(DUE_LIMIT / self.keys.shards)
 
     def save(self, writes: StateWrites) -> None:
         """Apply one batch's writes with their TTLs: one MULTI/EXEC on a single Redis, one script per shard on
@@ -369,6 +379,8 @@ class StateStore:
             pipe.zadd(keys.meta("event_time"), writes.newest_by_partition, gt=True)
             now_s = time.time()
             pipe.zadd(keys.meta("event_time_at"), {partition: now_s for partition in writes.newest_by_partition}, gt=True)
+        if writes.labels_through:
+            pipe.zadd(keys.meta("labels_through"), writes.labels_through, gt=True)
         pipe.execute()
 
     def _profile(self, user: str, state: State | None, pending: Example | None) -> bytes:
@@ -384,12 +396,40 @@ class StateStore:
                 state_json = b"null"
         return state_json + b"\n" + (b"" if pending is None else pending.encode())
 
+    def labels_watermark(self, allowed_lateness_s: float, idle_timeout_s: float) -> float | None:
+        """The watermark, held back to where the consumer of every active input partition has settled the
+        repurchase deadlines it passed (StateWrites.labels_through): labels are known up to there, not up to the
+        watermark, while a partition's consumer lags behind it (paused, slow, or between two batches)."""
+        pipe = self._client.pipeline(transaction=False)
+        for name in ("event_time", "event_time_at", "labels_through"):
+            pipe.zrange(self.keys.meta(name), 0, -1, withscores=True)
+        newest, seen_at, through = ({member.decode(): score for member, score in pairs} for pairs in pipe.execute())
+        active = active_partitions(newest, seen_at, time.time(), idle_timeout_s)
+        now_watermark = watermark(active, allowed_lateness_s)
+        if now_watermark is None:
+            return None
+        return min([now_watermark, *(through[p] for p in active if p in through)])
+
+    def slowest_partition_s(self, idle_timeout_s: float) -> float | None:
+        """The newest event time of the slowest input partition among those that brought events within
+        `idle_timeout_s` (None: none did)."""
+        return self.watermark(0.0, idle_timeout_s)
+
     # read by the trainer
     def examples_total(self) -> int:
         pipe = self._client.pipeline(transaction=False)
         for shard in range(self.keys.shards):
             pipe.get(self.keys.shard_key(shard, "examples_total"))
         return sum(int(count or 0) for count in pipe.execute())
+
+    def examples_and_alarm(self) -> tuple[int, bool]:
+        """In one round trip: the resolved examples ever, and whether a drift alarm waits for the trainer."""
+        pipe = self._client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.get(self.keys.shard_key(shard, "examples_total"))
+        pipe.exists(self.keys.meta("drift"))
+        *counts, alarm = pipe.execute()
+        return sum(int(count or 0) for count in counts), bool(alarm)
 
     def raise_drift_alarm(self, regime_since_ts: float) -> None:
         """Ask the trainer for a fine-tune (it takes the alarm with take_drift_alarm), on the examples from

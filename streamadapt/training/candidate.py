@@ -164,7 +164,8 @@ def fine_tune_round(source_model, champion: Parameters | None, examples: list[Ex
     the fleet back to the source (`Round.back_to_source`). A promoted champion that the stream has left behind
     is so replaced at the next round, not kept until a fine-tune happens to beat it."""
     settled_count = len(examples)
-    exposed = _exposure(examples, list(recent), watermark_s, horizon_days)
+    recent = known_at(recent, watermark_s)
+    exposed = _exposure(examples, recent, watermark_s, horizon_days)
     if exposed is not None:
         examples = sorted([*examples, *recent], key=lambda e: e.ts_s)
     elif task != "repurchase":
@@ -238,6 +239,18 @@ def fine_tune_round(source_model, champion: Parameters | None, examples: list[Ex
     return Round(candidates[chosen], decision, measured, int(len(trainable)),
                  (float(purchase_ts_s[trainable].min()), float(purchase_ts_s[trainable].max())), back_to_source, chosen,
                  len(examples) - settled_count)
+
+
+def known_at(recent: list[Example], watermark_s: float | None) -> list[Example]:
+    """The unsettled purchases as the stream stood at `watermark_s`: those made by then, with a repurchase that
+    came after it still pending. Serving runs ahead of the watermark (its slowest partition, or where the labels
+    of every partition are settled), and each purchase's exposure is reckoned at the watermark: a purchase made
+    after it, or a label seen as known before it was, would count as evidence from beyond it."""
+    if watermark_s is None:
+        return []
+    return [e if e.label < 0 or (e.resolved_ts_s is not None and e.resolved_ts_s <= watermark_s)
+            else e._replace(label=-1, resolved_ts_s=None)
+            for e in recent if e.ts_s <= watermark_s]
 
 
 def _exposure(settled: list[Example], recent: list[Example], watermark_s: float | None,

@@ -19,6 +19,7 @@ from kafka.errors import KafkaError
 
 from streamadapt.core.event_time import utc_datetime
 from streamadapt.core.examples import Example, labels_known_until
+from streamadapt.core.pacing import TrainerProgress
 from streamadapt.metrics import WorkerMetrics
 from streamadapt.model.checkpoint import ModelMeta, Parameters
 from streamadapt.schemas import ModelVersion, TrainedOn
@@ -41,7 +42,7 @@ from streamadapt.training.finetune import FineTuneError
 
 log = logging.getLogger(__name__)
 
-TICK_S = 1.0
+TICK_S = 0.25  # also how soon a replay that waits for a due round sees it start
 REDIS_RETRY_S = 5.0  # after Redis failed the trainer, on top of the tick
 KAFKA_RETRY_S = 5.0  # after Kafka refused a model version, on top of the tick
 ANNOUNCE_TIMEOUT_S = 30.0  # for Kafka to acknowledge one model version
@@ -96,6 +97,7 @@ class Trainer:
         self._last_run = time.monotonic()
         self._source_registered = False
         self._refused: set[str] = set()  # champions whose artifacts failed their checks
+        self._progress_published = False  # since this trainer started: at its first look it says where it stands
 
     def run(self, stop: threading.Event) -> None:
         """Lead when the lease says so: a round whenever one is due, and every stored version announced.
@@ -113,8 +115,15 @@ class Trainer:
                         self._register_source(token)
                     reason = self._due()
                     if reason:
+                        slowest_s = self._slowest_s()
+                        self._publish_progress(slowest_s, running=True)
                         self.run_once(token, reason)
-                    self._announce()
+                        self._announce()
+                        self._publish_progress(slowest_s, running=False)
+                    else:
+                        self._announce()
+                        if not self._progress_published:
+                            self._publish_progress(self._slowest_s(), running=False)
                 except REDIS_OUTAGE_ERRORS as error:
                     self._last_run, self._last_examples, self._wanted_examples = last_round
                     self._metrics.dependency_errors.labels("redis").inc()
@@ -127,6 +136,17 @@ class Trainer:
                                 type(error).__name__, error, KAFKA_RETRY_S)
                     stop.wait(KAFKA_RETRY_S)
             stop.wait(TICK_S)
+
+    def _slowest_s(self) -> float:
+        slowest = self._store.slowest_partition_s(self._t.idle_partition_timeout_s)
+        return float("-inf") if slowest is None else slowest
+
+    def _publish_progress(self, through_s: float, running: bool) -> None:
+        """Tell serving where this trainer began its last round (the stream's slowest partition, in event time),
+        whether one runs, and when the next is due (streamadapt.core.pacing); after a round, its champion is
+        announced by then."""
+        self._registry.publish_progress(TrainerProgress(through_s, self._last_examples + self._wanted_examples, running))
+        self._progress_published = True
 
     def _register_source(self, token: str) -> None:
         """The source checkpoint is version zero: in the registry, and champion when there is none."""
@@ -171,7 +191,9 @@ class Trainer:
     def _run_once(self, token: str, reason: str) -> ModelVersion | None:
         started = time.monotonic()
         self._last_run, self._last_examples = started, self._store.examples_total()
-        now_watermark = self._store.watermark(self._t.allowed_lateness_s, self._t.idle_partition_timeout_s)
+        # repurchase: a negative is known once its partition's consumer settled it, not when the watermark passed
+        now_watermark = (self._store.labels_watermark if self._meta.task == "repurchase" else self._store.watermark)(
+            self._t.allowed_lateness_s, self._t.idle_partition_timeout_s)
         known_until = labels_known_until(self._meta.task, self._meta.horizon_days, now_watermark)
         self._expire_windows(known_until)
         regime_since_ts = self._store.regime_since_ts() if self._t.on_drift else None

@@ -48,6 +48,9 @@ class FakeBuilder:
     def save(self, built, writes):
         return built
 
+    def newest_event_times(self):
+        return {"in/0": 1.0, "in/1": 1.0} if self.log else {}
+
 
 class FakeConsumer:
     def __init__(self, log: Log, polls: list, owned=(P0, P1), stop: threading.Event | None = None):
@@ -59,6 +62,7 @@ class FakeConsumer:
         self.seeks: dict[TopicPartition, int] = {}
         self.committed: dict[TopicPartition, int] = {}
         self.paused = False
+        self.paused_partitions: set[TopicPartition] = set()
         self.while_paused: list = []  # called one per poll while paused (scripted events of an outage)
 
     def rebalance(self, owned) -> None:
@@ -70,6 +74,9 @@ class FakeConsumer:
             self.seek(tp, offset)
 
     def poll(self, timeout_ms, max_records=None):
+        if self.paused_partitions >= self.owned:
+            self.log.append(("poll paused", timeout_ms))
+            return []
         if self.paused:  # what a paused consumer reads comes after it resumes
             if self.while_paused:
                 self.while_paused.pop(0)()
@@ -90,6 +97,14 @@ class FakeConsumer:
     def resume_all(self):
         self.paused = False
         self.log.append(("resume",))
+
+    def pause(self, partitions):
+        self.paused_partitions |= partitions
+
+    def resume(self, partitions):
+        if partitions:
+            self.paused_partitions -= partitions
+            self.log.append(("resume", sorted(tp.partition for tp in partitions)))
 
     def seek(self, tp, offset):
         self.seeks[tp] = offset
@@ -166,12 +181,12 @@ class FakeProducer:
 
 
 def make_loop(consumer, producer, builder, exactly_once=False, metrics=None, raise_drift_alarm=None,
-              window=8000) -> ServingLoop:
+              window=8000, pacer=None) -> ServingLoop:
     settings = load_settings({"STREAMADAPT_KAFKA_EXACTLY_ONCE": str(exactly_once).lower(),
                               "STREAMADAPT_KAFKA_MAX_IN_FLIGHT_RECORDS": str(window)})
     model = SimpleNamespace(version="v1", meta=SimpleNamespace(task="next_category"))
     return ServingLoop(settings, consumer, producer, builder, model, metrics or WorkerMetrics(),
-                       raise_drift_alarm=raise_drift_alarm)
+                       raise_drift_alarm=raise_drift_alarm, pacer=pacer)
 
 
 @pytest.fixture(autouse=True)
@@ -561,3 +576,36 @@ def test_a_stop_leaves_the_last_records_to_be_read_again_when_the_coordinator_ne
     make_loop(consumer, FakeProducer(log), FakeBuilder(log)).run(stop)  # returns: the process ends cleanly
     assert not [entry for entry in log if entry[0] == "commit"]
     assert any("will be read again by their partitions' next owner" in r.getMessage() for r in caplog.records)
+
+
+class HoldingPacer:
+    """Pauses every partition for `checks` of its checks once a batch has been served, as the pacer does while a
+    due round runs."""
+
+    poll_records = None
+
+    def __init__(self, checks: int):
+        self.left = checks
+        self.seen: list[dict] = []
+
+    def to_pause(self, newest_s, serving_version):
+        self.seen.append(dict(newest_s))
+        if not newest_s or self.left == 0:
+            return set()
+        self.left -= 1
+        return set(newest_s)
+
+
+def test_while_the_pacer_holds_every_partition_the_loop_polls_briefly_and_serves_nothing_then_resumes():
+    log, stop = Log(), threading.Event()
+    consumer = FakeConsumer(log, [records(0, 0, 1), records(0, 2, 3)], stop=stop)
+    pacer = HoldingPacer(checks=3)
+    loop = make_loop(consumer, FakeProducer(log), FakeBuilder(log), pacer=pacer)
+    loop.run(stop)
+    assert log[:2] == [("build", 0), ("send", 2)]
+    assert log[2][0] == "commit_async"
+    paced_poll = ("poll paused", loop_module.PACED_POLL_MS)
+    assert log[3:7] == [paced_poll, paced_poll, paced_poll, ("resume", [0, 1])]
+    assert log[7:9] == [("build", 2), ("send", 2)]
+    assert consumer.committed[P0] == 4
+    assert pacer.seen[-1] == {"in/0": 1.0, "in/1": 1.0}  # the owned partitions' newest event times
