@@ -52,8 +52,12 @@ PER_CLASS_FEATURES = ("log_frequency", "is_this_purchase", "recent_share", "log_
 NUMERIC_FEATURES = (
     "log_price", "log_quantity", "log_price_vs_user_mean", "log_hours_since_last", "is_first_purchase",
     "log_purchases_before", "user_mean_log_gap_hours", "hour_sin", "hour_cos", "weekday_sin", "weekday_cos",
-    "log_days_observed",
+    "log_days_observed", "repeat_within_7d", "repeat_within_30d", "repeat_within_90d", "repeat_within_365d",
 )
+# How often a user came back soon: of the gaps between their purchases, the share at most this many days long
+# (smoothed with one gap's worth of a half). A repurchase label asks exactly this of the next gap, and a user's
+# own rate is what the per-user frequency baseline knows and the class block does not.
+REPEAT_WITHIN_DAYS = (7.0, 30.0, 90.0, 365.0)
 OBSERVED_CAP_DAYS = 365.0  # history watched for longer than this counts as complete (at most: see FeatureSpec)
 USER_MEMORY_DAYS = 400.0  # by default a user idle for longer is forgotten: a year and a month, so that one who
 # buys about once a year is remembered (`pretrain --user-memory-days`)
@@ -162,22 +166,26 @@ class UserState(NamedTuple):
     total_count: float = 0.0  # the sum of every purchase's decayed count, tracked or not
     mean_log_price: float = 0.0
     mean_log_gap_hours: float = 0.0
+    repeats: tuple[int, ...] = (0,) * len(REPEAT_WITHIN_DAYS)  # gaps between purchases within each of REPEAT_WITHIN_DAYS
 
     def to_json(self) -> list:
         return [self.purchases, self.last_ts_s, dict(self.categories), self.total_count, self.mean_log_price,
-                self.mean_log_gap_hours]
+                self.mean_log_gap_hours, list(self.repeats)]
 
     @classmethod
     def from_json(cls, payload: list) -> UserState:
         """The state `to_json` wrote; ValueError for anything else (another version's state, say)."""
         try:
-            purchases, last_ts_s, categories, total_count, mean_log_price, mean_log_gap_hours = payload
+            purchases, last_ts_s, categories, total_count, mean_log_price, mean_log_gap_hours, repeats = payload
+            if type(repeats) is not list or len(repeats) != len(REPEAT_WITHIN_DAYS):
+                raise ValueError(f"repeats are not {len(REPEAT_WITHIN_DAYS)} counts")
             if type(categories) is not dict or not all(type(t) is list and len(t) == 4 for t in categories.values()):
                 raise ValueError("categories are not a mapping to (count, share, last time, purchase)")
             if not math.isfinite(sum(chain.from_iterable(categories.values()))):  # sum: numbers only, in C
                 raise ValueError("a category's figures are not finite numbers")
             return cls(int(purchases), None if last_ts_s is None else float(last_ts_s), categories,
-                       float(total_count), float(mean_log_price), float(mean_log_gap_hours))
+                       float(total_count), float(mean_log_price), float(mean_log_gap_hours),
+                       tuple(int(count) for count in repeats))
         except (TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a user state: {error}") from error
 
@@ -203,11 +211,14 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
     current = np.fromiter((index.get(event.category, other) for _, event in pairs), np.int64, n)
     # np.fromiter over a flat sequence: np.array of a list of tuples spends most of its time discovering
     # the shape, cell by cell
+    width = 9 + len(REPEAT_WITHIN_DAYS)
     columns_of = np.fromiter(chain.from_iterable(
         (event.ts_s, _utc_offset_s(event.ts), event.price, event.quantity, state.purchases,
          nan if (last := state.last_ts_s) is None else last, state.mean_log_price, state.mean_log_gap_hours,
-         state.total_count) for state, event in pairs), np.float64, 9 * n).reshape(n, 9)
-    ts_s, utc_offset_s, price, quantity, purchases, last_ts_s, mean_log_price, mean_log_gap_hours, total = columns_of.T
+         state.total_count, *state.repeats) for state, event in pairs), np.float64, width * n).reshape(n, width)
+    ts_s, utc_offset_s, price, quantity, purchases, last_ts_s, mean_log_price, mean_log_gap_hours, total = columns_of[:, :9].T
+    gaps = np.maximum(purchases - 1.0, 0.0)
+    repeat_shares = (columns_of[:, 9:] + 0.5) / (gaps + 1.0)[:, None]
 
     # the class block, class by class: what a user who never bought a class has, then the classes they did
     counts, shares, last_bought = np.zeros((n, size)), np.zeros((n, size)), np.full((n, size), -np.inf)
@@ -258,6 +269,7 @@ def encode(pairs: Sequence[tuple[UserState, PurchaseEvent]], spec: FeatureSpec, 
         mean_log_gap_hours,
         np.sin(hour), np.cos(hour), np.sin(weekday), np.cos(weekday),
         np.log1p(np.clip((ts_s - observed_since_s) / _SECONDS_PER_DAY, 0.0, spec.observed_cap_days)),
+        *repeat_shares.T,
     ], axis=1)
     return out
 
@@ -276,6 +288,10 @@ def advance(state: UserState, event: PurchaseEvent) -> UserState:
         categories = dict(sorted(categories.items(), key=lambda kv: decayed(kv[1], purchases)[0],
                                  reverse=True)[:MAX_TRACKED_CATEGORIES])
     log_price = math.log(event.price)
+    repeats = state.repeats
+    if state.last_ts_s is not None:
+        gap_days = abs(ts_s - state.last_ts_s) / _SECONDS_PER_DAY
+        repeats = tuple(count + (gap_days <= days) for count, days in zip(repeats, REPEAT_WITHIN_DAYS))
     if state.purchases == 0:
         mean_log_price, mean_log_gap_hours = log_price, state.mean_log_gap_hours
     else:
@@ -289,6 +305,7 @@ def advance(state: UserState, event: PurchaseEvent) -> UserState:
         total_count=state.total_count * COUNT_DECAY + 1.0,
         mean_log_price=mean_log_price,
         mean_log_gap_hours=mean_log_gap_hours,
+        repeats=repeats,
     )
 
 
@@ -304,7 +321,7 @@ class CategoryFeatures:
     what you need of an event in a state of your own around the UserState."""
 
     name = "streamadapt.category"
-    version = "1"
+    version = "2"
     # 24 tracked categories of 128-character names, their four figures each, and the scalars, with room to spare
     max_state_bytes = 16 * 1024
 

@@ -156,6 +156,24 @@ def test_gap_and_counts_come_from_event_time():
     assert late["log_hours_since_last"] == 0.0
 
 
+def test_a_users_repeat_rates_count_the_gaps_between_their_purchases_within_each_span():
+    state = UserState()
+    for hours in (0, 24 * 3, 24 * 50, 24 * 500):  # gaps of 3, 47 and 450 days
+        state = advance(state, event(hours=hours))
+    assert state.repeats == (1, 1, 2, 2)
+    f = named(encode([(state, event(hours=24 * 501))], SPEC, 0.0)[0])
+    assert [f[f"repeat_within_{days}d"] for days in (7, 30, 90, 365)] == pytest.approx(
+        [(count + 0.5) / (3 + 1) for count in (1, 1, 2, 2)])
+    first = named(encode([(UserState(), event())], SPEC, 0.0)[0])  # no gap yet: a half, uninformed
+    assert [first[f"repeat_within_{days}d"] for days in (7, 30, 90, 365)] == [0.5] * 4
+
+
+def test_a_state_of_the_earlier_feature_code_is_refused():
+    state = advance(UserState(), event())
+    with pytest.raises(ValueError, match="not a user state"):
+        UserState.from_json(state.to_json()[:6])
+
+
 def test_encode_does_not_mutate_state_and_advance_returns_new_state():
     state = advance(UserState(), event())
     before = state.to_json()

@@ -10,6 +10,7 @@ from streamadapt.core.examples import Example
 from streamadapt.core.features import CategoryFeatures, FeatureSpec, UserState
 from streamadapt.settings import RedisSettings
 from streamadapt.state.store import (
+    DUE_LIMIT,
     EventClaim,
     LayoutError,
     StateStore,
@@ -188,6 +189,25 @@ def test_the_watermark_leaves_out_a_partition_idle_for_longer_than_the_timeout(s
     store._client.zadd(store.keys.meta("event_time_at"), {"in/0": time.time() - 3600})  # in/0 idle for an hour
     assert store.watermark(allowed_lateness_s=0.0, idle_timeout_s=600.0) == 9_000.0
     assert store.watermark(0.0, 600.0, unsaved={"in/0": 1_500.0}) == 1_500.0  # a batch from it makes it active again
+
+
+def test_labels_are_known_up_to_where_every_active_partitions_consumer_settled_its_deadlines(store):
+    store.save(StateWrites(newest_by_partition={"in/0": 9_000.0, "in/1": 8_000.0},
+                           labels_through={"in/0": 8_000.0, "in/1": 7_000.0}))
+    assert store.watermark(0.0, 600.0) == 8_000.0
+    assert store.labels_watermark(0.0, 600.0) == 7_000.0  # in/1's consumer has settled up to 7,000 only
+    store.save(StateWrites(newest_by_partition={"in/1": 9_500.0}, labels_through={"in/1": 9_000.0, "in/0": 100.0}))
+    assert store.labels_watermark(0.0, 600.0) == 8_000.0  # labels_through only grows
+    assert store.slowest_partition_s(600.0) == 9_000.0
+    store._client.zadd(store.keys.meta("event_time_at"), {"in/0": time.time() - 3600})  # in/0 idle: left out
+    assert store.labels_watermark(0.0, 600.0) == 9_000.0
+
+
+def test_a_page_of_due_deadlines_is_not_taken_for_all_of_them(store):
+    page = -(-DUE_LIMIT // store.keys.shards)  # due_deadlines reads this many at most from each shard
+    assert store.listed_every_due([])
+    assert store.listed_every_due(["u"] * (page - 1))
+    assert not store.listed_every_due(["u"] * page)
 
 
 def test_data_written_with_another_shard_count_stops_the_worker_rather_than_lose_every_users_state(each_redis):

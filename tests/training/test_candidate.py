@@ -8,6 +8,7 @@ from streamadapt.settings import TrainingSettings
 from streamadapt.training.candidate import (
     by_label_time,
     examples_before_next_round,
+    known_at,
     newest_trainable_ts,
     regime_examples,
     resolved_period,
@@ -107,3 +108,16 @@ def test_a_next_category_round_holds_out_the_labels_known_last_not_the_newest_pu
     assert sorted(e.event_id for e in in_order) == sorted(e.event_id for e in known)
     assert 0.35 < np.mean([e.label for e in in_order[-holdout:]]) < 0.65  # by label time: the stream's mix
     assert all(a.resolved_ts_s <= b.resolved_ts_s for a, b in zip(in_order, in_order[1:]))
+
+
+def test_unsettled_purchases_are_taken_as_the_stream_stood_at_the_watermark():
+    """Serving may have run past the round's watermark: what it saw later is not evidence at the watermark."""
+    def purchase(event_id, ts_s, label=-1, resolved_ts_s=None):
+        return Example(event_id, ts_s, "v1", np.zeros(2, np.float32), np.array([0.5, 0.5], np.float32), label,
+                       resolved_ts_s)
+
+    recent = [purchase("pending", 10.0), purchase("back before", 20.0, 1, 50.0),
+              purchase("back after", 30.0, 1, 150.0), purchase("made after", 120.0, 1, 130.0)]
+    known = {e.event_id: (e.label, e.resolved_ts_s) for e in known_at(recent, watermark_s=100.0)}
+    assert known == {"pending": (-1, None), "back before": (1, 50.0), "back after": (-1, None)}
+    assert known_at(recent, None) == []
