@@ -1,10 +1,12 @@
 """`python -m benchmarks adaptation --through-worker`: the same log through the real worker, Kafka and Redis.
 
 The offline bench (benchmarks.adaptation) replays the trainer's rounds in the stream's own time; the worker
-runs them in wall time while the stream moves on. This runs `streamadapt run` twice on topics and a Redis prefix
-of its own: static (`--no-finetune`) and adapted (`--role all`, its trainer a child process). Each gets the whole
-log replayed into its input topic at `--replay-rate`; every prediction is read back from its predictions topic
-and scored on the events after the split whose label the log settles, as the offline bench scores them.
+runs them in wall time, and paces a log that is years behind the clock so that its rounds keep up with the
+stream (streamadapt.core.pacing). This runs `streamadapt run` twice on topics and a Redis prefix of its own:
+static (`--no-finetune`) and adapted (`--role all`, its trainer a child process). Each gets the whole log
+replayed into its input topic, at full speed or at `--replay-rate`; every prediction is read back from its
+predictions topic and scored on the events after the split whose label the log settles, as the offline bench
+scores them.
 
 The static run must serve what the offline replay's static contender serves: the same features from the same
 states, by the same model. The result says how far apart the two are (`static_agreement`), so that the replay
@@ -15,6 +17,7 @@ spread evenly over the classes not shown, so its log-loss is an estimate (accura
 """
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 import uuid
@@ -71,6 +74,8 @@ def run_through_worker(settings: Settings, events: list[PurchaseEvent], checkpoi
             rows[-1]["model_versions"] = sorted({p.model_version for p in served[mode].values()})
             echo(f"{mode}: {len(served[mode]):,} predictions in {outcome.seconds:.0f} s, versions "
                  f"{', '.join(rows[-1]['model_versions'])}")
+            for line in _trainer_decisions(Path(scratch) / f"worker-{mode}.log"):
+                echo(f"worker-{mode}: {line}")
     # The worker keeps states from the oldest event of its first batch, which need not be the log's first
     # event (that batch may hold only some partitions); the replay it is compared with keeps them from the same.
     offline = Outcome("replay-static", model.predict_many(
@@ -97,6 +102,15 @@ def _serve(settings: Settings, checkpoint: Path, ordered: Path, input_topic: str
         with closing(connect(settings.redis)) as client:
             observed_since = client.get(KeyLayout(key_prefix).meta("observed_since"))
     return predictions, None if observed_since is None else float(observed_since)
+
+
+TRAINER_DECISION = re.compile(r"streamadapt\.training\.trainer: (.*(?:promoted|rejected|skipped|champion again).*)")
+
+
+def _trainer_decisions(log_path: Path) -> list[str]:
+    """What the worker's trainer decided at each round, in order, from its log (as the replay prints its own)."""
+    return [found.group(1) for line in log_path.read_text(errors="replace").splitlines()
+            if (found := TRAINER_DECISION.search(line))]
 
 
 def _read_predictions(settings: Settings, topic: str, expected: int, process, log_path: Path) -> dict[str, Prediction]:
@@ -178,5 +192,4 @@ def print_through_worker(result: dict, measure: str, echo=print) -> None:
          f"predicted class differs on {agreement['predicted_class_differs_share']:.2%}")
     adapted = next((row for row in result["through_worker"] if row["name"] == "worker-adapted"), None)
     if adapted is not None and len(adapted["model_versions"]) < 2:
-        echo("note: the adapted worker served the source model alone: its trainer promoted nothing while the log went "
-             "through (a round takes seconds to minutes of wall time); --replay-rate lets it keep up")
+        echo("note: the adapted worker served the source model alone: its trainer promoted nothing")

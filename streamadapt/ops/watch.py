@@ -14,6 +14,7 @@ SHOWN = {
     "duplicates": "streamadapt_events_duplicate_total",
     "labels": "streamadapt_labels_resolved_total",
     "swaps": "streamadapt_model_swaps_total",
+    "paced": "streamadapt_paced_partitions",  # partitions waiting for the trainer or the slowest one (a replay)
 }
 
 
