@@ -43,6 +43,7 @@ def trainer_leads(worker: WorkerProcess) -> bool:
         return False
 
 
+@pytest.mark.timeout(600)  # every round is waited for, on one trainer thread: minutes on a loaded machine
 def test_a_drifting_stream_replayed_at_full_speed_is_served_adapted_after_the_drift(stack, checkpoint, tmp_path):
     """The whole stream goes into Kafka at once, as a replayed log or a backlog would. Its events are from
     2025, so the worker paces it (streamadapt.core.pacing): its partitions wait for the trainer's rounds,
@@ -58,12 +59,13 @@ def test_a_drifting_stream_replayed_at_full_speed_is_served_adapted_after_the_dr
     quality = {}
     for mode in ("adapted", "static"):
         names = new_names()
+        # a round every 4,000 labels, twice the default: half as many rounds to wait for
         env = {"STREAMADAPT_NO_FINETUNE": "true"} if mode == "static" else {
-            "STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all"}
+            "STREAMADAPT_NO_FINETUNE": "false", "STREAMADAPT_ROLE": "all", "STREAMADAPT_TRAINING_EVERY_EXAMPLES": "4000"}
         kafka = KafkaSettings(bootstrap=stack.kafka_bootstrap, input_topic=names.input_topic)
         with WorkerProcess(stack, names, checkpoint, tmp_path / f"{mode}.log", **env) as worker:
             replay(events_path, kafka, None)
-            records = read_topic(stack, names.predictions_topic, expect=total, timeout_s=300)
+            records = read_topic(stack, names.predictions_topic, expect=total, timeout_s=450)
             if mode == "adapted":
                 rounds_waited_for = worker.metric('streamadapt_pacing_pauses_total{reason="round"}')
                 promoted = worker.metric("streamadapt_model_swaps_total")
