@@ -194,3 +194,22 @@ def test_the_through_worker_printout_says_when_the_adapted_worker_never_left_the
     lines = []
     print_through_worker(result(["src-a", "v1"]), "auc", lines.append)
     assert lines[-1].startswith("static through the worker and in the replay agree: 10 predictions compared")
+
+
+def test_the_through_worker_run_reads_its_trainers_decisions_from_the_worker_log(tmp_path):
+    from benchmarks.adaptation_e2e import _trainer_decisions
+
+    log = tmp_path / "worker-adapted.log"
+    log.write_text(
+        "2026-12-08 03:41:09,261 INFO streamadapt.training.trainer: fine-tune (4525 new examples): l2sp on 7816 settled\n"
+        "2026-12-08 03:41:11,249 INFO streamadapt.training.trainer: v1 rejected: fine-tuned: log-loss 0.5299\n"
+        "2026-12-08 03:41:12,000 INFO streamadapt.serving.hotswap: now serving model v1 (promoted elsewhere)\n"
+        "2026-12-08 03:41:13,000 INFO streamadapt.training.trainer: fine-tune skipped (2000 new examples): 0 examples\n"
+        "2026-12-08 03:41:14,000 INFO streamadapt.training.trainer: v2 promoted: recalibrated: log-loss 0.4662\n"
+        "2026-12-08 03:41:15,000 WARNING streamadapt.training.trainer: src-1 is champion again instead of v2: back\n")
+    assert _trainer_decisions(log) == [
+        "v1 rejected: fine-tuned: log-loss 0.5299",
+        "fine-tune skipped (2000 new examples): 0 examples",
+        "v2 promoted: recalibrated: log-loss 0.4662",
+        "src-1 is champion again instead of v2: back",
+    ]
