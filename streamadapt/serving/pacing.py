@@ -48,6 +48,7 @@ class Pacer:
         self._gave_up_at_through: float | None = None  # pacing by the trainer gave up while it was here
         self._swap_wait: tuple[str, float] | None = None  # (champion, since: monotonic)
         self._not_waited_for: str | None = None  # a champion that was not swapped in within SWAP_WAIT_MAX_S
+        self._through_s, self._champion = float("-inf"), None  # the trainer's, as last read
 
     def to_pause(self, newest_s: Mapping[str, float], serving_version: str) -> set[str]:
         """The partitions the loop keeps paused before its next poll, of `newest_s`: the newest event time this
@@ -73,8 +74,10 @@ class Pacer:
 
     def _trainer_view(self, now: float) -> TrainerView | None:
         progress, leased, champion = self._registry.trainer_state()
+        self._through_s = progress.through_s if progress is not None else float("-inf")
+        self._champion = champion
         if self._gave_up_at_through is not None:
-            if progress is not None and progress.through_s == self._gave_up_at_through:
+            if self._through_s == self._gave_up_at_through:
                 return None
             self._gave_up_at_through = None
         if champion == self._not_waited_for:
@@ -92,8 +95,7 @@ class Pacer:
         elif self._round_wait_since is None:
             self._round_wait_since = now
         elif now - self._round_wait_since > ROUND_WAIT_MAX_S:
-            progress, _, _ = self._registry.trainer_state()
-            self._gave_up_at_through = progress.through_s if progress is not None else float("-inf")
+            self._gave_up_at_through = self._through_s
             self._round_wait_since = None
             log.warning("waited %.0f s for the trainer's round while the stream ran over %.0f s of event time "
                         "ahead of it: serving on until the trainer moves", ROUND_WAIT_MAX_S, self._max_lag_s)
@@ -101,7 +103,7 @@ class Pacer:
         if "swap" not in reasons:
             self._swap_wait = None
             return
-        _, _, champion = self._registry.trainer_state()
+        champion = self._champion
         if self._swap_wait is None or self._swap_wait[0] != champion:
             self._swap_wait = (champion, now)
         elif now - self._swap_wait[1] > SWAP_WAIT_MAX_S:

@@ -307,15 +307,22 @@ class StateStore:
         """The event-time watermark over the input partitions that brought events within `idle_timeout_s`
         (streamadapt.core.labels: active_partitions, watermark); `unsaved` are the newest event times of a
         batch not saved yet, by partition."""
+        active, _ = self._active_partitions(idle_timeout_s, unsaved)
+        return watermark(active, allowed_lateness_s)
+
+    def _active_partitions(self, idle_timeout_s: float, unsaved: Mapping[str, float] | None = None,
+                           also: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """The newest event time of each active input partition (see watermark), and in the same round trip the
+        {meta} zset `also` (empty without it)."""
         pipe = self._client.pipeline(transaction=False)
-        pipe.zrange(self.keys.meta("event_time"), 0, -1, withscores=True)
-        pipe.zrange(self.keys.meta("event_time_at"), 0, -1, withscores=True)
-        newest, seen_at = ({member.decode(): score for member, score in pairs} for pairs in pipe.execute())
+        for name in ("event_time", "event_time_at", *([also] if also else [])):
+            pipe.zrange(self.keys.meta(name), 0, -1, withscores=True)
+        newest, seen_at, *rest = ({member.decode(): score for member, score in pairs} for pairs in pipe.execute())
         now_s = time.time()
         for partition, ts_s in (unsaved or {}).items():
             newest[partition] = max(newest.get(partition, ts_s), ts_s)
             seen_at[partition] = now_s
-        return watermark(active_partitions(newest, seen_at, now_s, idle_timeout_s), allowed_lateness_s)
+        return active_partitions(newest, seen_at, now_s, idle_timeout_s), (rest[0] if rest else {})
 
     def _deadline_query(self, partitions: list[str], query) -> dict[str, list[str]]:
         """`query(pipe, key)` on the deadline index of each partition in every shard: users, by partition."""
@@ -400,11 +407,7 @@ class StateStore:
         """The watermark, held back to where the consumer of every active input partition has settled the
         repurchase deadlines it passed (StateWrites.labels_through): labels are known up to there, not up to the
         watermark, while a partition's consumer lags behind it (paused, slow, or between two batches)."""
-        pipe = self._client.pipeline(transaction=False)
-        for name in ("event_time", "event_time_at", "labels_through"):
-            pipe.zrange(self.keys.meta(name), 0, -1, withscores=True)
-        newest, seen_at, through = ({member.decode(): score for member, score in pairs} for pairs in pipe.execute())
-        active = active_partitions(newest, seen_at, time.time(), idle_timeout_s)
+        active, through = self._active_partitions(idle_timeout_s, also="labels_through")
         now_watermark = watermark(active, allowed_lateness_s)
         if now_watermark is None:
             return None
@@ -417,10 +420,7 @@ class StateStore:
 
     # read by the trainer
     def examples_total(self) -> int:
-        pipe = self._client.pipeline(transaction=False)
-        for shard in range(self.keys.shards):
-            pipe.get(self.keys.shard_key(shard, "examples_total"))
-        return sum(int(count or 0) for count in pipe.execute())
+        return self.examples_and_alarm()[0]
 
     def examples_and_alarm(self) -> tuple[int, bool]:
         """In one round trip: the resolved examples ever, and whether a drift alarm waits for the trainer."""
